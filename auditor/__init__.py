@@ -1,0 +1,21 @@
+"""ckpt-auditor: seal, verify and watch machine-learning training checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "seal", "verify", "rescan", "save_checkpoint", "load_checkpoint"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import auditor` stays cheap and torch loads only when a probe or save needs it.
+    if name in ("seal", "verify", "rescan"):
+        from auditor import api
+
+        return getattr(api, name)
+    if name in ("save_checkpoint", "load_checkpoint"):
+        from auditor import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module 'auditor' has no attribute {name!r}")

@@ -1,0 +1,120 @@
+"""The library's front door: seal, verify and rescan by URL, as the CLI and training code use them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fsspec import AbstractFileSystem
+
+from auditor.config import Config, ScanConfig
+from auditor.errors import StorageError, UsageError
+from auditor.manifest import Manifest
+from auditor.storage import Throttle, open_url
+from auditor.verify import Scanner, ScanResult, Verdict, build_options, locate
+
+logger = logging.getLogger(__name__)
+
+
+def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, str]:
+    try:
+        return open_url(url, storage_options)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def verify(
+    url: str,
+    *,
+    tier: str | None = None,
+    strict: bool = False,
+    jobs: int = 4,
+    storage_options: dict[str, Any] | None = None,
+    scan: ScanConfig | None = None,
+) -> ScanResult:
+    """Verify the one checkpoint at `url`; the result holds exactly one verdict."""
+    scan = scan or ScanConfig(settle_time=0)
+    fs, path = _fs(url, storage_options)
+    options = build_options(tier, strict=strict, require=scan.require,
+                            probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb)
+    with Scanner(fs, options, jobs=jobs) as scanner:
+        try:
+            ck = locate(scanner.reader, path, url)
+        except StorageError as e:
+            return ScanResult(url, options.tier, [], listed=False, error=str(e))
+        verdict = scanner.verify(ck)
+    return ScanResult(url, options.tier, [verdict], duration_seconds=verdict.duration_seconds)
+
+
+def rescan(
+    prefix: str,
+    *,
+    config: Config | None = None,
+    tier: str | None = None,
+    strict: bool = False,
+    jobs: int | None = None,
+    settle_seconds: float | None = None,
+    storage_options: dict[str, Any] | None = None,
+    on_verdict: Callable[[Verdict, int, int], None] | None = None,
+) -> ScanResult:
+    """Verify every checkpoint under `prefix`; record verdicts in the state database when configured."""
+    cfg_prefix = config.prefix(prefix) if config else None
+    scan = config.scan_for(cfg_prefix) if config and cfg_prefix else (config.scan if config else ScanConfig(settle_time=0))
+    options = dict(cfg_prefix.storage_options) if cfg_prefix else {}
+    options.update(storage_options or {})
+    fs, root = _fs(prefix, options)
+    opts = build_options(
+        tier,
+        strict=strict or scan.strict,
+        settle_seconds=scan.settle_time if settle_seconds is None else settle_seconds,
+        require=scan.require,
+        probe_timeout=scan.probe_timeout,
+        probe_memory_mb=scan.probe_memory_mb,
+    )
+    store = None
+    if config is not None:
+        from auditor import state
+
+        store = state.open_state(config.state.url)
+        opts.baseline = store.baseline_lookup(prefix)
+    throttle = Throttle(scan.max_bytes_per_second)
+    try:
+        with Scanner(fs, opts, jobs=jobs or scan.jobs, throttle=throttle) as scanner:
+            result = scanner.scan(root, prefix, on_verdict=on_verdict)
+        if store is not None:
+            store.record_scan(prefix, result)
+    finally:
+        if store is not None:
+            store.close()
+    return result
+
+
+def seal(
+    url: str,
+    *,
+    step: int | None = None,
+    force: bool = False,
+    jobs: int = 4,
+    run_config: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    git_commit: str | None = None,
+    model_factory: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    probe_batch: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    fs: AbstractFileSystem | None = None,
+    write_options: dict[str, Any] | None = None,
+) -> Manifest:
+    """Seal the checkpoint at `url`, with a probe baseline when a model factory and batch are given."""
+    from auditor import writer
+
+    builder = None
+    if model_factory is not None:
+        from auditor import probe
+
+        builder = probe.seal_builder(model_factory, model_kwargs or {}, probe_batch)
+    if fs is None:
+        fs, _ = _fs(url, storage_options)
+    return writer.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
+                       git_commit=git_commit, probe=builder, write_options=write_options)

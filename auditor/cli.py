@@ -1,0 +1,208 @@
+"""Command line: parse, call the library, format. Exit codes per SPEC §5."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from auditor import __version__
+from auditor.config import Config, load_config, parse_duration
+from auditor.errors import AuditorError, UsageError
+from auditor.verify import TIERS, ScanResult, Verdict
+
+TIER = click.Choice(TIERS)
+
+
+class Progress:
+    """Progress on stderr: a live line on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, label: str, every: float = 10.0) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.every = every
+        self.last = time.monotonic()
+
+    def __call__(self, verdict: Verdict, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.tty:
+            click.echo(f"\r\033[K{self.label} [{done}/{total}] {verdict.status:<12} {verdict.url}", err=True, nl=False)
+            if done == total:
+                click.echo("", err=True)
+        elif now - self.last >= self.every or done == total and total > 50:
+            self.last = now
+            click.echo(f"{self.label}: {done}/{total} checkpoints", err=True)
+
+
+def _table(result: ScanResult) -> str:
+    rows = [("STATUS", "STEP", "LAYOUT", "CHECKPOINT", "FINDING")]
+    for v in result.verdicts:
+        main = next((f for f in v.findings if f.severity == "error"), None) or next(
+            (f for f in v.findings if f.severity == "warning"), None
+        )
+        note = f"{main.code}: {main.file + ': ' if main.file else ''}{main.detail}" if main else ""
+        rows.append((v.status, "" if v.step is None else str(v.step), v.layout, v.url, note[:120]))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else "") for r in rows]
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(result.summary().items())) or "no checkpoints"
+    lines.append(f"\n{len(result.verdicts)} checkpoint(s) under {result.prefix} at tier {result.tier}: {summary}")
+    if result.error:
+        lines.append(f"scan incomplete: {result.error}")
+    return "\n".join(lines)
+
+
+def _emit(result: ScanResult, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1))
+    else:
+        click.echo(_table(result))
+    if result.error:
+        click.echo(f"auditor: {result.error}", err=True)
+
+
+def _run(fn: Callable[[], int | None]) -> None:
+    """Call a command body and turn our errors into their exit codes."""
+    try:
+        code = fn() or 0
+    except AuditorError as e:
+        click.echo(f"auditor: {e}", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code)
+
+
+def _config(path: str | None) -> Config:
+    return load_config(path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="auditor")
+@click.option("-v", "--verbose", count=True, help="More logs on stderr (JSON lines).")
+def main(verbose: int) -> None:
+    """Seal, verify and watch machine-learning training checkpoints."""
+    from auditor import logs
+
+    logs.configure("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
+
+
+@main.command()
+@click.argument("checkpoint_url")
+@click.option("--tier", type=TIER, default=None, help="Default: content, plus probe where sealed with one.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--strict", is_flag=True, help="Count `unverifiable` as a failure.")
+@click.option("--jobs", type=click.IntRange(1, 256), default=4, show_default=True, help="Parallel reads.")
+@click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, jobs: int,
+           storage_option: tuple[str, ...]) -> None:
+    """Verify one checkpoint (a folder or a single file)."""
+    from auditor import api
+
+    def body() -> int:
+        result = api.verify(checkpoint_url, tier=tier, strict=strict, jobs=jobs,
+                            storage_options=_options(storage_option))
+        _emit(result, as_json)
+        return result.exit_code(strict)
+
+    _run(body)
+
+
+@main.command()
+@click.option("--prefix", required=True, help="fsspec URL or local path holding checkpoints.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--tier", type=TIER, default=None, help="Default: content, plus probe where sealed with one.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--strict", is_flag=True, help="Count `unverifiable` as a failure.")
+@click.option("--jobs", type=click.IntRange(1, 256), default=None, help="Parallel reads (default: config, else 4).")
+@click.option("--settle-time", default=None, help="Treat checkpoints younger than this as pending (e.g. 10m).")
+@click.option("--daemon", default=None, help="Ask a running daemon (http://host:port) instead of scanning here.")
+@click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool, strict: bool, jobs: int | None,
+           settle_time: str | None, daemon: str | None, storage_option: tuple[str, ...]) -> None:
+    """Verify every checkpoint under a prefix now."""
+    from auditor import api
+
+    def body() -> int:
+        if daemon:
+            from auditor import server
+
+            result = server.remote_rescan(daemon, prefix, tier)
+            _emit(result, as_json)
+            return result.exit_code(strict)
+        cfg = _config(config_path) if config_path else None
+        try:
+            settle = parse_duration(settle_time) if settle_time is not None else None
+        except ValueError as e:
+            raise UsageError(f"--settle-time: {e}") from e
+        progress = None if as_json and not sys.stderr.isatty() else Progress("rescan")
+        result = api.rescan(prefix, config=cfg, tier=tier, strict=strict, jobs=jobs, settle_seconds=settle,
+                            storage_options=_options(storage_option), on_verdict=progress)
+        _emit(result, as_json)
+        return result.exit_code(strict)
+
+    _run(body)
+
+
+@main.command()
+@click.argument("checkpoint_url")
+@click.option("--model", "model_factory", default=None, help="module:callable (or a registered name) building the module.")
+@click.option("--model-kwargs", default=None, help="JSON object passed to the factory.")
+@click.option("--probe-batch", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="safetensors file with the 16-sample probe batch.")
+@click.option("--step", type=int, default=None, help="Training step (default: from the name or trainer_state.json).")
+@click.option("--run-config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON or YAML file with the run's config (optimizer, schedule, batch size, data version).")
+@click.option("--force", is_flag=True, help="Overwrite an existing manifest; seal damaged files anyway.")
+@click.option("--jobs", type=click.IntRange(1, 256), default=4, show_default=True)
+@click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest.")
+def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | None, probe_batch: str | None,
+         step: int | None, run_config: str | None, force: bool, jobs: int, storage_option: tuple[str, ...],
+         as_json: bool) -> None:
+    """Write ckpt-manifest.json beside a checkpoint, last."""
+    from auditor import api
+
+    def body() -> int:
+        kwargs: dict[str, Any] = {}
+        if model_kwargs:
+            try:
+                kwargs = json.loads(model_kwargs)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"--model-kwargs is not JSON: {e}") from e
+            if not isinstance(kwargs, dict):
+                raise UsageError("--model-kwargs must be a JSON object")
+        if (model_factory is None) != (probe_batch is None):
+            raise UsageError("--model and --probe-batch go together")
+        cfg = None
+        if run_config:
+            import yaml
+
+            with open(run_config, encoding="utf-8") as f:
+                cfg = yaml.safe_load(f)
+            if not isinstance(cfg, dict):
+                raise UsageError(f"--run-config {run_config} must hold a mapping")
+        manifest = api.seal(checkpoint_url, step=step, force=force, jobs=jobs, run_config=cfg,
+                            model_factory=model_factory, model_kwargs=kwargs, probe_batch=probe_batch,
+                            storage_options=_options(storage_option))
+        if as_json:
+            click.echo(manifest.to_json().decode())
+        else:
+            click.echo(f"sealed {checkpoint_url}: step {manifest.step}, {len(manifest.files)} files"
+                       + (", with probe" if manifest.probe else ""))
+        return 0
+
+    _run(body)
+
+
+def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--storage-option")
+        out[key] = yaml.safe_load(value)
+    return out

@@ -1,0 +1,153 @@
+"""Configuration: YAML file, `AUDITOR_<SECTION>__<KEY>` environment overrides, pydantic validation."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from auditor.errors import ConfigError
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """Turn `90`, `"30s"`, `"10m"`, `"1h"`, `"7d"` into seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"duration {value!r} is not a number or a string like '10m'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"duration {value!r} is negative")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"duration {value!r} is not a number or a string like '30s', '10m', '1h', '7d'")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScanConfig(_Strict):
+    shallow_interval: Duration = 3600.0
+    deep_interval: Duration = 7 * 86400.0
+    probe_interval: Duration = 7 * 86400.0
+    settle_time: Duration = 600.0
+    jobs: int = Field(default=4, ge=1, le=256)
+    list_jobs: int = Field(default=8, ge=1, le=256)
+    max_bytes_per_second: float = Field(default=0, ge=0)
+    jitter: float = Field(default=0.2, ge=0, le=0.5)
+    strict: bool = False
+    # Training-state components a checkpoint must hold; see README "Completeness".
+    require: list[str] | None = None
+    probe_timeout: Duration = 600.0
+    probe_memory_mb: int = Field(default=8192, ge=64)
+
+
+class ScanOverrides(_Strict):
+    shallow_interval: Duration | None = None
+    deep_interval: Duration | None = None
+    probe_interval: Duration | None = None
+    settle_time: Duration | None = None
+    jobs: int | None = Field(default=None, ge=1, le=256)
+    list_jobs: int | None = Field(default=None, ge=1, le=256)
+    max_bytes_per_second: float | None = Field(default=None, ge=0)
+    jitter: float | None = Field(default=None, ge=0, le=0.5)
+    strict: bool | None = None
+    require: list[str] | None = None
+    probe_timeout: Duration | None = None
+    probe_memory_mb: int | None = Field(default=None, ge=64)
+
+
+class PrefixConfig(_Strict):
+    url: str = Field(min_length=1)
+    storage_options: dict[str, Any] = {}
+    scan: ScanOverrides = ScanOverrides()
+
+
+class StateConfig(_Strict):
+    url: str = "sqlite:////var/lib/auditor/state.db"
+
+
+class ServerConfig(_Strict):
+    listen: str = "0.0.0.0:9180"
+
+    def host_port(self) -> tuple[str, int]:
+        """Split `listen` into host and port."""
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class LogConfig(_Strict):
+    level: str = "INFO"
+
+
+class Config(_Strict):
+    state: StateConfig = StateConfig()
+    server: ServerConfig = ServerConfig()
+    scan: ScanConfig = ScanConfig()
+    log: LogConfig = LogConfig()
+    prefixes: list[PrefixConfig] = []
+
+    def scan_for(self, prefix: PrefixConfig) -> ScanConfig:
+        """Merge a prefix's overrides over the global scan defaults."""
+        overrides = prefix.scan.model_dump(exclude_none=True)
+        return self.scan.model_copy(update=overrides)
+
+    def prefix(self, url: str) -> PrefixConfig | None:
+        """Find the configured prefix for a URL (exact, ignoring a trailing slash)."""
+        for p in self.prefixes:
+            if p.url.rstrip("/") == url.rstrip("/"):
+                return p
+        return None
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    for name, value in env.items():
+        if not name.startswith("AUDITOR_") or "__" not in name:
+            continue
+        section, _, key = name[len("AUDITOR_") :].partition("__")
+        section, key = section.lower(), key.lower()
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            parsed = value
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"environment variable {name} overrides {section}.{key}, but {section} is not a section")
+        target[key] = parsed if not isinstance(parsed, (dict, list)) or key in ("require",) else value
+    return raw
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load, override from the environment, and validate; ConfigError names the bad key."""
+    env = os.environ if env is None else env
+    raw: Any = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, not {type(raw).__name__}")
+    raw = _apply_env(raw, env)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+        raise ConfigError(f"invalid configuration key {key}: {err['msg']}{shown}") from e

@@ -1,0 +1,199 @@
+"""The `ckpt-manifest.json` model (SPEC §3): read, write, validate, and keep paths inside."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEMA = "ckpt-auditor/manifest/v1"
+MANIFEST_NAME = "ckpt-manifest.json"
+SIDECAR_SUFFIX = ".manifest.json"
+# A manifest larger than this is not a manifest; refuse before parsing.
+MAX_MANIFEST_BYTES = 64 * 2**20
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX8 = re.compile(r"^[0-9a-f]{8}$")
+
+
+class ManifestInvalid(ValueError):
+    """The manifest is not JSON, not schema v1, or breaks the schema."""
+
+
+class PathOutsideCheckpoint(ValueError):
+    """A manifest path is absolute, has `..`, or otherwise leaves the checkpoint."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"path {path!r} points outside the checkpoint")
+        self.path = path
+
+
+def check_relpath(path: str) -> str:
+    """Return `path` if it is a safe relative `/`-separated path inside the checkpoint."""
+    if (
+        not isinstance(path, str)
+        or not path
+        or "\x00" in path
+        or "\\" in path
+        or path.startswith("/")
+        or re.match(r"^[A-Za-z]:", path)
+        or "://" in path
+    ):
+        raise PathOutsideCheckpoint(str(path))
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise PathOutsideCheckpoint(path)
+    return path
+
+
+def safe_join(root: str, relpath: str) -> str:
+    """Join a checked relative path under `root`; never yields a path outside it."""
+    check_relpath(relpath)
+    joined = posixpath.join(root.rstrip("/"), relpath) if root else relpath
+    if root and not joined.startswith(root.rstrip("/") + "/"):
+        raise PathOutsideCheckpoint(relpath)
+    return joined
+
+
+class _Model(BaseModel):
+    # Unknown fields are kept, not refused: a newer minor writer may add some.
+    model_config = ConfigDict(extra="allow")
+
+
+class FileEntry(_Model):
+    path: str
+    size: int = Field(ge=0)
+    sha256: str
+    crc32c: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        if not _HEX64.match(v):
+            raise ValueError(f"sha256 {v!r} is not 64 lowercase hex digits")
+        return v
+
+    @field_validator("crc32c")
+    @classmethod
+    def _crc(cls, v: str) -> str:
+        if not _HEX8.match(v):
+            raise ValueError(f"crc32c {v!r} is not 8 lowercase hex digits")
+        return v
+
+
+class TensorEntry(_Model):
+    dtype: str
+    shape: list[int]
+    sha256: str
+
+
+class TrainingState(_Model):
+    model: list[str] = []
+    optimizer: list[str] = []
+    scheduler: list[str] = []
+    rng: list[str] = []
+    scaler: str | None = None
+    step: int | None = None
+    world_size: int = Field(default=1, ge=1)
+
+
+class ProbeBatch(_Model):
+    path: str
+    sha256: str
+
+
+class ProbeModel(_Model):
+    factory: str
+    kwargs: dict[str, Any] = {}
+
+
+class ProbeOutputs(_Model):
+    sha256: str
+    dtype: str
+    shape: list[int]
+    reference: str
+    atol: float
+    rtol: float
+
+
+class Probe(_Model):
+    batch: ProbeBatch
+    model: ProbeModel
+    outputs: ProbeOutputs
+
+
+class RunInfo(_Model):
+    id: str | None = None
+    git_commit: str | None = None
+    config_sha256: str | None = None
+    config: dict[str, Any] | None = None
+
+
+class Environment(_Model):
+    python: str
+    platform: str
+    libraries: dict[str, str] = {}
+    cpu: dict[str, Any] | str = {}
+
+
+class Manifest(_Model):
+    schema_: Literal["ckpt-auditor/manifest/v1"] = Field(alias="schema")
+    step: int
+    created_at: datetime
+    files: list[FileEntry]
+    tensors: dict[str, dict[str, TensorEntry]] | None = None
+    training_state: TrainingState
+    probe: Probe | None = None
+    run: RunInfo | None = None
+    environment: Environment
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def unsafe_paths(self) -> list[str]:
+        """Return every path the manifest names that would leave the checkpoint."""
+        named = [f.path for f in self.files] + list(self.tensors or {})
+        if self.probe:
+            named += [self.probe.batch.path, self.probe.outputs.reference]
+        ts = self.training_state
+        named += ts.model + ts.optimizer + ts.scheduler + ts.rng + ([ts.scaler] if ts.scaler else [])
+        bad = []
+        for path in named:
+            try:
+                check_relpath(path)
+            except PathOutsideCheckpoint:
+                bad.append(path)
+        return sorted(set(bad))
+
+    def to_json(self) -> bytes:
+        """Serialise with stable key order, UTF-8."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=False)
+        return (json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse and validate manifest bytes; raise ManifestInvalid naming what is wrong."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestInvalid(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestInvalid(f"manifest is not UTF-8 JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ManifestInvalid(f"manifest is a JSON {type(raw).__name__}, not an object")
+    if raw.get("schema") != SCHEMA:
+        raise ManifestInvalid(f"manifest schema is {raw.get('schema')!r}, expected {SCHEMA!r}")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ManifestInvalid(f"manifest field {where}: {first['msg']} ({e.error_count()} error(s))") from e
+
+
+def now_utc() -> datetime:
+    """Return the current time, UTC, to the second."""
+    return datetime.now(timezone.utc).replace(microsecond=0)

@@ -1,0 +1,622 @@
+"""Verify checkpoints in tiers (metadata → content → probe) and turn findings into verdicts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fsspec import AbstractFileSystem
+
+from auditor import formats, layouts
+from auditor.digests import digest_chunks
+from auditor.errors import StorageError, UsageError
+from auditor.layouts import Checkpoint
+from auditor.manifest import (
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Manifest,
+    ManifestInvalid,
+    PathOutsideCheckpoint,
+    parse_manifest,
+    safe_join,
+)
+from auditor.storage import Reader, StorageFault, Throttle
+
+logger = logging.getLogger(__name__)
+
+TIERS = ("metadata", "content", "probe")
+FAILURES = frozenset({"corrupt", "missing", "drift", "incomplete", "unsafe"})
+
+# Which status a finding of severity "error" implies. Order of STATUS_PRIORITY settles ties.
+STATUS_OF_CODE = {
+    "size_mismatch": "corrupt",
+    "digest_mismatch": "corrupt",
+    "tensor_digest_mismatch": "corrupt",
+    "truncated": "corrupt",
+    "header_invalid": "corrupt",
+    "zip_crc_error": "corrupt",
+    "index_invalid": "corrupt",
+    "json_invalid": "corrupt",
+    "manifest_invalid": "corrupt",
+    "path_outside_checkpoint": "corrupt",
+    "server_checksum_mismatch": "corrupt",
+    "file_missing": "missing",
+    "probe_mismatch": "drift",
+    "probe_load_mismatch": "drift",
+    "model_state_missing": "incomplete",
+    "optimizer_state_missing": "incomplete",
+    "cold_optimizer_params": "incomplete",
+    "optimizer_shape_mismatch": "incomplete",
+    "param_group_mismatch": "incomplete",
+    "scheduler_state_missing": "incomplete",
+    "rng_state_missing": "incomplete",
+    "scaler_state_missing": "incomplete",
+    "step_missing": "incomplete",
+    "step_mismatch": "incomplete",
+    "unsafe_pickle": "unsafe",
+    "storage_error": "error",
+    "probe_error": "error",
+    "internal_error": "error",
+}
+# A storage error means the check did not complete: nothing else it found is conclusive.
+STATUS_PRIORITY = ("error", "unsafe", "corrupt", "missing", "drift", "incomplete")
+ZIP_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str  # error | warning | info
+    file: str | None
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Verdict:
+    url: str
+    run: str
+    step: int | None
+    layout: str
+    status: str
+    findings: list[Finding] = field(default_factory=list)
+    bytes_read: int = 0
+    duration_seconds: float = 0.0
+    tier: str = "content"
+    # Digests seen at content tier, for trust-on-first-use baselines: relpath -> FileEntry
+    observed: dict[str, FileEntry] = field(default_factory=dict, repr=False)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in FAILURES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "run": self.run,
+            "step": self.step,
+            "layout": self.layout,
+            "status": self.status,
+            "findings": [f.to_dict() for f in self.findings],
+            "bytes_read": self.bytes_read,
+            "duration_seconds": round(self.duration_seconds, 6),
+        }
+
+
+def decide(findings: Iterable[Finding], *, structural_only: bool = False, checked_any: bool = True) -> str:
+    """Return the one status that a set of findings implies (SPEC §4)."""
+    implied = {STATUS_OF_CODE.get(f.code, "error") for f in findings if f.severity == "error"}
+    for status in STATUS_PRIORITY:
+        if status in implied:
+            return status
+    if not checked_any:
+        return "unverifiable"
+    return "ok"
+
+
+@dataclass
+class Options:
+    """How deep and how strictly to verify."""
+
+    tier: str = "content"
+    strict: bool = False
+    settle_seconds: float = 0.0
+    probe_auto: bool = True  # run the probe tier too where the manifest has a probe
+    # hooks filled in by other modules; each returns findings
+    probe: Callable[[Reader, Checkpoint, Manifest], list[Finding]] | None = None
+    completeness: Callable[[Reader, Checkpoint, Manifest | None, str], list[Finding]] | None = None
+    server_checksums: Callable[[Reader, str, dict[str, Any], FileEntry], Finding | None] | None = None
+    baseline: Callable[[Checkpoint], dict[str, FileEntry] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tier not in TIERS:
+            raise UsageError(f"tier {self.tier!r} is not one of {', '.join(TIERS)}")
+
+
+@dataclass
+class Context:
+    """What verifying one checkpoint needs: a reader of its own, a pool for its files."""
+
+    reader: Reader
+    files_pool: ThreadPoolExecutor
+    options: Options
+
+
+def _root(ck: Checkpoint) -> str:
+    return ck.path.rsplit("/", 1)[0] if ck.kind == "file" else ck.path
+
+
+def load_manifest(reader: Reader, ck: Checkpoint) -> Manifest:
+    """Read and parse a checkpoint's manifest (ManifestInvalid on any damage)."""
+    assert ck.manifest_path
+    data = reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES)
+    return parse_manifest(data)
+
+
+def verify_checkpoint(ck: Checkpoint, ctx: Context) -> Verdict:
+    """Verify one checkpoint at the requested tier; never raises for storage trouble."""
+    started = time.monotonic()
+    reader = ctx.reader.child()
+    findings: list[Finding] = []
+    verdict = Verdict(ck.url, ck.run, ck.step, ck.layout, "ok", findings, tier=ctx.options.tier)
+    try:
+        checked_any = _verify(ck, reader, ctx, findings, verdict)
+        verdict.status = decide(findings, checked_any=checked_any)
+        if verdict.status == "unverifiable" and ctx.options.strict:
+            findings.append(Finding("unverifiable", "info", None, "--strict counts unverifiable as a failure"))
+    except StorageFault as e:
+        findings.append(Finding("storage_error", "error", None, str(e)))
+        verdict.status = "error"
+    verdict.bytes_read = reader.bytes_read
+    verdict.duration_seconds = time.monotonic() - started
+    logger.info(
+        "verdict %s %s", verdict.url, verdict.status,
+        extra={"event": "verdict", "checkpoint": verdict.url, "status": verdict.status,
+               "duration_seconds": round(verdict.duration_seconds, 3), "tier": verdict.tier},
+    )  # fmt: skip
+    return verdict
+
+
+def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding], verdict: Verdict) -> bool:
+    """Append findings; return whether any check with a reference applied."""
+    tier = ctx.options.tier
+    manifest: Manifest | None = None
+    if ck.manifest_path:
+        try:
+            manifest = load_manifest(reader, ck)
+        except FileNotFoundError:
+            findings.append(Finding("file_missing", "error", _name(ck.manifest_path), "manifest vanished"))
+            return True
+        except ManifestInvalid as e:
+            findings.append(Finding("manifest_invalid", "error", _name(ck.manifest_path), str(e)))
+            return True
+        if manifest.step is not None:
+            verdict.step = manifest.step
+    if manifest is None:
+        baseline = ctx.options.baseline(ck) if ctx.options.baseline else None
+        if baseline is not None:
+            entries = list(baseline.values())
+            findings.append(Finding("baseline_first_sight", "info", None,
+                                    "compared with digests recorded at first sight, not with a sealed manifest"))
+            _check_listed(ck, reader, ctx, entries, None, findings, verdict)
+            if ctx.options.completeness and tier != "metadata":
+                findings += ctx.options.completeness(reader, ck, None, tier)
+            return True
+        if tier == "metadata":
+            findings.append(Finding("no_manifest", "info", None,
+                                    "no manifest: the metadata tier proves existence only"))
+            _record_observed(ck, verdict)
+            return False
+        checked = _structural(ck, reader, ctx, findings)
+        if ctx.options.completeness:
+            findings += ctx.options.completeness(reader, ck, None, tier)
+        _digest_unsealed(ck, reader, ctx, verdict)
+        if checked:
+            findings.append(Finding("structural_only", "info", None,
+                                    "no manifest: checked structurally only (formats, indexes), not against digests"))
+        return checked
+
+    bad = manifest.unsafe_paths()
+    for path in bad:
+        findings.append(Finding("path_outside_checkpoint", "error", path, f"manifest path {path!r} leaves the checkpoint"))
+    entries = [f for f in manifest.files if f.path not in bad]
+    _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
+    if tier != "metadata" and ctx.options.completeness:
+        findings += ctx.options.completeness(reader, ck, manifest, tier)
+    wants_probe = tier == "probe" or (ctx.options.probe_auto and tier == "content" and manifest.probe is not None)
+    if wants_probe and manifest.probe is not None and ctx.options.probe and not _blocking(findings):
+        findings += ctx.options.probe(reader, ck, manifest)
+    elif tier == "probe" and manifest.probe is None:
+        findings.append(Finding("no_probe", "info", None, "the manifest records no probe; probe tier skipped"))
+    return True
+
+
+def _blocking(findings: list[Finding]) -> bool:
+    # The probe loads weights: pointless, and possibly unsafe, once bytes are known bad.
+    return any(f.severity == "error" and STATUS_OF_CODE.get(f.code) in ("corrupt", "missing", "unsafe", "error")
+               for f in findings)
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def _check_listed(
+    ck: Checkpoint,
+    reader: Reader,
+    ctx: Context,
+    entries: list[FileEntry],
+    manifest: Manifest | None,
+    findings: list[Finding],
+    verdict: Verdict,
+) -> None:
+    """Compare listed files with the expected entries; at content tier, their digests too."""
+    root = _root(ck)
+    listed = {f"{root}/{rel}" if ck.kind == "dir" else f"{root}/{rel}": info for rel, info in ck.files.items()}
+    expected = {e.path for e in entries}
+    if ck.kind == "dir":
+        extra = sorted(set(ck.files) - expected - _probe_paths(manifest))
+        for rel in extra:
+            findings.append(Finding("unlisted_file", "warning", rel, "file present but not in the manifest"))
+    to_digest: list[tuple[FileEntry, str, dict[str, Any]]] = []
+    for entry in entries:
+        try:
+            path = safe_join(root, entry.path)
+        except PathOutsideCheckpoint:
+            findings.append(Finding("path_outside_checkpoint", "error", entry.path, "path leaves the checkpoint"))
+            continue
+        info = listed.get(path)
+        if info is None:
+            # The listing may be stale or eventually consistent: stat before declaring it gone.
+            try:
+                info = reader.info(path)
+            except FileNotFoundError:
+                findings.append(Finding("file_missing", "error", entry.path, "listed in the manifest but absent"))
+                continue
+        size = int(info.get("size") or 0)
+        if size < entry.size:
+            findings.append(Finding("truncated", "error", entry.path, f"{size} bytes, sealed with {entry.size}"))
+            continue
+        if size > entry.size:
+            findings.append(Finding("size_mismatch", "error", entry.path, f"{size} bytes, sealed with {entry.size}"))
+            continue
+        if ctx.options.server_checksums:
+            finding = ctx.options.server_checksums(reader, path, info, entry)
+            if finding:
+                findings.append(finding)
+                if finding.severity == "error":
+                    continue
+        if ctx.options.tier != "metadata":
+            to_digest.append((entry, path, info))
+    futures = [ctx.files_pool.submit(_digest_one, reader, entry, path, manifest) for entry, path, _ in to_digest]
+    for fut in futures:
+        got = fut.result()
+        findings.extend(got)
+
+
+def _probe_paths(manifest: Manifest | None) -> set[str]:
+    if manifest is None or manifest.probe is None:
+        return set()
+    return {manifest.probe.batch.path, manifest.probe.outputs.reference}
+
+
+def _digest_one(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | None) -> list[Finding]:
+    """Digest one file against its entry; narrow a mismatch down to tensors or zip members."""
+    got = digest_chunks(reader.iter_chunks(path))
+    if got.size == entry.size and got.sha256 == entry.sha256 and got.crc32c == entry.crc32c:
+        return []
+    if got.size < entry.size:
+        return [Finding("truncated", "error", entry.path, f"read {got.size} bytes, sealed with {entry.size}")]
+    # Read once more before calling it corrupt: a flaky read must not page anyone.
+    again = digest_chunks(reader.iter_chunks(path))
+    if again.sha256 == entry.sha256 and again.size == entry.size:
+        logger.warning("digest of %s matched on re-read; first read was inconsistent", path)
+        return [Finding("reread_matched", "warning", entry.path, "first read mismatched, second matched")]
+    findings = [Finding("digest_mismatch", "error", entry.path, f"sha256 {again.sha256}, sealed {entry.sha256}")]
+    findings += _narrow(reader, entry, path, manifest, again.size)
+    return findings
+
+
+def _narrow(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | None, size: int) -> list[Finding]:
+    """Name the tensors (safetensors) or members (zip) that changed."""
+    if path.endswith(".safetensors"):
+        try:
+            header = formats.parse_safetensors_header(reader, path, size)
+        except formats.FormatError as e:
+            return [Finding(e.code, "error", entry.path, str(e))]
+        sealed = (manifest.tensors or {}).get(entry.path) if manifest else None
+        if not sealed:
+            return []
+        got = digest_chunks(reader.iter_chunks(path), header.spans()).tensors
+        out = []
+        for name, t in sorted(sealed.items()):
+            if name not in got:
+                out.append(Finding("tensor_digest_mismatch", "error", entry.path, f"tensor {name!r} is gone from the header"))
+            elif got[name] != t.sha256:
+                out.append(Finding("tensor_digest_mismatch", "error", entry.path,
+                                   f"tensor {name!r} ({t.dtype}{t.shape}) differs from what was sealed"))
+        return out
+    if formats.is_zip(reader, path, size):
+        try:
+            formats.check_zip(reader, path)
+        except formats.FormatError as e:
+            return [Finding(e.code, "error", entry.path, str(e))]
+    return []
+
+
+def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding]) -> bool:
+    """Check every file's format where we know it; return whether any check applied."""
+    root = _root(ck)
+    checked = False
+    headers: dict[str, formats.SafetensorsHeader] = {}
+    futures = []
+    for rel, info in sorted(ck.files.items()):
+        path = f"{root}/{rel}"
+        futures.append((rel, ctx.files_pool.submit(_structural_one, reader, path, int(info.get("size") or 0))))
+    for rel, fut in futures:
+        applied, header, finding = fut.result()
+        checked |= applied
+        if header is not None:
+            headers[rel] = header
+        if finding:
+            findings.append(finding)
+    index_rel = "model.safetensors.index.json"
+    if index_rel in ck.files:
+        checked = True
+        try:
+            weight_map = formats.parse_index(reader, f"{root}/{index_rel}")
+            for code, shard, detail in formats.iter_index_problems(weight_map, headers, set(ck.files)):
+                findings.append(Finding(code, "error", shard, detail))
+        except formats.FormatError as e:
+            findings.append(Finding(e.code, "error", index_rel, str(e)))
+    if not ck.files:
+        findings.append(Finding("file_missing", "error", None, "the checkpoint holds no files"))
+        checked = True
+    return checked
+
+
+def _structural_one(reader: Reader, path: str, size: int) -> tuple[bool, formats.SafetensorsHeader | None, Finding | None]:
+    rel = path.rsplit("/", 1)[-1]
+    try:
+        if path.endswith(".safetensors"):
+            return True, formats.parse_safetensors_header(reader, path, size), None
+        if path.endswith(ZIP_SUFFIXES) and formats.is_zip(reader, path, size):
+            formats.check_zip(reader, path)
+            return True, None, None
+        if path.endswith(ZIP_SUFFIXES) and size == 0:
+            return True, None, Finding("truncated", "error", rel, "empty file")
+        if path.endswith(".json") and not path.endswith(".manifest.json"):
+            import json
+
+            json.loads(reader.read(path, limit=MAX_MANIFEST_BYTES))
+            return True, None, None
+    except formats.FormatError as e:
+        return True, None, Finding(e.code, "error", rel, str(e))
+    except ValueError as e:
+        return True, None, Finding("json_invalid", "error", rel, f"not valid JSON: {e}")
+    return False, None, None
+
+
+def _digest_unsealed(ck: Checkpoint, reader: Reader, ctx: Context, verdict: Verdict) -> None:
+    """Record digests of an unsealed checkpoint when someone will keep them as a baseline."""
+    if ctx.options.baseline is None:
+        return
+    root = _root(ck)
+    futures = {rel: ctx.files_pool.submit(lambda p: digest_chunks(reader.iter_chunks(p)), f"{root}/{rel}")
+               for rel in ck.files}
+    for rel, fut in futures.items():
+        d = fut.result()
+        verdict.observed[rel] = FileEntry(path=rel, size=d.size, sha256=d.sha256, crc32c=d.crc32c)
+
+
+def _record_observed(ck: Checkpoint, verdict: Verdict) -> None:
+    pass
+
+
+@dataclass
+class ScanResult:
+    prefix: str
+    tier: str
+    verdicts: list[Verdict]
+    listed: bool = True
+    error: str | None = None
+    duration_seconds: float = 0.0
+
+    def summary(self) -> dict[str, int]:
+        return dict(Counter(v.status for v in self.verdicts))
+
+    def exit_code(self, strict: bool = False) -> int:
+        """Return the SPEC §5 exit code: failures win over incomplete scans."""
+        failing = FAILURES | ({"unverifiable"} if strict else set())
+        if any(v.status in failing for v in self.verdicts):
+            return 1
+        if not self.listed or any(v.status == "error" for v in self.verdicts):
+            return 3
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "prefix": self.prefix,
+            "tier": self.tier,
+            "checkpoints": [v.to_dict() for v in self.verdicts],
+            "summary": self.summary(),
+        }
+        if self.error:
+            doc["error"] = self.error
+        return doc
+
+
+def _stat_root(reader: Reader, root: str, url: str) -> dict[str, Any]:
+    try:
+        return reader.info(root)
+    except FileNotFoundError as e:
+        raise StorageError(f"{url} does not exist") from e
+    except StorageFault as e:
+        raise StorageError(f"cannot reach {url}: {e}") from e
+
+
+def _find(reader: Reader, root: str, url: str) -> dict[str, dict[str, Any]]:
+    try:
+        return reader.find(root)
+    except FileNotFoundError as e:
+        raise StorageError(f"{url} does not exist") from e
+    except StorageFault as e:
+        raise StorageError(f"cannot list {url}: {e}") from e
+
+
+def list_prefix(reader: Reader, root: str, prefix_url: str) -> list[Checkpoint]:
+    """List a prefix once and group it into checkpoints; StorageError if it cannot be listed."""
+    info = _stat_root(reader, root, prefix_url)
+    if info.get("type") != "directory":
+        return [locate(reader, root, prefix_url)]
+    checkpoints = layouts.discover(_find(reader, root, prefix_url), root, prefix_url)
+    _mark_expected_manifests(checkpoints)
+    return checkpoints
+
+
+def locate(reader: Reader, path: str, url: str) -> Checkpoint:
+    """Describe the one checkpoint at `path`, a folder or a single file."""
+    info = _stat_root(reader, path, url)
+    if info.get("type") == "directory":
+        listing = _find(reader, path, url)
+        listing.setdefault(path, info)
+    else:
+        listing = {path: info}
+        sidecar = path + ".manifest.json"
+        try:
+            listing[sidecar] = reader.info(sidecar)
+        except FileNotFoundError:
+            pass
+        except StorageFault as e:
+            raise StorageError(f"cannot reach {url}: {e}") from e
+    ck = layouts.single(listing, path, url)
+    assert ck is not None
+    return ck
+
+
+def _mark_expected_manifests(checkpoints: list[Checkpoint]) -> None:
+    """Flag an unsealed checkpoint newer than every sealed sibling: its manifest is still being written."""
+    newest_sealed: dict[str, float] = {}
+    for ck in checkpoints:
+        if ck.manifest_path:
+            key = ck.step if ck.step is not None else (ck.newest_mtime() or 0.0)
+            newest_sealed[ck.run] = max(newest_sealed.get(ck.run, float("-inf")), float(key))
+    for ck in checkpoints:
+        if ck.manifest_path or ck.run not in newest_sealed:
+            continue
+        key = ck.step if ck.step is not None else (ck.newest_mtime() or 0.0)
+        ck.expect_manifest = float(key) > newest_sealed[ck.run]
+
+
+def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) -> str | None:
+    """Return why a checkpoint is not committed yet, or None when it can be verified."""
+    if ck.expect_manifest:
+        return "newer than every sealed checkpoint of its run but has no manifest yet"
+    if settle_seconds > 0:
+        newest = ck.newest_mtime()
+        now = time.time() if now is None else now
+        if newest is not None and now - newest < settle_seconds:
+            return f"written {now - newest:.0f}s ago, within the {settle_seconds:.0f}s settle time"
+    return None
+
+
+def pending_verdict(ck: Checkpoint, reason: str, tier: str) -> Verdict:
+    """Build the verdict of a checkpoint that is not committed yet."""
+    return Verdict(ck.url, ck.run, ck.step, ck.layout, "pending", [Finding("pending", "info", None, reason)], tier=tier)
+
+
+class Scanner:
+    """Verify many checkpoints with bounded parallelism across checkpoints and their files."""
+
+    def __init__(self, fs: AbstractFileSystem, options: Options, *, jobs: int = 4,
+                 throttle: Throttle | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
+        if jobs < 1:
+            raise UsageError(f"jobs must be at least 1, got {jobs}")
+        self.options = options
+        self.jobs = jobs
+        self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs))
+        self._files = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-file")
+        self._checkpoints = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-ckpt")
+
+    def close(self) -> None:
+        self._checkpoints.shutdown(wait=True, cancel_futures=True)
+        self._files.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Scanner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def context(self) -> Context:
+        return Context(self.reader, self._files, self.options)
+
+    def verify(self, ck: Checkpoint) -> Verdict:
+        """Verify one checkpoint (pending ones are reported as such, not read)."""
+        reason = is_pending(ck, self.options.settle_seconds)
+        if reason:
+            return pending_verdict(ck, reason, self.options.tier)
+        return verify_checkpoint(ck, self.context())
+
+    def scan(self, root: str, prefix_url: str, *, on_verdict: Callable[[Verdict, int, int], None] | None = None,
+             stop: threading.Event | None = None) -> ScanResult:
+        """List the prefix and verify every checkpoint under it."""
+        started = time.monotonic()
+        try:
+            checkpoints = list_prefix(self.reader, root, prefix_url)
+        except StorageError as e:
+            return ScanResult(prefix_url, self.options.tier, [], listed=False, error=str(e),
+                              duration_seconds=time.monotonic() - started)
+        verdicts: list[Verdict] = []
+        futures = [self._checkpoints.submit(self._guarded, ck, stop) for ck in checkpoints]
+        for i, fut in enumerate(futures):
+            verdict = fut.result()
+            if verdict is None:
+                continue
+            verdicts.append(verdict)
+            if on_verdict:
+                on_verdict(verdict, i + 1, len(futures))
+        return ScanResult(prefix_url, self.options.tier, verdicts, duration_seconds=time.monotonic() - started)
+
+    def _guarded(self, ck: Checkpoint, stop: threading.Event | None) -> Verdict | None:
+        if stop is not None and stop.is_set():
+            return None
+        try:
+            return self.verify(ck)
+        except Exception as e:  # noqa: BLE001 - one broken checkpoint must not end the scan
+            logger.exception("verifying %s failed unexpectedly", ck.url)
+            return Verdict(ck.url, ck.run, ck.step, ck.layout, "error",
+                           [Finding("internal_error", "error", None, f"{type(e).__name__}: {e}")],
+                           tier=self.options.tier)
+
+
+def build_options(
+    tier: str | None,
+    *,
+    strict: bool = False,
+    settle_seconds: float = 0.0,
+    require: list[str] | None = None,
+    probe_timeout: float = 600.0,
+    probe_memory_mb: int = 8192,
+) -> Options:
+    """Assemble verification options with every available hook (completeness, probe, server checksums)."""
+    from auditor import completeness, probe, storage
+
+    return Options(
+        tier=tier or "content",
+        strict=strict,
+        settle_seconds=settle_seconds,
+        probe_auto=tier is None,
+        probe=getattr(probe, "probe_hook", lambda **_: None)(timeout=probe_timeout, memory_mb=probe_memory_mb)
+        if hasattr(probe, "probe_hook") else None,
+        completeness=completeness.hook(require) if hasattr(completeness, "hook") else None,
+        server_checksums=getattr(storage, "compare_server_checksum", None),
+    )

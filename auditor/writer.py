@@ -1,0 +1,212 @@
+"""Seal a checkpoint: digest every file, inventory the training state, write the manifest last."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import platform
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fsspec import AbstractFileSystem
+
+from auditor import completeness, formats
+from auditor.digests import FileDigest, digest_chunks
+from auditor.errors import UsageError
+from auditor.layouts import Checkpoint
+from auditor.manifest import (
+    MANIFEST_NAME,
+    SCHEMA,
+    SIDECAR_SUFFIX,
+    Environment,
+    FileEntry,
+    Manifest,
+    Probe,
+    RunInfo,
+    TensorEntry,
+    now_utc,
+)
+from auditor.storage import Reader, is_local, open_url
+from auditor.verify import ZIP_SUFFIXES, locate
+
+logger = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "safetensors", "numpy", "transformers", "lightning", "accelerate", "ckpt-auditor")
+# CPU flags that change which kernels run, and so the low bits of float results.
+NUMERIC_CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "sve", "asimd")
+
+ProbeBuilder = Callable[[Reader, Checkpoint, dict[str, FileEntry]], tuple[Probe, dict[str, FileEntry]]]
+
+
+def environment() -> Environment:
+    """Describe the interpreter, libraries and CPU that numerics depend on."""
+    libs = {}
+    for name in LIBRARIES:
+        try:
+            libs[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return Environment(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        libraries=libs,
+        cpu={"machine": platform.machine(), "model": _cpu_model(), "flags": _cpu_flags(), "count": os.cpu_count()},
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return sorted(have & set(NUMERIC_CPU_FLAGS))
+    except OSError:
+        pass
+    return []
+
+
+def _root(ck: Checkpoint) -> str:
+    return ck.path.rsplit("/", 1)[0] if ck.kind == "file" else ck.path
+
+
+def _digest_file(reader: Reader, path: str, size: int) -> tuple[FileDigest, formats.SafetensorsHeader | None]:
+    header = None
+    if path.endswith(".safetensors"):
+        header = formats.parse_safetensors_header(reader, path, size)
+    elif path.endswith(ZIP_SUFFIXES) and formats.is_zip(reader, path, size):
+        formats.check_zip(reader, path)
+    digest = digest_chunks(reader.iter_chunks(path), header.spans() if header else ())
+    return digest, header
+
+
+def digest_files(reader: Reader, ck: Checkpoint, jobs: int = 4, force: bool = False
+                 ) -> tuple[dict[str, FileEntry], dict[str, dict[str, TensorEntry]]]:
+    """Digest every file of a checkpoint; refuse structurally broken ones unless `force`."""
+    root = _root(ck)
+    entries: dict[str, FileEntry] = {}
+    tensors: dict[str, dict[str, TensorEntry]] = {}
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {
+            rel: pool.submit(_digest_file, reader, f"{root}/{rel}", int(info.get("size") or 0))
+            for rel, info in sorted(ck.files.items())
+        }
+        for rel, fut in futures.items():
+            try:
+                digest, header = fut.result()
+            except formats.FormatError as e:
+                if not force:
+                    raise UsageError(f"refusing to seal {ck.url}: {rel} is damaged ({e}); --force seals it anyway") from e
+                logger.warning("sealing damaged file %s: %s", rel, e)
+                digest, header = digest_chunks(reader.iter_chunks(f"{root}/{rel}")), None
+            entries[rel] = FileEntry(path=rel, size=digest.size, sha256=digest.sha256, crc32c=digest.crc32c)
+            if header is not None:
+                tensors[rel] = {
+                    t.name: TensorEntry(dtype=t.dtype, shape=list(t.shape), sha256=digest.tensors[t.name])
+                    for t in header.tensors
+                }
+    return entries, tensors
+
+
+def seal(
+    url: str,
+    *,
+    fs: AbstractFileSystem | None = None,
+    storage_options: dict[str, Any] | None = None,
+    step: int | None = None,
+    force: bool = False,
+    run_config: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    git_commit: str | None = None,
+    probe: ProbeBuilder | None = None,
+    jobs: int = 4,
+    write_options: dict[str, Any] | None = None,
+) -> Manifest:
+    """Seal the checkpoint at `url` and return its manifest, written last beside it."""
+    if fs is None:
+        fs, path = open_url(url, storage_options)
+    else:
+        path = fs._strip_protocol(url)
+    reader = Reader(fs)
+    from auditor.errors import StorageError
+
+    try:
+        ck = locate(reader, path, url)
+    except StorageError as e:
+        raise UsageError(str(e)) if "does not exist" in str(e) else e from e
+    if ck.manifest_path and not force:
+        raise UsageError(f"{ck.manifest_path} already exists; pass --force to overwrite it")
+    if not ck.files:
+        raise UsageError(f"{url} holds no files to seal")
+    entries, tensors = digest_files(reader, ck, jobs=jobs, force=force)
+    state = completeness.inventory(entries)
+    step = _step(reader, ck, step)
+    state.step = step
+    probe_record = None
+    if probe is not None:
+        probe_record, extra = probe(reader, ck, entries)
+        entries.update(extra)
+    run = None
+    if run_config is not None or run_id or git_commit:
+        import hashlib
+        import json
+
+        config_sha = hashlib.sha256(json.dumps(run_config, sort_keys=True).encode()).hexdigest() if run_config else None
+        run = RunInfo(id=run_id, git_commit=git_commit, config_sha256=config_sha, config=run_config)
+    manifest = Manifest(
+        schema=SCHEMA,
+        step=step,
+        created_at=now_utc(),
+        files=[entries[k] for k in sorted(entries)],
+        tensors=tensors or None,
+        training_state=state,
+        probe=probe_record,
+        run=run,
+        environment=environment(),
+    )
+    target = f"{ck.path}{SIDECAR_SUFFIX}" if ck.kind == "file" else f"{ck.path}/{MANIFEST_NAME}"
+    write_atomic(fs, target, manifest.to_json(), **(write_options or {}))
+    logger.info("sealed %s at step %s: %d files", url, step, len(entries))
+    return manifest
+
+
+def _step(reader: Reader, ck: Checkpoint, step: int | None) -> int:
+    if step is not None:
+        return step
+    if "trainer_state.json" in ck.files:
+        found = completeness.step_from_trainer_state(reader.read(f"{ck.path}/trainer_state.json", limit=64 * 2**20))
+        if found is not None:
+            return found
+    if ck.step is not None:
+        return ck.step
+    raise UsageError(f"cannot tell the training step of {ck.url} from its name or files; pass --step N")
+
+
+def write_atomic(fs: AbstractFileSystem, path: str, data: bytes, **kwargs: Any) -> None:
+    """Write a small file so that readers see all of it or none of it."""
+    if is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    # Object stores publish a PUT atomically; HDFS CREATE is visible only once closed.
+    fs.pipe_file(path, data, **kwargs)
+
+

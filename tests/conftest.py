@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+# Tests never reach real clouds; keep clients from probing instance metadata.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+@pytest.fixture
+def memfs():
+    """A fresh memory filesystem, emptied afterwards."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/t{os.getpid()}-{id(fs)}"
+    yield fs, root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
