@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "seal", "verify", "rescan", "save_checkpoint", "load_checkpoint"]
+__all__ = ["__version__", "seal", "verify_url", "rescan", "save_checkpoint", "load_checkpoint"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import auditor` stays cheap and torch loads only when a probe or save needs it.
-    if name in ("seal", "verify", "rescan"):
+    if name in ("seal", "verify_url", "rescan"):
         from auditor import api
 
         return getattr(api, name)

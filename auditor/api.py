@@ -24,7 +24,7 @@ def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileS
         raise UsageError(str(e)) from e
 
 
-def verify(
+def verify_url(
     url: str,
     *,
     tier: str | None = None,

@@ -101,7 +101,7 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
     from auditor import api
 
     def body() -> int:
-        result = api.verify(checkpoint_url, tier=tier, strict=strict, jobs=jobs,
+        result = api.verify_url(checkpoint_url, tier=tier, strict=strict, jobs=jobs,
                             storage_options=_options(storage_option))
         _emit(result, as_json)
         return result.exit_code(strict)

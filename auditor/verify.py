@@ -320,9 +320,10 @@ def _digest_one(reader: Reader, entry: FileEntry, path: str, manifest: Manifest 
     if again.sha256 == entry.sha256 and again.size == entry.size:
         logger.warning("digest of %s matched on re-read; first read was inconsistent", path)
         return [Finding("reread_matched", "warning", entry.path, "first read mismatched, second matched")]
-    findings = [Finding("digest_mismatch", "error", entry.path, f"sha256 {again.sha256}, sealed {entry.sha256}")]
-    findings += _narrow(reader, entry, path, manifest, again.size)
-    return findings
+    # The narrowed findings come first: they name what changed.
+    return _narrow(reader, entry, path, manifest, again.size) + [
+        Finding("digest_mismatch", "error", entry.path, f"sha256 {again.sha256}, sealed {entry.sha256}")
+    ]
 
 
 def _narrow(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | None, size: int) -> list[Finding]:

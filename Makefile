@@ -1,0 +1,31 @@
+# `make run` starts the auditor on a local demo prefix; `make test` installs everything and runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+DEMO := demo
+
+.PHONY: run test venv system-deps bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PIN)   # first, so nothing pulls a CUDA build
+	$(PY) -m pip install -q -e '.[s3,gcs,probe,hf,lightning,test]'
+	touch $@
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+run: venv
+	$(PY) -m auditor.demo $(DEMO)/prefix
+	-$(VENV)/bin/auditor rescan --prefix $(DEMO)/prefix
+
+test: venv system-deps
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: venv system-deps
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) *.egg-info

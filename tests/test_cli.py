@@ -1,0 +1,95 @@
+"""The command line as users and scripts meet it: output shapes and exit codes (SPEC §5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ckpts import flip_bit, write_run
+from click.testing import CliRunner
+
+import fsspec
+
+from auditor.cli import main
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "auditor", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def prefix(tmp_path: Path) -> Path:
+    root = tmp_path / "ckpts"
+    for d in write_run(root / "run1", [100, 200]):
+        assert CliRunner().invoke(main, ["seal", str(d)]).exit_code == 0
+    return root
+
+
+def test_clean_prefix_exits_0_with_json(prefix):
+    r = CliRunner().invoke(main, ["rescan", "--prefix", str(prefix), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert set(doc) >= {"prefix", "tier", "checkpoints", "summary"}
+    assert doc["summary"] == {"ok": 2} and doc["tier"] == "content"
+    assert set(doc["checkpoints"][0]) == {"url", "run", "step", "layout", "status", "findings", "bytes_read",
+                                          "duration_seconds"}
+
+
+def test_damaged_checkpoint_exits_1_and_table_names_it(prefix):
+    flip_bit(fsspec.filesystem("file"), str(prefix / "run1/checkpoint-200/model.safetensors"))
+    r = CliRunner().invoke(main, ["rescan", "--prefix", str(prefix)])
+    assert r.exit_code == 1
+    line = next(l for l in r.stdout.splitlines() if "checkpoint-200" in l)
+    assert line.startswith("corrupt") and "digest_mismatch" in line
+
+
+def test_missing_prefix_exits_3_naming_it(tmp_path):
+    missing = tmp_path / "nope"
+    r = run("rescan", "--prefix", str(missing))
+    assert r.returncode == 3
+    assert str(missing) in r.stderr
+
+
+def test_bad_flag_exits_2():
+    assert run("rescan", "--prefix", "x", "--no-such-flag").returncode == 2
+    assert run("verify", "x", "--tier", "deepest").returncode == 2
+
+
+def test_verify_one_checkpoint(prefix):
+    r = run("verify", str(prefix / "run1/checkpoint-100"), "--tier", "metadata", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["checkpoints"][0]["status"] == "ok"
+
+
+def test_seal_twice_needs_force(prefix):
+    r = run("seal", str(prefix / "run1/checkpoint-100"))
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert run("seal", str(prefix / "run1/checkpoint-100"), "--force").returncode == 0
+
+
+def test_seal_without_step_asks_for_it(tmp_path):
+    d = tmp_path / "weights"
+    write_run(tmp_path, [1])[0].rename(d)
+    r = run("seal", str(d))
+    assert r.returncode == 0  # trainer_state.json gives the step
+    (d / "trainer_state.json").unlink()
+    r = run("seal", str(d), "--force")
+    assert r.returncode == 2 and "--step" in r.stderr
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path, prefix):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("scan:\n  jobs: many\n")
+    r = run("rescan", "--prefix", str(prefix), "--config", str(cfg))
+    assert r.returncode == 2 and "scan.jobs" in r.stderr
+
+
+def test_jobs_flag_gives_same_verdicts(prefix):
+    one = json.loads(CliRunner().invoke(main, ["rescan", "--prefix", str(prefix), "--json", "--jobs", "1"]).stdout)
+    many = json.loads(CliRunner().invoke(main, ["rescan", "--prefix", str(prefix), "--json", "--jobs", "8"]).stdout)
+    assert one["summary"] == many["summary"] == {"ok": 2}
