@@ -48,3 +48,287 @@ def step_from_trainer_state(data: bytes) -> int | None:
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, int) else None
+
+
+# ---------------------------------------------------------------- completeness checks
+
+COMPONENTS = ("model", "optimizer", "scheduler", "rng", "scaler", "step")
+# What each layout must hold to resume, unless the prefix configures `require`.
+DEFAULT_REQUIRE: dict[str, tuple[str, ...]] = {
+    "hf-trainer": ("model", "optimizer", "scheduler", "rng", "step"),
+    "manifest": ("model", "optimizer", "rng", "step"),
+    "dcp": ("model", "optimizer", "step"),
+    "megatron": ("model", "optimizer", "rng", "step"),
+    "orbax": ("model", "step"),
+    "single-file": ("model",),  # often a weights-only export; configure `require` to demand more
+    "lightning": ("model", "optimizer", "step"),
+    "hf-model": ("model",),
+    "unknown": ("model",),
+}
+# Deep checks load optimizer and RNG state; above this size (remote) they are skipped with a note.
+MAX_DEEP_LOAD_BYTES = 2 * 2**30
+_MISSING_CODE = {c: f"{c}_state_missing" for c in ("model", "optimizer", "scheduler", "rng", "scaler")} | {
+    "step": "step_missing"
+}
+
+
+def hook(require: list[str] | None = None) -> Any:
+    """Return the verify hook that checks training-state completeness and pickle safety."""
+
+    def check(reader: Any, ck: Any, manifest: Any, tier: str) -> list[Any]:
+        return check_checkpoint(reader, ck, manifest, require=require)
+
+    return check
+
+
+def _root(ck: Any) -> str:
+    return ck.path.rsplit("/", 1)[0] if ck.kind == "file" else ck.path
+
+
+def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] | None = None) -> list[Any]:
+    """Check that the state needed to resume is present and consistent; also refuse unsafe pickles."""
+    from auditor.verify import Finding
+
+    findings: list[Finding] = []
+    unsafe = _scan_pickles(reader, ck, findings)
+    if any(f.code == "storage_error" for f in findings):
+        return findings
+    layout = _layout(ck)
+    state = manifest.training_state if manifest else inventory(ck.files, step=ck.step)
+    if manifest is None and "trainer_state.json" in ck.files:
+        state.step = step_from_trainer_state(reader.read(f"{ck.path}/trainer_state.json", limit=64 * 2**20))
+    if ck.kind == "file" and not state.model:
+        state.model = [ck.name]
+    needed = tuple(require) if require is not None else DEFAULT_REQUIRE.get(layout, ("model",))
+    if manifest is not None and manifest.run and manifest.run.config and _mixed_precision(manifest.run.config):
+        needed = (*needed, "scaler")
+    lightning = None
+    if layout == "lightning" and ck.name not in unsafe:
+        lightning = _load(reader, f"{_root(ck)}/{ck.name}", findings, ck.name)
+        if isinstance(lightning, dict):
+            _lightning(lightning, state, findings, ck.name)
+    present = {
+        "model": bool(state.model),
+        "optimizer": bool(state.optimizer),
+        "scheduler": bool(state.scheduler),
+        "rng": bool(state.rng),
+        "scaler": state.scaler is not None,
+        "step": state.step is not None or ck.step is not None,
+    }
+    for component in needed:
+        if component in present and not present[component]:
+            findings.append(Finding(_MISSING_CODE[component], "error", None,
+                                    f"no {component} state: a {layout} checkpoint needs it to resume"))
+    if layout == "lightning" and not state.rng:
+        findings.append(Finding("rng_state_not_saved", "info", ck.name,
+                                "Lightning checkpoints store no RNG state; resumption is not bit-exact"))
+    _check_steps(reader, ck, manifest, state, findings, layout)
+    optimizer = None
+    for rel in state.optimizer:
+        if rel in unsafe or ck.kind == "file":
+            continue
+        optimizer = _load(reader, f"{_root(ck)}/{rel}", findings, rel)
+        if isinstance(optimizer, dict):
+            _check_optimizer(reader, ck, manifest, state, optimizer, findings, rel)
+    scheduler = None
+    for rel in state.scheduler:
+        if rel in unsafe or rel.endswith(".json"):
+            continue
+        scheduler = _load(reader, f"{_root(ck)}/{rel}", findings, rel)
+        if isinstance(scheduler, dict) and isinstance(optimizer, dict):
+            groups = len(optimizer.get("param_groups", []))
+            base = scheduler.get("base_lrs")
+            if isinstance(base, list) and groups and len(base) != groups:
+                findings.append(Finding("param_group_mismatch", "error", rel,
+                                        f"scheduler has {len(base)} param groups, optimizer {groups}"))
+        if isinstance(scheduler, dict):
+            _check_scheduler_step(scheduler, state, findings, rel, layout)
+    if ck.kind != "file":
+        _check_rng(reader, ck, state, unsafe, findings)
+    return findings
+
+
+def _layout(ck: Any) -> str:
+    if ck.kind == "file" and ck.name.endswith(".ckpt"):
+        return "lightning"
+    return ck.layout
+
+
+def _mixed_precision(config: dict[str, Any]) -> bool:
+    return any(bool(config.get(k)) for k in ("fp16", "mixed_precision", "amp", "grad_scaler")) and str(
+        config.get("mixed_precision", "")
+    ).lower() not in ("no", "bf16", "false")
+
+
+def _scan_pickles(reader: Any, ck: Any, findings: list[Any]) -> set[str]:
+    """Statically scan every torch.save file; return the unsafe ones, already reported."""
+    from auditor import pickles
+    from auditor.storage import StorageFault
+    from auditor.verify import Finding
+
+    unsafe: set[str] = set()
+    for rel in sorted(ck.files):
+        if not rel.endswith((".pt", ".pth", ".bin", ".ckpt")):
+            continue
+        try:
+            bad = pickles.scan_torch_file(reader.fs, f"{_root(ck)}/{rel}")
+        except ValueError as e:
+            findings.append(Finding("pickle_unreadable", "warning", rel, f"not scanned: {e}"))
+            continue
+        except FileNotFoundError:
+            continue
+        except Exception as e:  # noqa: BLE001 - storage backends raise their own types
+            findings.append(Finding("storage_error", "error", rel, f"{type(e).__name__}: {e}"))
+            continue
+        if bad:
+            unsafe.add(rel)
+            findings.append(Finding("unsafe_pickle", "error", rel,
+                                    f"loading would import {', '.join(bad[:5])}; refused, never executed"))
+    return unsafe
+
+
+def _load(reader: Any, path: str, findings: list[Any], rel: str) -> Any:
+    from auditor import pickles
+    from auditor.storage import is_local
+    from auditor.verify import Finding
+
+    try:
+        size = int(reader.info(path).get("size") or 0)
+        if not is_local(reader.fs) and size > MAX_DEEP_LOAD_BYTES:
+            findings.append(Finding("deep_check_skipped", "info", rel,
+                                    f"{size} bytes: too large to load for consistency checks"))
+            return None
+        return pickles.safe_torch_load(reader.fs, path, map_location="cpu")
+    except ImportError:
+        findings.append(Finding("deep_check_skipped", "info", rel, "torch is not installed: presence checked only"))
+    except pickles.UnsafePickleError as e:
+        findings.append(Finding("unsafe_pickle", "error", rel, str(e)))
+    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
+        findings.append(Finding("state_unreadable", "warning", rel, f"cannot load for consistency checks: {e}"))
+    return None
+
+
+def _lightning(obj: dict[str, Any], state: TrainingState, findings: list[Any], rel: str) -> None:
+    state.model = [rel] if isinstance(obj.get("state_dict"), dict) else []
+    if obj.get("optimizer_states"):
+        state.optimizer = [rel]
+    if obj.get("lr_schedulers"):
+        state.scheduler = [rel]
+    if isinstance(obj.get("global_step"), int):
+        state.step = state.step if state.step is not None else obj["global_step"]
+
+
+def _check_steps(reader: Any, ck: Any, manifest: Any, state: TrainingState, findings: list[Any], layout: str) -> None:
+    from auditor.verify import Finding
+
+    seen: dict[str, int] = {}
+    if ck.step is not None and ck.kind == "dir":
+        seen["folder name"] = ck.step
+    if manifest is not None:
+        seen["manifest"] = manifest.step
+    if "trainer_state.json" in ck.files:
+        step = step_from_trainer_state(reader.read(f"{ck.path}/trainer_state.json", limit=64 * 2**20))
+        if step is not None:
+            seen["trainer_state.json"] = step
+    if len(set(seen.values())) > 1:
+        findings.append(Finding("step_mismatch", "error", None,
+                                "steps disagree: " + ", ".join(f"{k} {v}" for k, v in seen.items())))
+    if seen and state.step is None:
+        state.step = next(iter(seen.values()))
+
+
+def _check_scheduler_step(scheduler: dict[str, Any], state: TrainingState, findings: list[Any], rel: str,
+                          layout: str) -> None:
+    from auditor.verify import Finding
+
+    last = scheduler.get("last_epoch")
+    if not isinstance(last, int) or state.step is None or last == state.step:
+        return
+    # The Trainer steps its scheduler once per optimizer step; other loops may step per epoch.
+    severity = "error" if layout == "hf-trainer" else "info"
+    findings.append(Finding("step_mismatch", severity, rel, f"scheduler last_epoch {last}, step {state.step}"))
+
+
+def _param_shapes(reader: Any, ck: Any, state: TrainingState) -> dict[str, tuple[int, ...]]:
+    from auditor import formats
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for rel in state.model:
+        if rel.endswith(".safetensors"):
+            path = f"{_root(ck)}/{rel}"
+            try:
+                header = formats.parse_safetensors_header(reader, path, int(reader.info(path)["size"]))
+            except (formats.FormatError, FileNotFoundError):
+                continue
+            shapes.update({t.name: t.shape for t in header.tensors})
+    return shapes
+
+
+def _check_optimizer(reader: Any, ck: Any, manifest: Any, state: TrainingState, opt: dict[str, Any],
+                     findings: list[Any], rel: str) -> None:
+    """Every trainable parameter has optimizer state of its own shape; groups agree."""
+    from auditor.verify import Finding
+
+    groups = opt.get("param_groups")
+    per_param = opt.get("state")
+    if not isinstance(groups, list) or not isinstance(per_param, dict):
+        findings.append(Finding("optimizer_state_missing", "error", rel, "not an optimizer state_dict"))
+        return
+    ids = [p for g in groups for p in g.get("params", [])]
+    names = _param_names(groups, manifest, len(ids))
+    stateful = bool(per_param) or any("betas" in g for g in groups)
+    if not stateful:
+        return  # plain SGD keeps no per-parameter state
+    cold = [p for p in ids if p not in per_param]
+    if cold and len(cold) == len(ids):
+        findings.append(Finding("optimizer_state_missing", "error", rel,
+                                f"optimizer holds no state for any of its {len(ids)} parameters"))
+        return
+    if cold:
+        shown = [names.get(p, f"param #{p}") for p in cold]
+        findings.append(Finding("cold_optimizer_params", "error", rel,
+                                f"no optimizer state for {len(cold)} parameter(s): {', '.join(map(str, shown[:10]))}"))
+    shapes = _param_shapes(reader, ck, state)
+    if not names or not shapes:
+        return
+    wrong = []
+    for p, entry in per_param.items():
+        name = names.get(p)
+        if name is None or name not in shapes or not isinstance(entry, dict):
+            continue
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            t = entry.get(key)
+            if t is not None and hasattr(t, "shape") and tuple(t.shape) != tuple(shapes[name]):
+                wrong.append(f"{name}.{key} {list(t.shape)} vs {list(shapes[name])}")
+    if wrong:
+        findings.append(Finding("optimizer_shape_mismatch", "error", rel, "; ".join(wrong[:10])))
+
+
+def _param_names(groups: list[dict[str, Any]], manifest: Any, count: int) -> dict[Any, str]:
+    """Map optimizer parameter ids to names: from the state_dict (torch ≥ 2.5) or the manifest."""
+    names: dict[Any, str] = {}
+    for g in groups:
+        if isinstance(g.get("param_names"), list) and len(g["param_names"]) == len(g.get("params", [])):
+            names.update(zip(g["params"], g["param_names"]))
+    recorded = getattr(manifest.training_state, "param_names", None) if manifest else None
+    if not names and isinstance(recorded, list) and len(recorded) == count:
+        ids = [p for g in groups for p in g.get("params", [])]
+        names = dict(zip(ids, recorded))
+    return names
+
+
+def _check_rng(reader: Any, ck: Any, state: TrainingState, unsafe: set[str], findings: list[Any]) -> None:
+    from auditor.verify import Finding
+
+    if state.rng and state.world_size and len(state.rng) != state.world_size:
+        findings.append(Finding("rng_state_missing", "error", None,
+                                f"{len(state.rng)} RNG file(s) for world_size {state.world_size}"))
+    for rel in state.rng:
+        if rel in unsafe or rel.endswith(".json") or rel.endswith("model_optim_rng.pt"):
+            continue
+        obj = _load(reader, f"{_root(ck)}/{rel}", findings, rel)
+        if not isinstance(obj, dict):
+            continue
+        missing = [k for k in ("python", "numpy", "cpu") if k not in obj]
+        if missing:
+            findings.append(Finding("rng_state_missing", "error", rel, f"no {', '.join(missing)} generator state"))

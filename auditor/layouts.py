@@ -10,6 +10,8 @@ from typing import Any
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX
 
 SINGLE_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")
+# Files the probe stores beside a single-file checkpoint: part of it, not checkpoints themselves.
+PROBE_SUFFIXES = ("ckpt-probe-batch.safetensors", "ckpt-probe-reference.safetensors")
 _HF = re.compile(r"^checkpoint-(\d+)$")
 _MEGATRON = re.compile(r"^iter_(\d{7})$")
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt", "_METADATA")
@@ -139,7 +141,7 @@ def discover(listing: dict[str, dict[str, Any]], root: str, prefix_url: str) -> 
                 walk(path)
         for name in sorted(children.get(folder, ())):
             path = f"{folder}/{name}" if folder else name
-            if is_dir.get(path) or not name.endswith(SINGLE_FILE_SUFFIXES):
+            if is_dir.get(path) or not name.endswith(SINGLE_FILE_SUFFIXES) or name.endswith(PROBE_SUFFIXES):
                 continue
             sidecar = path + SIDECAR_SUFFIX
             ck = Checkpoint(
@@ -150,7 +152,7 @@ def discover(listing: dict[str, dict[str, Any]], root: str, prefix_url: str) -> 
                 kind="file",
                 step=step_from_name(posixpath.splitext(name)[0]),
                 manifest_path=sidecar if sidecar in listing else None,
-                files={name: listing[path]},
+                files=_single_files(listing, path),
             )
             found.append(ck)
 
@@ -205,7 +207,7 @@ def single(listing: dict[str, dict[str, Any]], path: str, url: str) -> Checkpoin
             kind="file",
             step=step_from_name(posixpath.splitext(name)[0]),
             manifest_path=sidecar if sidecar in listing else None,
-            files={name: info},
+            files=_single_files(listing, path),
         )
     kids = {posixpath.basename(p.rstrip("/")) for p in listing if posixpath.dirname(p.rstrip("/")) == path}
     layout = dir_layout(name, kids) or "unknown"
@@ -213,3 +215,14 @@ def single(listing: dict[str, dict[str, Any]], path: str, url: str) -> Checkpoin
     ck.url = url
     ck.run = "."
     return ck
+
+
+def _single_files(listing: dict[str, dict[str, Any]], path: str) -> dict[str, dict[str, Any]]:
+    """Return a single-file checkpoint's files: the file and its probe companions, by name."""
+    name = posixpath.basename(path)
+    files = {name: listing[path]}
+    for suffix in PROBE_SUFFIXES:
+        companion = f"{path}.{suffix}"
+        if companion in listing:
+            files[f"{name}.{suffix}"] = listing[companion]
+    return files

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALLOWED_GLOBALS",
     "DEFAULT_MAX_PICKLE_BYTES",
+    "NUMPY_RNG_GLOBALS",
     "TORCHSCRIPT_ARCHIVE",
     "UNRESOLVED_STACK_GLOBAL",
     "UnsafePickleError",
@@ -154,6 +155,18 @@ _EXT_OPS = frozenset({"EXT1", "EXT2", "EXT4"})
 _MUTATING_OPS = frozenset({"BUILD", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"})
 
 
+def _shape(op: pickletools.OpcodeInfo) -> tuple[bool, int, int]:
+    """Return whether an opcode pops to a MARK, how many items it pops besides, and how many it pushes."""
+    before = op.stack_before
+    if pickletools.markobject in before:
+        # Only the items listed before the MARK are popped besides the marked slice.
+        return True, before.index(pickletools.markobject), len(op.stack_after)
+    return False, len(before), len(op.stack_after)
+
+
+_SHAPES = {op.name: _shape(op) for op in pickletools.opcodes}
+
+
 class UnsafePickleError(ValueError):
     """Refuse a file whose pickle would import globals outside the allow-list."""
 
@@ -205,6 +218,7 @@ class _BoundedReader:
         return self._pos
 
     def _account(self, data: bytes) -> bytes:
+        """Count data against the budget."""
         self._pos += len(data)
         if self._pos > self._limit:
             raise _PickleTooLarge(f"{self._label}: pickle stream exceeds the {self._limit}-byte limit")
@@ -221,21 +235,52 @@ class _Emulator:
         self.findings: set[str] = set()
         self.result: object = _UNKNOWN
 
-    def step(self, op: pickletools.OpcodeInfo, arg: Any) -> None:
+    def step(self, name: str, arg: Any) -> None:
         """Apply one opcode's stack effect."""
-        before = op.stack_before
-        # The unpickler's POP on an empty frame discards the MARK itself.
-        if pickletools.markobject in before or (op.name == "POP" and self.stack and self.stack[-1] is _MARK):
-            marked = self._pop_mark(op.name)
-            count = before.index(pickletools.markobject) if pickletools.markobject in before else 0
-        else:
-            marked = []
-            count = len(before)
-        popped = self._pop(count, op.name)
-        self.stack.extend(self._effect(op, arg, popped, marked))
+        stack = self.stack
+        if name == "POP" and stack and stack[-1] is _MARK:
+            # The unpickler's POP on an empty frame discards the MARK itself.
+            del stack[-1]
+            return
+        uses_mark, count, pushes = _SHAPES[name]
+        marked = self._pop_mark(name) if uses_mark else []
+        popped = self._pop(count, name) if count else []
+        stack.extend(self._effect(name, arg, popped, marked, pushes))
 
-    def _effect(self, op: pickletools.OpcodeInfo, arg: Any, popped: list[object], marked: list[object]) -> list[object]:
-        name = op.name
+    def _effect(self, name: str, arg: Any, popped: list[object], marked: list[object], pushes: int) -> list[object]:
+        """Check one opcode's inputs and return what it pushes."""
+        # The commonest opcodes come first: this runs once per opcode.
+        if name in _PUT_OPS:
+            # pickletools models MEMOIZE as popping and pushing back its value, PUT as neither.
+            value = popped[0] if popped else self.stack[-1] if self.stack else _MARK
+            if value is _MARK:
+                raise ValueError(f"{name} with nothing on the stack to store")
+            # Later PUTs overwrite, as in the unpickler, so a decoy cannot shadow the real value.
+            self.memo[len(self.memo) if name == "MEMOIZE" else arg] = value
+            return popped
+        if name in _GET_OPS:
+            if arg not in self.memo:
+                raise ValueError(f"{name} of memo key {arg} that was never stored")
+            return [self.memo[arg]]
+        if name in _STRING_OPS or name in _INT_OPS:
+            return [arg]
+        if name == "MARK":
+            return [_MARK]
+        if name in _MUTATING_OPS:
+            # These look up and call methods of their target, which must be a built value: a
+            # global may only be called.
+            if isinstance(popped[0], _Global):
+                self.findings.add(f"<{name} on a global>")
+            return [popped[0]]
+        if name in _CALL_OPS or name == "OBJ":
+            if name == "OBJ" and not marked:
+                raise ValueError("OBJ without a class")
+            # Every callable of a well-formed pickle comes from a global, already checked; anything
+            # else (a value from persistent_load, an object called) escapes the allow-list.
+            callee = marked[0] if name == "OBJ" else popped[0]
+            if not isinstance(callee, _Global):
+                self.findings.add(f"<{name} of a non-global callable>")
+            return [_UNKNOWN]
         if name in ("GLOBAL", "INST"):
             module, _, attr = arg.partition(" ")
             found = self._global(module, attr)
@@ -246,44 +291,13 @@ class _Emulator:
                 return [self._global(module, attr)]
             self.findings.add(UNRESOLVED_STACK_GLOBAL)
             return [_Global(UNRESOLVED_STACK_GLOBAL)]
-        if name in _CALL_OPS or name == "OBJ":
-            if name == "OBJ" and not marked:
-                raise ValueError("OBJ without a class")
-            # Every callable of a well-formed pickle comes from a global, already checked; anything
-            # else (a value from persistent_load, an object called) escapes the allow-list.
-            callee = marked[0] if name == "OBJ" else popped[0]
-            if not isinstance(callee, _Global):
-                self.findings.add(f"<{name} of a non-global callable>")
-            return [_UNKNOWN]
         if name in _EXT_OPS:
             # The copyreg extension registry of the loading process decides what this imports.
             found = f"<extension code {arg}>"
             self.findings.add(found)
             return [_Global(found)]
-        if name in _STRING_OPS or name in _INT_OPS:
-            return [arg]
-        if name in _GET_OPS:
-            if arg not in self.memo:
-                raise ValueError(f"{name} of memo key {arg} that was never stored")
-            return [self.memo[arg]]
-        if name in _PUT_OPS:
-            # pickletools models MEMOIZE as popping and pushing back its value, PUT as neither.
-            value = popped[0] if popped else self.stack[-1] if self.stack else _MARK
-            if value is _MARK:
-                raise ValueError(f"{name} with nothing on the stack to store")
-            # Later PUTs overwrite, as in the unpickler, so a decoy cannot shadow the real value.
-            self.memo[len(self.memo) if name == "MEMOIZE" else arg] = value
-            return popped
-        if name in _MUTATING_OPS:
-            # These look up and call methods of their target, which must be a built value: a
-            # global may only be called.
-            if isinstance(popped[0], _Global):
-                self.findings.add(f"<{name} on a global>")
-            return [popped[0]]
         if name == "DUP":
             return [popped[0], popped[0]]
-        if name == "MARK":
-            return [_MARK]
         if name == "PROTO":
             if not 0 <= arg <= pickle.HIGHEST_PROTOCOL:
                 raise ValueError(f"unsupported pickle protocol {arg}")
@@ -292,23 +306,25 @@ class _Emulator:
         if name == "STOP":
             self.result = popped[0]
             return []
-        return [_UNKNOWN] * len(op.stack_after)
+        return [_UNKNOWN] * pushes
 
     def _global(self, module: str, attr: str) -> _Global:
+        """Name a global as the unpickler would import it, and record it unless allowed."""
         # Same renaming as pickle.Unpickler.find_class, which applies it below protocol 3.
         if self.proto < 3:
             if (module, attr) in NAME_MAPPING:
                 module, attr = NAME_MAPPING[(module, attr)]
             elif module in IMPORT_MAPPING:
                 module = IMPORT_MAPPING[module]
+        # Matched on the joined path as torch's weights_only does: a dotted attr (protocol 4)
+        # reaches the same object through attribute lookup.
         found = f"{module}.{attr}"
         if found not in ALLOWED_GLOBALS:
             self.findings.add(found)
         return _Global(found)
 
     def _pop(self, count: int, name: str) -> list[object]:
-        if count == 0:
-            return []
+        """Pop an opcode's inputs, which may not reach below the innermost MARK."""
         if len(self.stack) < count:
             raise ValueError(f"{name} needs {count} stack items, {len(self.stack)} present")
         items = self.stack[-count:]
@@ -318,6 +334,7 @@ class _Emulator:
         return items
 
     def _pop_mark(self, name: str) -> list[object]:
+        """Pop everything down to and including the innermost MARK; return what was above it."""
         for index in range(len(self.stack) - 1, -1, -1):
             if self.stack[index] is _MARK:
                 items = self.stack[index + 1 :]
@@ -326,12 +343,12 @@ class _Emulator:
         raise ValueError(f"{name} without a MARK on the stack")
 
 
-def _scan_stream(reader: _BoundedReader, label: str) -> tuple[set[str], object]:
+def _scan_stream(reader: IO[bytes] | _BoundedReader, label: str) -> tuple[set[str], object]:
     """Walk one pickle from the reader; return its unsafe globals and its value when a literal."""
     emulator = _Emulator()
     try:
         for op, arg, _pos in pickletools.genops(reader):
-            emulator.step(op, arg)
+            emulator.step(op.name, arg)
     except _PickleTooLarge:
         raise
     except ValueError as e:
@@ -344,7 +361,8 @@ def scan_pickle(data: bytes, *, max_bytes: int = DEFAULT_MAX_PICKLE_BYTES) -> li
     """Return the sorted globals of one pickle that are not on the allow-list, without unpickling."""
     if len(data) > max_bytes:
         raise ValueError(f"pickle of {len(data)} bytes exceeds the {max_bytes}-byte limit")
-    reader = _BoundedReader(io.BytesIO(data), max_bytes, "pickle")
+    # Already within the limit and in memory, so no reader needs bounding.
+    reader = io.BytesIO(data)
     findings, _ = _scan_stream(reader, "pickle")
     if reader.tell() < len(data):
         logger.debug("ignoring %s bytes after the pickle's STOP", len(data) - reader.tell())
@@ -354,6 +372,8 @@ def scan_pickle(data: bytes, *, max_bytes: int = DEFAULT_MAX_PICKLE_BYTES) -> li
 def _scan_zip(f: IO[bytes], label: str, max_bytes: int) -> set[str]:
     """Scan every .pkl member of a torch.save zip archive, never reading tensor data."""
     findings: set[str] = set()
+    size = f.seek(0, io.SEEK_END)
+    f.seek(0)
     try:
         with zipfile.ZipFile(f) as archive:
             # torch's miniz reader matches record names case-insensitively and a zip may repeat a
@@ -363,6 +383,10 @@ def _scan_zip(f: IO[bytes], label: str, max_bytes: int) -> set[str]:
                 raise ValueError(f"{label}: zip archive without a .pkl member is not a torch.save file")
             for info in members:
                 member_label = f"{label}:{info.filename}"
+                # A corrupt directory can point before the file's start, which a local file's
+                # seek reports as an OSError indistinguishable from a storage fault.
+                if not 0 <= info.header_offset < size:
+                    raise ValueError(f"{member_label}: member offset {info.header_offset} outside the file")
                 if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                     raise ValueError(f"{member_label}: compression method {info.compress_type} unsupported")
                 if info.file_size > max_bytes:
@@ -372,13 +396,13 @@ def _scan_zip(f: IO[bytes], label: str, max_bytes: int) -> set[str]:
                 if len(data) > max_bytes:
                     raise ValueError(f"{member_label}: pickle exceeds the {max_bytes}-byte limit")
                 logger.debug("scanning %s (%s bytes)", member_label, len(data))
-                found, _ = _scan_stream(_BoundedReader(io.BytesIO(data), max_bytes, member_label), member_label)
+                found, _ = _scan_stream(io.BytesIO(data), member_label)
                 findings |= found
                 # torch.load hands an archive with constants.pkl to torch.jit.load, which runs code.
                 if info.filename.rsplit("/", 1)[-1] == "constants.pkl":
                     findings.add(TORCHSCRIPT_ARCHIVE)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, RuntimeError, zlib.error) as e:
-        # RuntimeError is how zipfile refuses encrypted members.
+    except (zipfile.BadZipFile, EOFError, RuntimeError, OverflowError, zlib.error) as e:
+        # RuntimeError is how zipfile refuses encrypted members, OverflowError a forged offset.
         raise ValueError(f"{label}: unreadable zip archive: {e}") from e
     return findings
 

@@ -155,6 +155,11 @@ class Reader:
         """List every file and folder under `path` recursively, with details."""
         return self._retrying(f"list {path}", lambda: self.fs.find(path, withdirs=True, detail=True))
 
+    def ls(self, path: str) -> dict[str, dict[str, Any]]:
+        """List one folder, with details, keyed by protocol-less path."""
+        entries = self._retrying(f"list {path}", lambda: self.fs.ls(path, detail=True))
+        return {e["name"].rstrip("/"): e for e in entries}
+
     def iter_chunks(self, path: str, start: int = 0, end: int | None = None, **open_kw: Any) -> Iterator[bytes]:
         """Yield the bytes of [start, end) in chunks; resume at the failed offset on retry."""
         pos = start

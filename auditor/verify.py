@@ -490,14 +490,14 @@ def locate(reader: Reader, path: str, url: str) -> Checkpoint:
         listing = _find(reader, path, url)
         listing.setdefault(path, info)
     else:
-        listing = {path: info}
-        sidecar = path + ".manifest.json"
+        # The sidecar manifest and probe companions sit beside the file: one listing finds them.
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
         try:
-            listing[sidecar] = reader.info(sidecar)
-        except FileNotFoundError:
-            pass
-        except StorageFault as e:
-            raise StorageError(f"cannot reach {url}: {e}") from e
+            siblings = reader.ls(parent)
+        except (FileNotFoundError, StorageFault) as e:
+            raise StorageError(f"cannot list the folder of {url}: {e}") from e
+        listing = {p: i for p, i in siblings.items() if p == path or p.startswith(path + ".")}
+        listing[path] = info
     ck = layouts.single(listing, path, url)
     assert ck is not None
     return ck
@@ -616,8 +616,7 @@ def build_options(
         strict=strict,
         settle_seconds=settle_seconds,
         probe_auto=tier is None,
-        probe=getattr(probe, "probe_hook", lambda **_: None)(timeout=probe_timeout, memory_mb=probe_memory_mb)
-        if hasattr(probe, "probe_hook") else None,
-        completeness=completeness.hook(require) if hasattr(completeness, "hook") else None,
+        probe=probe.probe_hook(timeout=probe_timeout, memory_mb=probe_memory_mb),
+        completeness=completeness.hook(require),
         server_checksums=getattr(storage, "compare_server_checksum", None),
     )

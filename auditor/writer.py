@@ -154,6 +154,8 @@ def seal(
         raise UsageError(f"{url} holds no files to seal")
     entries, tensors = digest_files(reader, ck, jobs=jobs, force=force)
     state = completeness.inventory(entries)
+    if ck.kind == "file" and not state.model:
+        state.model = [ck.name]
     step = _step(reader, ck, step)
     state.step = step
     probe_record = None

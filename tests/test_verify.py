@@ -172,7 +172,14 @@ def test_unsealed_truncated_safetensors(store, tmp_path):
 
 
 def test_nothing_applies_is_unverifiable(store, tmp_path):
-    store.fs.pipe_file(store.path("run/checkpoint-3/weights.npy"), b"\x93NUMPY" + b"\0" * 100)
+    import io
+
+    import torch
+
+    # A legacy (pre-zip) torch.save file carries no checksums: nothing can prove its bytes.
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf, _use_new_zipfile_serialization=False)
+    store.fs.pipe_file(store.path("run/export.pt"), buf.getvalue())
     result = auditor.rescan(store.url)
     assert only(result).status == "unverifiable"
     assert result.exit_code() == 0 and result.exit_code(strict=True) == 1
@@ -188,9 +195,9 @@ def test_sharded_index_names_missing_shard(store, tmp_path):
     save_file({"b": torch.ones(4)}, str(d / "model-00002-of-00002.safetensors"))
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
-    store.put_dir(d, "run/checkpoint-9")
+    store.put_dir(d, "run/exported-model")
     assert only(auditor.rescan(store.url)).status == "ok"
-    store.fs.rm(store.path("run/checkpoint-9/model-00002-of-00002.safetensors"))
+    store.fs.rm(store.path("run/exported-model/model-00002-of-00002.safetensors"))
     v = only(auditor.rescan(store.url))
     assert v.status == "missing" and "model-00002-of-00002.safetensors" in {f.file for f in v.findings}
 
