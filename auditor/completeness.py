@@ -160,6 +160,16 @@ def _mixed_precision(config: dict[str, Any]) -> bool:
     ).lower() not in ("no", "bf16", "false")
 
 
+# `training_args.bin` (Hugging Face Trainer) pickles its own argument classes. It is not training
+# state and the auditor never loads it, so these imports are noted, not called unsafe.
+TRAINER_ARGS_FILES = ("training_args.bin",)
+TRAINER_ARGS_PREFIXES = (
+    "transformers.training_args.", "transformers.training_args_seq2seq.", "transformers.trainer_utils.",
+    "transformers.trainer_pt_utils.AcceleratorConfig", "accelerate.state.PartialState",
+    "accelerate.utils.dataclasses.",
+)
+
+
 def _scan_pickles(reader: Any, ck: Any, findings: list[Any]) -> set[str]:
     """Statically scan every torch.save file; return the unsafe ones, already reported."""
     from auditor import pickles
@@ -180,6 +190,12 @@ def _scan_pickles(reader: Any, ck: Any, findings: list[Any]) -> set[str]:
         except Exception as e:  # noqa: BLE001 - storage backends raise their own types
             findings.append(Finding("storage_error", "error", rel, f"{type(e).__name__}: {e}"))
             continue
+        if rel.rsplit("/", 1)[-1] in TRAINER_ARGS_FILES and bad:
+            known = [g for g in bad if g.startswith(TRAINER_ARGS_PREFIXES) and ":" not in g]
+            bad = [g for g in bad if g not in known]
+            if known and not bad:
+                findings.append(Finding("trainer_args_pickle", "info", rel,
+                                        "imports transformers argument classes; never loaded by the auditor"))
         if bad:
             unsafe.add(rel)
             findings.append(Finding("unsafe_pickle", "error", rel,

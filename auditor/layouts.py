@@ -84,6 +84,8 @@ def dir_layout(name: str, children: set[str]) -> str | None:
             return "dcp"
         if _MEGATRON.match(name):
             return "megatron"
+        if _hf_model(children):
+            return "hf-model"
         return "manifest"
     if _HF.match(name):
         return "hf-trainer"
@@ -93,11 +95,16 @@ def dir_layout(name: str, children: set[str]) -> str | None:
         return "megatron"
     if name.isdigit() and any(m in children for m in _ORBAX_MARKERS):
         return "orbax"
-    if "model.safetensors.index.json" in children or (
-        "config.json" in children and any(c.endswith(".safetensors") for c in children)
-    ):
+    if _hf_model(children):
         return "hf-model"
     return None
+
+
+def _hf_model(children: set[str]) -> bool:
+    """Tell whether a folder looks like `save_pretrained` output: weights and a config, no trainer state."""
+    return "model.safetensors.index.json" in children or (
+        "config.json" in children and any(c.endswith(".safetensors") and "probe" not in c for c in children)
+    )
 
 
 def discover(listing: dict[str, dict[str, Any]], root: str, prefix_url: str) -> list[Checkpoint]:

@@ -33,11 +33,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALLOWED_GLOBALS",
+    "DCP_METADATA_MODULES",
     "DEFAULT_MAX_PICKLE_BYTES",
     "NUMPY_RNG_GLOBALS",
     "TORCHSCRIPT_ARCHIVE",
     "UNRESOLVED_STACK_GLOBAL",
     "UnsafePickleError",
+    "pickle_strings",
     "safe_torch_load",
     "scan_pickle",
     "scan_torch_file",
@@ -142,6 +144,29 @@ ALLOWED_GLOBALS: frozenset[str] = frozenset(
         *(f"torch.{name}" for name in _TORCH_DTYPES),
         *NUMPY_RNG_GLOBALS,
     }
+)
+
+# Globals of a torch.distributed.checkpoint `.metadata` file, which torch writes with pickle.dump
+# of its Metadata dataclass and reads back with plain pickle.load, outside weights_only. Complete
+# names, though callers match them with str.startswith (hence a tuple): a dotted attribute path
+# is reported as `module:attr` and so never extends one of them.
+DCP_METADATA_MODULES = (
+    "torch.distributed.checkpoint.metadata.BytesStorageMetadata",
+    "torch.distributed.checkpoint.metadata.ChunkStorageMetadata",
+    "torch.distributed.checkpoint.metadata.Metadata",
+    "torch.distributed.checkpoint.metadata.MetadataIndex",
+    "torch.distributed.checkpoint.metadata.StorageMeta",
+    "torch.distributed.checkpoint.metadata.TensorProperties",
+    "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
+    "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
+    "torch.distributed.checkpoint.filesystem._StorageInfo",
+    # TensorProperties.layout.
+    "torch.serialization._get_layout",
+    # StorageMeta.checkpoint_id; Python 3.13 moved the classes to pathlib._local.
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "pathlib._local.PosixPath",
+    "pathlib._local.WindowsPath",
 )
 
 _STRING_OPS = frozenset(
@@ -316,9 +341,9 @@ class _Emulator:
                 module, attr = NAME_MAPPING[(module, attr)]
             elif module in IMPORT_MAPPING:
                 module = IMPORT_MAPPING[module]
-        # Matched on the joined path as torch's weights_only does: a dotted attr (protocol 4)
-        # reaches the same object through attribute lookup.
-        found = f"{module}.{attr}"
+        # From protocol 4 a dotted attr walks getattr from the module (Metadata.__class__...), so it
+        # is named with a colon: it can then match no allowed name, not even as a prefix.
+        found = f"{module}:{attr}" if "." in attr else f"{module}.{attr}"
         if found not in ALLOWED_GLOBALS:
             self.findings.add(found)
         return _Global(found)
@@ -367,6 +392,17 @@ def scan_pickle(data: bytes, *, max_bytes: int = DEFAULT_MAX_PICKLE_BYTES) -> li
     if reader.tell() < len(data):
         logger.debug("ignoring %s bytes after the pickle's STOP", len(data) - reader.tell())
     return sorted(findings)
+
+
+def pickle_strings(data: bytes, *, max_bytes: int = DEFAULT_MAX_PICKLE_BYTES) -> list[str]:
+    """Return the strings one pickle pushes, in order, without unpickling."""
+    if len(data) > max_bytes:
+        raise ValueError(f"pickle of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    reader = io.BytesIO(data)
+    try:
+        return [arg for op, arg, _pos in pickletools.genops(reader) if op.name in _STRING_OPS]
+    except ValueError as e:
+        raise ValueError(f"pickle: malformed pickle at byte {reader.tell()}: {e}") from e
 
 
 def _scan_zip(f: IO[bytes], label: str, max_bytes: int) -> set[str]:

@@ -1,0 +1,369 @@
+"""The state database (SQLAlchemy): known checkpoints, latest verdict per tier, history, due times.
+
+Versioned schema with forward migrations; a file we cannot open or whose schema is newer than
+ours stops start-up with StateError (exit 2). Nothing here ever drops or recreates user data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from auditor.errors import StateError
+from auditor.layouts import Checkpoint
+from auditor.manifest import FileEntry
+from auditor.verify import FAILURES, ScanResult, Verdict
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+# Which latest status wins when tiers disagree: a failure at any tier stands until that tier passes.
+RANK = ("unsafe", "corrupt", "missing", "drift", "incomplete", "unverifiable", "ok", "pending", "error")
+
+metadata = sa.MetaData()
+meta = sa.Table("meta", metadata, sa.Column("key", sa.String(64), primary_key=True), sa.Column("value", sa.Text))
+checkpoints = sa.Table(
+    "checkpoints", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("prefix", sa.Text, nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("run", sa.Text, nullable=False, default="."),
+    sa.Column("step", sa.Integer),
+    sa.Column("layout", sa.String(32)),
+    sa.Column("sealed", sa.Boolean, default=False),
+    sa.Column("status", sa.String(16), nullable=False, default="pending"),
+    sa.Column("fingerprint", sa.Text),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Column("last_verified", sa.Float),
+    sa.Column("due_content", sa.Float),
+    sa.Column("due_probe", sa.Float),
+    sa.Column("suspect", sa.Boolean, default=False),
+    sa.Column("gone", sa.Boolean, default=False),
+    sa.UniqueConstraint("prefix", "url"),
+)  # fmt: skip
+latest = sa.Table(
+    "latest", metadata,
+    sa.Column("checkpoint_id", sa.Integer, sa.ForeignKey("checkpoints.id"), primary_key=True),
+    sa.Column("tier", sa.String(16), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("findings", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)  # fmt: skip
+history = sa.Table(
+    "history", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("checkpoint_id", sa.Integer, sa.ForeignKey("checkpoints.id"), nullable=False, index=True),
+    sa.Column("tier", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("findings", sa.Text, nullable=False),
+    sa.Column("bytes_read", sa.BigInteger, default=0),
+    sa.Column("duration_seconds", sa.Float, default=0.0),
+    sa.Column("at", sa.Float, nullable=False),
+)  # fmt: skip
+baselines = sa.Table(
+    "baselines", metadata,
+    sa.Column("checkpoint_id", sa.Integer, sa.ForeignKey("checkpoints.id"), primary_key=True),
+    sa.Column("path", sa.Text, primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("crc32c", sa.String(8), nullable=False),
+    sa.Column("recorded_at", sa.Float, nullable=False),
+)  # fmt: skip
+scans = sa.Table(
+    "scans", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("prefix", sa.Text, nullable=False, index=True),
+    sa.Column("tier", sa.String(16), nullable=False),
+    sa.Column("started", sa.Float, nullable=False),
+    sa.Column("finished", sa.Float, nullable=False),
+    sa.Column("listed", sa.Boolean, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("summary", sa.Text, nullable=False),
+)  # fmt: skip
+
+
+def _v1(conn: sa.Connection) -> None:
+    for table in (checkpoints, latest, history, scans):
+        table.create(conn, checkfirst=True)
+
+
+def _v2(conn: sa.Connection) -> None:
+    baselines.create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2}
+
+
+@dataclass
+class Known:
+    """What the database knows of one checkpoint."""
+
+    id: int
+    url: str
+    run: str
+    step: int | None
+    layout: str | None
+    status: str
+    fingerprint: str | None
+    first_seen: float
+    last_verified: float | None
+    due_content: float | None
+    due_probe: float | None
+    suspect: bool
+    sealed: bool
+
+
+def fingerprint(ck: Checkpoint) -> str:
+    """Summarise what listing shows of a checkpoint (sizes, versions, etags), to notice rewrites."""
+    parts = []
+    for rel in sorted(ck.files):
+        info = ck.files[rel]
+        version = info.get("VersionId") or info.get("generation") or info.get("ETag") or info.get("etag") or ""
+        parts.append(f"{rel}:{info.get('size')}:{version}")
+    parts.append(f"manifest:{bool(ck.manifest_path)}")
+    return "|".join(parts)
+
+
+class State:
+    """Read and write the state database; thread-safe through SQLAlchemy's pool."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def known(self, prefix: str) -> dict[str, Known]:
+        """Return every checkpoint of a prefix that is still present, by URL."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(checkpoints).where(checkpoints.c.prefix == prefix,
+                                                             checkpoints.c.gone.is_(False))).mappings()
+            return {r["url"]: Known(**{k: r[k] for k in Known.__dataclass_fields__}) for r in rows}
+
+    def observe(self, prefix: str, found: Iterable[Checkpoint], now: float | None = None) -> dict[str, Known]:
+        """Upsert the checkpoints one listing found; mark changed ones suspect and vanished ones gone."""
+        now = time.time() if now is None else now
+        found = list(found)
+        with self._lock, self.engine.begin() as conn:
+            rows = {r["url"]: r for r in conn.execute(
+                sa.select(checkpoints).where(checkpoints.c.prefix == prefix)).mappings()}
+            seen = set()
+            for ck in found:
+                seen.add(ck.url)
+                fp = fingerprint(ck)
+                row = rows.get(ck.url)
+                values = dict(run=ck.run, step=ck.step, layout=ck.layout, last_seen=now, fingerprint=fp,
+                              sealed=bool(ck.manifest_path), gone=False)
+                if row is None:
+                    conn.execute(checkpoints.insert().values(prefix=prefix, url=ck.url, status="pending",
+                                                             first_seen=now, suspect=False, **values))
+                else:
+                    if row["fingerprint"] != fp and row["last_verified"] is not None:
+                        values["suspect"] = True  # rewritten since we last looked: check it first
+                    conn.execute(checkpoints.update().where(checkpoints.c.id == row["id"]).values(**values))
+            for url, row in rows.items():
+                if url not in seen and not row["gone"]:
+                    conn.execute(checkpoints.update().where(checkpoints.c.id == row["id"]).values(gone=True))
+        return self.known(prefix)
+
+    def record(self, prefix: str, verdict: Verdict, *, due_content: float | None = None,
+               due_probe: float | None = None, now: float | None = None) -> str:
+        """Store a verdict: history always; latest-per-tier unless it is `error`/`pending` over a known one."""
+        now = time.time() if now is None else now
+        findings = json.dumps([f.to_dict() for f in verdict.findings])
+        with self._lock, self.engine.begin() as conn:
+            row = conn.execute(sa.select(checkpoints).where(checkpoints.c.prefix == prefix,
+                                                            checkpoints.c.url == verdict.url)).mappings().first()
+            if row is None:
+                cid = conn.execute(checkpoints.insert().values(
+                    prefix=prefix, url=verdict.url, run=verdict.run, step=verdict.step, layout=verdict.layout,
+                    status=verdict.status, first_seen=now, last_seen=now)).inserted_primary_key[0]
+            else:
+                cid = row["id"]
+            conn.execute(history.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
+                                                 findings=findings, bytes_read=verdict.bytes_read,
+                                                 duration_seconds=verdict.duration_seconds, at=now))
+            tiers = {r["tier"]: r["status"] for r in conn.execute(
+                sa.select(latest.c.tier, latest.c.status).where(latest.c.checkpoint_id == cid)).mappings()}
+            # An outage or an unsettled write says nothing about the bytes: keep what we knew.
+            keeps_known = verdict.status in ("error", "pending") and tiers
+            if not keeps_known:
+                conn.execute(latest.delete().where(latest.c.checkpoint_id == cid, latest.c.tier == verdict.tier))
+                conn.execute(latest.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
+                                                    findings=findings, at=now))
+                tiers[verdict.tier] = verdict.status
+                if verdict.status not in ("error", "pending"):
+                    # A passing deeper tier clears shallower failures it supersedes (repairs).
+                    for shallower in _shallower(verdict.tier):
+                        if shallower in tiers and verdict.status == "ok":
+                            conn.execute(latest.update().where(latest.c.checkpoint_id == cid,
+                                                               latest.c.tier == shallower).values(status="ok"))
+                            tiers[shallower] = "ok"
+            overall = min(tiers.values(), key=RANK.index) if tiers else verdict.status
+            values: dict[str, Any] = {"status": overall}
+            if verdict.status not in ("error", "pending"):
+                values["last_verified"] = now
+                if verdict.tier != "metadata":
+                    values["suspect"] = overall in FAILURES
+            else:
+                values["suspect"] = True
+            if due_content is not None:
+                values["due_content"] = due_content
+            if due_probe is not None:
+                values["due_probe"] = due_probe
+            conn.execute(checkpoints.update().where(checkpoints.c.id == cid).values(**values))
+            if verdict.observed and verdict.tier != "metadata":
+                have = conn.execute(sa.select(sa.func.count()).select_from(baselines)
+                                    .where(baselines.c.checkpoint_id == cid)).scalar()
+                if not have:  # trust on first use: only the first sight is the baseline
+                    conn.execute(baselines.insert(), [
+                        dict(checkpoint_id=cid, path=rel, size=e.size, sha256=e.sha256, crc32c=e.crc32c,
+                             recorded_at=now) for rel, e in verdict.observed.items()])
+        return overall
+
+    def record_scan(self, prefix: str, result: ScanResult, *, started: float | None = None) -> None:
+        """Record a whole scan (CLI rescan with --config) and each of its verdicts."""
+        now = time.time()
+        for verdict in result.verdicts:
+            self.record(prefix, verdict, now=now)
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(scans.insert().values(prefix=prefix, tier=result.tier, started=started or now -
+                                               result.duration_seconds, finished=now, listed=result.listed,
+                                               error=result.error, summary=json.dumps(result.summary())))
+
+    def record_scan_end(self, prefix: str, tier: str, started: float, listed: bool, error: str | None,
+                        summary: dict[str, int]) -> None:
+        """Remember one daemon pass over a prefix."""
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(scans.insert().values(prefix=prefix, tier=tier, started=started, finished=time.time(),
+                                               listed=listed, error=error, summary=json.dumps(summary)))
+
+    def last_scan(self, prefix: str, *, completed: bool = True) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            q = sa.select(scans).where(scans.c.prefix == prefix)
+            if completed:
+                q = q.where(scans.c.listed.is_(True))
+            row = conn.execute(q.order_by(scans.c.finished.desc()).limit(1)).mappings().first()
+            return dict(row) if row else None
+
+    def baseline_lookup(self, prefix: str) -> Callable[[Checkpoint], dict[str, FileEntry] | None]:
+        """Return the verify hook that finds first-sight digests of an unsealed checkpoint."""
+
+        def lookup(ck: Checkpoint) -> dict[str, FileEntry] | None:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(baselines).join(checkpoints, checkpoints.c.id == baselines.c.checkpoint_id)
+                    .where(checkpoints.c.prefix == prefix, checkpoints.c.url == ck.url)).mappings().all()
+            if not rows:
+                return None
+            return {r["path"]: FileEntry(path=r["path"], size=r["size"], sha256=r["sha256"], crc32c=r["crc32c"])
+                    for r in rows}
+
+        return lookup
+
+    # ------------------------------------------------------------ queries
+
+    def counts(self, prefix: str) -> dict[str, int]:
+        """Checkpoints of a prefix by latest overall status."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(checkpoints.c.status, sa.func.count()).where(
+                checkpoints.c.prefix == prefix, checkpoints.c.gone.is_(False)).group_by(checkpoints.c.status))
+            return {status: n for status, n in rows}
+
+    def checkpoints(self, prefix: str | None = None) -> list[dict[str, Any]]:
+        """Latest verdict of each known checkpoint, with its findings, newest step last."""
+        with self.engine.connect() as conn:
+            q = sa.select(checkpoints).where(checkpoints.c.gone.is_(False))
+            if prefix is not None:
+                q = q.where(checkpoints.c.prefix == prefix)
+            rows = conn.execute(q.order_by(checkpoints.c.prefix, checkpoints.c.run, checkpoints.c.step,
+                                           checkpoints.c.url)).mappings().all()
+            tiers = conn.execute(sa.select(latest)).mappings().all()
+        by_id: dict[int, dict[str, Any]] = {}
+        for t in tiers:
+            by_id.setdefault(t["checkpoint_id"], {})[t["tier"]] = {"status": t["status"], "at": t["at"],
+                                                                   "findings": json.loads(t["findings"])}
+        out = []
+        for r in rows:
+            per_tier = by_id.get(r["id"], {})
+            findings = [f for t in per_tier.values() for f in t["findings"]]
+            out.append({"prefix": r["prefix"], "url": r["url"], "run": r["run"], "step": r["step"],
+                        "layout": r["layout"], "status": r["status"], "sealed": r["sealed"],
+                        "last_verified": r["last_verified"], "tiers": {k: v["status"] for k, v in per_tier.items()},
+                        "findings": findings})
+        return out
+
+    def history(self, url: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(history).join(checkpoints, checkpoints.c.id == history.c.checkpoint_id)
+                                .where(checkpoints.c.url == url).order_by(history.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+
+def _shallower(tier: str) -> tuple[str, ...]:
+    return {"metadata": (), "content": ("metadata",), "probe": ("metadata", "content")}[tier]
+
+
+def open_state(url: str) -> State:
+    """Open (creating or migrating) the state database; StateError if it is unusable or too new."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = url[len("sqlite:///"):]
+        folder = os.path.dirname(path)
+        if folder and not os.path.isdir(folder):
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                raise StateError(f"cannot create the folder of state database {path}: {e}") from e
+    try:
+        engine = sa.create_engine(url, future=True)
+    except (sa.exc.ArgumentError, ImportError) as e:
+        raise StateError(f"state.url {url!r} is not usable: {e}") from e
+    if engine.dialect.name == "sqlite":
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _: Any) -> None:  # noqa: ANN401
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers (API) never block the scanner
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    try:
+        _migrate(engine, url)
+    except StateError:
+        engine.dispose()
+        raise
+    except sa.exc.SQLAlchemyError as e:
+        engine.dispose()
+        raise StateError(f"cannot open state database {url}: {getattr(e, 'orig', e)}") from e
+    return State(engine)
+
+
+def _migrate(engine: Engine, url: str) -> None:
+    with engine.begin() as conn:
+        existing = set(sa.inspect(conn).get_table_names())
+        if "meta" not in existing:
+            if existing - {"meta"}:
+                raise StateError(f"state database {url} holds tables {sorted(existing)} but no schema version; "
+                                 "refusing to touch it")
+            meta.create(conn)
+            conn.execute(meta.insert().values(key="schema_version", value="0"))
+        version = int(conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar() or 0)
+        if version > SCHEMA_VERSION:
+            raise StateError(f"state database {url} has schema version {version}, newer than this auditor's "
+                             f"{SCHEMA_VERSION}: upgrade the auditor, or point state.url elsewhere")
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            logger.info("migrating state database to schema version %d", v)
+            MIGRATIONS[v](conn)
+            conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(v)))
