@@ -118,3 +118,36 @@ def seal(
         fs, _ = _fs(url, storage_options)
     return writer.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
                        git_commit=git_commit, probe=builder, write_options=write_options)
+
+
+def newest_ok(records: list[dict[str, Any]], run: str | None = None) -> dict[str, Any] | None:
+    """Pick the newest checkpoint (highest step, then URL) whose verdict is `ok`."""
+    ok = [r for r in records if r["status"] == "ok" and (run is None or r["run"] == run or r["run"].endswith("/" + run))]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["step"] if r["step"] is not None else -1, r["url"]))
+
+
+def latest(
+    prefix: str,
+    *,
+    run: str | None = None,
+    config: Config | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Return the newest verified-ok checkpoint under `prefix`: from the state database when it knows
+    the prefix, else verified on the spot (content tier plus probe)."""
+    if config is not None and config.prefix(prefix) is not None:
+        from auditor import state
+
+        store = state.open_state(config.state.url)
+        try:
+            records = store.checkpoints(config.prefix(prefix).url)  # type: ignore[union-attr]
+        finally:
+            store.close()
+        if records:
+            return newest_ok(records, run)
+    result = rescan(prefix, config=None if config is None else config, storage_options=storage_options)
+    if not result.listed:
+        raise StorageError(result.error or f"cannot list {prefix}")
+    return newest_ok([v.to_dict() for v in result.verdicts], run)

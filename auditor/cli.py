@@ -206,3 +206,88 @@ def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--storage-option")
         out[key] = yaml.safe_load(value)
     return out
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config; without one, defaults and AUDITOR_* environment variables.")
+def run(config_path: str | None) -> None:
+    """Run the daemon: scheduled scrubbing, state, /metrics and the HTTP API."""
+
+    def body() -> int:
+        from auditor import logs, scheduler
+
+        cfg = _config(config_path)
+        logs.configure(cfg.log.level)
+        return scheduler.serve(cfg)
+
+    _run(body)
+
+
+@main.command()
+@click.option("--daemon", default=None, help="Ask a running daemon (http://host:port).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
+    """Show each prefix's checkpoints by status and its last completed scan."""
+
+    def body() -> int:
+        from auditor import server, state
+
+        if daemon:
+            doc = server.remote_get(daemon, "/api/v1/status")
+        else:
+            cfg = _config(config_path)
+            store = state.open_state(cfg.state.url)
+            try:
+                doc = {"prefixes": [
+                    {"prefix": p.url, "counts": store.counts(p.url),
+                     "last_success": (store.last_scan(p.url) or {}).get("finished")} for p in cfg.prefixes]}
+            finally:
+                store.close()
+        if as_json:
+            click.echo(json.dumps(doc, indent=1))
+        else:
+            for p in doc["prefixes"]:
+                counts = ", ".join(f"{n} {s}" for s, n in sorted(p["counts"].items())) or "nothing known yet"
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p["last_success"])) + "Z" \
+                    if p.get("last_success") else "never"
+                click.echo(f"{p['prefix']}: {counts}; last completed scan {when}")
+        failing = any(s in ("corrupt", "missing", "drift", "incomplete", "unsafe")
+                      for p in doc["prefixes"] for s in p["counts"])
+        return 1 if failing else 0
+
+    _run(body)
+
+
+@main.command()
+@click.option("--prefix", required=True)
+@click.option("--run", "run_name", default=None, help="Only this run (folder under the prefix).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Read verdicts from this config's state database when it knows the prefix.")
+@click.option("--daemon", default=None, help="Ask a running daemon (http://host:port).")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+def latest(prefix: str, run_name: str | None, config_path: str | None, daemon: str | None, as_json: bool,
+           storage_option: tuple[str, ...]) -> None:
+    """Print the newest checkpoint whose verdict is ok (exit 1 when there is none)."""
+    from auditor import api
+
+    def body() -> int:
+        if daemon:
+            from auditor import server
+            from urllib.parse import quote
+
+            doc = server.remote_get(daemon, f"/api/v1/checkpoints?prefix={quote(prefix, safe='')}")
+            best = api.newest_ok(doc["checkpoints"], run_name)
+        else:
+            cfg = _config(config_path) if config_path else None
+            best = api.latest(prefix, run=run_name, config=cfg, storage_options=_options(storage_option))
+        if best is None:
+            click.echo(f"auditor: no verified-ok checkpoint under {prefix}" + (f" in run {run_name}" if run_name else ""),
+                       err=True)
+            return 1
+        click.echo(json.dumps(best, indent=1, default=str) if as_json else best["url"])
+        return 0
+
+    _run(body)

@@ -48,12 +48,41 @@ def seed(root: Path, *, steps: tuple[int, ...] = (100, 200, 300), runs: tuple[st
     return damaged
 
 
+DEMO_CONFIG = """\
+# Written by `make run`: the embedded default, local storage and SQLite state.
+state:
+  url: sqlite:///{state}
+server:
+  listen: {listen}
+scan:
+  shallow_interval: 30s
+  deep_interval: 10m
+  probe_interval: 1h
+  settle_time: 0s
+  jobs: 2
+prefixes:
+  - url: {prefix}
+"""
+
+
+def write_config(path: Path, prefix: Path, listen: str = "127.0.0.1:9180") -> Path:
+    """Write the demo daemon's config: the demo prefix, SQLite state beside it."""
+    path.write_text(DEMO_CONFIG.format(state=(path.parent / "state.db").resolve(), listen=listen,
+                                       prefix=prefix.resolve()))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root", type=Path)
+    parser.add_argument("--config-out", type=Path, default=None, help="Also write a daemon config here.")
+    parser.add_argument("--listen", default="127.0.0.1:9180")
     args = parser.parse_args()
     damaged = seed(args.root)
     print(f"seeded {args.root}; damaged {damaged}")
+    if args.config_out:
+        write_config(args.config_out, args.root, args.listen)
+        print(f"daemon config: {args.config_out}; metrics will be at http://{args.listen}/metrics")
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def verify_checkpoint(ck: Checkpoint, ctx: Context) -> Verdict:
         verdict.status = "error"
     verdict.bytes_read = reader.bytes_read
     verdict.duration_seconds = time.monotonic() - started
-    logger.info(
+    logger.debug(
         "verdict %s %s", verdict.url, verdict.status,
         extra={"event": "verdict", "checkpoint": verdict.url, "status": verdict.status,
                "duration_seconds": round(verdict.duration_seconds, 3), "tier": verdict.tier},
@@ -557,15 +557,32 @@ class Scanner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def context(self) -> Context:
-        return Context(self.reader, self._files, self.options)
+    def context(self, options: Options | None = None) -> Context:
+        return Context(self.reader, self._files, options or self.options)
 
-    def verify(self, ck: Checkpoint) -> Verdict:
+    def verify(self, ck: Checkpoint, options: Options | None = None) -> Verdict:
         """Verify one checkpoint (pending ones are reported as such, not read)."""
-        reason = is_pending(ck, self.options.settle_seconds)
+        options = options or self.options
+        reason = is_pending(ck, options.settle_seconds)
         if reason:
-            return pending_verdict(ck, reason, self.options.tier)
-        return verify_checkpoint(ck, self.context())
+            return pending_verdict(ck, reason, options.tier)
+        return verify_checkpoint(ck, self.context(options))
+
+    def run(self, checkpoints: list[Checkpoint], *, options_for: Callable[[Checkpoint], Options] | None = None,
+            on_verdict: Callable[[Verdict, int, int], None] | None = None,
+            stop: threading.Event | None = None) -> list[Verdict]:
+        """Verify checkpoints in parallel, in order of the list; skip the rest once `stop` is set."""
+        futures = [self._checkpoints.submit(self._guarded, ck, stop, options_for(ck) if options_for else None)
+                   for ck in checkpoints]
+        verdicts: list[Verdict] = []
+        for i, fut in enumerate(futures):
+            verdict = fut.result()
+            if verdict is None:
+                continue
+            verdicts.append(verdict)
+            if on_verdict:
+                on_verdict(verdict, i + 1, len(futures))
+        return verdicts
 
     def scan(self, root: str, prefix_url: str, *, on_verdict: Callable[[Verdict, int, int], None] | None = None,
              stop: threading.Event | None = None) -> ScanResult:
@@ -576,27 +593,19 @@ class Scanner:
         except StorageError as e:
             return ScanResult(prefix_url, self.options.tier, [], listed=False, error=str(e),
                               duration_seconds=time.monotonic() - started)
-        verdicts: list[Verdict] = []
-        futures = [self._checkpoints.submit(self._guarded, ck, stop) for ck in checkpoints]
-        for i, fut in enumerate(futures):
-            verdict = fut.result()
-            if verdict is None:
-                continue
-            verdicts.append(verdict)
-            if on_verdict:
-                on_verdict(verdict, i + 1, len(futures))
+        verdicts = self.run(checkpoints, on_verdict=on_verdict, stop=stop)
         return ScanResult(prefix_url, self.options.tier, verdicts, duration_seconds=time.monotonic() - started)
 
-    def _guarded(self, ck: Checkpoint, stop: threading.Event | None) -> Verdict | None:
+    def _guarded(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None) -> Verdict | None:
         if stop is not None and stop.is_set():
             return None
         try:
-            return self.verify(ck)
+            return self.verify(ck, options)
         except Exception as e:  # noqa: BLE001 - one broken checkpoint must not end the scan
             logger.exception("verifying %s failed unexpectedly", ck.url)
             return Verdict(ck.url, ck.run, ck.step, ck.layout, "error",
                            [Finding("internal_error", "error", None, f"{type(e).__name__}: {e}")],
-                           tier=self.options.tier)
+                           tier=(options or self.options).tier)
 
 
 def build_options(
@@ -620,3 +629,14 @@ def build_options(
         completeness=completeness.hook(require),
         server_checksums=getattr(storage, "compare_server_checksum", None),
     )
+
+
+def result_from_dict(doc: dict[str, Any]) -> ScanResult:
+    """Rebuild a ScanResult from its JSON form (a daemon's answer)."""
+    verdicts = [
+        Verdict(c["url"], c["run"], c["step"], c["layout"], c["status"], [Finding(**f) for f in c["findings"]],
+                c.get("bytes_read", 0), c.get("duration_seconds", 0.0), doc.get("tier", "content"))
+        for c in doc.get("checkpoints", [])
+    ]
+    return ScanResult(doc["prefix"], doc.get("tier", "content"), verdicts, listed=not doc.get("error"),
+                      error=doc.get("error"))

@@ -3,7 +3,7 @@
 Intended use: one service per session, one ``Backend`` (fresh bucket or directory,
 faults reset, request log cleared) per test::
 
-    from tests.servers.objectstores import s3_service
+    from servers.objectstores import s3_service   # tests/conftest.py puts tests/ on sys.path
 
     with s3_service() as s3:
         backend = s3.new_backend()
@@ -126,9 +126,7 @@ class S3Service:
         client = self.client()
         client.create_bucket(Bucket=bucket)
         if versioned:
-            client.put_bucket_versioning(
-                Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
-            )
+            client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
         self.proxy.reset()
         return Backend("s3", f"s3://{bucket}", self.storage_options(), self.proxy)
 
@@ -139,7 +137,11 @@ class S3Service:
 
 
 class GCSService:
-    """gcp-storage-emulator in-process (in memory) behind a fault-injecting Proxy."""
+    """gcp-storage-emulator in-process (in memory) behind a fault-injecting Proxy.
+
+    The emulator's HTTPServer is single-threaded and HTTP/1.0: requests are served
+    one at a time, each on a new connection.
+    """
 
     def __init__(self) -> None:
         from gcp_storage_emulator.server import create_server

@@ -201,9 +201,7 @@ class _Handler(FaultyHandler):
         """Send the client to the datanode, as a namenode does for data operations."""
         forwarded = {k: v for k, v in params.items() if k != "noredirect"}
         forwarded["namenoderpcaddress"] = f"127.0.0.1:{self.hdfs.namenode.port}"
-        location = (
-            f"{self.hdfs.datanode_url}{PREFIX}{quote(hdfs_path)}?{urlencode(forwarded)}"
-        )
+        location = f"{self.hdfs.datanode_url}{PREFIX}{quote(hdfs_path)}?{urlencode(forwarded)}"
         if params.get("noredirect", "").lower() == "true":
             self.send_json(200, {"Location": location})
         else:
@@ -249,7 +247,7 @@ class _NamenodeHandler(_Handler):
         if local.is_file():
             files, length = 1, local.stat().st_size
         else:
-            for _, dirnames, filenames in os.walk(local):
+            for _, _, filenames in os.walk(local):
                 dirs += 1
                 files += len(filenames)
             length = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
@@ -290,8 +288,7 @@ class _NamenodeHandler(_Handler):
         if not destination.startswith("/"):
             raise RemoteError(
                 "IllegalArgumentException",
-                f'Invalid value for webhdfs parameter "destination": {destination!r} '
-                "is not an absolute path",
+                f'Invalid value for webhdfs parameter "destination": {destination!r} is not an absolute path',
             )
         with self.hdfs.lock:
             done = self.hdfs.rename(hdfs_path, self.hdfs.normalize(destination))
@@ -350,9 +347,7 @@ class _DatanodeHandler(_Handler):
         with self.hdfs.lock:
             local = self.hdfs.local(hdfs_path)
             if local.is_dir():
-                raise RemoteError(
-                    "FileAlreadyExistsException", f"{hdfs_path} already exists as a directory"
-                )
+                raise RemoteError("FileAlreadyExistsException", f"{hdfs_path} already exists as a directory")
             if local.exists() and not overwrite:
                 raise RemoteError(
                     "FileAlreadyExistsException",
@@ -508,9 +503,7 @@ class WebHDFSServer(FaultControls):
             current = posixpath.join(current, part)
             local = self.local(current)
             if local.is_file():
-                raise RemoteError(
-                    "ParentNotDirectoryException", f"{current} (is not a directory)"
-                )
+                raise RemoteError("ParentNotDirectoryException", f"{current} (is not a directory)")
             local.mkdir(exist_ok=True)
 
     def rename(self, src: str, dst: str) -> bool:

@@ -1,0 +1,351 @@
+"""The daemon: APScheduler ticks per prefix, tiered re-verification by due date, state, metrics."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CollectorRegistry
+
+from auditor.config import Config, PrefixConfig, ScanConfig
+from auditor.errors import StorageError, UsageError
+from auditor.layouts import Checkpoint
+from auditor.metrics import Metrics
+from auditor.state import State, open_state
+from auditor.storage import Throttle, open_url
+from auditor.verify import FAILURES, Options, Scanner, ScanResult, Verdict, build_options, is_pending, list_prefix
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 20.0
+
+
+def jittered(interval: float, jitter: float, rng: random.Random | None = None) -> float:
+    """Spread a due date by ±jitter so checkpoints and prefixes do not fall due together."""
+    r = rng or random
+    return interval * (1.0 + r.uniform(-jitter, jitter))
+
+
+@dataclass
+class Job:
+    id: str
+    prefix: str
+    tier: str | None
+    state: str = "queued"  # queued | running | done | failed
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    result: dict[str, Any] | None = None
+    exit_code: int | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "prefix": self.prefix, "tier": self.tier, "state": self.state,
+                "created": self.created, "finished": self.finished, "exit_code": self.exit_code,
+                "error": self.error, "result": self.result}
+
+
+class PrefixWorker:
+    """Everything the daemon keeps per prefix: its scanner, its options, its lock."""
+
+    def __init__(self, pcfg: PrefixConfig, scan: ScanConfig, state: State, throttle: Throttle,
+                 on_bytes: Any) -> None:
+        self.cfg = pcfg
+        self.scan = scan
+        self.url = pcfg.url
+        self.fs, self.root = open_url(pcfg.url, pcfg.storage_options)
+        self.lock = threading.Lock()  # a rescan job and a tick never run over one prefix at once
+        base = dict(strict=scan.strict, settle_seconds=scan.settle_time, require=scan.require,
+                    probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb)
+        self.options = {tier: build_options(tier, **base) for tier in ("metadata", "content", "probe")}
+        for opts in self.options.values():
+            opts.baseline = state.baseline_lookup(self.url)
+        self.scanner = Scanner(self.fs, self.options["content"], jobs=scan.jobs, throttle=throttle,
+                               on_bytes=on_bytes)
+
+    def close(self) -> None:
+        self.scanner.close()
+
+
+class Daemon:
+    """Schedule per-prefix passes, record verdicts, publish metrics; safe to stop at any time."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.state = open_state(config.state.url)
+        self.stop_event = threading.Event()
+        self.throttle = Throttle(config.scan.max_bytes_per_second)
+        self.workers: dict[str, PrefixWorker] = {}
+        for pcfg in config.prefixes:
+            scan = config.scan_for(pcfg)
+            try:
+                worker = PrefixWorker(pcfg, scan, self.state, self.throttle,
+                                      self.metrics.bytes_read.labels(prefix=pcfg.url).inc)
+            except ValueError as e:
+                raise UsageError(f"prefixes: {pcfg.url}: {e}") from e
+            self.workers[pcfg.url] = worker
+        self.metrics.init_prefixes(self.workers)
+        for url in self.workers:
+            self._publish(url)
+            last = self.state.last_scan(url)
+            if last:
+                self.metrics.last_success.labels(prefix=url).set(last["finished"])
+                self.metrics.scan_duration.labels(prefix=url).set(last["finished"] - last["started"])
+        self.scheduler = BackgroundScheduler(
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            executors={"default": {"type": "threadpool", "max_workers": max(2, len(self.workers))}},
+        )
+        self.jobs: dict[str, Job] = {}
+        self._job_pool = ThreadPoolExecutor(1, thread_name_prefix="auditor-rescan")
+        self.ready = False
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        """Start the scheduler; the first pass of each prefix is staggered over a few seconds."""
+        now = time.time()
+        for url, worker in self.workers.items():
+            interval = worker.scan.shallow_interval
+            from datetime import datetime, timezone
+
+            first = datetime.fromtimestamp(now + random.uniform(0, min(5.0, interval * 0.1)), timezone.utc)
+            self.scheduler.add_job(self.tick, "interval", args=[url], id=f"tick:{url}", seconds=interval,
+                                   jitter=interval * worker.scan.jitter, next_run_time=first)
+        self.scheduler.start()
+        self.ready = True
+        logger.info("daemon started with %d prefix(es)", len(self.workers), extra={"event": "start"})
+
+    def alive(self) -> bool:
+        """Tell whether the scheduler loop is running (for /healthz)."""
+        thread = getattr(self.scheduler, "_thread", None)
+        return bool(self.scheduler.running and (thread is None or thread.is_alive()))
+
+    def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop taking work, let in-flight checks end (abandoning them after `grace`), close the database."""
+        self.stop_event.set()
+        self.ready = False
+        deadline = time.monotonic() + grace
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        self._job_pool.shutdown(wait=False, cancel_futures=True)
+        for worker in self.workers.values():
+            remaining = max(0.0, deadline - time.monotonic())
+            if worker.lock.acquire(timeout=remaining):
+                worker.lock.release()
+            else:
+                logger.warning("abandoning in-flight scan of %s at shutdown", worker.url)
+        for worker in self.workers.values():
+            worker.scanner._checkpoints.shutdown(wait=False, cancel_futures=True)
+            worker.scanner._files.shutdown(wait=False, cancel_futures=True)
+        self.state.close()
+        logger.info("daemon stopped", extra={"event": "stop"})
+
+    # ------------------------------------------------------------ one pass
+
+    def tick(self, url: str) -> None:
+        """One pass over a prefix: list + metadata for all, then content/probe for what is due, suspects first."""
+        worker = self.workers[url]
+        if self.stop_event.is_set() or not worker.lock.acquire(blocking=False):
+            return
+        try:
+            self._tick(worker)
+        except Exception:  # noqa: BLE001 - the scheduler loop must outlive any one bad pass
+            logger.exception("pass over %s failed", url)
+        finally:
+            worker.lock.release()
+
+    def _tick(self, worker: PrefixWorker) -> None:
+        url, scan = worker.url, worker.scan
+        started = time.time()
+        try:
+            found = list_prefix(worker.scanner.reader, worker.root, url)
+        except StorageError as e:
+            self.metrics.prefix_scan_up.labels(prefix=url).set(0)
+            self.metrics.scan_errors.labels(prefix=url).inc()
+            self.state.record_scan_end(url, "metadata", started, False, str(e), {})
+            logger.warning("cannot list %s: %s", url, e, extra={"event": "scan", "prefix": url, "status": "error"})
+            return
+        self.metrics.prefix_scan_up.labels(prefix=url).set(1)
+        known = self.state.observe(url, found, now=started)
+        errors = 0
+        # Metadata for everything: cheap (list, stat, manifest), and it notices changes early.
+        meta = worker.scanner.run(found, options_for=lambda ck: worker.options["metadata"], stop=self.stop_event)
+        for v in meta:
+            errors += self._record(worker, v)
+        # Deep work by due date; suspects (failed, errored, rewritten, never verified) first.
+        now = time.time()
+        due = self._due(worker, found, known, now)
+        deadline = started + max(scan.shallow_interval, 30.0)
+        batch: list[tuple[Checkpoint, str]] = []
+        for ck, tier in due:
+            if self.stop_event.is_set() or time.time() > deadline:
+                break
+            batch.append((ck, tier))
+            if len(batch) >= scan.jobs * 2:
+                errors += self._deep(worker, batch)
+                batch = []
+        if batch and not self.stop_event.is_set():
+            errors += self._deep(worker, batch)
+        self._publish(url)
+        finished = time.time()
+        summary = self.state.counts(url)
+        completed = errors == 0 and not self.stop_event.is_set()
+        if completed:
+            self.metrics.last_success.labels(prefix=url).set(finished)
+            self.metrics.scan_duration.labels(prefix=url).set(finished - started)
+        self.state.record_scan_end(url, "metadata" if not due else "content", started, True,
+                                   None if completed else f"{errors} storage error(s)", summary)
+        logger.info("pass over %s: %d checkpoints, %d deep checks, %.1fs", url, len(found), len(due),
+                    finished - started, extra={"event": "scan", "prefix": url, "checkpoints": len(found),
+                                               "summary": summary, "duration_seconds": round(finished - started, 3)})
+
+    def _due(self, worker: PrefixWorker, found: list[Checkpoint], known: dict[str, Any], now: float
+             ) -> list[tuple[Checkpoint, str]]:
+        due = []
+        for ck in found:
+            k = known.get(ck.url)
+            if k is None or is_pending(ck, worker.scan.settle_time, now):
+                continue
+            never = k.due_content is None
+            suspect = k.suspect or k.status in FAILURES or k.status == "error"
+            if never or suspect or k.due_content <= now:
+                tier = "probe" if ck.manifest_path and (k.due_probe is None or k.due_probe <= now) else "content"
+                due.append((0 if suspect else 1, k.due_content or 0.0, ck, tier))
+            elif ck.manifest_path and k.due_probe is not None and k.due_probe <= now:
+                due.append((1, k.due_probe, ck, "probe"))
+        due.sort(key=lambda d: (d[0], d[1]))
+        return [(ck, tier) for _, _, ck, tier in due]
+
+    def _deep(self, worker: PrefixWorker, batch: list[tuple[Checkpoint, str]]) -> int:
+        tiers = {ck.url: tier for ck, tier in batch}
+
+        def options_for(ck: Checkpoint) -> Options:
+            # `probe` runs the probe only where the manifest has one; content otherwise.
+            return worker.options[tiers[ck.url]]
+
+        verdicts = worker.scanner.run([ck for ck, _ in batch], options_for=options_for, stop=self.stop_event)
+        return sum(self._record(worker, v) for v in verdicts)
+
+    def _record(self, worker: PrefixWorker, verdict: Verdict) -> int:
+        """Store one verdict with its next due dates; return 1 if it was a storage error."""
+        url, scan = worker.url, worker.scan
+        now = time.time()
+        due_content = due_probe = None
+        if verdict.tier != "metadata" and verdict.status not in ("error", "pending"):
+            due_content = now + jittered(scan.deep_interval, scan.jitter)
+            if verdict.tier == "probe":
+                due_probe = now + jittered(scan.probe_interval, scan.jitter)
+        overall = self.state.record(url, verdict, due_content=due_content, due_probe=due_probe, now=now)
+        self.metrics.verifications.labels(prefix=url, tier=verdict.tier, result=verdict.status).inc()
+        level = logging.WARNING if verdict.status in FAILURES else logging.INFO
+        logger.log(level, "%s %s: %s", verdict.tier, verdict.url, verdict.status,
+                   extra={"event": "verdict", "prefix": url, "checkpoint": verdict.url, "tier": verdict.tier,
+                          "status": verdict.status, "overall": overall,
+                          "duration_seconds": round(verdict.duration_seconds, 3),
+                          "findings": [f.code for f in verdict.findings if f.severity != "info"]})
+        if verdict.status == "error":
+            self.metrics.scan_errors.labels(prefix=url).inc()
+            return 1
+        return 0
+
+    def _publish(self, url: str) -> None:
+        self.metrics.set_counts(url, self.state.counts(url))
+
+    # ------------------------------------------------------------ on-demand rescans
+
+    def worker_for(self, prefix: str) -> PrefixWorker:
+        """Find the configured prefix that holds `prefix`; UsageError for anything else."""
+        want = prefix.rstrip("/")
+        for url, worker in self.workers.items():
+            base = url.rstrip("/")
+            if want == base or want.startswith(base + "/"):
+                return worker
+        raise UsageError(f"prefix {prefix!r} is not under any configured prefix")
+
+    def submit_rescan(self, prefix: str, tier: str | None) -> Job:
+        """Queue a rescan of a configured prefix (or a folder under it); return its job."""
+        worker = self.worker_for(prefix)
+        if tier is not None and tier not in ("metadata", "content", "probe"):
+            raise UsageError(f"tier {tier!r} is not one of metadata, content, probe")
+        job = Job(uuid.uuid4().hex[:12], prefix, tier)
+        self.jobs[job.id] = job
+        self._job_pool.submit(self._run_job, job, worker)
+        return job
+
+    def _run_job(self, job: Job, worker: PrefixWorker) -> None:
+        job.state = "running"
+        try:
+            with worker.lock:
+                result = self.rescan(worker, job.prefix, job.tier)
+            job.result = result.to_dict()
+            job.exit_code = result.exit_code(worker.scan.strict)
+            job.state = "done"
+        except Exception as e:  # noqa: BLE001 - a job reports its failure instead of dying silently
+            logger.exception("rescan job %s failed", job.id)
+            job.state, job.error = "failed", f"{type(e).__name__}: {e}"
+        job.finished = time.time()
+
+    def rescan(self, worker: PrefixWorker, prefix: str, tier: str | None) -> ScanResult:
+        """Scan now at `tier` (default: content, plus probe where sealed with one), recording verdicts."""
+        options = build_options(tier, strict=worker.scan.strict, settle_seconds=worker.scan.settle_time,
+                                require=worker.scan.require, probe_timeout=worker.scan.probe_timeout,
+                                probe_memory_mb=worker.scan.probe_memory_mb)
+        options.baseline = self.state.baseline_lookup(worker.url)
+        root = worker.fs._strip_protocol(prefix).rstrip("/") if prefix.rstrip("/") != worker.url.rstrip("/") \
+            else worker.root
+        started = time.time()
+        try:
+            found = list_prefix(worker.scanner.reader, root, prefix)
+        except StorageError as e:
+            self.metrics.prefix_scan_up.labels(prefix=worker.url).set(0)
+            self.metrics.scan_errors.labels(prefix=worker.url).inc()
+            return ScanResult(prefix, options.tier, [], listed=False, error=str(e))
+        if prefix.rstrip("/") == worker.url.rstrip("/"):
+            self.state.observe(worker.url, found, now=started)
+        verdicts = worker.scanner.run(found, options_for=lambda ck: options, stop=self.stop_event)
+        for v in verdicts:
+            self._record(worker, v)
+        self._publish(worker.url)
+        return ScanResult(prefix, options.tier, verdicts, duration_seconds=time.time() - started)
+
+
+def serve(config: Config) -> int:
+    """Run the daemon and its HTTP server until SIGTERM or SIGINT; return the exit code."""
+    import signal
+
+    from auditor.server import Server
+
+    if not config.prefixes:
+        from auditor.errors import ConfigError
+
+        raise ConfigError("prefixes: no prefix configured; nothing to watch")
+    daemon = Daemon(config)
+    server = Server(daemon, config.server.listen)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:  # noqa: ANN401
+        logger.info("received signal %d, shutting down", signum, extra={"event": "signal"})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    daemon.start()
+    logger.warning("serving /metrics, /healthz, /readyz and /api/v1 on http://%s", config.server.listen,
+                   extra={"event": "listen"})
+    while not stop.wait(1.0):
+        if not daemon.alive():
+            logger.error("scheduler loop died; exiting")
+            break
+    daemon.shutdown()
+    server.stop()
+    return 0

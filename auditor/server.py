@@ -1,0 +1,199 @@
+"""HTTP on one port (SPEC §7): /metrics, /healthz, /readyz, /api/v1; and the client side of rescans."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import requests
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from auditor.errors import StorageError, UsageError
+from auditor.verify import ScanResult, result_from_dict
+
+if TYPE_CHECKING:
+    from auditor.scheduler import Daemon
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "AUDITOR_ADMIN_TOKEN"
+MAX_BODY = 64 * 1024
+
+
+class Handler(BaseHTTPRequestHandler):
+    daemon_ref: Daemon
+    token: str | None
+    server_version = "ckpt-auditor"
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # noqa: ANN401
+        logger.debug("http %s %s", self.address_string(), fmt % args)
+
+    def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, code: int, doc: Any) -> None:
+        self._send(code, json.dumps(doc, default=str).encode())
+
+    def do_GET(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        d = self.daemon_ref
+        if url.path == "/metrics":
+            self._send(200, generate_latest(d.registry), CONTENT_TYPE_LATEST)
+        elif url.path == "/healthz":
+            alive = d.alive()
+            self._json(200 if alive else 503, {"alive": alive})
+        elif url.path == "/readyz":
+            self._json(200 if d.ready else 503, {"ready": d.ready})
+        elif url.path == "/api/v1/checkpoints":
+            prefix = parse_qs(url.query).get("prefix", [None])[0]
+            if prefix is not None and prefix not in d.workers:
+                try:
+                    prefix = d.worker_for(prefix).url
+                except UsageError as e:
+                    return self._json(404, {"error": str(e)})
+            self._json(200, {"prefix": prefix, "checkpoints": d.state.checkpoints(prefix)})
+        elif url.path == "/api/v1/status":
+            self._json(200, status_doc(d))
+        elif url.path.startswith("/api/v1/jobs/"):
+            job = d.jobs.get(url.path.rsplit("/", 1)[-1])
+            if job is None:
+                return self._json(404, {"error": "no such job"})
+            self._json(200, job.to_dict())
+        else:
+            self._json(404, {"error": f"no route {url.path}"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        if url.path != "/api/v1/rescan":
+            return self._json(404, {"error": f"no route {url.path}"})
+        denied = self._authorize()
+        if denied:
+            return self._json(*denied)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            return self._json(413, {"error": "body too large"})
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+            prefix, tier = body["prefix"], body.get("tier")
+        except (ValueError, KeyError, TypeError):
+            return self._json(400, {"error": 'body must be {"prefix": URL, "tier": T}'})
+        try:
+            job = self.daemon_ref.submit_rescan(prefix, tier)
+        except UsageError as e:
+            return self._json(400, {"error": str(e)})
+        self.send_response(202)
+        body_out = json.dumps(job.to_dict()).encode()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Location", f"/api/v1/jobs/{job.id}")
+        self.send_header("Content-Length", str(len(body_out)))
+        self.end_headers()
+        self.wfile.write(body_out)
+
+    def _authorize(self) -> tuple[int, dict[str, str]] | None:
+        if self.token:
+            got = self.headers.get("Authorization", "")
+            if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), self.token.encode())):
+                return 401, {"error": "admin token required (Authorization: Bearer …)"}
+            return None
+        try:
+            loopback = ipaddress.ip_address(self.client_address[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            return 403, {"error": f"no admin token configured ({TOKEN_ENV}): only loopback may rescan"}
+        return None
+
+
+def status_doc(d: Daemon) -> dict[str, Any]:
+    """Summarise every configured prefix: counts, failures, last completed scan."""
+    out = []
+    for url in d.workers:
+        counts = d.state.counts(url)
+        last = d.state.last_scan(url)
+        out.append({"prefix": url, "counts": counts,
+                    "failures": sum(n for s, n in counts.items() if s in ("corrupt", "missing", "drift",
+                                                                          "incomplete", "unsafe")),
+                    "last_success": last["finished"] if last else None,
+                    "scan_up": d.metrics.prefix_scan_up.labels(prefix=url)._value.get()})
+    return {"prefixes": out, "ready": d.ready, "uptime_seconds": time.time() - d.started_at}
+
+
+class Server:
+    """The daemon's HTTP server, on its own threads."""
+
+    def __init__(self, daemon: Daemon, listen: str, token: str | None = None) -> None:
+        host, _, port = listen.rpartition(":")
+        handler = type("BoundHandler", (Handler,), {"daemon_ref": daemon,
+                                                    "token": token if token is not None else os.environ.get(TOKEN_ENV)})
+        try:
+            self.httpd = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), handler)
+        except OSError as e:
+            raise UsageError(f"server.listen {listen}: {e.strerror or e}") from e
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="auditor-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _headers() -> dict[str, str]:
+    token = os.environ.get(TOKEN_ENV)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def remote_rescan(daemon: str, prefix: str, tier: str | None, *, timeout: float = 24 * 3600,
+                  poll: float = 0.5) -> ScanResult:
+    """Ask a daemon to rescan, wait for the job, and return its result as if scanned here."""
+    base = daemon.rstrip("/")
+    try:
+        r = requests.post(f"{base}/api/v1/rescan", json={"prefix": prefix, "tier": tier}, headers=_headers(), timeout=30)
+    except requests.RequestException as e:
+        raise StorageError(f"cannot reach daemon {daemon}: {e}") from e
+    if r.status_code in (401, 403):
+        raise UsageError(f"daemon {daemon} refused the rescan ({r.status_code}): {r.json().get('error')}")
+    if r.status_code != 202:
+        raise UsageError(f"daemon {daemon} answered {r.status_code}: {r.text[:300]}")
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            job = requests.get(f"{base}/api/v1/jobs/{job_id}", headers=_headers(), timeout=30).json()
+        except requests.RequestException as e:
+            raise StorageError(f"lost daemon {daemon} while waiting for job {job_id}: {e}") from e
+        if job["state"] == "done":
+            return result_from_dict(job["result"])
+        if job["state"] == "failed":
+            raise StorageError(f"rescan job {job_id} failed on the daemon: {job['error']}")
+        time.sleep(poll)
+    raise StorageError(f"rescan job {job_id} did not finish within {timeout:.0f}s")
+
+
+def remote_get(daemon: str, path: str) -> Any:
+    """GET a JSON document from a daemon."""
+    try:
+        r = requests.get(f"{daemon.rstrip('/')}{path}", headers=_headers(), timeout=30)
+    except requests.RequestException as e:
+        raise StorageError(f"cannot reach daemon {daemon}: {e}") from e
+    if r.status_code != 200:
+        raise UsageError(f"daemon {daemon} answered {r.status_code} for {path}: {r.text[:300]}")
+    return r.json()
