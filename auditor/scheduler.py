@@ -24,7 +24,8 @@ from auditor.verify import FAILURES, Options, Scanner, ScanResult, Verdict, buil
 
 logger = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_SECONDS = 20.0
+# In-flight checks get this long after SIGTERM; the whole shutdown stays under Kubernetes' 30 s.
+SHUTDOWN_GRACE_SECONDS = 15.0
 
 
 def jittered(interval: float, jitter: float, rng: random.Random | None = None) -> float:
@@ -55,7 +56,7 @@ class PrefixWorker:
     """Everything the daemon keeps per prefix: its scanner, its options, its lock."""
 
     def __init__(self, pcfg: PrefixConfig, scan: ScanConfig, state: State, throttle: Throttle,
-                 on_bytes: Any) -> None:
+                 on_bytes: Any, stop: threading.Event) -> None:
         self.cfg = pcfg
         self.scan = scan
         self.url = pcfg.url
@@ -67,7 +68,7 @@ class PrefixWorker:
         for opts in self.options.values():
             opts.baseline = state.baseline_lookup(self.url)
         self.scanner = Scanner(self.fs, self.options["content"], jobs=scan.jobs, throttle=throttle,
-                               on_bytes=on_bytes)
+                               on_bytes=on_bytes, stop=stop)
 
     def close(self) -> None:
         self.scanner.close()
@@ -88,7 +89,7 @@ class Daemon:
             scan = config.scan_for(pcfg)
             try:
                 worker = PrefixWorker(pcfg, scan, self.state, self.throttle,
-                                      self.metrics.bytes_read.labels(prefix=pcfg.url).inc)
+                                      self.metrics.bytes_read.labels(prefix=pcfg.url).inc, self.stop_event)
             except ValueError as e:
                 raise UsageError(f"prefixes: {pcfg.url}: {e}") from e
             self.workers[pcfg.url] = worker
@@ -238,6 +239,8 @@ class Daemon:
     def _record(self, worker: PrefixWorker, verdict: Verdict) -> int:
         """Store one verdict with its next due dates; return 1 if it was a storage error."""
         url, scan = worker.url, worker.scan
+        if verdict.status == "error" and self.stop_event.is_set():
+            return 0  # abandoned at shutdown: not a storage error, nothing learned
         now = time.time()
         due_content = due_probe = None
         if verdict.tier != "metadata" and verdict.status not in ("error", "pending"):

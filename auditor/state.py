@@ -205,13 +205,14 @@ class State:
                 conn.execute(latest.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
                                                     findings=findings, at=now))
                 tiers[verdict.tier] = verdict.status
-                if verdict.status not in ("error", "pending"):
-                    # A passing deeper tier clears shallower failures it supersedes (repairs).
-                    for shallower in _shallower(verdict.tier):
-                        if shallower in tiers and verdict.status == "ok":
+                if verdict.status in ("ok", "unverifiable"):
+                    # A newer pass clears what it re-proves: content re-reads every byte, so it
+                    # settles byte-level failures found by any tier; only a probe settles drift.
+                    for other, status in list(tiers.items()):
+                        if other != verdict.tier and status in COVERS[verdict.tier]:
                             conn.execute(latest.update().where(latest.c.checkpoint_id == cid,
-                                                               latest.c.tier == shallower).values(status="ok"))
-                            tiers[shallower] = "ok"
+                                                               latest.c.tier == other).values(status=verdict.status))
+                            tiers[other] = verdict.status
             overall = min(tiers.values(), key=RANK.index) if tiers else verdict.status
             values: dict[str, Any] = {"status": overall}
             if verdict.status not in ("error", "pending"):
@@ -313,8 +314,8 @@ class State:
         return [dict(r) for r in rows]
 
 
-def _shallower(tier: str) -> tuple[str, ...]:
-    return {"metadata": (), "content": ("metadata",), "probe": ("metadata", "content")}[tier]
+_BYTES = frozenset({"corrupt", "missing", "incomplete", "unsafe", "unverifiable"})
+COVERS = {"metadata": frozenset({"unverifiable"}), "content": _BYTES, "probe": _BYTES | {"drift"}}
 
 
 def open_state(url: str) -> State:
@@ -327,6 +328,8 @@ def open_state(url: str) -> State:
                 os.makedirs(folder, exist_ok=True)
             except OSError as e:
                 raise StateError(f"cannot create the folder of state database {path}: {e}") from e
+        if os.path.exists(path):
+            _precheck_sqlite(path, url)
     try:
         engine = sa.create_engine(url, future=True)
     except (sa.exc.ArgumentError, ImportError) as e:
@@ -348,6 +351,22 @@ def open_state(url: str) -> State:
         engine.dispose()
         raise StateError(f"cannot open state database {url}: {getattr(e, 'orig', e)}") from e
     return State(engine)
+
+
+def _precheck_sqlite(path: str, url: str) -> None:
+    """Read an existing SQLite file read-only first, so a refusal leaves it byte for byte as it was."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            names = {r[0] for r in db.execute("select name from sqlite_master where type = 'table'")}
+            version = int(db.execute("select value from meta where key = 'schema_version'").fetchone()[0]) \
+                if "meta" in names else 0
+    except sqlite3.Error as e:
+        raise StateError(f"cannot open state database {url}: {e}") from e
+    if version > SCHEMA_VERSION:
+        raise StateError(f"state database {url} has schema version {version}, newer than this auditor's "
+                         f"{SCHEMA_VERSION}: upgrade the auditor, or point state.url elsewhere")
 
 
 def _migrate(engine: Engine, url: str) -> None:

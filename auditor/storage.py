@@ -22,6 +22,10 @@ class StorageFault(OSError):
     """A storage operation failed for a reason other than the object being absent."""
 
 
+class Abandoned(StorageFault):
+    """A read was given up because the process is shutting down."""
+
+
 def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
     """Return the filesystem and the protocol-less path for a URL or a plain local path."""
     try:
@@ -101,8 +105,10 @@ class Reader:
         backoff: float = 0.25,
         on_bytes: Callable[[int], None] | None = None,
         read_slots: threading.Semaphore | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.fs = fs
+        self.stop = stop
         self.chunk_size = chunk_size
         self.throttle = throttle or Throttle(0)
         self.retries = retries
@@ -123,6 +129,7 @@ class Reader:
             backoff=self.backoff,
             on_bytes=parent._count,
             read_slots=self.read_slots,
+            stop=self.stop,
         )
         return kid
 
@@ -171,6 +178,8 @@ class Reader:
                         if pos:
                             f.seek(pos)
                         while end is None or pos < end:
+                            if self.stop is not None and self.stop.is_set():
+                                raise Abandoned(f"read of {path} abandoned at shutdown")
                             n = self.chunk_size if end is None else min(self.chunk_size, end - pos)
                             self.throttle.acquire(n)
                             chunk = f.read(n)
@@ -181,7 +190,7 @@ class Reader:
                             attempt = 0
                             yield chunk
                     return
-                except FileNotFoundError:
+                except (FileNotFoundError, Abandoned):
                     raise
                 except Exception as e:  # noqa: BLE001
                     err = classify(e, f"read {path}")

@@ -538,12 +538,14 @@ class Scanner:
     """Verify many checkpoints with bounded parallelism across checkpoints and their files."""
 
     def __init__(self, fs: AbstractFileSystem, options: Options, *, jobs: int = 4,
-                 throttle: Throttle | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
+                 throttle: Throttle | None = None, on_bytes: Callable[[int], None] | None = None,
+                 stop: threading.Event | None = None) -> None:
         if jobs < 1:
             raise UsageError(f"jobs must be at least 1, got {jobs}")
         self.options = options
         self.jobs = jobs
-        self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs))
+        self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
+                             stop=stop)
         self._files = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-file")
         self._checkpoints = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-ckpt")
 

@@ -32,3 +32,27 @@ def damaged_prefix(tmp_path):
     root = tmp_path / "prefix"
     seed(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_svc():
+    from servers.objectstores import s3_service
+
+    with s3_service() as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def gcs_svc():
+    from servers.objectstores import gcs_service
+
+    with gcs_service() as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def webhdfs_svc(tmp_path_factory):
+    from servers.objectstores import webhdfs_service
+
+    with webhdfs_service(tmp_path_factory.mktemp("hdfs")) as svc:
+        yield svc
