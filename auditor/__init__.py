@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     if name in ("save_checkpoint", "load_checkpoint"):
-        from auditor import writer
+        from auditor import training
 
-        return getattr(writer, name)
+        return getattr(training, name)
     raise AttributeError(f"module 'auditor' has no attribute {name!r}")

@@ -291,3 +291,106 @@ def latest(prefix: str, run_name: str | None, config_path: str | None, daemon: s
         return 0
 
     _run(body)
+
+
+# ---------------------------------------------------------------- retention
+
+
+def _retention_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The options `retention plan` and `retention apply` share."""
+    options = [
+        click.option("--prefix", required=True, help="fsspec URL or local path holding checkpoints."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                     help="Verdicts from this config's state database when it knows the prefix; its "
+                          "`retention:` section sets the policy."),
+        click.option("--head-fraction", type=float, default=None, help="Keep every checkpoint in this first "
+                     "fraction of a run (default 0.2)."),
+        click.option("--tail-fraction", type=float, default=None, help="Keep every checkpoint in this final "
+                     "fraction (default 0.15)."),
+        click.option("--stride", type=int, default=None, help="Keep every Nth checkpoint in between (default 10)."),
+        click.option("--keep-newest-ok", type=int, default=None,
+                     help="Never delete this many newest verified-ok checkpoints per run (default 2)."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
+        click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _retention_policy(cfg: Config | None, overrides: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    from auditor.retention import RetentionConfig, policy_from
+
+    base = policy_from(cfg).model_dump()
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RetentionConfig.model_validate(base)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UsageError(f"retention {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+
+
+def _retention_table(plan: Any) -> str:
+    rows = [("ACTION", "STEP", "STATUS", "CHECKPOINT", "REASON")]
+    for d in plan.decisions:
+        rows.append((d.action, "" if d.step is None else str(d.step), d.status, d.url, "; ".join(d.reasons)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+    s = plan.summary()
+    lines.append(f"\n{len(plan.decisions)} checkpoint(s) under {plan.prefix}: keep {s['keep']}, delete {s['delete']}")
+    return "\n".join(lines)
+
+
+@main.group()
+def retention() -> None:
+    """Plan and apply checkpoint retention; verified recovery points are never deleted."""
+
+
+@retention.command("plan")
+@_retention_options
+def retention_plan(prefix: str, config_path: str | None, head_fraction: float | None, tail_fraction: float | None,
+                   stride: int | None, keep_newest_ok: int | None, as_json: bool,
+                   storage_option: tuple[str, ...]) -> None:
+    """Print every checkpoint with keep or delete and why; delete nothing."""
+    from auditor import retention as policy
+
+    def body() -> int:
+        cfg = _config(config_path) if config_path else None
+        rules = _retention_policy(cfg, {"head_fraction": head_fraction, "tail_fraction": tail_fraction,
+                                        "stride": stride, "keep_newest_ok": keep_newest_ok})
+        plan = policy.plan(prefix, policy=rules, config=cfg, storage_options=_options(storage_option))
+        click.echo(json.dumps(plan.to_dict(), indent=1) if as_json else _retention_table(plan))
+        return 0
+
+    _run(body)
+
+
+@retention.command("apply")
+@_retention_options
+@click.option("--yes", is_flag=True, help="Really delete. Without it, nothing is deleted (exit 2).")
+def retention_apply(prefix: str, config_path: str | None, head_fraction: float | None, tail_fraction: float | None,
+                    stride: int | None, keep_newest_ok: int | None, as_json: bool, storage_option: tuple[str, ...],
+                    yes: bool) -> None:
+    """Plan again and delete exactly the planned checkpoints (the only command that deletes)."""
+    from auditor import retention as policy
+
+    def body() -> int:
+        if not yes:
+            raise UsageError("retention apply deletes checkpoints: pass --yes (see `auditor retention plan` first)")
+        cfg = _config(config_path) if config_path else None
+        rules = _retention_policy(cfg, {"head_fraction": head_fraction, "tail_fraction": tail_fraction,
+                                        "stride": stride, "keep_newest_ok": keep_newest_ok})
+
+        def deleted(d: Any) -> None:
+            click.echo(f"deleted {d.url} (step {d.step}, {d.status}): {d.reasons[0]}", err=True)
+
+        plan = policy.apply(prefix, policy=rules, config=cfg, storage_options=_options(storage_option),
+                            on_deleted=deleted)
+        s = plan.summary()
+        click.echo(json.dumps(plan.to_dict(), indent=1) if as_json
+                   else f"deleted {s['delete']} checkpoint(s) under {prefix}; kept {s['keep']}")
+        return 0
+
+    _run(body)

@@ -26,13 +26,68 @@ class Abandoned(StorageFault):
     """A read was given up because the process is shutting down."""
 
 
+HTTP_TIMEOUT = 60.0
+# Ranges of one remote file fetched ahead of the digest: latency hides behind hashing, memory
+# stays at READAHEAD x CHUNK_SIZE per file being read.
+READAHEAD = 4
+
+
 def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
     """Return the filesystem and the protocol-less path for a URL or a plain local path."""
+    options = dict(storage_options or {})
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as e:
+        protocol, _ = fsspec.core.split_protocol(url)
+        if protocol in ("webhdfs", "webHDFS"):
+            cls = checked_webhdfs()
+            kwargs = {**cls._get_kwargs_from_urls(url), **options}
+            return cls(**kwargs), cls._strip_protocol(url).rstrip("/") or "/"
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError, TypeError) as e:
         raise ValueError(f"cannot open {url!r}: {e}") from e
     return fs, path.rstrip("/") or path
+
+
+def checked_webhdfs() -> type:
+    """Return fsspec's WebHDFS with what a scrubber needs: datanode errors raised, short reads refused,
+    and a timeout on every request (fsspec's has none and would hand back an error page as data)."""
+    from functools import partial
+
+    from fsspec.implementations.webhdfs import WebHDFile, WebHDFS
+
+    class CheckedWebHDFile(WebHDFile):
+        def _fetch_range(self, start: int, end: int) -> bytes:
+            start, end = max(start, 0), min(self.size, end)
+            if start >= end:
+                return b""
+            out = self.fs._call("OPEN", path=self.path, offset=start, length=end - start, redirect=False)
+            if "Location" in out.headers:
+                out = self.fs.session.get(self.fs._apply_proxy(out.headers["Location"]))
+                if out.status_code == 404:
+                    raise FileNotFoundError(self.path)
+                if out.status_code in (401, 403):
+                    raise PermissionError(f"datanode refused {self.path}: {out.status_code}")
+                out.raise_for_status()
+            data = out.content
+            if len(data) != end - start:
+                raise OSError(f"short read of {self.path}: {len(data)} of {end - start} bytes at {start}")
+            return data
+
+    class CheckedWebHDFS(WebHDFS):
+        timeout = HTTP_TIMEOUT
+
+        def _connect(self) -> None:
+            super()._connect()
+            self.session.request = partial(self.session.request, timeout=self.timeout)  # type: ignore[method-assign]
+
+        def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
+                  replication: int | None = None, permissions: int | None = None, **kwargs: Any) -> Any:
+            if mode != "rb":
+                return super()._open(path, mode, block_size, autocommit, replication, permissions, **kwargs)
+            return CheckedWebHDFile(self, path, mode=mode, block_size=block_size or self.blocksize,
+                                    tempdir=self.tempdir, autocommit=autocommit, replication=replication,
+                                    permissions=permissions)
+
+    return CheckedWebHDFS
 
 
 def is_local(fs: AbstractFileSystem) -> bool:
@@ -167,8 +222,43 @@ class Reader:
         entries = self._retrying(f"list {path}", lambda: self.fs.ls(path, detail=True))
         return {e["name"].rstrip("/"): e for e in entries}
 
-    def iter_chunks(self, path: str, start: int = 0, end: int | None = None, **open_kw: Any) -> Iterator[bytes]:
-        """Yield the bytes of [start, end) in chunks; resume at the failed offset on retry."""
+    def iter_chunks(self, path: str, start: int = 0, end: int | None = None, *, size: int | None = None,
+                    **open_kw: Any) -> Iterator[bytes]:
+        """Yield the bytes of [start, end) in chunks; resume at the failed offset on retry.
+
+        On remote stores, with the size known, ranges are fetched READAHEAD at a time in parallel.
+        """
+        stop_at = end if end is not None else size
+        if stop_at is not None and not is_local(self.fs) and stop_at - start > self.chunk_size:
+            yield from self._ranged(path, start, stop_at, **open_kw)
+            return
+        yield from self._stream(path, start, end, **open_kw)
+
+    def _ranged(self, path: str, start: int, end: int, **kw: Any) -> Iterator[bytes]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def fetch(lo: int, hi: int) -> bytes:
+            if self.stop is not None and self.stop.is_set():
+                raise Abandoned(f"read of {path} abandoned at shutdown")
+            self.throttle.acquire(hi - lo)
+            return self._retrying(f"read {path} [{lo}, {hi})", lambda: self.fs.cat_file(path, start=lo, end=hi, **kw))
+
+        ranges = [(lo, min(lo + self.chunk_size, end)) for lo in range(start, end, self.chunk_size)]
+        with self.read_slots, ThreadPoolExecutor(READAHEAD, thread_name_prefix="auditor-range") as pool:
+            pending = [pool.submit(fetch, lo, hi) for lo, hi in ranges[:READAHEAD]]
+            for i in range(len(ranges)):
+                chunk = pending.pop(0).result()
+                if i + READAHEAD < len(ranges):
+                    pending.append(pool.submit(fetch, *ranges[i + READAHEAD]))
+                self._count(len(chunk))
+                yield chunk
+                if len(chunk) < ranges[i][1] - ranges[i][0]:
+                    # The object shrank under us: the digest will say so; stop asking for more.
+                    for fut in pending:
+                        fut.cancel()
+                    return
+
+    def _stream(self, path: str, start: int = 0, end: int | None = None, **open_kw: Any) -> Iterator[bytes]:
         pos = start
         attempt = 0
         with self.read_slots:
@@ -221,3 +311,90 @@ def _permanent(exc: BaseException) -> bool:
 def local_path(fs: AbstractFileSystem, path: str) -> str | None:
     """Return an OS path when `fs` is local, for mmap and atomic rename."""
     return os.path.abspath(path) if is_local(fs) else None
+
+
+def _b64_to_hex(value: str) -> str | None:
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode(value, validate=True).hex()
+    except (binascii.Error, ValueError):
+        return None
+
+
+def server_checksum(fs: AbstractFileSystem, path: str, info: dict[str, Any]) -> tuple[str, str] | None:
+    """Return a whole-object checksum the store computed, as (algorithm, hex), when one is comparable.
+
+    S3: full-object CRC32C or SHA256 from HeadObject(ChecksumMode=ENABLED); a multipart composite
+    ("…-N") is not a whole-object checksum. The ETag is never used: it is an MD5 only for single-part,
+    non-KMS uploads, and the manifest records no MD5 anyway. GCS: the object's crc32c (whole-object,
+    composites included). WebHDFS: GETFILECHECKSUM when the cluster answers COMPOSITE-CRC32C; the
+    default MD5-of-MD5-of-CRC depends on block and chunk sizes and compares with nothing we record.
+    """
+    protos = _protocols(fs)
+    if "s3" in protos or "s3a" in protos:
+        bucket, key, version = fs.split_path(path)
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}
+        if version:
+            kwargs["VersionId"] = version
+        head = fs.call_s3("head_object", **kwargs)
+        if head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+            return None
+        for field, algo in (("ChecksumCRC32C", "crc32c"), ("ChecksumSHA256", "sha256")):
+            value = head.get(field)
+            if value and "-" not in value:
+                hexed = _b64_to_hex(value)
+                if hexed:
+                    return algo, hexed
+        return None
+    if "gs" in protos or "gcs" in protos:
+        value = info.get("crc32c")
+        hexed = _b64_to_hex(value) if isinstance(value, str) else None
+        return ("crc32c", hexed) if hexed else None
+    if "webhdfs" in protos or "webHDFS" in protos:
+        checksum = fs.ukey(path)
+        if isinstance(checksum, dict) and checksum.get("algorithm") == "COMPOSITE-CRC32C":
+            return "crc32c", str(checksum.get("bytes", ""))[-8:].lower()
+        return None
+    return None
+
+
+def has_server_checksums(fs: AbstractFileSystem) -> bool:
+    """Tell whether the store may report whole-object checksums at all (object stores, HDFS)."""
+    return bool(set(_protocols(fs)) & {"s3", "s3a", "gs", "gcs", "webhdfs", "webHDFS"})
+
+
+def object_version(info: dict[str, Any]) -> str | None:
+    """Return the version of an object as listed (S3 VersionId, GCS generation, else ETag)."""
+    for key in ("VersionId", "generation", "ETag", "etag"):
+        value = info.get(key)
+        if value not in (None, "", "null"):
+            return f"{key}={value}"
+    return None
+
+
+def upload_options(fs: AbstractFileSystem) -> dict[str, Any]:
+    """Keyword arguments that make the store compute and keep a comparable checksum on upload."""
+    protos = _protocols(fs)
+    if "s3" in protos or "s3a" in protos:
+        return {"ChecksumAlgorithm": "CRC32C"}
+    return {}  # GCS computes crc32c itself; HDFS depends on the cluster's combine mode
+
+
+def pinned_read_options(fs: AbstractFileSystem, info: dict[str, Any]) -> dict[str, Any]:
+    """Return read options that pin the object version listed in `info`, where the store allows it."""
+    protos = _protocols(fs)
+    if ("s3" in protos or "s3a" in protos) and info.get("VersionId") and getattr(fs, "version_aware", False):
+        return {"version_id": info["VersionId"]}
+    return {}
+
+
+def own_retries(fs: AbstractFileSystem) -> int:
+    """How often our reader retries on top of the backend: s3fs and gcsfs already retry with backoff."""
+    protos = set(_protocols(fs))
+    if protos & {"gs", "gcs"}:
+        return 0  # gcsfs: 6 attempts, ~30 s of backoff
+    if protos & {"s3", "s3a"}:
+        return 1  # botocore: 5 attempts
+    return 4

@@ -26,7 +26,7 @@ from auditor.manifest import (
     parse_manifest,
     safe_join,
 )
-from auditor.storage import Reader, StorageFault, Throttle
+from auditor.storage import Reader, StorageFault, Throttle, object_version, own_retries, pinned_read_options
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ def _check_listed(
         for rel in extra:
             findings.append(Finding("unlisted_file", "warning", rel, "file present but not in the manifest"))
     to_digest: list[tuple[FileEntry, str, dict[str, Any]]] = []
+    uncompared: list[str] = []
     for entry in entries:
         try:
             path = safe_join(root, entry.path)
@@ -288,15 +289,21 @@ def _check_listed(
         if size > entry.size:
             findings.append(Finding("size_mismatch", "error", entry.path, f"{size} bytes, sealed with {entry.size}"))
             continue
-        if ctx.options.server_checksums:
+        if ctx.options.server_checksums and ctx.options.tier == "metadata":
             finding = ctx.options.server_checksums(reader, path, info, entry)
-            if finding:
+            if finding is not None and finding.code == "no_server_checksum":
+                uncompared.append(entry.path)
+            elif finding is not None:
                 findings.append(finding)
                 if finding.severity == "error":
                     continue
         if ctx.options.tier != "metadata":
             to_digest.append((entry, path, info))
-    futures = [ctx.files_pool.submit(_digest_one, reader, entry, path, manifest) for entry, path, _ in to_digest]
+    if uncompared:
+        findings.append(Finding("no_server_checksum", "info", None,
+                                f"{len(uncompared)} of {len(entries)} file(s) have no comparable server-side checksum: "
+                                "the metadata tier proves their existence and size only"))
+    futures = [ctx.files_pool.submit(_digest_one, reader, entry, path, manifest, info) for entry, path, info in to_digest]
     for fut in futures:
         got = fut.result()
         findings.extend(got)
@@ -308,18 +315,34 @@ def _probe_paths(manifest: Manifest | None) -> set[str]:
     return {manifest.probe.batch.path, manifest.probe.outputs.reference}
 
 
-def _digest_one(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | None) -> list[Finding]:
+def _digest_one(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | None,
+                info: dict[str, Any] | None = None) -> list[Finding]:
     """Digest one file against its entry; narrow a mismatch down to tensors or zip members."""
-    got = digest_chunks(reader.iter_chunks(path))
+    size = int((info or {}).get("size") or entry.size)
+    try:
+        got = digest_chunks(reader.iter_chunks(path, size=size))
+    except FileNotFoundError:
+        # Gone between listing and reading: ask again before saying so.
+        try:
+            reader.info(path)
+        except FileNotFoundError:
+            return [Finding("file_missing", "error", entry.path, "vanished between listing and reading")]
+        got = digest_chunks(reader.iter_chunks(path))
     if got.size == entry.size and got.sha256 == entry.sha256 and got.crc32c == entry.crc32c:
         return []
     if got.size < entry.size:
         return [Finding("truncated", "error", entry.path, f"read {got.size} bytes, sealed with {entry.size}")]
-    # Read once more before calling it corrupt: a flaky read must not page anyone.
-    again = digest_chunks(reader.iter_chunks(path))
+    # Read once more before calling it corrupt, pinned to the version listed where the store has
+    # versions; an object rewritten since listing is judged by what it is now.
+    listed = object_version(info or {})
+    now = reader.info(path)
+    pin = pinned_read_options(reader.fs, now) if listed and object_version(now) == listed else {}
+    note = [] if not listed or object_version(now) == listed else [
+        Finding("object_rewritten", "warning", entry.path, f"rewritten since listing ({listed} -> {object_version(now)})")]
+    again = digest_chunks(reader.iter_chunks(path, size=int(now.get("size") or size), **pin))
     if again.sha256 == entry.sha256 and again.size == entry.size:
         logger.warning("digest of %s matched on re-read; first read was inconsistent", path)
-        return [Finding("reread_matched", "warning", entry.path, "first read mismatched, second matched")]
+        return note + [Finding("reread_matched", "warning", entry.path, "first read mismatched, second matched")]
     # The narrowed findings come first: they name what changed.
     return _narrow(reader, entry, path, manifest, again.size) + [
         Finding("digest_mismatch", "error", entry.path, f"sha256 {again.sha256}, sealed {entry.sha256}")
@@ -545,7 +568,10 @@ class Scanner:
         self.options = options
         self.jobs = jobs
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
-                             stop=stop)
+                             stop=stop, retries=own_retries(fs))
+        # Set by the first storage error of a pass: the rest of the pass is reported, not attempted,
+        # so an outage costs one backend timeout instead of one per file.
+        self.outage: str | None = None
         self._files = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-file")
         self._checkpoints = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-ckpt")
 
@@ -574,6 +600,7 @@ class Scanner:
             on_verdict: Callable[[Verdict, int, int], None] | None = None,
             stop: threading.Event | None = None) -> list[Verdict]:
         """Verify checkpoints in parallel, in order of the list; skip the rest once `stop` is set."""
+        self.outage = None
         futures = [self._checkpoints.submit(self._guarded, ck, stop, options_for(ck) if options_for else None)
                    for ck in checkpoints]
         verdicts: list[Verdict] = []
@@ -601,8 +628,15 @@ class Scanner:
     def _guarded(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None) -> Verdict | None:
         if stop is not None and stop.is_set():
             return None
+        tier = (options or self.options).tier
+        if self.outage:
+            return Verdict(ck.url, ck.run, ck.step, ck.layout, "error",
+                           [Finding("storage_error", "error", None, f"not attempted: {self.outage}")], tier=tier)
         try:
-            return self.verify(ck, options)
+            verdict = self.verify(ck, options)
+            if verdict.status == "error" and any(f.code == "storage_error" for f in verdict.findings):
+                self.outage = next(f.detail for f in verdict.findings if f.code == "storage_error")
+            return verdict
         except Exception as e:  # noqa: BLE001 - one broken checkpoint must not end the scan
             logger.exception("verifying %s failed unexpectedly", ck.url)
             return Verdict(ck.url, ck.run, ck.step, ck.layout, "error",
@@ -629,7 +663,7 @@ def build_options(
         probe_auto=tier is None,
         probe=probe.probe_hook(timeout=probe_timeout, memory_mb=probe_memory_mb),
         completeness=completeness.hook(require),
-        server_checksums=getattr(storage, "compare_server_checksum", None),
+        server_checksums=compare_server_checksum,
     )
 
 
@@ -642,3 +676,20 @@ def result_from_dict(doc: dict[str, Any]) -> ScanResult:
     ]
     return ScanResult(doc["prefix"], doc.get("tier", "content"), verdicts, listed=not doc.get("error"),
                       error=doc.get("error"))
+
+
+def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], entry: FileEntry) -> Finding | None:
+    """Compare the store's own whole-object checksum with the sealed one, without downloading."""
+    from auditor.storage import has_server_checksums, server_checksum
+
+    if not has_server_checksums(reader.fs):
+        return None
+    got = reader._retrying(f"checksum {path}", lambda: server_checksum(reader.fs, path, info))
+    if got is None:
+        return Finding("no_server_checksum", "info", entry.path, "no comparable server-side checksum")
+    algo, value = got
+    sealed = entry.crc32c if algo == "crc32c" else entry.sha256
+    if value != sealed:
+        return Finding("server_checksum_mismatch", "error", entry.path,
+                       f"the store's {algo} is {value}, sealed {sealed}: the object's bytes changed")
+    return None

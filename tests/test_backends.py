@@ -1,0 +1,184 @@
+"""One verification suite over every backend: local, memory://, S3 (moto), GCS (emulator), WebHDFS."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+from ckpts import flip_bit, tensor_offset, truncate, write_hf_checkpoint
+from stores import Store
+
+import auditor
+from auditor.storage import upload_options
+
+pytestmark = pytest.mark.timeout(240)
+REMOTE = ["s3", "gcs", "webhdfs"]
+
+
+def _fast(options: dict, protocol: str) -> dict:
+    """Bound client retries and timeouts so an outage test ends in seconds, not minutes."""
+    if protocol == "s3":
+        return {**options, "config_kwargs": {"retries": {"max_attempts": 2}, "connect_timeout": 2, "read_timeout": 10}}
+    return options
+
+
+@pytest.fixture(params=["local", "memory", *REMOTE])
+def store(request, tmp_path, memfs) -> Store:
+    return make_store(request.param, request, tmp_path, memfs)
+
+
+@pytest.fixture(params=REMOTE)
+def remote(request, tmp_path, memfs) -> Store:
+    return make_store(request.param, request, tmp_path, memfs)
+
+
+def make_store(kind: str, request, tmp_path: Path, memfs) -> Store:
+    if kind == "local":
+        return Store("local", fsspec.filesystem("file", auto_mkdir=True), str(tmp_path / "p"), str(tmp_path / "p"))
+    if kind == "memory":
+        fs, root = memfs
+        return Store("memory", fs, root, f"memory://{root}")
+    svc = request.getfixturevalue({"s3": "s3_svc", "gcs": "gcs_svc", "webhdfs": "webhdfs_svc"}[kind])
+    backend = svc.new_backend()
+    options = _fast(backend.storage_options, backend.protocol)
+    fs, root = auditor.storage.open_url(backend.url, options)
+    return Store(kind, fs, root, backend.url, options, backend.faults)
+
+
+def upload(store: Store, local: Path, rel: str) -> str:
+    """Upload a checkpoint the way a careful trainer does: with server-side checksums where offered."""
+    kw = upload_options(store.fs)
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        store.fs.pipe_file(f"{store.path(rel)}/{f.relative_to(local).as_posix()}", f.read_bytes(), **kw)
+    return store.path(rel)
+
+
+def sealed(store: Store, tmp_path: Path, rel: str = "run/checkpoint-100", step: int = 100) -> str:
+    local = write_hf_checkpoint(tmp_path / "src" / rel, step=step)
+    path = upload(store, local, rel)
+    auditor.seal(store.url_of(rel), storage_options=store.storage_options)
+    return path
+
+
+def verify(store: Store, rel: str = "run/checkpoint-100", tier: str | None = None):
+    result = auditor.verify_url(store.url_of(rel), tier=tier, storage_options=store.storage_options)
+    assert len(result.verdicts) == 1, result.to_dict()
+    return result.verdicts[0]
+
+
+def rescan(store: Store, **kw):
+    return auditor.rescan(store.url, storage_options=store.storage_options, **kw)
+
+
+def codes(v) -> set[str]:
+    return {f.code for f in v.findings}
+
+
+def test_clean_is_ok_at_every_tier(store, tmp_path):
+    sealed(store, tmp_path)
+    assert store.fs.exists(store.path("run/checkpoint-100/ckpt-manifest.json"))
+    for tier in ("metadata", "content"):
+        v = verify(store, tier=tier)
+        assert v.status == "ok", (tier, v.findings)
+    result = rescan(store)
+    assert [v.status for v in result.verdicts] == ["ok"] and result.exit_code() == 0
+
+
+def test_flipped_bit_is_corrupt(store, tmp_path):
+    path = sealed(store, tmp_path)
+    src = tmp_path / "src/run/checkpoint-100/model.safetensors"
+    flip_bit(store.fs, f"{path}/model.safetensors", tensor_offset(src, "layers.0.weight") + 9)
+    v = verify(store)
+    assert v.status == "corrupt"
+    assert any(f.code == "tensor_digest_mismatch" and "layers.0.weight" in f.detail for f in v.findings)
+
+
+def test_server_checksums_catch_bit_rot_without_download(remote, tmp_path):
+    path = sealed(remote, tmp_path)
+    data = bytearray(remote.fs.cat_file(f"{path}/model.safetensors"))
+    data[-5] ^= 1
+    remote.fs.pipe_file(f"{path}/model.safetensors", bytes(data), **upload_options(remote.fs))
+    v = verify(remote, tier="metadata")
+    assert v.status == "corrupt" and "server_checksum_mismatch" in codes(v), v.findings
+    manifest_size = remote.fs.info(f"{path}/ckpt-manifest.json")["size"]
+    assert v.bytes_read == manifest_size
+
+
+def test_truncated_object_is_corrupt(store, tmp_path):
+    path = sealed(store, tmp_path)
+    truncate(store.fs, f"{path}/optimizer.pt")
+    assert verify(store).status == "corrupt"
+    assert verify(store, tier="metadata").status == "corrupt"
+
+
+def test_deleted_object_is_missing(store, tmp_path):
+    path = sealed(store, tmp_path)
+    store.fs.rm(f"{path}/scheduler.pt")
+    v = verify(store)
+    assert v.status == "missing" and [f.file for f in v.findings if f.code == "file_missing"] == ["scheduler.pt"]
+
+
+def test_server_stopped_mid_scan_is_error_not_corrupt(remote, tmp_path):
+    for step in (100, 200, 300):
+        sealed(remote, tmp_path, f"run/checkpoint-{step}", step)
+    seen = []
+
+    def on_verdict(v, done, total):
+        seen.append(v.status)
+        if done == 1:
+            remote.faults.stop()
+
+    try:
+        started = time.monotonic()
+        result = auditor.rescan(remote.url, storage_options=remote.storage_options, jobs=1, on_verdict=on_verdict)
+        took = time.monotonic() - started
+    finally:
+        remote.faults.start()
+    statuses = [v.status for v in result.verdicts]
+    assert statuses[0] == "ok", result.to_dict()
+    assert set(statuses[1:]) == {"error"}, result.to_dict()
+    assert not set(statuses) & {"corrupt", "missing"}
+    assert result.exit_code() == 3
+    assert took < 180
+
+
+def test_unreachable_prefix_exits_3(remote):
+    remote.faults.stop()
+    try:
+        result = rescan(remote, tier="metadata")
+    finally:
+        remote.faults.start()
+    assert not result.listed and result.exit_code() == 3 and remote.url in result.error
+
+
+def test_503_for_a_while_is_retried_then_ok(remote, tmp_path):
+    sealed(remote, tmp_path)
+    remote.faults.fail_next(3, 503)
+    v = verify(remote)
+    assert v.status == "ok", v.findings
+
+
+def test_credentials_refused_is_error_saying_so(remote, tmp_path):
+    sealed(remote, tmp_path)
+    remote.faults.deny(403)
+    try:
+        result = rescan(remote, tier="content")
+    finally:
+        remote.faults.allow()
+    assert result.exit_code() == 3
+    text = json.dumps(result.to_dict()).lower()
+    assert "permission denied" in text or "403" in text or "forbidden" in text or "access" in text, text
+    assert not any(v.status in ("corrupt", "missing") for v in result.verdicts)
+
+
+def test_metadata_rescan_reads_no_object_bodies(remote, tmp_path):
+    for step in (1, 2):
+        sealed(remote, tmp_path, f"run/checkpoint-{step}", step)
+    remote.faults.reset() if hasattr(remote.faults, "reset") else None
+    result = rescan(remote, tier="metadata")
+    assert [v.status for v in result.verdicts] == ["ok", "ok"]
+    manifests = sum(remote.fs.info(remote.path(f"run/checkpoint-{s}/ckpt-manifest.json"))["size"] for s in (1, 2))
+    assert sum(v.bytes_read for v in result.verdicts) == manifests
