@@ -80,7 +80,7 @@ def rescan(
         opts.baseline = store.baseline_lookup(prefix)
     throttle = Throttle(scan.max_bytes_per_second)
     try:
-        with Scanner(fs, opts, jobs=jobs or scan.jobs, throttle=throttle) as scanner:
+        with Scanner(fs, opts, jobs=jobs or scan.jobs, throttle=throttle, list_jobs=scan.list_jobs) as scanner:
             result = scanner.scan(root, prefix, on_verdict=on_verdict)
         if store is not None:
             store.record_scan(prefix, result)
@@ -105,8 +105,12 @@ def seal(
     storage_options: dict[str, Any] | None = None,
     fs: AbstractFileSystem | None = None,
     write_options: dict[str, Any] | None = None,
+    upload_from: str | None = None,
 ) -> Manifest:
-    """Seal the checkpoint at `url`, with a probe baseline when a model factory and batch are given."""
+    """Seal the checkpoint at `url`, with a probe baseline when a model factory and batch are given.
+
+    With `upload_from`, first upload that local folder to `url`, with server-side checksums.
+    """
     from auditor import writer
 
     builder = None
@@ -116,6 +120,8 @@ def seal(
         builder = probe.seal_builder(model_factory, model_kwargs or {}, probe_batch)
     if fs is None:
         fs, _ = _fs(url, storage_options)
+    if upload_from is not None:
+        writer.upload_dir(fs, upload_from, fs._strip_protocol(url))
     return writer.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
                        git_commit=git_commit, probe=builder, write_options=write_options)
 

@@ -68,7 +68,7 @@ class PrefixWorker:
         for opts in self.options.values():
             opts.baseline = state.baseline_lookup(self.url)
         self.scanner = Scanner(self.fs, self.options["content"], jobs=scan.jobs, throttle=throttle,
-                               on_bytes=on_bytes, stop=stop)
+                               on_bytes=on_bytes, stop=stop, list_jobs=scan.list_jobs)
 
     def close(self) -> None:
         self.scanner.close()

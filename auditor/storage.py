@@ -161,9 +161,12 @@ class Reader:
         on_bytes: Callable[[int], None] | None = None,
         read_slots: threading.Semaphore | None = None,
         stop: threading.Event | None = None,
+        stat_slots: threading.Semaphore | None = None,
     ) -> None:
         self.fs = fs
         self.stop = stop
+        # Listing and stat calls have their own limit, so metadata work never waits behind data reads.
+        self.stat_slots = stat_slots or threading.BoundedSemaphore(8)
         self.chunk_size = chunk_size
         self.throttle = throttle or Throttle(0)
         self.retries = retries
@@ -185,6 +188,7 @@ class Reader:
             on_bytes=parent._count,
             read_slots=self.read_slots,
             stop=self.stop,
+            stat_slots=self.stat_slots,
         )
         return kid
 
@@ -211,15 +215,18 @@ class Reader:
 
     def info(self, path: str) -> dict[str, Any]:
         """Stat one path, with retries."""
-        return self._retrying(f"stat {path}", lambda: self.fs.info(path))
+        with self.stat_slots:
+            return self._retrying(f"stat {path}", lambda: self.fs.info(path))
 
     def find(self, path: str) -> dict[str, dict[str, Any]]:
         """List every file and folder under `path` recursively, with details."""
-        return self._retrying(f"list {path}", lambda: self.fs.find(path, withdirs=True, detail=True))
+        with self.stat_slots:
+            return self._retrying(f"list {path}", lambda: self.fs.find(path, withdirs=True, detail=True))
 
     def ls(self, path: str) -> dict[str, dict[str, Any]]:
         """List one folder, with details, keyed by protocol-less path."""
-        entries = self._retrying(f"list {path}", lambda: self.fs.ls(path, detail=True))
+        with self.stat_slots:
+            entries = self._retrying(f"list {path}", lambda: self.fs.ls(path, detail=True))
         return {e["name"].rstrip("/"): e for e in entries}
 
     def iter_chunks(self, path: str, start: int = 0, end: int | None = None, *, size: int | None = None,

@@ -562,13 +562,13 @@ class Scanner:
 
     def __init__(self, fs: AbstractFileSystem, options: Options, *, jobs: int = 4,
                  throttle: Throttle | None = None, on_bytes: Callable[[int], None] | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, list_jobs: int = 8) -> None:
         if jobs < 1:
             raise UsageError(f"jobs must be at least 1, got {jobs}")
         self.options = options
         self.jobs = jobs
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
-                             stop=stop, retries=own_retries(fs))
+                             stop=stop, retries=own_retries(fs), stat_slots=threading.BoundedSemaphore(list_jobs))
         # Set by the first storage error of a pass: the rest of the pass is reported, not attempted,
         # so an outage costs one backend timeout instead of one per file.
         self.outage: str | None = None
@@ -684,7 +684,8 @@ def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], ent
 
     if not has_server_checksums(reader.fs):
         return None
-    got = reader._retrying(f"checksum {path}", lambda: server_checksum(reader.fs, path, info))
+    with reader.stat_slots:
+        got = reader._retrying(f"checksum {path}", lambda: server_checksum(reader.fs, path, info))
     if got is None:
         return Finding("no_server_checksum", "info", entry.path, "no comparable server-side checksum")
     algo, value = got

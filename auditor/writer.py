@@ -198,6 +198,29 @@ def _step(reader: Reader, ck: Checkpoint, step: int | None) -> int:
     raise UsageError(f"cannot tell the training step of {ck.url} from its name or files; pass --step N")
 
 
+def upload_dir(fs: AbstractFileSystem, local: str, path: str) -> int:
+    """Upload a local checkpoint folder (or file) with server-side checksums where the store offers them."""
+    from pathlib import Path
+
+    from auditor.storage import upload_options
+
+    src = Path(local)
+    kwargs = upload_options(fs)
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    if not files:
+        raise UsageError(f"--upload-from {local}: no files to upload")
+    for f in files:
+        dest = path if src.is_file() else f"{path.rstrip('/')}/{f.relative_to(src).as_posix()}"
+        if is_local(fs):
+            fs.makedirs(os.path.dirname(dest), exist_ok=True)
+            fs.put_file(str(f), dest)
+        else:
+            # One PUT per file: the store then keeps a whole-object CRC32C (multipart would be composite).
+            fs.pipe_file(dest, f.read_bytes(), **kwargs)
+        logger.info("uploaded %s", dest)
+    return len(files)
+
+
 def write_atomic(fs: AbstractFileSystem, path: str, data: bytes, **kwargs: Any) -> None:
     """Write a small file so that readers see all of it or none of it."""
     if is_local(fs):

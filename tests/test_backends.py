@@ -182,3 +182,32 @@ def test_metadata_rescan_reads_no_object_bodies(remote, tmp_path):
     assert [v.status for v in result.verdicts] == ["ok", "ok"]
     manifests = sum(remote.fs.info(remote.path(f"run/checkpoint-{s}/ckpt-manifest.json"))["size"] for s in (1, 2))
     assert sum(v.bytes_read for v in result.verdicts) == manifests
+
+
+def test_seal_upload_from_keeps_server_checksums(remote, tmp_path):
+    from click.testing import CliRunner
+
+    from auditor.cli import main
+
+    local = write_hf_checkpoint(tmp_path / "src/c", step=7)
+    args = ["seal", remote.url_of("run/checkpoint-7"), "--upload-from", str(local)]
+    for key, value in remote.storage_options.items():
+        args += ["-o", f"{key}={json.dumps(value)}"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    v = verify(remote, "run/checkpoint-7", tier="metadata")
+    assert v.status == "ok" and "no_server_checksum" not in codes(v), v.findings
+
+
+def test_no_comparable_checksum_is_said(s3_svc, tmp_path):
+    backend = s3_svc.new_backend()
+    fs = backend.fs()
+    local = write_hf_checkpoint(tmp_path / "src/c", step=3)
+    for f in local.iterdir():  # plain PUTs: botocore adds CRC32, which the manifest does not record
+        fs.pipe_file(backend.path("run/checkpoint-3", f.name), f.read_bytes())
+    auditor.seal(backend.path("run/checkpoint-3"), storage_options=backend.storage_options)
+    v = auditor.verify_url(backend.path("run/checkpoint-3"), tier="metadata",
+                           storage_options=backend.storage_options).verdicts[0]
+    assert v.status == "ok"
+    (f,) = [f for f in v.findings if f.code == "no_server_checksum"]
+    assert f.severity == "info" and "existence and size only" in f.detail

@@ -476,6 +476,7 @@ def test_unfinished_save_is_replaced_by_the_next_save_to_the_same_path(s3):
     fs.pipe_file(backend.path("run/step-10/ckpt-saving.json"), b"{}")
     fs.pipe_file(backend.path("run/step-10/model.safetensors"), b"half")
     job = build(0)
+    train(job, 2, dataset())
     auditor.save_checkpoint(backend.path("run/step-10"), 10, job.model, job.opt, job.sched,
                             storage_options=backend.storage_options)
     (v,) = auditor.verify_url(backend.path("run/step-10"), storage_options=backend.storage_options).verdicts
@@ -544,7 +545,7 @@ def test_lightning_checkpoints_are_sealed_verify_ok_and_removed_with_their_file(
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
     every = SealingModelCheckpoint(dirpath=tmp_path / "all", every_n_train_steps=2, save_top_k=-1)
-    newest = SealingModelCheckpoint(dirpath=tmp_path / "newest", every_n_train_steps=2, save_top_k=1, save_last=True)
+    newest = SealingModelCheckpoint(dirpath=tmp_path / "newest", every_n_train_steps=3, save_top_k=1, save_last=True)
     trainer = L.Trainer(max_steps=6, callbacks=[every, newest], accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=4))
