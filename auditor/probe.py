@@ -105,74 +105,91 @@ def _limit_memory(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
-def _load_weights(root: str, model_files: list[str]) -> dict[str, Any]:
+class Weights:
+    """The checkpoint's tensors by name, with shapes known up front and bytes read one tensor at a time."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._get: dict[str, Callable[[], Any]] = {}
+
+    def add(self, name: str, shape: tuple[int, ...], get: Callable[[], Any]) -> None:
+        self.shapes[name] = tuple(shape)
+        self._get[name] = get
+
+    def get(self, name: str) -> Any:
+        return self._get[name]()
+
+
+def _load_weights(root: str, model_files: list[str]) -> Weights:
     import torch
     from fsspec.implementations.local import LocalFileSystem
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from auditor import pickles
 
-    state: dict[str, Any] = {}
+    weights = Weights()
     local = LocalFileSystem()
-    if os.path.exists(os.path.join(root, ".metadata")) and not model_files:
-        return _load_dcp(root)
     for rel in model_files:
         path = os.path.join(root, rel)
         if rel.endswith(".safetensors"):
-            state.update(load_file(path))
+            # safe_open maps the file: each tensor is read when copied into the model, so peak memory
+            # is the model plus one tensor, not the model plus a second copy of every weight.
+            f = safe_open(path, framework="pt")
+            for key in f.keys():
+                weights.add(key, tuple(f.get_slice(key).get_shape()), lambda f=f, key=key: f.get_tensor(key))
         elif rel.endswith((".pt", ".pth", ".bin", ".ckpt")):
             obj = pickles.safe_torch_load(local, path)
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
                 obj = obj["state_dict"]
             elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
                 obj = obj["model"]
-            state.update({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
-    return state
+            for key, value in obj.items():
+                if isinstance(value, torch.Tensor):
+                    weights.add(key, tuple(value.shape), lambda value=value: value)
+    return weights
 
 
-def _load_dcp(root: str) -> dict[str, Any]:
-    raise ProbeError("torch.distributed.checkpoint folders are loaded against the model's own state_dict")
-
-
-def _dcp_into(model: Any, root: str) -> None:
-    """Load a torch.distributed.checkpoint folder into `model` on one process."""
+def _dcp_into(model: Any, root: str) -> dict[str, list[str]] | None:
+    """Load a torch.distributed.checkpoint folder into `model` on one process; return key mismatches."""
     import torch.distributed.checkpoint as dcp
 
     from auditor import pickles
 
-    with open(os.path.join(root, ".metadata"), "rb") as f:
-        unsafe = [g for g in pickles.scan_pickle(f.read()) if not g.startswith(pickles.DCP_METADATA_MODULES)]
+    meta_path = os.path.join(root, ".metadata")
+    with open(meta_path, "rb") as f:
+        data = f.read()
+    # torch reads .metadata with plain pickle: only its own metadata classes may appear.
+    allowed = set(pickles.DCP_METADATA_MODULES) | set(pickles.ALLOWED_GLOBALS)
+    unsafe = [g for g in pickles.scan_pickle(data) if g not in allowed]
     if unsafe:
-        raise pickles.UnsafePickleError(os.path.join(root, ".metadata"), unsafe)
+        raise pickles.UnsafePickleError(meta_path, unsafe)
+    saved = set(pickles.pickle_strings(data))
     state = model.state_dict()
-    if any(k.startswith("model.") for k in _dcp_keys(root)):
-        wrapped = {"model": state}
-        dcp.load(wrapped, checkpoint_id=root, no_dist=True)
-    else:
-        dcp.load(state, checkpoint_id=root, no_dist=True)
+    # Trainers often save {"model": state_dict, "optim": ...}, which DCP flattens to "model.<key>".
+    wrapped = all(f"model.{k}" in saved for k in state)
+    names = {f"model.{k}" if wrapped else k for k in state}
+    missing = sorted(k for k in names if k not in saved)
+    if missing:
+        return {"missing": missing, "unexpected": [], "shape": []}
+    dcp.load({"model": state} if wrapped else state, checkpoint_id=root, no_dist=True)
     model.load_state_dict(state, strict=True)
+    return None
 
 
-def _dcp_keys(root: str) -> list[str]:
-    from auditor import pickles
-
-    with open(os.path.join(root, ".metadata"), "rb") as f:
-        return pickles.pickle_strings(f.read())
-
-
-def _mismatch(model: Any, state: dict[str, Any]) -> dict[str, list[str]] | None:
+def _mismatch(model: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[str]] | None:
     """Compare keys and shapes as a strict load would, but report every difference by name."""
     own = model.state_dict()
+    state = shapes
     ptrs: dict[int, list[str]] = {}
     for k, v in own.items():
         ptrs.setdefault(v.data_ptr(), []).append(k)
     # A tied weight (lm_head = embeddings) is saved once; its twin is not missing.
     missing = sorted(k for k in own if k not in state and not any(t in state for t in ptrs[own[k].data_ptr()]))
     unexpected = sorted(k for k in state if k not in own)
-    shapes = sorted(f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
-                    for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shapes:
-        return {"missing": missing, "unexpected": unexpected, "shape": shapes}
+    wrong = sorted(f"{k}: checkpoint {list(state[k])} vs model {list(own[k].shape)}"
+                   for k in state if k in own and tuple(state[k]) != tuple(own[k].shape))
+    if missing or unexpected or wrong:
+        return {"missing": missing, "unexpected": unexpected, "shape": wrong}
     return None
 
 
@@ -223,14 +240,20 @@ def forward(request: dict[str, Any]) -> dict[str, Any]:
         kwargs["checkpoint"] = CheckpointFiles(root)
     model = factory(**kwargs)
     try:
-        if not request["model_files"] and os.path.exists(os.path.join(root, ".metadata")):
-            _dcp_into(model, root)
-        else:
-            state = _load_weights(root, request["model_files"])
-            bad = _mismatch(model, state)
+        dcp = any(f.endswith(".distcp") for f in request["model_files"]) or not request["model_files"]
+        if dcp and os.path.exists(os.path.join(root, ".metadata")):
+            bad = _dcp_into(model, root)
             if bad:
                 return {"load_mismatch": bad}
-            model.load_state_dict(state, strict=False)
+        else:
+            weights = _load_weights(root, request["model_files"])
+            bad = _mismatch(model, weights.shapes)
+            if bad:
+                return {"load_mismatch": bad}
+            own = model.state_dict()
+            with torch.no_grad():
+                for key in weights.shapes:
+                    own[key].copy_(weights.get(key))
     except pickles.UnsafePickleError as e:
         return {"unsafe": {"path": os.path.relpath(e.path, root), "globals": list(e.globals)}}
     model.eval()
@@ -319,7 +342,7 @@ def _model_files(ck: Checkpoint, manifest: Manifest | None) -> list[str]:
 
 def _stage_list(ck: Checkpoint, model_files: list[str], extra: list[str]) -> list[str]:
     small_json = [rel for rel in ck.files if rel.endswith(".json") and "/" not in rel]
-    dcp = [rel for rel in ck.files if rel == ".metadata" or rel.endswith(".distcp")] if not model_files else []
+    dcp = [rel for rel in ck.files if rel == ".metadata" or rel.endswith(".distcp")]
     return sorted(set(model_files + small_json + dcp + extra))
 
 

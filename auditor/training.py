@@ -41,7 +41,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
@@ -256,6 +256,7 @@ class _Staging:
         self.parent = parent
         self.root = f"{parent}/.{name}{STAGING_INFIX}{uuid.uuid4().hex[:8]}" if self.renames else final
         self.written: dict[str, str] = {}  # final relative name -> path as written
+        self.on_written: Callable[[str, str], None] | None = None
         self._began = False
 
     def path_for(self, rel: str) -> str:
@@ -296,7 +297,13 @@ class _Staging:
         else:
             with self.fs.open(path, "wb") as f:
                 yield f
+        self.wrote(rel, path)
+
+    def wrote(self, rel: str, path: str) -> None:
+        """Record a complete (and, on local disk, durable) file and tell the listener."""
         self.written[rel] = path
+        if self.on_written is not None:
+            self.on_written(rel, path)
 
     def put(self, rel: str, data: bytes) -> None:
         """Write a small component in one piece."""
@@ -373,7 +380,7 @@ def _write_model(staging: _Staging, model: torch.nn.Module) -> None:
         os.chmod(path, stat.S_IMODE(os.stat(f"{staging.root}/{SAVING_MARKER}").st_mode))
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        staging.written[MODEL_FILE] = path
+        staging.wrote(MODEL_FILE, path)
     else:
         staging.put(MODEL_FILE, save(tensors, metadata={"format": "pt"}))
 
@@ -458,15 +465,33 @@ def _probe(staging: _Staging, entries: dict[str, FileEntry], step: int, builder:
         shutil.rmtree(view, ignore_errors=True)
 
 
-def _seal(staging: _Staging, step: int, *, param_names: list[str], run: RunInfo | None,
-          probe_builder: Callable[..., Any] | None, jobs: int = 4) -> Manifest:
+class _Digester:
+    """Digest each file as soon as it is written, while the next one is being written."""
+
+    def __init__(self, fs: AbstractFileSystem, jobs: int = 2) -> None:
+        self.reader = Reader(fs)
+        self.pool = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-save-digest")
+        self.futures: dict[str, Future[tuple[FileEntry, dict[str, TensorEntry] | None]]] = {}
+
+    def submit(self, rel: str, path: str) -> None:
+        self.futures[rel] = self.pool.submit(_digest, self.reader, rel, path)
+
+    def results(self) -> dict[str, tuple[FileEntry, dict[str, TensorEntry] | None]]:
+        return {rel: self.futures[rel].result() for rel in sorted(self.futures)}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _seal(staging: _Staging, step: int, digests: _Digester, *, param_names: list[str], run: RunInfo | None,
+          probe_builder: Callable[..., Any] | None) -> Manifest:
     """Build the manifest from the files as written, with the probe baseline when asked."""
     from auditor.writer import environment
 
-    reader = Reader(staging.fs)
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = {rel: pool.submit(_digest, reader, rel, path) for rel, path in sorted(staging.written.items())}
-        results = {rel: fut.result() for rel, fut in futures.items()}
+    results = digests.results()
+    if set(results) != set(staging.written):
+        raise AssertionError(f"digested {sorted(results)}, wrote {sorted(staging.written)}")
+    staging.on_written = None  # the probe's files are digested from memory by the probe builder
     entries = {rel: entry for rel, (entry, _) in results.items()}
     tensors = {rel: t for rel, (_, t) in results.items() if t is not None}
     state = completeness.inventory(entries, step=step)
@@ -536,17 +561,22 @@ def save_checkpoint(
         builder = probe.seal_builder(model_factory, model_kwargs or {}, probe_batch)
     fs, path = _open(url, storage_options)
     staging = _Staging(fs, path, url)
+    digests = _Digester(fs)
+    staging.on_written = digests.submit
     started = time.monotonic()
     try:
         staging.begin(step)
         _write_components(staging, step, model, optimizer, scheduler, scaler, rng, extra_state)
-        manifest = _seal(staging, step, param_names=_param_names(model, optimizer), run=run, probe_builder=builder)
+        manifest = _seal(staging, step, digests, param_names=_param_names(model, optimizer), run=run,
+                         probe_builder=builder)
         _step_done("sealed")
         staging.commit(manifest)
     except BaseException:
+        digests.close()  # no reader may still be inside the files abort removes
         staging.abort()
         raise
     finally:
+        digests.close()
         # Saving must not perturb training: leave every generator as it was at the call.
         restore_rng(rng)
     logger.info("saved and sealed %s at step %s: %d files in %.2fs", url, step, len(manifest.files),

@@ -304,3 +304,18 @@ def test_trainer_training_args_is_not_unsafe(tmp_path):
     r = auditor.rescan(str(tmp_path / "run"))
     assert status(r) == "ok", r.to_dict()
     assert "trainer_args_pickle" in codes(r)
+
+
+def test_torch_distributed_checkpoint_folder_probe(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    model = MLP()
+    d = tmp_path / "run/step-40"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(d), no_dist=True)
+    auditor.seal(str(d), step=40, model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
+    from auditor.config import ScanConfig
+
+    r = auditor.verify_url(str(d), tier="probe", scan=ScanConfig(settle_time=0, require=["model", "step"]))
+    assert status(r) == "ok", r.to_dict()
+    assert r.verdicts[0].layout == "dcp"
