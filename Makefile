@@ -18,8 +18,10 @@ system-deps:
 	bash scripts/install-system-deps.sh
 
 run: venv
-	$(PY) -m auditor.demo $(DEMO)/prefix
-	-$(VENV)/bin/auditor rescan --prefix $(DEMO)/prefix
+	mkdir -p $(DEMO)
+	$(PY) -m auditor.demo $(DEMO)/prefix --config-out $(DEMO)/auditor.yaml
+	@echo "metrics: http://127.0.0.1:9180/metrics  verdicts: http://127.0.0.1:9180/api/v1/checkpoints  (Ctrl-C stops)"
+	$(VENV)/bin/auditor run --config $(DEMO)/auditor.yaml
 
 test: venv system-deps
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -213,7 +214,6 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
         if tier == "metadata":
             findings.append(Finding("no_manifest", "info", None,
                                     "no manifest: the metadata tier proves existence only"))
-            _record_observed(ck, verdict)
             return False
         checked = _structural(ck, reader, ctx, findings)
         if ctx.options.completeness:
@@ -260,7 +260,7 @@ def _check_listed(
 ) -> None:
     """Compare listed files with the expected entries; at content tier, their digests too."""
     root = _root(ck)
-    listed = {f"{root}/{rel}" if ck.kind == "dir" else f"{root}/{rel}": info for rel, info in ck.files.items()}
+    listed = {f"{root}/{rel}": info for rel, info in ck.files.items()}
     expected = {e.path for e in entries}
     if ck.kind == "dir":
         extra = sorted(set(ck.files) - expected - _probe_paths(manifest))
@@ -418,8 +418,6 @@ def _structural_one(reader: Reader, path: str, size: int) -> tuple[bool, formats
         if path.endswith(ZIP_SUFFIXES) and size == 0:
             return True, None, Finding("truncated", "error", rel, "empty file")
         if path.endswith(".json") and not path.endswith(".manifest.json"):
-            import json
-
             json.loads(reader.read(path, limit=MAX_MANIFEST_BYTES))
             return True, None, None
     except formats.FormatError as e:
@@ -439,10 +437,6 @@ def _digest_unsealed(ck: Checkpoint, reader: Reader, ctx: Context, verdict: Verd
     for rel, fut in futures.items():
         d = fut.result()
         verdict.observed[rel] = FileEntry(path=rel, size=d.size, sha256=d.sha256, crc32c=d.crc32c)
-
-
-def _record_observed(ck: Checkpoint, verdict: Verdict) -> None:
-    pass
 
 
 @dataclass
