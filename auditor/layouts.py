@@ -77,16 +77,6 @@ def step_from_name(name: str) -> int | None:
 
 def dir_layout(name: str, children: set[str]) -> str | None:
     """Name the layout of a folder from its name and direct children, or None if not a checkpoint."""
-    if MANIFEST_NAME in children:
-        if _HF.match(name):
-            return "hf-trainer"
-        if ".metadata" in children:
-            return "dcp"
-        if _MEGATRON.match(name):
-            return "megatron"
-        if _hf_model(children):
-            return "hf-model"
-        return "manifest"
     if _HF.match(name):
         return "hf-trainer"
     if ".metadata" in children:
@@ -97,7 +87,7 @@ def dir_layout(name: str, children: set[str]) -> str | None:
         return "orbax"
     if _hf_model(children):
         return "hf-model"
-    return None
+    return "manifest" if MANIFEST_NAME in children else None
 
 
 def _hf_model(children: set[str]) -> bool:

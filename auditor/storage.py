@@ -214,17 +214,21 @@ class Reader:
         raise AssertionError("unreachable")
 
     def info(self, path: str) -> dict[str, Any]:
-        """Stat one path, with retries."""
+        """Stat one path, with retries, asking the store rather than a listing cache."""
+        self.fs.invalidate_cache(path)
         with self.stat_slots:
             return self._retrying(f"stat {path}", lambda: self.fs.info(path))
 
     def find(self, path: str) -> dict[str, dict[str, Any]]:
-        """List every file and folder under `path` recursively, with details."""
+        """List every file and folder under `path` recursively, with details, never from a cache."""
+        # s3fs and gcsfs keep listings for the life of the filesystem; a scrubber must see today's.
+        self.fs.invalidate_cache(path)
         with self.stat_slots:
             return self._retrying(f"list {path}", lambda: self.fs.find(path, withdirs=True, detail=True))
 
     def ls(self, path: str) -> dict[str, dict[str, Any]]:
         """List one folder, with details, keyed by protocol-less path."""
+        self.fs.invalidate_cache(path)
         with self.stat_slots:
             entries = self._retrying(f"list {path}", lambda: self.fs.ls(path, detail=True))
         return {e["name"].rstrip("/"): e for e in entries}

@@ -258,6 +258,7 @@ class _Staging:
         self.written: dict[str, str] = {}  # final relative name -> path as written
         self.on_written: Callable[[str, str], None] | None = None
         self._began = False
+        self._location = self.root  # where the uncommitted files are now; None once committed
 
     def path_for(self, rel: str) -> str:
         """Return where a file is written: under an inert name when the commit renames."""
@@ -323,10 +324,14 @@ class _Staging:
             if self.fs.exists(self.final):  # an unfinished save of ours appeared meanwhile
                 self._clear_target()
             self._rename(self.root, self.final)
+            self._location = self.final
             if self.local:
                 _fsync_dir(self.parent)
             _step_done("moved")
         write_atomic(self.fs, f"{self.final}/{MANIFEST_NAME}", manifest.to_json())
+        if self.local:
+            _fsync_dir(self.final)
+        self._location = None
         try:
             self.fs.rm_file(f"{self.final}/{SAVING_MARKER}")
         except (OSError, FileNotFoundError) as e:
@@ -340,14 +345,14 @@ class _Staging:
             self.fs.mv(src, dst)
 
     def abort(self) -> None:
-        """Remove what this save wrote; best effort, the original error matters more."""
-        if not self._began:
+        """Remove what this save wrote and never committed; best effort, the original error matters more."""
+        if not self._began or self._location is None:
             return
         try:
-            if self.fs.exists(self.root):
-                self.fs.rm(self.root, recursive=True)
+            if self.fs.exists(self._location):
+                self.fs.rm(self._location, recursive=True)
         except Exception as e:  # noqa: BLE001 - any backend error; the caller re-raises the first one
-            logger.warning("could not clean up unfinished save at %s: %s", self.root, e)
+            logger.warning("could not clean up unfinished save at %s: %s", self._location, e)
 
 
 # ---------------------------------------------------------------- writing components
@@ -587,7 +592,7 @@ def save_checkpoint(
 # ---------------------------------------------------------------- load
 
 
-def _verified(fs: AbstractFileSystem, path: str, url: str, tier: str) -> tuple[Manifest, Checkpoint, Reader]:
+def _verified(fs: AbstractFileSystem, path: str, url: str, tier: str | None) -> tuple[Manifest, Checkpoint, Reader]:
     """Verify the checkpoint with the scanner's own checks; refuse it unless sealed and `ok`."""
     from auditor.manifest import MAX_MANIFEST_BYTES, ManifestInvalid
     from auditor.verify import Scanner, build_options, locate
@@ -647,14 +652,14 @@ def load_checkpoint(
     scheduler: Any = None,
     scaler: Any = None,
     *,
-    tier: str = "content",
+    tier: str | None = "content",
     storage_options: dict[str, Any] | None = None,
 ) -> Restored:
     """Verify the checkpoint at `url` and restore model, optimizer, scheduler, scaler and every generator.
 
     Verification (`content` tier: every byte against the manifest, plus training-state completeness;
-    `probe` adds the probe) must return `ok`, else CheckpointRefused (exit code 1) names the failing
-    findings. Returns `Restored(step, extra_state, url)`: resume with step `step + 1`.
+    `probe` adds the probe, None runs it where the manifest has one) must return `ok`, else
+    CheckpointRefused (exit code 1) names the failing findings; StorageError when it cannot complete. Returns `Restored(step, extra_state, url)`: resume with step `step + 1`.
     """
     fs, path = _open(url, storage_options)
     manifest, ck, reader = _verified(fs, path, url, tier)
@@ -688,12 +693,12 @@ def load_checkpoint(
 # ---------------------------------------------------------------- trainer hooks
 
 
-def _remove_sidecar(filepath: str) -> None:
+def _remove_sidecar(filepath: str, storage_options: dict[str, Any] | None = None) -> None:
     """Remove a single-file checkpoint's sidecar manifest and probe companions, if any."""
     from auditor.layouts import PROBE_SUFFIXES
     from auditor.manifest import SIDECAR_SUFFIX
 
-    fs, path = _open(filepath, None)
+    fs, path = _open(filepath, storage_options)
     for companion in (path + SIDECAR_SUFFIX, *(f"{path}.{s}" for s in PROBE_SUFFIXES)):
         if fs.exists(companion):
             fs.rm_file(companion)
@@ -781,7 +786,7 @@ def _lightning_checkpoint_class() -> type:
         def _remove_checkpoint(self, trainer: Any, filepath: str) -> None:
             super()._remove_checkpoint(trainer, filepath)
             if trainer.is_global_zero:
-                _remove_sidecar(filepath)
+                _remove_sidecar(filepath, self.storage_options)
 
         def _seal(self, trainer: Any, filepath: str) -> None:
             from lightning.pytorch.plugins.io import AsyncCheckpointIO
@@ -789,7 +794,8 @@ def _lightning_checkpoint_class() -> type:
             if isinstance(getattr(trainer.strategy, "checkpoint_io", None), AsyncCheckpointIO):
                 raise UsageError("SealingModelCheckpoint cannot seal with AsyncCheckpointIO: the file may not "
                                  "be written yet when Lightning returns")
-            _remove_sidecar(filepath)  # a rewritten file (last.ckpt) makes its old manifest stale
+            # A rewritten file (last.ckpt) makes its old manifest stale.
+            _remove_sidecar(filepath, self.storage_options)
             from auditor import api
 
             api.seal(filepath, step=trainer.global_step, run_config=self._config(trainer),

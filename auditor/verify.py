@@ -170,10 +170,17 @@ def verify_checkpoint(ck: Checkpoint, ctx: Context) -> Verdict:
     verdict = Verdict(ck.url, ck.run, ck.step, ck.layout, "ok", findings, tier=ctx.options.tier)
     try:
         checked_any = _verify(ck, reader, ctx, findings, verdict)
+        if any(f.code == "object_rewritten" for f in findings) and any(f.severity == "error" for f in findings):
+            # Rewritten while we read it (a re-save in progress): judge the checkpoint as it is now,
+            # manifest included, once, rather than the mix of old listing and new bytes.
+            fresh = locate(reader, ck.path, ck.url)
+            findings.clear()
+            findings.append(Finding("checkpoint_rewritten", "warning", None, "rewritten during the check; re-verified"))
+            checked_any = _verify(fresh, reader, ctx, findings, verdict)
         verdict.status = decide(findings, checked_any=checked_any)
         if verdict.status == "unverifiable" and ctx.options.strict:
             findings.append(Finding("unverifiable", "info", None, "--strict counts unverifiable as a failure"))
-    except StorageFault as e:
+    except (StorageFault, StorageError) as e:
         findings.append(Finding("storage_error", "error", None, str(e)))
         verdict.status = "error"
     verdict.bytes_read = reader.bytes_read
@@ -344,7 +351,7 @@ def _digest_one(reader: Reader, entry: FileEntry, path: str, manifest: Manifest 
         logger.warning("digest of %s matched on re-read; first read was inconsistent", path)
         return note + [Finding("reread_matched", "warning", entry.path, "first read mismatched, second matched")]
     # The narrowed findings come first: they name what changed.
-    return _narrow(reader, entry, path, manifest, again.size) + [
+    return note + _narrow(reader, entry, path, manifest, again.size) + [
         Finding("digest_mismatch", "error", entry.path, f"sha256 {again.sha256}, sealed {entry.sha256}")
     ]
 
@@ -472,22 +479,22 @@ class ScanResult:
         return doc
 
 
-def _stat_root(reader: Reader, root: str, url: str) -> dict[str, Any]:
+def _storage_call(what: str, url: str, fn: Callable[[], Any]) -> Any:
+    """Run a stat or listing of the prefix itself; its failure means the scan cannot complete."""
     try:
-        return reader.info(root)
+        return fn()
     except FileNotFoundError as e:
         raise StorageError(f"{url} does not exist") from e
     except StorageFault as e:
-        raise StorageError(f"cannot reach {url}: {e}") from e
+        raise StorageError(f"cannot {what} {url}: {e}") from e
+
+
+def _stat_root(reader: Reader, root: str, url: str) -> dict[str, Any]:
+    return _storage_call("reach", url, lambda: reader.info(root))
 
 
 def _find(reader: Reader, root: str, url: str) -> dict[str, dict[str, Any]]:
-    try:
-        return reader.find(root)
-    except FileNotFoundError as e:
-        raise StorageError(f"{url} does not exist") from e
-    except StorageFault as e:
-        raise StorageError(f"cannot list {url}: {e}") from e
+    return _storage_call("list", url, lambda: reader.find(root))
 
 
 def list_prefix(reader: Reader, root: str, prefix_url: str) -> list[Checkpoint]:

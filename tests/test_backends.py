@@ -211,3 +211,30 @@ def test_no_comparable_checksum_is_said(s3_svc, tmp_path):
     assert v.status == "ok"
     (f,) = [f for f in v.findings if f.code == "no_server_checksum"]
     assert f.severity == "info" and "existence and size only" in f.detail
+
+
+def test_checkpoint_resaved_during_the_check_is_reevaluated(s3_svc, tmp_path):
+    """A trainer overwriting a checkpoint (files, then manifest) mid-scan is not called corrupt."""
+    backend = s3_svc.new_backend()
+    fs, root = auditor.storage.open_url(backend.url, backend.storage_options)
+    store = Store("s3", fs, root, backend.url, backend.storage_options, backend.faults)
+    sealed(store, tmp_path, "run/checkpoint-100", 100)
+    newer = write_hf_checkpoint(tmp_path / "src2/c", step=100, seed=7)
+    original = auditor.storage.Reader.iter_chunks
+    state = {"done": False}
+
+    def resave_once(self, path, *a, **kw):
+        if not state["done"] and path.endswith("model.safetensors"):
+            state["done"] = True  # the re-save lands between our listing and our read
+            upload(store, newer, "run/checkpoint-100")
+            auditor.seal(store.url_of("run/checkpoint-100"), storage_options=store.storage_options, force=True)
+        return original(self, path, *a, **kw)
+
+    auditor.storage.Reader.iter_chunks = resave_once
+    try:
+        v = verify(store)
+    finally:
+        auditor.storage.Reader.iter_chunks = original
+    assert state["done"]
+    assert v.status == "ok", v.findings
+    assert "checkpoint_rewritten" in codes(v)
