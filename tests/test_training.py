@@ -7,6 +7,7 @@ This file is also the training job the tests run in fresh processes:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -284,7 +286,7 @@ def test_saved_files_are_safe_plain_and_sealed(resumed, monkeypatch):
     assert sorted(f.path for f in manifest.files) == on_disk
     for entry in manifest.files:
         data = (folder / entry.path).read_bytes()
-        assert len(data) == entry.size and __import__("hashlib").sha256(data).hexdigest() == entry.sha256
+        assert len(data) == entry.size and hashlib.sha256(data).hexdigest() == entry.sha256
     for name in on_disk:
         if name.endswith((".pt", ".pth")):
             assert pickles.scan_torch_file(LocalFileSystem(), str(folder / name)) == [], name
@@ -306,7 +308,6 @@ def test_saved_files_are_safe_plain_and_sealed(resumed, monkeypatch):
 def test_load_refuses_a_flipped_bit_and_restores_nothing(resumed, tmp_path):
     import shutil
 
-    import fsspec
     from ckpts import flip_bit, tensor_offset
 
     import auditor
@@ -349,10 +350,24 @@ def test_load_refuses_missing_rng_state_and_unsealed_folders(resumed, tmp_path):
 # ---------------------------------------------------------------- other stores, refusals
 
 
-def test_save_and_load_on_memory_store_with_tied_weights(memfs):
+@pytest.fixture(params=["memory", "webhdfs"])
+def store(request, memfs) -> Any:
+    """A prefix without renames (memory://) and one with them (WebHDFS test server): (url, storage_options, fs)."""
+    if request.param == "memory":
+        fs, root = memfs
+        yield f"memory://{root}", {}, fs
+        return
+    from servers.objectstores import webhdfs_service
+
+    with webhdfs_service() as service:
+        backend = service.new_backend()
+        yield backend.url, backend.storage_options, backend.fs()
+
+
+def test_save_and_load_with_tied_weights_on_other_stores(store):
     import auditor
 
-    fs, root = memfs
+    prefix, options, fs = store
 
     class Tied(torch.nn.Module):
         def __init__(self) -> None:
@@ -366,16 +381,17 @@ def test_save_and_load_on_memory_store_with_tied_weights(memfs):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model.head(model.embed(torch.tensor([1, 2]))).sum().backward()
     opt.step()
-    url = f"memory://{root}/run/step-1"
-    manifest = auditor.save_checkpoint(url, 1, model, opt, extra_state={"note": "tied"})
+    url = f"{prefix}/run/step-1"
+    manifest = auditor.save_checkpoint(url, 1, model, opt, extra_state={"note": "tied"}, storage_options=options)
     assert list(manifest.tensors["model.safetensors"]) == ["embed.weight"]  # the twin is stored once
-    assert not fs.exists(f"{root}/run/step-1/ckpt-saving.json")
-    (v,) = auditor.verify_url(url).verdicts
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{prefix}/run", detail=False)) == ["step-1"]
+    assert not fs.exists(f"{url}/ckpt-saving.json")
+    (v,) = auditor.verify_url(url, storage_options=options).verdicts
     assert v.status == "ok", v.findings
     torch.manual_seed(5)
     fresh = Tied()
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
-    restored = auditor.load_checkpoint(url, fresh, fresh_opt)
+    restored = auditor.load_checkpoint(url, fresh, fresh_opt, storage_options=options)
     assert restored.step == 1 and restored.extra_state == {"note": "tied"}
     assert torch.equal(fresh.embed.weight, model.embed.weight) and fresh.head.weight is fresh.embed.weight
     assert fresh_opt.state_dict()["state"][0]["momentum_buffer"].equal(opt.state_dict()["state"][0]["momentum_buffer"])
@@ -390,6 +406,29 @@ def test_save_refuses_state_that_would_not_load_safely_and_leaves_nothing(tmp_pa
         auditor.save_checkpoint(str(tmp_path / "run/step-1"), 1, job.model, job.opt,
                                 extra_state={"path": Path("/tmp")})
     assert list((tmp_path / "run").iterdir()) == []
+
+
+@pytest.mark.parametrize("where, event", [("local", "wrote:optimizer.pt"), ("local", "moved"),
+                                          ("memory", "wrote:model.safetensors"), ("memory", "sealed")])
+def test_a_save_that_fails_midway_removes_what_it_wrote(tmp_path, memfs, monkeypatch, where, event):
+    import auditor
+    from auditor import training
+
+    fs, root = memfs
+    prefix = str(tmp_path) if where == "local" else f"memory://{root}"
+    if where == "local":
+        fs = fsspec.filesystem("file")
+
+    def fail(reached: str) -> None:
+        if reached == event:
+            raise OSError(f"injected failure at {reached}")
+
+    monkeypatch.setattr(training, "_after_step", fail)
+    job = build(0)
+    with pytest.raises(OSError, match="injected"):
+        auditor.save_checkpoint(f"{prefix}/run/step-1", 1, job.model, job.opt)
+    leftovers = fs.ls(f"{prefix}/run", detail=False) if fs.exists(f"{prefix}/run") else []
+    assert leftovers == []
 
 
 def test_save_refuses_to_overwrite_a_sealed_checkpoint(tmp_path):
