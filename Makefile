@@ -8,10 +8,11 @@ DEMO := demo
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)   # first, so nothing pulls a CUDA build
-	$(PY) -m pip install -q -e '.[s3,gcs,probe,hf,lightning,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[s3,gcs,probe,hf,lightning,test]'
 	touch $@
 
 system-deps:
