@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from auditor.errors import ConfigError
+from auditor.retention import RetentionConfig
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -97,6 +98,7 @@ class Config(_Strict):
     scan: ScanConfig = ScanConfig()
     log: LogConfig = LogConfig()
     prefixes: list[PrefixConfig] = []
+    retention: RetentionConfig = RetentionConfig()
 
     def scan_for(self, prefix: PrefixConfig) -> ScanConfig:
         """Merge a prefix's overrides over the global scan defaults."""

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX
+from auditor.manifest import MANIFEST_NAME, SAVING_MARKER, SIDECAR_SUFFIX
 
 SINGLE_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")
 # Files the probe stores beside a single-file checkpoint: part of it, not checkpoints themselves.
@@ -29,7 +29,8 @@ class Checkpoint:
     kind: str  # "dir" or "file"
     step: int | None = None
     manifest_path: str | None = None
-    expect_manifest: bool = False  # sealed siblings exist and this one is newer than all of them
+    # No manifest yet where one is coming: a save in progress, or newer than every sealed sibling.
+    expect_manifest: bool = False
     # relative path -> fsspec info dict, from the listing (sizes, versions, server checksums)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -87,7 +88,7 @@ def dir_layout(name: str, children: set[str]) -> str | None:
         return "orbax"
     if _hf_model(children):
         return "hf-model"
-    return "manifest" if MANIFEST_NAME in children else None
+    return "manifest" if MANIFEST_NAME in children or SAVING_MARKER in children else None
 
 
 def _hf_model(children: set[str]) -> bool:
@@ -168,6 +169,7 @@ def _dir_checkpoint(
         if p.startswith(path + "/") and info.get("type") != "directory"
     }
     manifest = files.pop(MANIFEST_NAME, None)
+    saving = files.pop(SAVING_MARKER, None)  # never part of the checkpoint, even when left behind
     parent = posixpath.dirname(path)
     rel_path = path[len(root) + 1 :] if path.startswith(root + "/") else "."
     rel_run = parent[len(root) + 1 :] if parent.startswith(root + "/") else "."
@@ -179,6 +181,7 @@ def _dir_checkpoint(
         kind="dir",
         step=step_from_name(posixpath.basename(path)),
         manifest_path=f"{path}/{MANIFEST_NAME}" if manifest is not None else None,
+        expect_manifest=manifest is None and saving is not None,
         files=files,
     )
 

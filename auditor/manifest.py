@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SCHEMA = "ckpt-auditor/manifest/v1"
 MANIFEST_NAME = "ckpt-manifest.json"
 SIDECAR_SUFFIX = ".manifest.json"
+# Present in a folder while save_checkpoint writes it; removed once the manifest exists.
+SAVING_MARKER = "ckpt-saving.json"
 # A manifest larger than this is not a manifest; refuse before parsing.
 MAX_MANIFEST_BYTES = 64 * 2**20
 

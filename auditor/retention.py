@@ -27,16 +27,19 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fsspec import AbstractFileSystem
 from pydantic import BaseModel, ConfigDict, Field
 
-from auditor.config import Config
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
 from auditor.storage import Reader, StorageFault, open_url
+
+if TYPE_CHECKING:
+    # Only for annotations: config.py imports RetentionConfig from here for its `retention:` section.
+    from auditor.config import Config
 
 logger = logging.getLogger(__name__)
 

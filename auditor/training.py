@@ -54,6 +54,7 @@ from auditor.errors import CheckpointRefused, StorageError, UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import (
     MANIFEST_NAME,
+    SAVING_MARKER,
     SCHEMA,
     FileEntry,
     Manifest,
@@ -77,7 +78,6 @@ SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
 RNG_FILE = "rng_state.pth"
 STATE_FILE = "training_state.pt"
-SAVING_MARKER = "ckpt-saving.json"
 PARTIAL_SUFFIX = ".partial"
 STAGING_INFIX = ".saving-"
 # Filesystems whose rename of a folder is atomic, so a save can be published in one step.
@@ -334,8 +334,7 @@ class _Staging:
         self._location = None
         try:
             self.fs.rm_file(f"{self.final}/{SAVING_MARKER}")
-        except (OSError, FileNotFoundError) as e:
-            # Committed already: a leftover marker only shows up as an unlisted file.
+        except Exception as e:  # noqa: BLE001 - committed already; a leftover marker is only an extra file
             logger.warning("could not remove %s from %s: %s", SAVING_MARKER, self.url, e)
 
     def _rename(self, src: str, dst: str) -> None:

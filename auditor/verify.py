@@ -538,7 +538,7 @@ def _mark_expected_manifests(checkpoints: list[Checkpoint]) -> None:
         if ck.manifest_path or ck.run not in newest_sealed:
             continue
         key = ck.step if ck.step is not None else (ck.newest_mtime() or 0.0)
-        ck.expect_manifest = float(key) > newest_sealed[ck.run]
+        ck.expect_manifest = ck.expect_manifest or float(key) > newest_sealed[ck.run]
 
 
 def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) -> str | None:

@@ -493,11 +493,6 @@ def test_killed_save_on_s3_leaves_the_previous_checkpoint_latest(s3, event):
     assert json.loads(out)["url"] == backend.path("run/step-5")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "object stores cannot rename, so a save's files are visible before its manifest; the scanner "
-    "still verifies an unsealed model.safetensors as an ok single-file checkpoint. Passes once "
-    "layouts treats a folder holding ckpt-saving.json and no manifest as a pending checkpoint; then "
-    "remove this mark"))
 def test_killed_first_save_on_s3_leaves_nothing_latest_picks(s3):
     backend = s3.new_backend()
     proc = run_job("crash", backend.path("run/step-10"), "wrote:optimizer.pt", "",
