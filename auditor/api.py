@@ -17,7 +17,8 @@ from auditor.verify import Scanner, ScanResult, Verdict, build_options, locate
 logger = logging.getLogger(__name__)
 
 
-def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, str]:
+def open_checked(url: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, str]:
+    """Open a URL; a URL fsspec cannot open is a usage error (exit 2)."""
     try:
         return open_url(url, storage_options)
     except ValueError as e:
@@ -35,7 +36,7 @@ def verify_url(
 ) -> ScanResult:
     """Verify the one checkpoint at `url`; the result holds exactly one verdict."""
     scan = scan or ScanConfig(settle_time=0)
-    fs, path = _fs(url, storage_options)
+    fs, path = open_checked(url, storage_options)
     options = build_options(tier, strict=strict, require=scan.require,
                             probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb)
     with Scanner(fs, options, jobs=jobs) as scanner:
@@ -63,7 +64,7 @@ def rescan(
     scan = config.scan_for(cfg_prefix) if config and cfg_prefix else (config.scan if config else ScanConfig(settle_time=0))
     options = dict(cfg_prefix.storage_options) if cfg_prefix else {}
     options.update(storage_options or {})
-    fs, root = _fs(prefix, options)
+    fs, root = open_checked(prefix, options)
     opts = build_options(
         tier,
         strict=strict or scan.strict,
@@ -119,7 +120,7 @@ def seal(
 
         builder = probe.seal_builder(model_factory, model_kwargs or {}, probe_batch)
     if fs is None:
-        fs, _ = _fs(url, storage_options)
+        fs, _ = open_checked(url, storage_options)
     if upload_from is not None:
         writer.upload_dir(fs, upload_from, fs._strip_protocol(url))
     return writer.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from auditor.manifest import TrainingState
 
@@ -173,7 +174,6 @@ TRAINER_ARGS_PREFIXES = (
 def _scan_pickles(reader: Any, ck: Any, findings: list[Any]) -> set[str]:
     """Statically scan every torch.save file; return the unsafe ones, already reported."""
     from auditor import pickles
-    from auditor.storage import StorageFault
     from auditor.verify import Finding
 
     unsafe: set[str] = set()

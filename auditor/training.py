@@ -55,7 +55,6 @@ from auditor.layouts import Checkpoint
 from auditor.manifest import (
     MANIFEST_NAME,
     SAVING_MARKER,
-    SCHEMA,
     FileEntry,
     Manifest,
     Probe,
@@ -65,7 +64,8 @@ from auditor.manifest import (
     parse_manifest,
     safe_join,
 )
-from auditor.storage import Reader, is_local, open_url
+from auditor.storage import Reader, is_local
+from auditor.api import open_checked
 
 if TYPE_CHECKING:
     import torch
@@ -490,7 +490,7 @@ class _Digester:
 def _seal(staging: _Staging, step: int, digests: _Digester, *, param_names: list[str], run: RunInfo | None,
           probe_builder: Callable[..., Any] | None) -> Manifest:
     """Build the manifest from the files as written, with the probe baseline when asked."""
-    from auditor.writer import environment
+    from auditor.writer import build_manifest
 
     results = digests.results()
     if set(results) != set(staging.written):
@@ -504,27 +504,10 @@ def _seal(staging: _Staging, step: int, digests: _Digester, *, param_names: list
     if probe_builder is not None:
         probe_record, extra = _probe(staging, entries, step, probe_builder)
         entries.update(extra)
-    return Manifest(
-        schema=SCHEMA,
-        step=step,
-        created_at=now_utc(),
-        files=[entries[k] for k in sorted(entries)],
-        tensors=tensors or None,
-        training_state=state,
-        probe=probe_record,
-        run=run,
-        environment=environment(),
-    )
+    return build_manifest(step, entries, tensors, state, probe_record, run)
 
 
 # ---------------------------------------------------------------- save
-
-
-def _open(url: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, str]:
-    try:
-        return open_url(url, storage_options)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
 
 
 def save_checkpoint(
@@ -563,7 +546,7 @@ def save_checkpoint(
         from auditor import probe
 
         builder = probe.seal_builder(model_factory, model_kwargs or {}, probe_batch)
-    fs, path = _open(url, storage_options)
+    fs, path = open_checked(url, storage_options)
     staging = _Staging(fs, path, url)
     digests = _Digester(fs)
     staging.on_written = digests.submit
@@ -660,7 +643,7 @@ def load_checkpoint(
     `probe` adds the probe, None runs it where the manifest has one) must return `ok`, else
     CheckpointRefused (exit code 1) names the failing findings; StorageError when it cannot complete. Returns `Restored(step, extra_state, url)`: resume with step `step + 1`.
     """
-    fs, path = _open(url, storage_options)
+    fs, path = open_checked(url, storage_options)
     manifest, ck, reader = _verified(fs, path, url, tier)
     root = ck.path
     ts = manifest.training_state
@@ -697,7 +680,7 @@ def _remove_sidecar(filepath: str, storage_options: dict[str, Any] | None = None
     from auditor.layouts import PROBE_SUFFIXES
     from auditor.manifest import SIDECAR_SUFFIX
 
-    fs, path = _open(filepath, storage_options)
+    fs, path = open_checked(filepath, storage_options)
     for companion in (path + SIDECAR_SUFFIX, *(f"{path}.{s}" for s in PROBE_SUFFIXES)):
         if fs.exists(companion):
             fs.rm_file(companion)

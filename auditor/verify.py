@@ -655,7 +655,7 @@ def build_options(
     probe_memory_mb: int = 8192,
 ) -> Options:
     """Assemble verification options with every available hook (completeness, probe, server checksums)."""
-    from auditor import completeness, probe, storage
+    from auditor import completeness, probe
 
     return Options(
         tier=tier or "content",

@@ -27,6 +27,7 @@ from auditor.manifest import (
     Probe,
     RunInfo,
     TensorEntry,
+    TrainingState,
     now_utc,
 )
 from auditor.storage import Reader, is_local, open_url
@@ -169,21 +170,27 @@ def seal(
 
         config_sha = hashlib.sha256(json.dumps(run_config, sort_keys=True).encode()).hexdigest() if run_config else None
         run = RunInfo(id=run_id, git_commit=git_commit, config_sha256=config_sha, config=run_config)
-    manifest = Manifest(
+    manifest = build_manifest(step, entries, tensors, state, probe_record, run)
+    target = f"{ck.path}{SIDECAR_SUFFIX}" if ck.kind == "file" else f"{ck.path}/{MANIFEST_NAME}"
+    write_atomic(fs, target, manifest.to_json(), **(write_options or {}))
+    logger.info("sealed %s at step %s: %d files", url, step, len(entries))
+    return manifest
+
+
+def build_manifest(step: int, entries: dict[str, FileEntry], tensors: dict[str, dict[str, TensorEntry]],
+                   state: TrainingState, probe: Probe | None, run: RunInfo | None) -> Manifest:
+    """Assemble a manifest from what sealing measured, with this process's environment."""
+    return Manifest(
         schema=SCHEMA,
         step=step,
         created_at=now_utc(),
         files=[entries[k] for k in sorted(entries)],
         tensors=tensors or None,
         training_state=state,
-        probe=probe_record,
+        probe=probe,
         run=run,
         environment=environment(),
     )
-    target = f"{ck.path}{SIDECAR_SUFFIX}" if ck.kind == "file" else f"{ck.path}/{MANIFEST_NAME}"
-    write_atomic(fs, target, manifest.to_json(), **(write_options or {}))
-    logger.info("sealed %s at step %s: %d files", url, step, len(entries))
-    return manifest
 
 
 def _step(reader: Reader, ck: Checkpoint, step: int | None) -> int:

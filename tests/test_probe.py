@@ -181,17 +181,18 @@ def test_hostile_optimizer_pickle_is_unsafe_and_never_run(tmp_path):
 
 
 def test_hostile_weights_pickle_is_refused_by_the_probe(tmp_path):
-    d = tmp_path / "run/checkpoint-1"
+    d = tmp_path / "run/export-1"
     d.mkdir(parents=True)
     torch.save(MLP().state_dict(), d / "pytorch_model.bin")
-    auditor.seal(str(d), step=1, model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
     target = tmp_path / "pwned"
     hostile_torch_file(d / "pytorch_model.bin", target)
-    auditor.seal(str(d), step=1, force=True, model_factory="probe_models:mlp", probe_batch=batch(tmp_path)) \
-        if False else None
-    r = auditor.verify_url(str(d), tier="probe")
-    assert status(r) in ("unsafe", "corrupt")
-    assert "unsafe_pickle" in codes(r)
+    # The probe child scans before it loads: sealing a probe baseline from it is refused.
+    with pytest.raises(auditor.errors.UsageError, match="unsafe"):
+        auditor.seal(str(d), step=1, model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
+    assert not target.exists()
+    assert not (d / MANIFEST_NAME).exists()
+    r = auditor.verify_url(str(d))
+    assert status(r) == "unsafe" and "unsafe_pickle" in codes(r)
     assert not target.exists()
 
 
@@ -253,7 +254,7 @@ def test_missing_rng_is_incomplete(tmp_path):
 
 
 def test_weights_only_checkpoint_is_incomplete(tmp_path):
-    d = write_hf_checkpoint(tmp_path / "run/checkpoint-100", step=100, optimizer=False)
+    write_hf_checkpoint(tmp_path / "run/checkpoint-100", step=100, optimizer=False)
     r = auditor.rescan(str(tmp_path / "run"))
     assert status(r) == "incomplete" and "optimizer_state_missing" in codes(r)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from ckpts import flip_bit, tensor_offset, truncate, write_hf_checkpoint, write_run
+from ckpts import flip_bit, tensor_offset, truncate, write_hf_checkpoint
 from stores import Store
 
 import auditor
