@@ -65,6 +65,7 @@ def digest_chunks(chunks: Iterable[bytes], spans: Sequence[Span] = ()) -> FileDi
                 span_hashes[s.name].update(memoryview(chunk)[lo - pos : hi - pos])
             j += 1
         pos = end
+        del chunk  # let the buffer go before the next read arrives: two in memory, not three
     return FileDigest(
         size=pos,
         sha256=sha.hexdigest(),

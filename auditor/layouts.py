@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -121,7 +122,8 @@ def discover(listing: dict[str, dict[str, Any]], root: str, prefix_url: str) -> 
             parent = grand
 
     found: list[Checkpoint] = []
-    claimed: set[str] = set()
+    keys = sorted(p.rstrip("/") for p in listing)
+    listing = {p.rstrip("/"): info for p, info in listing.items()}
 
     def rel(p: str) -> str:
         return p[len(root) + 1 :] if p.startswith(root + "/") else "."
@@ -133,8 +135,7 @@ def discover(listing: dict[str, dict[str, Any]], root: str, prefix_url: str) -> 
                 continue
             layout = dir_layout(name, children.get(path, set()))
             if layout:
-                found.append(_dir_checkpoint(path, layout, listing, root, prefix_url))
-                claimed.add(path)
+                found.append(_dir_checkpoint(path, layout, listing, root, prefix_url, keys))
             else:
                 walk(path)
         for name in sorted(children.get(folder, ())):
@@ -160,14 +161,18 @@ def discover(listing: dict[str, dict[str, Any]], root: str, prefix_url: str) -> 
     return found
 
 
+def _subtree(keys: list[str], path: str) -> list[str]:
+    """Return the sorted keys under `path/`: one bisect, not a scan of the whole listing."""
+    # "0" is the character after "/": [path + "/", path + "0") is exactly the subtree.
+    return keys[bisect.bisect_left(keys, path + "/") : bisect.bisect_left(keys, path + "0")]
+
+
 def _dir_checkpoint(
-    path: str, layout: str, listing: dict[str, dict[str, Any]], root: str, prefix_url: str
+    path: str, layout: str, listing: dict[str, dict[str, Any]], root: str, prefix_url: str,
+    keys: list[str] | None = None,
 ) -> Checkpoint:
-    files = {
-        p[len(path) + 1 :]: info
-        for p, info in listing.items()
-        if p.startswith(path + "/") and info.get("type") != "directory"
-    }
+    keys = sorted(listing) if keys is None else keys
+    files = {p[len(path) + 1 :]: listing[p] for p in _subtree(keys, path) if listing[p].get("type") != "directory"}
     manifest = files.pop(MANIFEST_NAME, None)
     saving = files.pop(SAVING_MARKER, None)  # never part of the checkpoint, even when left behind
     parent = posixpath.dirname(path)

@@ -262,8 +262,10 @@ class Reader:
                 if i + READAHEAD < len(ranges):
                     pending.append(pool.submit(fetch, *ranges[i + READAHEAD]))
                 self._count(len(chunk))
+                short = len(chunk) < ranges[i][1] - ranges[i][0]
                 yield chunk
-                if len(chunk) < ranges[i][1] - ranges[i][0]:
+                del chunk
+                if short:
                     # The object shrank under us: the digest will say so; stop asking for more.
                     for fut in pending:
                         fut.cancel()
@@ -290,6 +292,7 @@ class Reader:
                             self._count(len(chunk))
                             attempt = 0
                             yield chunk
+                            del chunk
                     return
                 except (FileNotFoundError, Abandoned):
                     raise

@@ -1,0 +1,461 @@
+#!/usr/bin/env python
+"""The daemon (`auditor run`) on 5 local prefixes: pass time, peak RSS, and HTTP latency during a scan.
+
+Writes --count sealed Hugging Face Trainer checkpoints (default 2,000; full size 10,000), spread over
+--prefixes prefixes (default 5) as `prefix-P/run-RRR/checkpoint-N/`, 100 per run. Each is tiny but
+complete, so the content tier says `ok` and loads real torch objects as it would in production:
+model.safetensors (64 floats), optimizer.pt (AdamW state), scheduler.pt, rng_state.pth (python, numpy,
+torch states), trainer_state.json and ckpt-manifest.json (built with the library's Manifest and digests).
+
+The daemon runs as a real process (tests/daemon.py DaemonProcess: `python -m auditor run --config ...`),
+with shallow_interval 1h (so exactly one pass per prefix runs), settle_time 0s, deep and probe
+intervals 30d, jitter 0, jobs --jobs. Two daemon runs on the same state database:
+
+  first-sight  the first pass over unknown checkpoints: list + metadata tier for all, then the content
+               tier for all (never verified before), recorded in the state database;
+  metadata     the daemon restarted on that state: its pass is the regular metadata cycle (list, stat,
+               manifest; nothing is due for a deep check).
+
+For each: the pass time per prefix (the `"event": "scan"` log lines' duration_seconds, cross-checked
+with ckpt_scan_duration_seconds on /metrics), the daemon's peak RSS (VmHWM from /proc just before it
+is stopped, and psutil polling every 50 ms), and the latency of GET /metrics and
+GET /api/v1/checkpoints?prefix=... (one prefix's verdicts) measured from this process with a bounded
+loop of sequential requests while the passes run; requests whose start falls inside a pass window
+([end - duration, end] of a scan event) count as "during a scan". Every 10th request is an unfiltered
+/api/v1/checkpoints (every checkpoint of every prefix), reported apart. Targets: RSS < 500 MiB, p99 <
+200 ms for /metrics and /api/v1/checkpoints?prefix=.
+
+    python benchmarks/bench_daemon.py                  # 2,000 checkpoints
+    python benchmarks/bench_daemon.py --count 10000    # full size
+"""
+
+from __future__ import annotations
+
+import calendar
+import io
+import json
+import math
+import os
+import random
+import statistics
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from _common import MiB, base_parser, check, emit, human_bytes, log, workdir  # noqa: E402
+
+TARGET_RSS_MIB = 500.0
+TARGET_P99_MS = 200.0
+PER_RUN = 100
+
+
+# ------------------------------------------------------------------ the prefixes
+
+
+def template_files() -> dict[str, bytes]:
+    """The files every checkpoint shares (the step-dependent ones are made per checkpoint)."""
+    import numpy as np
+    import torch
+
+    data = np.arange(64, dtype=np.float32).tobytes()
+    header = json.dumps({"w": {"dtype": "F32", "shape": [64], "data_offsets": [0, len(data)]}}).encode()
+    header += b" " * (-(8 + len(header)) % 8)
+    out = {"model.safetensors": struct.pack("<Q", len(header)) + header + data}
+    buf = io.BytesIO()
+    groups = [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "amsgrad": False,
+               "params": [0]}]
+    torch.save({"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(64), "exp_avg_sq": torch.zeros(64)}},
+                "param_groups": groups}, buf)
+    out["optimizer.pt"] = buf.getvalue()
+    buf = io.BytesIO()
+    torch.save({"python": random.Random(0).getstate(), "numpy": np.random.RandomState(0).get_state(),
+                "cpu": torch.random.get_rng_state()}, buf)
+    out["rng_state.pth"] = buf.getvalue()
+    return out
+
+
+def scheduler_bytes(step: int) -> bytes:
+    import torch
+
+    dummy = torch.nn.Parameter(torch.zeros(1))
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW([dummy], lr=1e-4), lambda s: 1.0)
+    state = sched.state_dict()
+    state.pop("lr_lambdas", None)
+    state["last_epoch"], state["_step_count"] = step, step + 1
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def build_prefixes(root: Path, count: int, prefixes: int) -> tuple[list[Path], int, int]:
+    """Write `count` sealed checkpoints over `prefixes` folders; return (prefix paths, files, bytes)."""
+    from auditor import completeness
+    from auditor.digests import digest_bytes
+    from auditor.manifest import SCHEMA, FileEntry, Manifest, now_utc
+    from auditor.writer import environment
+
+    env, created, common = environment(), now_utc(), template_files()
+    digests = {name: digest_bytes(data) for name, data in common.items()}
+    schedulers: dict[int, bytes] = {}
+    paths = [root / f"prefix-{p}" for p in range(prefixes)]
+    files = size = 0
+    for p, prefix in enumerate(paths):
+        n = count // prefixes + (1 if p < count % prefixes else 0)
+        runs = max(1, math.ceil(n / PER_RUN))
+        for k in range(n):
+            run, step = k % runs, (k // runs + 1) * 500
+            folder = prefix / f"run-{run:03d}" / f"checkpoint-{step}"
+            folder.mkdir(parents=True)
+            if step not in schedulers:
+                schedulers[step] = scheduler_bytes(step)
+            data = dict(common)
+            data["scheduler.pt"] = schedulers[step]
+            data["trainer_state.json"] = json.dumps({"global_step": step, "log_history": []}).encode()
+            entries = []
+            for name, blob in sorted(data.items()):
+                d = digests[name] if name in common else digest_bytes(blob)
+                entries.append(FileEntry(path=name, size=d.size, sha256=d.sha256, crc32c=d.crc32c))
+                (folder / name).write_bytes(blob)
+            manifest = Manifest(schema=SCHEMA, step=step, created_at=created, files=entries,
+                                training_state=completeness.inventory(data, step=step), environment=env)
+            blob = manifest.to_json()
+            (folder / "ckpt-manifest.json").write_bytes(blob)
+            files += len(data) + 1
+            size += sum(len(b) for b in data.values()) + len(blob)
+    return paths, files, size
+
+
+# ------------------------------------------------------------------ one daemon run
+
+
+def scan_events(log_path: Path) -> list[dict[str, Any]]:
+    out = []
+    if not log_path.exists():
+        return out
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if '"scan"' not in line:
+                continue
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("event") == "scan" and "duration_seconds" in doc:
+                ts = doc["ts"]
+                end = calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) + int(ts[20:23]) / 1000
+                doc["end"] = end
+                doc["start"] = end - float(doc["duration_seconds"])
+                out.append(doc)
+    return out
+
+
+def log_levels(log_path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                level = json.loads(line).get("level", "?")
+            except ValueError:
+                level = "unparsed"
+            counts[level] = counts.get(level, 0) + 1
+    return counts
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def summarize(samples: list[tuple[float, float, str, int, int]], windows: list[tuple[float, float]]) -> dict[str, Any]:
+    """Latency figures per endpoint, for requests started during a pass and outside any."""
+    out: dict[str, Any] = {}
+    for kind in ("metrics", "checkpoints", "checkpoints_all"):
+        for where in ("during", "idle"):
+            lat = [ms for t, ms, k, status, _ in samples if k == kind and status == 200
+                   and any(a <= t <= b for a, b in windows) == (where == "during")]
+            out[f"{kind}_{where}"] = {
+                "n": len(lat),
+                "p50_ms": round(statistics.median(lat), 2) if lat else None,
+                "p99_ms": round(percentile(lat, 99), 2) if lat else None,
+                "max_ms": round(max(lat), 2) if lat else None,
+            }
+    sizes = {k: max((n for _, _, kk, _, n in samples if kk == k), default=0)
+             for k in ("metrics", "checkpoints", "checkpoints_all")}
+    out["response_bytes"] = sizes
+    out["errors"] = sum(1 for s in samples if s[3] != 200)
+    return out
+
+
+def py_spy() -> str | None:
+    import shutil
+
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def profile_summary(raw: Path, top: int = 25) -> dict[str, Any]:
+    """Aggregate py-spy's raw (collapsed) stacks: own time by frame, inclusive time of auditor frames."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        frames = stack.split(";")[1:]  # the first is the thread
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for f in {f for f in frames if "(auditor/" in f}:
+            incl[f] = incl.get(f, 0) + count
+
+    def rows(d: dict[str, int]) -> list[list[Any]]:
+        return [[round(v / total, 3), k] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"samples": total, "own": rows(own), "inclusive_auditor": rows(incl)}
+
+
+def run_daemon(name: str, tmp: Path, prefixes: list[Path], state: Path, args: Any, *, rate: float,
+               profile: bool = False) -> dict[str, Any]:
+    import psutil
+    import requests
+    from daemon import DaemonProcess
+
+    urls = [str(p) for p in prefixes]
+    scan = {"shallow_interval": "1h", "deep_interval": "30d", "probe_interval": "30d", "settle_time": "0s",
+            "jobs": args.jobs, "jitter": 0.0}
+    d = DaemonProcess(tmp, [{"url": u} for u in urls], scan=scan, state=state)
+    t0 = time.time()
+    d.start(wait_ready=False)
+    assert d.proc is not None
+    proc = psutil.Process(d.proc.pid)
+    polled = {"peak": 0, "n": 0}
+    stop_poll = threading.Event()
+
+    def poll() -> None:
+        while not stop_poll.is_set():
+            try:
+                polled["peak"] = max(polled["peak"], proc.memory_info().rss)
+                polled["n"] += 1
+            except psutil.Error:
+                return
+            stop_poll.wait(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    spy = None
+    raw = tmp / f"py-spy-{d.port}.txt"
+    if profile and py_spy():
+        import subprocess
+
+        spy = subprocess.Popen([py_spy(), "record", "--nonblocking", "--threads", "-r", "100", "--format", "raw",
+                                "-o", str(raw), "-p", str(d.proc.pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        d.wait(lambda: d.get("/readyz").status_code == 200, 120, "readyz")
+        ready = time.time() - t0
+        session = requests.Session()
+        samples: list[tuple[float, float, str, int, int]] = []
+
+        def get(kind: str, path: str) -> None:
+            started, t = time.time(), time.perf_counter()
+            try:
+                r = session.get(d.url + path, timeout=60)
+                status, size = r.status_code, len(r.content)
+            except requests.RequestException:
+                status, size = 0, 0
+            samples.append((started, (time.perf_counter() - t) * 1000, kind, status, size))
+
+        deadline = time.monotonic() + args.max_seconds
+        period = 1.0 / rate if rate > 0 else 0.5
+        i = 0
+        events: list[dict[str, Any]] = []
+        next_check = next_request = time.monotonic()
+        while time.monotonic() < deadline and i < args.max_requests:
+            if d.proc.poll() is not None:
+                raise SystemExit(f"bench_daemon: the daemon exited with {d.proc.returncode}:\n{d.tail()}")
+            now = time.monotonic()
+            if rate > 0 and now >= next_request:
+                # Paced, sequential: a late request does not make the next one come sooner than `period`.
+                next_request = max(next_request + period, now)
+                if i % 2 == 0:
+                    get("metrics", "/metrics")
+                else:
+                    get("checkpoints", "/api/v1/checkpoints?prefix=" + urls[(i // 2) % len(urls)])
+                i += 1
+            if time.monotonic() >= next_check:
+                events = scan_events(d.log)
+                next_check = time.monotonic() + 0.5
+                if len({e["prefix"] for e in events}) >= len(urls):
+                    break
+            time.sleep(max(0.0, min(next_request, next_check) - time.monotonic()))
+        events = scan_events(d.log)
+        if len({e["prefix"] for e in events}) < len(urls):
+            raise SystemExit(f"bench_daemon: {name}: only {len(events)} of {len(urls)} passes ended within "
+                             f"{args.max_seconds:.0f}s / {args.max_requests} requests:\n{d.tail()}")
+        # After the passes: idle figures, and a few unfiltered /api/v1/checkpoints (every checkpoint).
+        for j in range(40):
+            if j % 2 == 0:
+                get("metrics", "/metrics")
+            else:
+                get("checkpoints", "/api/v1/checkpoints?prefix=" + urls[j % len(urls)])
+        for _ in range(5):
+            get("checkpoints_all", "/api/v1/checkpoints")
+        metrics = d.metrics()
+        hwm_kib = next(int(line.split()[1]) for line in open(f"/proc/{d.proc.pid}/status")
+                       if line.startswith("VmHWM:"))
+        rss_now = proc.memory_info().rss
+        api = d.get("/api/v1/status").json()
+    finally:
+        stop_poll.set()
+        poller.join(2)
+        if spy is not None:
+            import signal
+
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+        if d.proc.poll() is None:
+            code, stop_s = d.stop()
+        else:
+            code, stop_s = d.proc.returncode, 0.0
+    windows = [(e["start"], e["end"]) for e in events]
+    durations = {e["prefix"]: float(e["duration_seconds"]) for e in events}
+    scan_metric = {u: metrics.get(("ckpt_scan_duration_seconds", (("prefix", u),))) for u in urls}
+    checkpoints = sum(int(e.get("checkpoints", 0)) for e in events)
+    summaries: dict[str, int] = {}
+    for e in events:
+        for status, n in (e.get("summary") or {}).items():
+            summaries[status] = summaries.get(status, 0) + n
+    first_start = min(s for s, _ in windows)
+    last_end = max(e for _, e in windows)
+    busy, cur = 0.0, None  # the time during which at least one pass ran (passes start staggered by 0-5 s)
+    for a, b in sorted(windows):
+        if cur is None or a > cur[1]:
+            busy += 0 if cur is None else cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    busy += cur[1] - cur[0] if cur else 0
+    lat = summarize(samples, windows)
+    result = {
+        "ready_seconds": round(ready, 2),
+        "checkpoints": checkpoints,
+        "statuses": summaries,
+        "pass_seconds": {Path(u).name: round(durations[u], 3) for u in urls},
+        "pass_seconds_max": round(max(durations.values()), 3),
+        "pass_seconds_sum": round(sum(durations.values()), 3),
+        "passes_wall_seconds": round(last_end - first_start, 3),
+        "passes_busy_seconds": round(busy, 3),
+        "checkpoints_per_s": round(checkpoints / busy, 1),
+        "scan_duration_metric": {Path(u).name: scan_metric[u] for u in urls},
+        "peak_rss_mib": round(hwm_kib / 1024, 1),
+        "polled_peak_rss_mib": round(polled["peak"] / MiB, 1),
+        "rss_after_mib": round(rss_now / MiB, 1),
+        "rss_polls": polled["n"],
+        "requests": len(samples),
+        "latency": lat,
+        "stop_exit_code": code,
+        "stop_seconds": round(stop_s, 2),
+        "log_lines": log_levels(d.log),
+        "status_api_prefixes": len(api.get("prefixes", [])),
+    }
+    if spy is not None and raw.exists():
+        result["profile"] = profile_summary(raw)
+        prof = result["profile"]
+        log(f"{name}: py-spy, {prof['samples']} samples of the daemon's busy threads (100 Hz; shares of samples)"
+            f"\n  own time:\n" + "\n".join(f"    {share:6.1%}  {fn}" for share, fn in prof["own"][:15])
+            + "\n  inclusive, auditor functions:\n"
+            + "\n".join(f"    {share:6.1%}  {fn}" for share, fn in prof["inclusive_auditor"][:20]))
+    l = lat
+    log(f"{name}: {checkpoints} checkpoints in {len(urls)} passes, {result['passes_wall_seconds']:.1f}s from the first "
+        f"start to the last end, {busy:.1f}s with a pass running "
+        f"(per prefix {', '.join(f'{v:.1f}s' for v in result['pass_seconds'].values())}; "
+        f"{result['checkpoints_per_s']:.0f} checkpoints/s); statuses {summaries}\n"
+        f"  peak RSS {result['peak_rss_mib']:.0f} MiB (VmHWM; polled {result['polled_peak_rss_mib']:.0f} MiB)\n"
+        f"  during the passes: /metrics p50 {l['metrics_during']['p50_ms']} ms p99 {l['metrics_during']['p99_ms']} ms "
+        f"(n={l['metrics_during']['n']}); /api/v1/checkpoints?prefix= p50 {l['checkpoints_during']['p50_ms']} ms "
+        f"p99 {l['checkpoints_during']['p99_ms']} ms (n={l['checkpoints_during']['n']}); unfiltered "
+        f"/api/v1/checkpoints p99 {l['checkpoints_all_during']['p99_ms']} ms (n={l['checkpoints_all_during']['n']}, "
+        f"{human_bytes(l['response_bytes']['checkpoints_all'])})\n"
+        f"  idle: /metrics p99 {l['metrics_idle']['p99_ms']} ms, /api/v1/checkpoints?prefix= p99 "
+        f"{l['checkpoints_idle']['p99_ms']} ms; stopped with exit {code} in {stop_s:.1f}s")
+    return result
+
+
+def main() -> None:
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=2000, help="checkpoints in all (default 2000; full 10000)")
+    p.add_argument("--prefixes", type=int, default=5, help="prefixes (default 5)")
+    p.add_argument("--jobs", type=int, default=4, help="scan.jobs (default 4, the product default)")
+    p.add_argument("--max-requests", type=int, default=20000, help="bound on the request loop per daemon run")
+    p.add_argument("--max-seconds", type=float, default=900.0, help="bound on each daemon run's passes")
+    p.add_argument("--no-restart", action="store_true",
+                   help="run the daemon once: only the first-sight pass is measured")
+    p.add_argument("--profile", action="store_true",
+                   help="sample the daemon with py-spy during both runs; top functions on stderr and in the JSON")
+    args = p.parse_args()
+    runs: dict[str, dict[str, Any]] = {}
+    with workdir(args.workdir, args.keep, "bench-daemon-") as tmp:
+        t0 = time.perf_counter()
+        prefixes, files, size = build_prefixes(tmp / "data", args.count, args.prefixes)
+        log(f"wrote {args.count} sealed checkpoints ({files} files, {human_bytes(size)}) over {args.prefixes} "
+            f"prefixes in {time.perf_counter() - t0:.1f}s")
+        state = tmp / "state.db"
+        runs["first_sight"] = run_daemon("first-sight pass (metadata + content for every new checkpoint)",
+                                         tmp, prefixes, state, args, args.profile)
+        if not args.no_restart:
+            runs["metadata"] = run_daemon("metadata pass (daemon restarted on the same state)", tmp, prefixes,
+                                          state, args, args.profile)
+        state_bytes = state.stat().st_size
+    main_run = runs.get("metadata") or runs["first_sight"]
+    worst_rss = max(r["peak_rss_mib"] for r in runs.values())
+
+    def worst(key: str) -> float:
+        vals = [r["latency"][key]["p99_ms"] for r in runs.values() if r["latency"][key]["p99_ms"] is not None]
+        return max(vals) if vals else float("nan")
+
+    doc: dict[str, Any] = {
+        "benchmark": "daemon",
+        "loadavg_end": os.getloadavg(),
+        "checkpoints": args.count,
+        "prefixes": args.prefixes,
+        "jobs": args.jobs,
+        "files": files,
+        "data_bytes": size,
+        "state_db_bytes": state_bytes,
+        "metadata_pass_wall_seconds": main_run["passes_wall_seconds"],
+        "metadata_pass_busy_seconds": main_run["passes_busy_seconds"],
+        "metadata_pass_seconds_max": main_run["pass_seconds_max"],
+        "metadata_checkpoints_per_s": main_run["checkpoints_per_s"],
+        "first_sight_pass_wall_seconds": runs["first_sight"]["passes_wall_seconds"],
+        "first_sight_pass_busy_seconds": runs["first_sight"]["passes_busy_seconds"],
+        "first_sight_checkpoints_per_s": runs["first_sight"]["checkpoints_per_s"],
+        "peak_rss_mib": worst_rss,
+        "metrics_p99_ms_during_scan": worst("metrics_during"),
+        "checkpoints_p99_ms_during_scan": worst("checkpoints_during"),
+        "checkpoints_all_p99_ms_during_scan": worst("checkpoints_all_during"),
+        "runs": runs,
+        "checks": [
+            check("daemon peak RSS (VmHWM, worst of both runs)", worst_rss, "<", TARGET_RSS_MIB, unit="MiB"),
+            check("GET /metrics p99 during a scan", worst("metrics_during"), "<", TARGET_P99_MS, unit="ms"),
+            check("GET /api/v1/checkpoints?prefix= p99 during a scan", worst("checkpoints_during"), "<",
+                  TARGET_P99_MS, unit="ms"),
+        ],
+    }
+    emit(doc)
+
+
+if __name__ == "__main__":
+    main()
