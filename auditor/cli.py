@@ -83,9 +83,10 @@ def _config(path: str | None) -> Config:
 @click.option("-v", "--verbose", count=True, help="More logs on stderr (JSON lines).")
 def main(verbose: int) -> None:
     """Seal, verify and watch machine-learning training checkpoints."""
-    from auditor import logs
+    from auditor import logs, storage
 
     logs.configure("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
+    storage.release_large_buffers()
 
 
 @main.command()

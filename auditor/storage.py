@@ -27,9 +27,10 @@ class Abandoned(StorageFault):
 
 
 HTTP_TIMEOUT = 60.0
-# Ranges of one remote file fetched ahead of the digest: latency hides behind hashing, memory
-# stays at READAHEAD x CHUNK_SIZE per file being read.
+# Ranges of one remote file fetched ahead of the digest: latency hides behind hashing. At most
+# READAHEAD per file and RANGE_BUDGET across all files of a reader are in memory at once.
 READAHEAD = 4
+RANGE_BUDGET = 6
 
 
 def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
@@ -162,11 +163,13 @@ class Reader:
         read_slots: threading.Semaphore | None = None,
         stop: threading.Event | None = None,
         stat_slots: threading.Semaphore | None = None,
+        range_budget: threading.Semaphore | None = None,
     ) -> None:
         self.fs = fs
         self.stop = stop
         # Listing and stat calls have their own limit, so metadata work never waits behind data reads.
         self.stat_slots = stat_slots or threading.BoundedSemaphore(8)
+        self.range_budget = range_budget or threading.BoundedSemaphore(RANGE_BUDGET)
         self.chunk_size = chunk_size
         self.throttle = throttle or Throttle(0)
         self.retries = retries
@@ -189,6 +192,7 @@ class Reader:
             read_slots=self.read_slots,
             stop=self.stop,
             stat_slots=self.stat_slots,
+            range_budget=self.range_budget,
         )
         return kid
 
@@ -255,21 +259,31 @@ class Reader:
             return self._retrying(f"read {path} [{lo}, {hi})", lambda: self.fs.cat_file(path, start=lo, end=hi, **kw))
 
         ranges = [(lo, min(lo + self.chunk_size, end)) for lo in range(start, end, self.chunk_size)]
+        pending: list[Any] = []
+        nxt = 0
         with self.read_slots, ThreadPoolExecutor(READAHEAD, thread_name_prefix="auditor-range") as pool:
-            pending = [pool.submit(fetch, lo, hi) for lo, hi in ranges[:READAHEAD]]
-            for i in range(len(ranges)):
-                chunk = pending.pop(0).result()
-                if i + READAHEAD < len(ranges):
-                    pending.append(pool.submit(fetch, *ranges[i + READAHEAD]))
-                self._count(len(chunk))
-                short = len(chunk) < ranges[i][1] - ranges[i][0]
-                yield chunk
-                del chunk
-                if short:
-                    # The object shrank under us: the digest will say so; stop asking for more.
-                    for fut in pending:
-                        fut.cancel()
-                    return
+            try:
+                for i in range(len(ranges)):
+                    # Keep up to READAHEAD ranges in flight while the shared budget allows; with
+                    # nothing in flight, wait for budget, so every file makes progress.
+                    while nxt < len(ranges) and len(pending) < READAHEAD and \
+                            self.range_budget.acquire(blocking=not pending):
+                        pending.append(pool.submit(fetch, *ranges[nxt]))
+                        nxt += 1
+                    try:
+                        chunk = pending.pop(0).result()
+                    finally:
+                        self.range_budget.release()
+                    self._count(len(chunk))
+                    short = len(chunk) < ranges[i][1] - ranges[i][0]
+                    yield chunk
+                    del chunk
+                    if short:
+                        return  # the object shrank under us: the digest will say so
+            finally:
+                for fut in pending:
+                    fut.cancel()
+                    self.range_budget.release()
 
     def _stream(self, path: str, start: int = 0, end: int | None = None, **open_kw: Any) -> Iterator[bytes]:
         pos = start
@@ -412,3 +426,24 @@ def own_retries(fs: AbstractFileSystem) -> int:
     if protos & {"s3", "s3a"}:
         return 1  # botocore: 5 attempts
     return 4
+
+
+def release_large_buffers() -> None:
+    """Keep glibc from hoarding freed read buffers in per-thread arenas.
+
+    After the first large free glibc serves 8 MiB chunks from the arena of whichever reader thread
+    asks, and each arena keeps what it freed: with a pool of readers RSS creeps far above what is
+    live (measured: 389 MiB instead of 259 MiB for a 2 GiB remote verify). Two arenas reuse freed
+    chunks; a fixed mmap threshold would too, but costs a page-fault storm per chunk (-30 % rate).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
