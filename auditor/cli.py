@@ -241,7 +241,7 @@ def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
             doc = server.remote_get(daemon, "/api/v1/status")
         else:
             cfg = _config(config_path)
-            store = state.open_state(cfg.state.url)
+            store = state.open_state(cfg.state.url, create=False)
             try:
                 doc = {"prefixes": [
                     {"prefix": p.url, "counts": store.counts(p.url),

@@ -318,10 +318,12 @@ _BYTES = frozenset({"corrupt", "missing", "incomplete", "unsafe", "unverifiable"
 COVERS = {"metadata": frozenset({"unverifiable"}), "content": _BYTES, "probe": _BYTES | {"drift"}}
 
 
-def open_state(url: str) -> State:
+def open_state(url: str, *, create: bool = True) -> State:
     """Open (creating or migrating) the state database; StateError if it is unusable or too new."""
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         path = url[len("sqlite:///"):]
+        if not create and not os.path.exists(path):
+            raise StateError(f"no state database at {path}: pass --config naming the daemon's, or --daemon URL")
         folder = os.path.dirname(path)
         if folder and not os.path.isdir(folder):
             try:

@@ -93,3 +93,20 @@ def test_jobs_flag_gives_same_verdicts(prefix):
     one = json.loads(CliRunner().invoke(main, ["rescan", "--prefix", str(prefix), "--json", "--jobs", "1"]).stdout)
     many = json.loads(CliRunner().invoke(main, ["rescan", "--prefix", str(prefix), "--json", "--jobs", "8"]).stdout)
     assert one["summary"] == many["summary"] == {"ok": 2}
+
+
+def test_rescan_with_config_records_verdicts_for_status_and_latest(tmp_path, prefix):
+    cfg = tmp_path / "auditor.yaml"
+    cfg.write_text(f"state: {{url: 'sqlite:///{tmp_path}/state.db'}}\nscan: {{settle_time: 0s}}\n"
+                   f"prefixes: [{{url: '{prefix}'}}]\n")
+    flip_bit(fsspec.filesystem("file"), str(prefix / "run1/checkpoint-200/model.safetensors"))
+    assert CliRunner().invoke(main, ["rescan", "--prefix", str(prefix), "--config", str(cfg)]).exit_code == 1
+    status = CliRunner().invoke(main, ["status", "--config", str(cfg), "--json"])
+    assert status.exit_code == 1
+    counts = json.loads(status.stdout)["prefixes"][0]["counts"]
+    assert counts == {"ok": 1, "corrupt": 1}
+    # latest reads the state database: no file is read, and the corrupt newer step is skipped.
+    latest = CliRunner().invoke(main, ["latest", "--prefix", str(prefix), "--config", str(cfg)])
+    assert latest.exit_code == 0 and latest.stdout.strip().endswith("run1/checkpoint-100")
+    none = CliRunner().invoke(main, ["latest", "--prefix", str(prefix), "--config", str(cfg), "--run", "nope"])
+    assert none.exit_code == 1
