@@ -218,8 +218,10 @@ def reduce_outputs(flat: Any) -> tuple[Any, dict[str, str]]:
     n = flat.numel()
     if n <= FULL_REFERENCE_MAX:
         return flat.clone(), {"reduction": "full", "count": str(n)}
+    # Indices drawn with replacement: O(sample), where a permutation of an LLM's logits would cost
+    # seconds and a 400 MB index tensor. Same seed, same indices, on every machine.
     g = torch.Generator().manual_seed(REDUCTION_SEED)
-    idx = torch.randperm(n, generator=g)[:FULL_REFERENCE_MAX].sort().values
+    idx = torch.randint(0, n, (FULL_REFERENCE_MAX,), generator=g).sort().values
     return flat[idx].clone(), {"reduction": "sample", "seed": str(REDUCTION_SEED), "count": str(FULL_REFERENCE_MAX)}
 
 
@@ -254,6 +256,7 @@ def forward(request: dict[str, Any]) -> dict[str, Any]:
             with torch.no_grad():
                 for key in weights.shapes:
                     own[key].copy_(weights.get(key))
+            del weights, own  # unmap the checkpoint's files before the forward pass needs the memory
     except pickles.UnsafePickleError as e:
         return {"unsafe": {"path": os.path.relpath(e.path, root), "globals": list(e.globals)}}
     model.eval()
@@ -261,7 +264,7 @@ def forward(request: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         out = model(next(iter(batch.values()))) if len(batch) == 1 else model(**batch)
     tensor = _first_tensor(out).detach().to(torch.float32).contiguous()
-    digest = hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+    digest = hashlib.sha256(tensor.numpy().data).hexdigest()  # the buffer itself, no copy
     values, meta = reduce_outputs(tensor.flatten())
     save_file({"values": values}, request["out"], metadata=meta)
     return {"sha256": digest, "dtype": "float32", "shape": list(tensor.shape), "reduction": meta}
