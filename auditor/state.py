@@ -292,7 +292,11 @@ class State:
                 q = q.where(checkpoints.c.prefix == prefix)
             rows = conn.execute(q.order_by(checkpoints.c.prefix, checkpoints.c.run, checkpoints.c.step,
                                            checkpoints.c.url)).mappings().all()
-            tiers = conn.execute(sa.select(latest)).mappings().all()
+            tq = sa.select(latest).join(checkpoints, checkpoints.c.id == latest.c.checkpoint_id).where(
+                checkpoints.c.gone.is_(False))
+            if prefix is not None:
+                tq = tq.where(checkpoints.c.prefix == prefix)
+            tiers = conn.execute(tq).mappings().all()
         by_id: dict[int, dict[str, Any]] = {}
         for t in tiers:
             by_id.setdefault(t["checkpoint_id"], {})[t["tier"]] = {"status": t["status"], "at": t["at"],

@@ -43,7 +43,16 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import MiB, base_parser, check, drop_logging_noise, emit, human_bytes, log, workdir  # noqa: E402
+from _common import (  # noqa: E402
+    MiB,
+    base_parser,
+    check,
+    drop_logging_noise,
+    emit,
+    human_bytes,
+    log,
+    workdir,
+)
 
 TARGET_TIME_RATIO = 1.5
 TARGET_RSS_RATIO = 2.0

@@ -91,7 +91,7 @@ def auditor_cmd() -> list[str]:
 
 def storage_flags(endpoint: str) -> list[str]:
     return ["-o", f"endpoint_url={endpoint}", "-o", f"key={S3_KEY}", "-o", f"secret={S3_SECRET}",
-            "-o", "client_kwargs={region_name: %s}" % REGION]
+            "-o", f"client_kwargs={{region_name: {REGION}}}"]
 
 
 def child_env() -> dict[str, str]:
@@ -374,12 +374,12 @@ def part_content(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str,
         "content_repeats": args.repeats,
     }
     checks = []
-    lines = [f"content tier on S3 (moto direct), {human_bytes(big)} in {count} objects "
-             f"({human_bytes(args.shard_size)} shards), median of {args.repeats}:"]
+    lines = [(f"content tier on S3 (moto direct), {human_bytes(big)} in {count} objects "
+              f"({human_bytes(args.shard_size)} shards), median of {args.repeats}:")]
     for mode in args.moto_ranges:
         MotoRanges.s3like = mode == "s3like"
         times: dict[str, list[float]] = {k: [] for k in ("rclone", "auditor", "rclone_tiny", "auditor_tiny",
-                                                          "ref_whole", "ref_ranged")}
+                                                          "ref_whole", "ref_ranged", "floor", "floor_torch")}
         for r in range(args.repeats):
             order = ("rclone", "auditor") if r % 2 == 0 else ("auditor", "rclone")
             for tool in order:
@@ -387,6 +387,10 @@ def part_content(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str,
                 times[f"{tool}_tiny"].append(run_rclone("tiny") if tool == "rclone" else run_auditor("tiny"))
             times["ref_whole"].append(run_reader("whole"))
             times["ref_ranged"].append(run_reader("ranged"))
+            # What a verify costs before any work: the interpreter with the CLI and s3fs; and with torch,
+            # which the training-state checks (optimizer.pt, rng_state.pth) import.
+            times["floor"].append(timed([sys.executable, "-c", "import auditor.cli, s3fs"])[0])
+            times["floor_torch"].append(timed([sys.executable, "-c", "import auditor.cli, s3fs, torch"])[0])
             log(f"content [{mode} ranged GETs] round {r + 1}: rclone {times['rclone'][-1]:.2f}s "
                 f"(tiny {times['rclone_tiny'][-1]:.2f}s) | auditor {times['auditor'][-1]:.2f}s "
                 f"(tiny {times['auditor_tiny'][-1]:.2f}s) | readers: whole-object {times['ref_whole'][-1]:.2f}s, "
@@ -412,20 +416,25 @@ def part_content(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str,
             f"{key}ratio_marginal": round(marginal["auditor"] / marginal["rclone"], 3),
             f"{key}reader_whole_object_mb_s": round(rate["ref_whole"], 1),
             f"{key}reader_ranged_8mib_mb_s": round(rate["ref_ranged"], 1),
+            f"{key}floor_import_seconds": round(med["floor"], 3),
+            f"{key}floor_import_torch_seconds": round(med["floor_torch"], 3),
             f"{key}content_times": {k: [round(x, 3) for x in v] for k, v in times.items()},
         })
         label = ("S3-like ranged GETs (O(range))" if mode == "s3like"
                  else "stock moto ranged GETs (each reads the whole object)")
         lines += [
             f"  [{label}]",
-            f"    rclone hashsum sha256 --download  {med['rclone']:6.2f}s = {rate['rclone']:6.1f} MB/s "
-            f"(tiny checkpoint {med['rclone_tiny']:.2f}s; marginal {marginal['rclone']:.1f} MB/s)",
-            f"    auditor verify --tier content      {med['auditor']:6.2f}s = {rate['auditor']:6.1f} MB/s "
-            f"(tiny checkpoint {med['auditor_tiny']:.2f}s; marginal {marginal['auditor']:.1f} MB/s)",
-            f"    ratio auditor/rclone {ratio:.2f} (target >= {TARGET_RATIO}) "
-            f"{'OK' if ratio >= TARGET_RATIO else 'MISSED'}; marginal ratio {marginal['auditor'] / marginal['rclone']:.2f}",
-            f"    server ceiling, no hashing: one GET per object x8 {rate['ref_whole']:.1f} MB/s; "
-            f"8 MiB ranges x4 per object x4 objects {rate['ref_ranged']:.1f} MB/s",
+            (f"    rclone hashsum sha256 --download  {med['rclone']:6.2f}s = {rate['rclone']:6.1f} MB/s "
+             f"(tiny checkpoint {med['rclone_tiny']:.2f}s; marginal {marginal['rclone']:.1f} MB/s)"),
+            (f"    auditor verify --tier content      {med['auditor']:6.2f}s = {rate['auditor']:6.1f} MB/s "
+             f"(tiny checkpoint {med['auditor_tiny']:.2f}s; marginal {marginal['auditor']:.1f} MB/s)"),
+            (f"    ratio auditor/rclone {ratio:.2f} (target >= {TARGET_RATIO}) "
+             f"{'OK' if ratio >= TARGET_RATIO else 'MISSED'}; "
+             f"marginal ratio {marginal['auditor'] / marginal['rclone']:.2f}"),
+            (f"    server ceiling, no hashing: one GET per object x8 {rate['ref_whole']:.1f} MB/s; "
+             f"8 MiB ranges x4 per object x4 objects {rate['ref_ranged']:.1f} MB/s"),
+            (f"    fixed cost: python -c 'import auditor.cli, s3fs' {med['floor']:.2f}s, + torch "
+             f"{med['floor_torch']:.2f}s (the tiny-checkpoint verify takes {med['auditor_tiny']:.2f}s)"),
         ]
         if mode == "s3like":  # stock moto's ranged GETs measure moto, not the auditor: a figure, not a check
             checks.append(check(f"S3 content tier, {human_bytes(big)}: auditor MB/s / rclone hashsum MB/s "
@@ -525,6 +534,8 @@ def part_metadata(s3: Any, args: Any) -> tuple[dict[str, Any], list[dict[str, An
 
     cli = auditor_cmd()
     cmd = cli + ["rescan", "--prefix", backend.url, "--tier", "metadata", "--json"] + storage_flags(s3.proxy.url)
+    if args.metadata_jobs:
+        cmd += ["--jobs", str(args.metadata_jobs)]
     # Warm-up on a sibling bucket of a few checkpoints (imports, moto's first requests), not counted.
     warm = s3.new_backend()
     for key, data in tree[: 4 * 4]:
@@ -570,6 +581,7 @@ def part_metadata(s3: Any, args: Any) -> tuple[dict[str, Any], list[dict[str, An
     rate = args.count / best["auditor"]
     out = {
         "metadata_checkpoints": args.count,
+        "metadata_jobs": args.metadata_jobs,
         "metadata_objects": len(tree),
         "metadata_manifest_bytes": manifest_bytes,
         "metadata_build_seconds": round(built + uploaded, 1),
@@ -676,6 +688,8 @@ def main() -> None:
     p.add_argument("--rss-stock-moto", action="store_true",
                    help="rss part: keep stock moto ranged GETs (slow: every 8 MiB range copies the whole object)")
     p.add_argument("--jobs", type=int, default=4, help="auditor --jobs for content and rss (default 4)")
+    p.add_argument("--metadata-jobs", type=int, default=None,
+                   help="metadata part: `auditor rescan --jobs N` (default: the library's default)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (content: median; metadata: best)")
     args = p.parse_args()
     drop_logging_noise()
@@ -684,7 +698,6 @@ def main() -> None:
     if "content" in args.only and _sh.which("rclone") is None:
         raise SystemExit("bench_s3: rclone is not installed (apt-get install -y rclone)")
     import numpy as np
-
     from servers.objectstores import s3_service
 
     doc: dict[str, Any] = {"benchmark": "s3", "parts": args.only, "loadavg_start": os.getloadavg()}

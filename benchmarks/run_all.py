@@ -34,6 +34,10 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "rss": ("bench_rss.py", [], ["--size", "2G"]),
     # --repeats 1 at full size: a rescan of 10,000 currently takes minutes (see layouts.discover).
     "metadata": ("bench_metadata.py", [], ["--count", "10000", "--repeats", "1"]),
+    # --repeats 1 at full size: the 10,000-checkpoint S3 metadata part takes minutes per round on moto.
+    "s3": ("bench_s3.py", [], ["--size", "2G", "--count", "10000", "--rss-size", "2G", "--repeats", "1"]),
+    "probe": ("bench_probe.py", [], ["--seq-len", "128"]),
+    "daemon": ("bench_daemon.py", [], ["--count", "10000"]),
 }
 
 # The headline figures of each benchmark for the table: (label, key, format).
@@ -61,6 +65,35 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
         ("rescan memory://", "memory_checkpoints_per_s", "{:.0f} ckpt/s"),
         ("rescan memory:// / fs.find (time)", "ratio_memory_vs_find", "{:.1f}x"),
         ("bytes read / manifest bytes", "local_bytes_read", "{}"),
+    ],
+    "s3": [
+        ("content: checkpoint size", "content_bytes", "bytes"),
+        ("content: rclone hashsum sha256 --download", "rclone_mb_s", "{:.0f} MB/s"),
+        ("content: auditor verify (moto, S3-like ranged GETs)", "auditor_mb_s", "{:.0f} MB/s"),
+        ("content: marginal rate, auditor / rclone", "ratio_marginal", "{:.2f}"),
+        ("content: auditor / rclone on stock moto ranged GETs", "stock_moto_ratio_auditor_vs_rclone", "{:.2f}"),
+        ("metadata: checkpoints (through the fault proxy)", "metadata_checkpoints", "{}"),
+        ("metadata: rescan", "metadata_checkpoints_per_s", "{:.0f} ckpt/s"),
+        ("metadata: rescan / boto3 minimum (time)", "ratio_metadata_vs_boto3", "{:.2f}x"),
+        ("metadata: requests", "metadata_requests", "{}"),
+        ("rss: object size", "rss_object_bytes", "bytes"),
+        ("rss: verify of a 1 MiB checkpoint (floor)", "rss_tiny_verify_peak_mib", "{:.1f} MiB"),
+    ],
+    "probe": [
+        ("parameters", "parameters", "{:,}"),
+        ("weights on disk", "weights_bytes", "bytes"),
+        ("probe step", "probe_seconds", "{:.2f} s"),
+        ("plain PyTorch load + forward", "reference_seconds", "{:.2f} s"),
+        ("digests excluded (verify probe - content) / reference", "ratio_digests_excluded_vs_reference", "{:.2f}"),
+        ("probe child peak RSS", "probe_child_peak_rss_mib", "{:.0f} MiB"),
+        ("reference peak RSS / weights", "ratio_reference_rss_vs_weights", "{:.2f}"),
+    ],
+    "daemon": [
+        ("checkpoints (5 prefixes)", "checkpoints", "{}"),
+        ("metadata pass, no requests", "metadata_pass_busy_seconds", "{:.1f} s"),
+        ("metadata pass rate", "metadata_checkpoints_per_s", "{:.0f} ckpt/s"),
+        ("first-sight pass (metadata + content)", "first_sight_pass_busy_seconds", "{:.1f} s"),
+        ("/api/v1/checkpoints?prefix= p99 after the passes", "checkpoints_p99_ms_idle", "{:.0f} ms"),
     ],
 }
 HEADLINES["content-trainer"] = HEADLINES["content"]
@@ -159,7 +192,7 @@ def main() -> None:
         extra = list(full if args.full else quick)
         if args.workdir:
             extra += ["--workdir", str(args.workdir)]
-        if args.profile and script in ("bench_content.py", "bench_metadata.py"):
+        if args.profile and script in ("bench_content.py", "bench_metadata.py", "bench_daemon.py"):
             extra.append("--profile")
         results.append(run_one(name, script, extra, args.timeout))
     doc = {
