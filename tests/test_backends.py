@@ -238,3 +238,23 @@ def test_checkpoint_resaved_during_the_check_is_reevaluated(s3_svc, tmp_path):
     assert state["done"]
     assert v.status == "ok", v.findings
     assert "checkpoint_rewritten" in codes(v)
+
+
+def test_probe_tier_on_remote_storage(remote, tmp_path, monkeypatch):
+    """Seal with a probe where the checkpoint lives, then run the probe from there."""
+    import os
+
+    from safetensors.torch import save_file
+    import torch
+
+    tests_dir = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    local = write_hf_checkpoint(tmp_path / "src/c", step=100)
+    upload(remote, local, "run/checkpoint-100")
+    torch.manual_seed(1)
+    save_file({"x": torch.randn(16, 16)}, str(tmp_path / "batch.safetensors"))
+    auditor.seal(remote.url_of("run/checkpoint-100"), storage_options=remote.storage_options,
+                 model_factory="probe_models:mlp", probe_batch=str(tmp_path / "batch.safetensors"))
+    v = verify(remote, tier="probe")
+    assert v.status == "ok", v.findings
+    assert remote.fs.exists(remote.path("run/checkpoint-100/ckpt-probe-reference.safetensors"))
