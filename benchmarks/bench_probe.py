@@ -330,6 +330,13 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
             f"{row['verify_content']:.2f}s = {row['verify_probe'] - row['verify_content']:.2f}s"
             + (f" | reference at {os.cpu_count()} threads {row['reference_cores']['seconds']:.2f}s"
                if "reference_cores" in row else ""))
+    # The import floor: what the child holds before any model exists (interpreter, torch, transformers'
+    # GPT-2 classes, auditor.probe). Peak minus floor is what the probe itself adds.
+    floor_code = ("import torch, auditor.probe, bench_probe_model; "
+                  "from transformers import GPT2Config, GPT2LMHeadModel")
+    proc = sp.run(launched([sys.executable, "-c", floor_code], "floor"), env=last["env"], capture_output=True,
+                  text=True, check=False)
+    floor_mib = usage()["maxrss_kib"] / 1024 if proc.returncode == 0 else None
     breakdown = None
     try:
         request = json.loads(last["request"])
@@ -341,7 +348,7 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
             log(f"(no breakdown: {proc.stderr[-500:]})")
     except Exception as e:  # noqa: BLE001 - a diagnostic only
         log(f"(no breakdown: {type(e).__name__}: {e})")
-    return {"threads": threads, "rounds": rounds, "breakdown": breakdown}
+    return {"threads": threads, "rounds": rounds, "breakdown": breakdown, "import_floor_mib": floor_mib}
 
 
 # ------------------------------------------------------------------ main
@@ -428,6 +435,11 @@ def main() -> None:
         "ratio_probe_rss_vs_weights": round(rss_ratio, 3),
         "ratio_reference_rss_vs_weights": round(ref_rss / weights_mib, 3),
         "ratio_probe_rss_vs_reference": round(probe_rss / ref_rss, 3),
+        "import_floor_rss_mib": round(res["import_floor_mib"], 1) if res.get("import_floor_mib") else None,
+        "ratio_probe_rss_above_floor_vs_weights": round((probe_rss - res["import_floor_mib"]) / weights_mib, 3)
+        if res.get("import_floor_mib") else None,
+        "ratio_reference_rss_above_floor_vs_weights": round((ref_rss - res["import_floor_mib"]) / weights_mib, 3)
+        if res.get("import_floor_mib") else None,
         "seal_seconds": prep["seal_seconds"],
         "setup_seconds": round(setup, 1),
         "rounds": rounds,
@@ -450,7 +462,10 @@ def main() -> None:
            if "reference_all_cores_seconds" in doc else "")
         + f"  peak RSS: probe child {probe_rss:.0f} MiB = {rss_ratio:.2f} x weights (target <= {TARGET_RSS_RATIO}) "
         f"{'OK' if rss_ratio <= TARGET_RSS_RATIO else 'MISSED'}; reference {ref_rss:.0f} MiB = "
-        f"{ref_rss / weights_mib:.2f} x weights")
+        f"{ref_rss / weights_mib:.2f} x weights"
+        + (f"\n  above the import floor ({doc['import_floor_rss_mib']:.0f} MiB: python, torch, transformers' GPT-2, "
+           f"auditor.probe): probe {doc['ratio_probe_rss_above_floor_vs_weights']:.2f} x weights, reference "
+           f"{doc['ratio_reference_rss_above_floor_vs_weights']:.2f} x" if doc.get("import_floor_rss_mib") else ""))
     for title, steps in (("probe child (python -m auditor.probe), instrumented run", doc["probe_child_steps"]),
                          ("reference", doc["reference_steps"])):
         if not steps:
