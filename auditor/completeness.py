@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,19 +73,8 @@ _MISSING_CODE = {c: f"{c}_state_missing" for c in ("model", "optimizer", "schedu
 }
 
 
-def _warm_torch() -> None:
-    """Import torch on a side thread while listing and hashing run: its 2 s import then costs no wall time."""
-    import importlib.util
-    import threading
-
-    if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
-        threading.Thread(target=importlib.import_module, args=("torch",), name="auditor-torch-import",
-                         daemon=True).start()
-
-
 def hook(require: list[str] | None = None) -> Any:
     """Return the verify hook that checks training-state completeness and pickle safety."""
-    _warm_torch()
 
     def check(reader: Any, ck: Any, manifest: Any, tier: str) -> list[Any]:
         return check_checkpoint(reader, ck, manifest, require=require)

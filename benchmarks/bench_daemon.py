@@ -391,6 +391,9 @@ def run_daemon(name: str, tmp: Path, prefixes: list[Path], state: Path, args: An
     durations = {e["prefix"]: float(e["duration_seconds"]) for e in events}
     scan_metric = {u: metrics.get(("ckpt_scan_duration_seconds", (("prefix", u),))) for u in urls}
     checkpoints = sum(int(e.get("checkpoints", 0)) for e in events)
+    import re
+
+    deep = sum(int(m.group(1)) for e in events if (m := re.search(r"(\d+) deep checks", e.get("msg", ""))))
     summaries: dict[str, int] = {}
     for e in events:
         for status, n in (e.get("summary") or {}).items():
@@ -409,6 +412,7 @@ def run_daemon(name: str, tmp: Path, prefixes: list[Path], state: Path, args: An
     result = {
         "ready_seconds": round(ready, 2),
         "checkpoints": checkpoints,
+        "deep_checks": deep,
         "statuses": summaries,
         "pass_seconds": {Path(u).name: round(durations[u], 3) for u in urls},
         "pass_seconds_max": round(max(durations.values()), 3),
@@ -444,7 +448,7 @@ def run_daemon(name: str, tmp: Path, prefixes: list[Path], state: Path, args: An
     log(f"{name}: {checkpoints} checkpoints in {len(urls)} passes, {result['passes_wall_seconds']:.1f}s from the first "
         f"start to the last end, {busy:.1f}s with a pass running "
         f"(per prefix {', '.join(f'{v:.1f}s' for v in result['pass_seconds'].values())}; "
-        f"{result['checkpoints_per_s']:.0f} checkpoints/s); statuses {summaries}\n"
+        f"{result['checkpoints_per_s']:.0f} checkpoints/s; {deep} deep checks); statuses {summaries}\n"
         f"  peak RSS {result['peak_rss_mib']:.0f} MiB (VmHWM; polled {result['polled_peak_rss_mib']:.0f} MiB)\n"
         + during +
         f"  after the passes: /metrics p99 {l['metrics_idle']['p99_ms']} ms, /api/v1/checkpoints?prefix= p99 "

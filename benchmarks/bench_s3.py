@@ -635,7 +635,6 @@ def part_rss(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str, Any
             f"in {time.perf_counter() - t0:.1f}s")
         shutil.rmtree(local.parent)
     cli = auditor_cmd()
-    res = {}
     MotoRanges.s3like = not args.rss_stock_moto
     runs: dict[str, list[dict[str, Any]]] = {"tiny": [], "big": []}
     # The peak depends on how many ranges happen to be alive at once: measure --rss-repeats times.
