@@ -82,9 +82,6 @@ def hook(require: list[str] | None = None) -> Any:
     return check
 
 
-def _root(ck: Any) -> str:
-    return ck.path.rsplit("/", 1)[0] if ck.kind == "file" else ck.path
-
 
 def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] | None = None) -> list[Any]:
     """Check that the state needed to resume is present and consistent; also refuse unsafe pickles."""
@@ -96,8 +93,11 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
         return findings
     layout = _layout(ck)
     state = manifest.training_state if manifest else inventory(ck.files, step=ck.step)
-    if manifest is None and "trainer_state.json" in ck.files:
-        state.step = step_from_trainer_state(reader.read(f"{ck.path}/trainer_state.json", limit=64 * 2**20))
+    trainer_step = None
+    if "trainer_state.json" in ck.files:
+        trainer_step = step_from_trainer_state(reader.read(f"{ck.path}/trainer_state.json", limit=64 * 2**20))
+    if manifest is None:
+        state.step = trainer_step
     if ck.kind == "file" and not state.model:
         state.model = [ck.name]
     needed = tuple(require) if require is not None else DEFAULT_REQUIRE.get(layout, ("model",))
@@ -105,7 +105,7 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
         needed = (*needed, "scaler")
     lightning = None
     if layout == "lightning" and ck.name not in unsafe:
-        lightning = _load(reader, f"{_root(ck)}/{ck.name}", findings, ck.name)
+        lightning = _load(reader, f"{ck.root}/{ck.name}", findings, ck.name)
         if isinstance(lightning, dict):
             _lightning(lightning, state, findings, ck.name)
     present = {
@@ -123,19 +123,19 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
     if layout == "lightning" and not state.rng:
         findings.append(Finding("rng_state_not_saved", "info", ck.name,
                                 "Lightning checkpoints store no RNG state; resumption is not bit-exact"))
-    _check_steps(reader, ck, manifest, state, findings, layout)
+    _check_steps(ck, manifest, state, trainer_step, findings)
     optimizer = None
     for rel in state.optimizer:
         if rel in unsafe or ck.kind == "file":
             continue
-        optimizer = _load(reader, f"{_root(ck)}/{rel}", findings, rel)
+        optimizer = _load(reader, f"{ck.root}/{rel}", findings, rel)
         if isinstance(optimizer, dict):
             _check_optimizer(reader, ck, manifest, state, optimizer, findings, rel)
     scheduler = None
     for rel in state.scheduler:
         if rel in unsafe or rel.endswith(".json"):
             continue
-        scheduler = _load(reader, f"{_root(ck)}/{rel}", findings, rel)
+        scheduler = _load(reader, f"{ck.root}/{rel}", findings, rel)
         if isinstance(scheduler, dict) and isinstance(optimizer, dict):
             groups = len(optimizer.get("param_groups", []))
             base = scheduler.get("base_lrs")
@@ -181,7 +181,7 @@ def _scan_pickles(reader: Any, ck: Any, findings: list[Any]) -> set[str]:
         if not rel.endswith((".pt", ".pth", ".bin", ".ckpt")):
             continue
         try:
-            bad = pickles.scan_torch_file(reader.fs, f"{_root(ck)}/{rel}")
+            bad = pickles.scan_torch_file(reader.fs, f"{ck.root}/{rel}")
         except ValueError as e:
             findings.append(Finding("pickle_unreadable", "warning", rel, f"not scanned: {e}"))
             continue
@@ -235,7 +235,7 @@ def _lightning(obj: dict[str, Any], state: TrainingState, findings: list[Any], r
         state.step = state.step if state.step is not None else obj["global_step"]
 
 
-def _check_steps(reader: Any, ck: Any, manifest: Any, state: TrainingState, findings: list[Any], layout: str) -> None:
+def _check_steps(ck: Any, manifest: Any, state: TrainingState, trainer_step: int | None, findings: list[Any]) -> None:
     from auditor.verify import Finding
 
     seen: dict[str, int] = {}
@@ -243,10 +243,8 @@ def _check_steps(reader: Any, ck: Any, manifest: Any, state: TrainingState, find
         seen["folder name"] = ck.step
     if manifest is not None:
         seen["manifest"] = manifest.step
-    if "trainer_state.json" in ck.files:
-        step = step_from_trainer_state(reader.read(f"{ck.path}/trainer_state.json", limit=64 * 2**20))
-        if step is not None:
-            seen["trainer_state.json"] = step
+    if trainer_step is not None:
+        seen["trainer_state.json"] = trainer_step
     if len(set(seen.values())) > 1:
         findings.append(Finding("step_mismatch", "error", None,
                                 "steps disagree: " + ", ".join(f"{k} {v}" for k, v in seen.items())))
@@ -272,7 +270,7 @@ def _param_shapes(reader: Any, ck: Any, state: TrainingState) -> dict[str, tuple
     shapes: dict[str, tuple[int, ...]] = {}
     for rel in state.model:
         if rel.endswith(".safetensors"):
-            path = f"{_root(ck)}/{rel}"
+            path = f"{ck.root}/{rel}"
             try:
                 header = formats.parse_safetensors_header(reader, path, int(reader.info(path)["size"]))
             except (formats.FormatError, FileNotFoundError):
@@ -343,7 +341,7 @@ def _check_rng(reader: Any, ck: Any, state: TrainingState, unsafe: set[str], fin
     for rel in state.rng:
         if rel in unsafe or rel.endswith(".json") or rel.endswith("model_optim_rng.pt"):
             continue
-        obj = _load(reader, f"{_root(ck)}/{rel}", findings, rel)
+        obj = _load(reader, f"{ck.root}/{rel}", findings, rel)
         if not isinstance(obj, dict):
             continue
         missing = [k for k in ("python", "numpy", "cpu") if k not in obj]

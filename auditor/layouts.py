@@ -39,6 +39,11 @@ class Checkpoint:
     def name(self) -> str:
         return posixpath.basename(self.path)
 
+    @property
+    def root(self) -> str:
+        """The folder that the checkpoint's relative file paths start from."""
+        return posixpath.dirname(self.path) if self.kind == "file" else self.path
+
     def newest_mtime(self) -> float | None:
         """Return the newest modification time among the listed files, as epoch seconds."""
         times = [t for t in (_mtime(i) for i in self.files.values()) if t is not None]

@@ -317,7 +317,7 @@ class Staged:
     """The checkpoint's files as local paths: the files themselves on local disk, copies otherwise."""
 
     def __init__(self, reader: Reader, ck: Checkpoint, rels: list[str]) -> None:
-        root = ck.path.rsplit("/", 1)[0] if ck.kind == "file" else ck.path
+        root = ck.root
         self._tmp: str | None = None
         if is_local(reader.fs):
             self.root = os.path.abspath(root)
@@ -409,7 +409,7 @@ def compare(reader: Reader, ck: Checkpoint, manifest: Manifest, result: dict[str
     import numpy as np
     from safetensors.numpy import load as np_load
 
-    root = ck.path.rsplit("/", 1)[0] if ck.kind == "file" else ck.path
+    root = ck.root
     reference = np_load(reader.read(safe_join(root, probe.outputs.reference), limit=64 * 2**20))["values"]
     got = np_load(values)["values"] if values else np.zeros(0, np.float32)
     if got.shape != reference.shape:
@@ -469,7 +469,7 @@ def seal_builder(factory: str, kwargs: dict[str, Any], batch: Any, *, atol: floa
     resolve_factory(factory)  # fail at seal time, not at the first verification
 
     def build(reader: Reader, ck: Checkpoint, entries: dict[str, FileEntry]) -> tuple[Probe, dict[str, FileEntry]]:
-        root = ck.path.rsplit("/", 1)[0] if ck.kind == "file" else ck.path
+        root = ck.root
         prefix = f"{ck.name}." if ck.kind == "file" else ""
         batch_rel, ref_rel = prefix + BATCH_NAME, prefix + REFERENCE_NAME
         reader.fs.pipe_file(safe_join(root, batch_rel), data)

@@ -151,9 +151,6 @@ class Context:
     options: Options
 
 
-def _root(ck: Checkpoint) -> str:
-    return ck.path.rsplit("/", 1)[0] if ck.kind == "file" else ck.path
-
 
 def load_manifest(reader: Reader, ck: Checkpoint) -> Manifest:
     """Read and parse a checkpoint's manifest (ManifestInvalid on any damage)."""
@@ -266,7 +263,7 @@ def _check_listed(
     verdict: Verdict,
 ) -> None:
     """Compare listed files with the expected entries; at content tier, their digests too."""
-    root = _root(ck)
+    root = ck.root
     listed = {f"{root}/{rel}": info for rel, info in ck.files.items()}
     expected = {e.path for e in entries}
     if ck.kind == "dir":
@@ -385,7 +382,7 @@ def _narrow(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | No
 
 def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding]) -> bool:
     """Check every file's format where we know it; return whether any check applied."""
-    root = _root(ck)
+    root = ck.root
     checked = False
     headers: dict[str, formats.SafetensorsHeader] = {}
     futures = []
@@ -438,7 +435,7 @@ def _digest_unsealed(ck: Checkpoint, reader: Reader, ctx: Context, verdict: Verd
     """Record digests of an unsealed checkpoint when someone will keep them as a baseline."""
     if ctx.options.baseline is None:
         return
-    root = _root(ck)
+    root = ck.root
     futures = {rel: ctx.files_pool.submit(lambda p: digest_chunks(reader.iter_chunks(p)), f"{root}/{rel}")
                for rel in ck.files}
     for rel, fut in futures.items():

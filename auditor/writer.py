@@ -81,9 +81,6 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def _root(ck: Checkpoint) -> str:
-    return ck.path.rsplit("/", 1)[0] if ck.kind == "file" else ck.path
-
 
 def _digest_file(reader: Reader, path: str, size: int) -> tuple[FileDigest, formats.SafetensorsHeader | None]:
     header = None
@@ -98,7 +95,7 @@ def _digest_file(reader: Reader, path: str, size: int) -> tuple[FileDigest, form
 def digest_files(reader: Reader, ck: Checkpoint, jobs: int = 4, force: bool = False
                  ) -> tuple[dict[str, FileEntry], dict[str, dict[str, TensorEntry]]]:
     """Digest every file of a checkpoint; refuse structurally broken ones unless `force`."""
-    root = _root(ck)
+    root = ck.root
     entries: dict[str, FileEntry] = {}
     tensors: dict[str, dict[str, TensorEntry]] = {}
     with ThreadPoolExecutor(jobs) as pool:
