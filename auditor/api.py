@@ -12,7 +12,7 @@ from auditor.config import Config, ScanConfig
 from auditor.errors import StorageError, UsageError
 from auditor.manifest import Manifest
 from auditor.storage import Throttle, open_url
-from auditor.verify import Scanner, ScanResult, Verdict, build_options, locate
+from auditor.verify import Assurance, Scanner, ScanResult, Verdict, build_options, locate, survey_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +33,31 @@ def verify_url(
     jobs: int = 4,
     storage_options: dict[str, Any] | None = None,
     scan: ScanConfig | None = None,
+    require_assurance: str | None = None,
 ) -> ScanResult:
-    """Verify the one checkpoint at `url`; the result holds exactly one verdict."""
+    """Verify the checkpoint at `url`: one verdict, or one per checkpoint when `url` holds several.
+
+    A folder that holds checkpoints (a run) is verified as `rescan` would; a folder that is none by
+    its files is verified as one checkpoint of layout `unknown`, so nothing in it goes unchecked.
+    """
     scan = scan or ScanConfig(settle_time=0)
     fs, path = open_checked(url, storage_options)
     options = build_options(tier, strict=strict, require=scan.require,
                             probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb)
+    options.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     with Scanner(fs, options, jobs=jobs) as scanner:
         try:
-            ck = locate(scanner.reader, path, url)
+            found = survey_prefix(scanner.reader, path, url)
+            if not found.checkpoints:
+                found.checkpoints = [locate(scanner.reader, path, url)]
+                found.uncovered = {}
         except StorageError as e:
-            return ScanResult(url, options.tier, [], listed=False, error=str(e))
-        verdict = scanner.verify(ck)
-    return ScanResult(url, options.tier, [verdict], duration_seconds=verdict.duration_seconds)
+            return ScanResult(url, options.tier, [], listed=False, error=str(e), require_assurance=require_assurance)
+        verdicts = scanner.run(found.checkpoints)
+    return ScanResult(url, options.tier, verdicts, duration_seconds=sum(v.duration_seconds for v in verdicts),
+                      uncovered={r: int(i.get("size") or 0) for r, i in found.uncovered.items()},
+                      run_files={r: int(i.get("size") or 0) for r, i in found.run_files.items()},
+                      require_assurance=require_assurance)
 
 
 def rescan(
@@ -58,6 +70,7 @@ def rescan(
     settle_seconds: float | None = None,
     storage_options: dict[str, Any] | None = None,
     on_verdict: Callable[[Verdict, int, int], None] | None = None,
+    require_assurance: str | None = None,
 ) -> ScanResult:
     """Verify every checkpoint under `prefix`; record verdicts in the state database when configured."""
     cfg_prefix = config.prefix(prefix) if config else None
@@ -73,6 +86,7 @@ def rescan(
         probe_timeout=scan.probe_timeout,
         probe_memory_mb=scan.probe_memory_mb,
     )
+    opts.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     store = None
     if config is not None:
         from auditor import state
