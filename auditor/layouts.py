@@ -53,6 +53,8 @@ class Checkpoint:
     expect_manifest: bool = False
     # relative path -> fsspec info dict, from the listing (sizes, versions, server checksums)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Files the writer provably writes that this checkpoint lacks, relative path -> the evidence.
+    expected_absent: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -245,7 +247,31 @@ def survey(listing: dict[str, dict[str, Any]], root: str, prefix_url: str, *, wh
         take(root, layout_of(root) or "unknown", ".")
     else:
         walk(root, ".")
+    _expect_from_siblings(out.checkpoints)
     return out
+
+
+def _expect_from_siblings(checkpoints: list[Checkpoint]) -> None:
+    """Expect of an unsealed folder checkpoint every file that all its siblings of the same writer hold.
+
+    Without a manifest, what a writer writes is seen in the other checkpoints it wrote in the same
+    run: a file present in every one of them but absent here was lost (a partial copy, a deletion).
+    """
+    groups: dict[tuple[str, str], list[Checkpoint]] = {}
+    for ck in checkpoints:
+        if ck.kind == "dir" and ck.layout not in ("folder", "unknown"):
+            groups.setdefault((ck.run, ck.layout), []).append(ck)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        for ck in group:
+            if ck.manifest_path or ck.expect_manifest:
+                continue  # a manifest says what it holds; a save in progress holds what it has so far
+            others = [o for o in group if o is not ck]
+            common = set.intersection(*(set(o.files) for o in others))
+            # The auditor's own probe files come with sealing, not with the writer.
+            for rel in sorted(r for r in common - set(ck.files) if not r.endswith(PROBE_SUFFIXES)):
+                ck.expected_absent[rel] = f"absent, but present in the {len(others)} other {ck.layout} checkpoint(s) of the run"
 
 
 def _rel(root: str, path: str) -> str:

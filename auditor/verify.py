@@ -256,6 +256,8 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
         if manifest.step is not None:
             verdict.step = manifest.step
     if manifest is None:
+        for rel, why in ck.expected_absent.items():
+            findings.append(Finding("file_missing", "error", rel, why))
         baseline = ctx.options.baseline(ck) if ctx.options.baseline else None
         if baseline is not None:
             entries = list(baseline.values())
