@@ -26,9 +26,10 @@ MAX_SAFETENSORS_HEADER = 100_000_000
 SERDE_MAX_DEPTH = 127
 _U64_MAX = 2**64 - 1
 _SPEC_FIELDS = ("dtype", "shape", "data_offsets")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 MAX_INDEX_BYTES = 64 * 2**20
 
+# The library's Dtype enum (safetensors 0.8) and Dtype::bitsize.
 DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
