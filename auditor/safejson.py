@@ -55,7 +55,8 @@ def loads(
 ) -> Any:
     """Parse JSON like `json.loads`, refusing documents over `max_bytes` or nested over `max_depth`.
 
-    Every failure is a ValueError: JSONLimitExceeded, json.JSONDecodeError or UnicodeDecodeError.
+    `max_bytes` counts bytes, or characters when `data` is already a str. Every failure is a
+    ValueError: JSONLimitExceeded, json.JSONDecodeError or UnicodeDecodeError (hooks aside).
     `kwargs` go to `json.loads` (object_pairs_hook, parse_int, ...).
     """
     if len(data) > max_bytes:
