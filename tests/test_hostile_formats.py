@@ -409,7 +409,7 @@ def test_headers_the_library_refuses_are_refused(case, tmp_path):
     assert isinstance(got, formats.FormatError) and got.code == "header_invalid", got
 
 
-def _assert_agrees(path: Path, accepted: bool, got: Any, label: str) -> str | None:
+def _disagreement(path: Path, accepted: bool, got: Any, label: str) -> str | None:
     if accepted != (not isinstance(got, formats.FormatError)):
         return f"{label}: library {'accepts' if accepted else 'refuses'}, we say {got}"
     if accepted:
@@ -425,7 +425,7 @@ def test_edge_case_agrees_with_the_library(case, tmp_path):
     header, data_len = EDGE_CASES[case]
     path = tmp_path / "x.safetensors"
     accepted, got = judge(path, st_file(header, data_len))
-    assert _assert_agrees(path, accepted, got, case) is None
+    assert _disagreement(path, accepted, got, case) is None
 
 
 def test_header_length_limits_agree(tmp_path):
@@ -571,7 +571,7 @@ def test_random_headers_agree_with_the_library(tmp_path):
         data = struct.pack("<Q", max(0, len(header) + delta)) + header + bytes(data_len)
         accepted, got = judge(path, data)
         accepted_count += accepted
-        problem = _assert_agrees(path, accepted, got, f"case {case} {header[:300]!r} + {data_len} bytes")
+        problem = _disagreement(path, accepted, got, f"case {case} {header[:300]!r} + {data_len} bytes")
         if problem:
             disagreements.append(problem)
     assert not disagreements, f"{len(disagreements)} disagreements:\n" + "\n".join(disagreements[:10])
