@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from auditor import formats, layouts
+from auditor import formats, layouts, safejson
 from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
@@ -51,6 +50,12 @@ STATUS_OF_CODE = {
     "truncated": "corrupt",
     "header_invalid": "corrupt",
     "zip_crc_error": "corrupt",
+    "zip_member_out_of_bounds": "corrupt",
+    # Built, not decayed: bit rot does not aim several directory entries at one member's bytes,
+    # repeat a name, or make deflate inflate beyond 100:1. Refused like a hostile pickle.
+    "zip_overlapping_members": "unsafe",
+    "zip_duplicate_member": "unsafe",
+    "zip_compression_ratio": "unsafe",
     "index_invalid": "corrupt",
     "json_invalid": "corrupt",
     "manifest_invalid": "corrupt",
@@ -203,7 +208,10 @@ class Context:
 def load_manifest(reader: Reader, ck: Checkpoint) -> Manifest:
     """Read and parse a checkpoint's manifest (ManifestInvalid on any damage)."""
     assert ck.manifest_path
-    data = reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES)
+    try:
+        data = reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES)
+    except ValueError as e:  # Reader.read's refusal past the limit: not a manifest, never parsed
+        raise ManifestInvalid(f"manifest refused: {e}") from e
     return parse_manifest(data)
 
 
@@ -505,7 +513,7 @@ def _structural_one(reader: Reader, path: str, size: int) -> tuple[bool, formats
         if path.endswith(ZIP_SUFFIXES) and size == 0:
             return True, None, Finding("truncated", "error", rel, "empty file")
         if path.endswith(".json") and not path.endswith(".manifest.json"):
-            json.loads(reader.read(path, limit=MAX_MANIFEST_BYTES))
+            safejson.loads(reader.read(path, limit=MAX_MANIFEST_BYTES), max_bytes=MAX_MANIFEST_BYTES)
             return True, None, None
     except formats.FormatError as e:
         return True, None, Finding(e.code, "error", rel, str(e))
