@@ -525,17 +525,30 @@ def locate(reader: Reader, path: str, url: str) -> Checkpoint:
 
 
 def _mark_expected_manifests(checkpoints: list[Checkpoint]) -> None:
-    """Flag an unsealed checkpoint newer than every sealed sibling: its manifest is still being written."""
-    newest_sealed: dict[str, float] = {}
+    """Flag an unsealed checkpoint newer than every sealed sibling: its manifest is still being written.
+
+    "Newer" compares like with like: steps with steps where both sides have them, else
+    modification times; a step-less folder is never compared with a step number.
+    """
+    newest_step: dict[str, int] = {}
+    newest_mtime: dict[str, float] = {}
     for ck in checkpoints:
-        if ck.manifest_path:
-            key = ck.step if ck.step is not None else (ck.newest_mtime() or 0.0)
-            newest_sealed[ck.run] = max(newest_sealed.get(ck.run, float("-inf")), float(key))
-    for ck in checkpoints:
-        if ck.manifest_path or ck.run not in newest_sealed:
+        if not ck.manifest_path:
             continue
-        key = ck.step if ck.step is not None else (ck.newest_mtime() or 0.0)
-        ck.expect_manifest = ck.expect_manifest or float(key) > newest_sealed[ck.run]
+        if ck.step is not None:
+            newest_step[ck.run] = max(newest_step.get(ck.run, ck.step), ck.step)
+        mtime = ck.newest_mtime()
+        if mtime is not None:
+            newest_mtime[ck.run] = max(newest_mtime.get(ck.run, mtime), mtime)
+    for ck in checkpoints:
+        if ck.manifest_path or ck.expect_manifest:
+            continue
+        if ck.step is not None and ck.run in newest_step:
+            ck.expect_manifest = ck.step > newest_step[ck.run]
+            continue
+        mtime = ck.newest_mtime()
+        if mtime is not None and ck.run in newest_mtime:
+            ck.expect_manifest = mtime > newest_mtime[ck.run]
 
 
 def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) -> str | None:
