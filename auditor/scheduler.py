@@ -20,10 +20,10 @@ from prometheus_client import CollectorRegistry
 from auditor.config import Config, PrefixConfig, ScanConfig
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
-from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX
+from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
 from auditor.metrics import Metrics
 from auditor.state import Seal, State, fingerprint, open_state
-from auditor.storage import StorageFault, Throttle, open_url
+from auditor.storage import Throttle, open_url
 from auditor.verify import (
     FAILURES,
     Finding,
@@ -42,8 +42,8 @@ logger = logging.getLogger(__name__)
 
 # In-flight checks get this long after SIGTERM; the whole shutdown stays under Kubernetes' 30 s.
 SHUTDOWN_GRACE_SECONDS = 15.0
-# Findings that describe a checkpoint without a manifest; wrong once we know it was sealed.
-_UNSEALED_NOTES = frozenset({"baseline_first_sight", "structural_only", "no_manifest"})
+# Findings that describe a checkpoint nobody sealed; wrong once we know it was sealed.
+_UNSEALED_NOTES = frozenset({"structural_only", "no_manifest"})
 
 
 def normalise_prefix(prefix: object) -> str:
@@ -231,8 +231,7 @@ class Daemon:
 
     def _pass_failed(self, url: str, started: float, e: Exception) -> None:
         """Make a pass that died visible: scan_up 0 and an error counted, not yesterday's green gauges."""
-        self.metrics.prefix_scan_up.labels(prefix=url).set(0)
-        self.metrics.scan_errors.labels(prefix=url).inc()
+        self.metrics.scan_failed(url)
         try:
             self.state.record_scan_end(url, "metadata", started, False, f"pass failed: {type(e).__name__}: {e}", {})
         except Exception:  # noqa: BLE001 - the database may be what failed; the metrics already say so
@@ -244,8 +243,7 @@ class Daemon:
         try:
             found = worker.inside(list_prefix(worker.scanner.reader, worker.root, url))
         except StorageError as e:
-            self.metrics.prefix_scan_up.labels(prefix=url).set(0)
-            self.metrics.scan_errors.labels(prefix=url).inc()
+            self.metrics.scan_failed(url)
             self.state.record_scan_end(url, "metadata", started, False, str(e), {})
             logger.warning("cannot list %s: %s", url, e, extra={"event": "scan", "prefix": url, "status": "error"})
             return
@@ -345,7 +343,7 @@ class Daemon:
                 self.state.remember_seal(worker.url, ck.url, manifest.files, manifest.created_at.isoformat(),
                                          fingerprint(ck))
 
-    def _read_manifest(self, worker: PrefixWorker, ck: Checkpoint) -> Any:  # noqa: ANN401
+    def _read_manifest(self, worker: PrefixWorker, ck: Checkpoint) -> Manifest | None:
         if self.stop_event.is_set():
             return None
         try:
@@ -360,12 +358,14 @@ class Daemon:
         compared with the remembered entries where the state database has them."""
         if verdict.status in ("error", "pending"):
             return
-        remembered = any(f.code == "baseline_first_sight" for f in verdict.findings)
+        # The baseline hook hands out the remembered entries first, so a baseline was those.
+        remembered = seal.has_files and any(f.code == "baseline_first_sight" for f in verdict.findings)
         name = posixpath.basename(verdict.url.rstrip("/")) + SIDECAR_SUFFIX if verdict.layout == "single-file" \
             else MANIFEST_NAME
-        kept = [f for f in verdict.findings if f.code not in _UNSEALED_NOTES]
+        noise = _UNSEALED_NOTES | ({"baseline_first_sight"} if remembered else set())
+        kept = [f for f in verdict.findings if f.code not in noise]
         how = "bytes compared with the digests of its last sealed manifest" if remembered else \
-            "its digests were never recorded, so its bytes were checked structurally only"
+            "its sealed digests were never recorded, so its bytes were not compared with them"
         kept.insert(0, Finding("file_missing", "error", name, f"sealed at {seal.when()} but its manifest is gone; {how}"))
         if remembered:
             kept.append(Finding("remembered_manifest", "info", None,
@@ -448,8 +448,7 @@ class Daemon:
         try:
             found = worker.inside(list_prefix(worker.scanner.reader, root, prefix))
         except StorageError as e:
-            self.metrics.prefix_scan_up.labels(prefix=worker.url).set(0)
-            self.metrics.scan_errors.labels(prefix=worker.url).inc()
+            self.metrics.scan_failed(worker.url)
             return ScanResult(prefix, options.tier, [], listed=False, error=str(e))
         if prefix.rstrip("/") == worker.url.rstrip("/"):
             self.state.observe(worker.url, found, now=started)

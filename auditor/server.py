@@ -239,10 +239,9 @@ def status_doc(d: Daemon) -> dict[str, Any]:
 class Server:
     """The daemon's HTTP server, on its own threads."""
 
-    def __init__(self, daemon: Daemon, listen: str, token: str | None = None,
-                 request_timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, daemon: Daemon, listen: str, token: str | None = None) -> None:
         host, _, port = listen.rpartition(":")
-        handler = type("BoundHandler", (Handler,), {"daemon_ref": daemon, "timeout": request_timeout,
+        handler = type("BoundHandler", (Handler,), {"daemon_ref": daemon,
                                                     "token": token if token is not None else os.environ.get(TOKEN_ENV)})
         try:
             self.httpd = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), handler)

@@ -150,7 +150,8 @@ class Seal:
 
     first_seen: float
     created_at: str | None
-    fingerprint: str | None  # None: its file entries were never recorded
+    fingerprint: str | None  # listing fingerprint when its manifest was last read; None: never read
+    has_files: bool = False  # its file entries are kept (a manifest with impossible sizes is not)
 
     def when(self) -> str:
         """Say when it was sealed, for findings: the manifest's own time, else when we first saw it."""
@@ -330,10 +331,13 @@ class State:
     def seals(self, prefix: str) -> dict[str, Seal]:
         """Every present checkpoint of a prefix that was ever seen sealed, by URL."""
         with self.engine.connect() as conn:
+            has_files = sa.exists().where(sealed_files.c.checkpoint_id == seals.c.checkpoint_id).label("has_files")
             rows = conn.execute(
-                sa.select(checkpoints.c.url, seals).join(checkpoints, checkpoints.c.id == seals.c.checkpoint_id)
+                sa.select(checkpoints.c.url, seals, has_files)
+                .join(checkpoints, checkpoints.c.id == seals.c.checkpoint_id)
                 .where(checkpoints.c.prefix == prefix, checkpoints.c.gone.is_(False))).mappings()
-            return {r["url"]: Seal(r["first_seen"], r["created_at"], r["fingerprint"]) for r in rows}
+            return {r["url"]: Seal(r["first_seen"], r["created_at"], r["fingerprint"], bool(r["has_files"]))
+                    for r in rows}
 
     def remember_seal(self, prefix: str, url: str, entries: Iterable[FileEntry], created_at: str | None,
                       fp: str, now: float | None = None) -> bool:

@@ -524,12 +524,18 @@ def locate(reader: Reader, path: str, url: str) -> Checkpoint:
     return ck
 
 
-def _mark_expected_manifests(checkpoints: list[Checkpoint]) -> None:
+# Clocks of writers and stores disagree a little; an mtime further ahead than this is not a sign
+# of a write in progress (it would keep a checkpoint `pending`, never verified, until that date).
+FUTURE_MTIME_SKEW = 600.0
+
+
+def _mark_expected_manifests(checkpoints: list[Checkpoint], now: float | None = None) -> None:
     """Flag an unsealed checkpoint newer than every sealed sibling: its manifest is still being written.
 
     "Newer" compares like with like: steps with steps where both sides have them, else
     modification times; a step-less folder is never compared with a step number.
     """
+    now = time.time() if now is None else now
     newest_step: dict[str, int] = {}
     newest_mtime: dict[str, float] = {}
     for ck in checkpoints:
@@ -548,7 +554,7 @@ def _mark_expected_manifests(checkpoints: list[Checkpoint]) -> None:
             continue
         mtime = ck.newest_mtime()
         if mtime is not None and ck.run in newest_mtime:
-            ck.expect_manifest = mtime > newest_mtime[ck.run]
+            ck.expect_manifest = newest_mtime[ck.run] < mtime <= now + FUTURE_MTIME_SKEW
 
 
 def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) -> str | None:
@@ -558,8 +564,8 @@ def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) 
     if settle_seconds > 0:
         newest = ck.newest_mtime()
         now = time.time() if now is None else now
-        if newest is not None and now - newest < settle_seconds:
-            return f"written {now - newest:.0f}s ago, within the {settle_seconds:.0f}s settle time"
+        if newest is not None and now - newest < settle_seconds and newest <= now + FUTURE_MTIME_SKEW:
+            return f"written {max(0.0, now - newest):.0f}s ago, within the {settle_seconds:.0f}s settle time"
     return None
 
 

@@ -34,7 +34,7 @@ from auditor.config import Config
 from auditor.scheduler import Daemon
 from auditor.server import MAX_BODY, Server
 from auditor.state import SCHEMA_VERSION, open_state
-from auditor.verify import Scanner, build_options, list_prefix
+from auditor.verify import Scanner, build_options, is_pending, list_prefix
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -241,7 +241,8 @@ def inproc(tmp_path) -> Iterator[tuple[Daemon, str, Path]]:
                                  "scan": {"settle_time": "0s", "jobs": 2, "deep_interval": "1h"},
                                  "prefixes": [{"url": str(prefix)}]})
     daemon = Daemon(cfg, CollectorRegistry())
-    server = Server(daemon, f"127.0.0.1:{free_port()}", token="", request_timeout=1.0)
+    server = Server(daemon, f"127.0.0.1:{free_port()}", token="")
+    server.httpd.RequestHandlerClass.timeout = 1.0  # this server's own handler class: slow clients cut off sooner
     server.start()
     try:
         yield daemon, f"http://127.0.0.1:{server.port}", prefix
@@ -411,7 +412,8 @@ def test_stepless_unsealed_folder_older_than_sealed_siblings_is_not_pending(tmp_
     prefix = tmp_path / "ckpts"
     seal_run(prefix / "run", [100, 200])
     _export(prefix / "run/export-old", time.time() - 3600)
-    _export(prefix / "run/export-new", time.time() + 3600)  # written after the newest seal
+    _export(prefix / "run/export-new", time.time() + 60)  # written after the newest seal
+    _export(prefix / "run/export-2100", 4102444800.0)  # a hostile or broken clock: not a save in progress
     fs = fsspec.filesystem("file")
     with Scanner(fs, build_options("content")) as scanner:
         found = {ck.name: ck for ck in list_prefix(scanner.reader, str(prefix), str(prefix))}
@@ -421,7 +423,23 @@ def test_stepless_unsealed_folder_older_than_sealed_siblings_is_not_pending(tmp_
         verdicts = {v.url.rsplit("/", 1)[-1]: v for v in scanner.run(list(found.values()))}
     assert verdicts["export-old"].status == "ok", verdicts["export-old"]
     assert verdicts["export-new"].status == "pending"
+    assert verdicts["export-2100"].status == "ok"
     assert verdicts["checkpoint-200"].status == "ok"
+
+
+def test_future_mtime_does_not_keep_a_checkpoint_pending_forever(tmp_path):
+    (ck,) = write_run(tmp_path / "ckpts/run", [1])
+    for f in ck.iterdir():
+        os.utime(f, (4102444800.0, 4102444800.0))  # 2100-01-01
+    fs = fsspec.filesystem("file")
+    with Scanner(fs, build_options("content", settle_seconds=600)) as scanner:
+        (found,) = list_prefix(scanner.reader, str(tmp_path / "ckpts"), str(tmp_path / "ckpts"))
+        assert is_pending(found, 600) is None
+        assert scanner.run([found])[0].status != "pending"
+        for f in ck.iterdir():
+            os.utime(f, None)  # just written: pending, as before
+        (found,) = list_prefix(scanner.reader, str(tmp_path / "ckpts"), str(tmp_path / "ckpts"))
+        assert scanner.run([found])[0].status == "pending"
 
 
 def test_stepped_unsealed_folder_is_compared_by_step(tmp_path):
