@@ -69,27 +69,35 @@ def codes(record: dict) -> dict[str, dict]:
 def test_sealed_checkpoint_that_loses_its_manifest_is_missing_and_its_bytes_still_checked(tmp_path, daemons):
     prefix = tmp_path / "ckpts"
     old, new = seal_run(prefix / "run", [100, 200])
+    solo = prefix / "solo/step_300.safetensors"
+    solo.parent.mkdir()
+    solo.write_bytes((old / "model.safetensors").read_bytes())
+    auditor.seal(str(solo))
     d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"deep_interval": "2s"}).start()
     daemons.append(d)
-    d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 2, 60, "both ok")
+    d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 3, 60, "all ok")
     # The older one loses its manifest and rots; the newer one (newest of its run, so it would
-    # look like a save still in progress) only loses its manifest.
+    # look like a save still in progress) only loses its manifest; the single file its sidecar.
     (old / "ckpt-manifest.json").unlink()
     flip_bit(fsspec.filesystem("file"), str(old / "model.safetensors"))
     (new / "ckpt-manifest.json").unlink()
+    Path(f"{solo}.manifest.json").unlink()
 
     def judged() -> bool:
         cks = by_url(d, prefix)
-        return cks[str(old)]["status"] == "corrupt" and cks[str(new)]["status"] == "missing"
+        return (cks[str(old)]["status"], cks[str(new)]["status"], cks[str(solo)]["status"]) == \
+            ("corrupt", "missing", "missing")
 
-    d.wait(judged, 60, "old corrupt (digests remembered), new missing")
+    d.wait(judged, 60, "old corrupt (digests remembered), new and solo missing")
     cks = by_url(d, prefix)
-    for url in (str(old), str(new)):
-        lost = codes(cks[url])["file_missing"]
-        assert lost["file"] == "ckpt-manifest.json" and "sealed at" in lost["detail"], lost
-        assert "structural_only" not in codes(cks[url])
+    for url, name in ((old, "ckpt-manifest.json"), (new, "ckpt-manifest.json"),
+                      (solo, "step_300.safetensors.manifest.json")):
+        lost = codes(cks[str(url)])["file_missing"]
+        assert lost["file"] == name and "sealed at" in lost["detail"], lost
+        assert "structural_only" not in codes(cks[str(url)]) and "baseline_first_sight" not in codes(cks[str(url)])
+        assert "remembered_manifest" in codes(cks[str(url)])
     assert codes(cks[str(old)])["digest_mismatch"]["file"] == "model.safetensors"
-    assert d.metric("ckpt_verify_failures", prefix=str(prefix)) == 2
+    assert d.metric("ckpt_verify_failures", prefix=str(prefix)) == 3
 
 
 def test_kill_9_keeps_history_and_what_was_sealed(tmp_path, daemons):
