@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,10 @@ MAX_BODY = 64 * 1024
 # Seconds a client may take per socket read, and for a whole request body: a slow or stalled
 # client costs one thread for this long, not forever.
 REQUEST_TIMEOUT = 10.0
+# A whole request, however it trickles in, ends by then: the socket is shut under a slow client.
+REQUEST_DEADLINE = 30.0
+# Connections served at once; more are answered 503 at once instead of each holding a thread.
+MAX_CONNECTIONS = 64
 # Request bytes we did not want are read and dropped (up to this much) before the socket closes,
 # so the client reads our error instead of a connection reset.
 DRAIN_LIMIT = 2**20
@@ -49,6 +54,25 @@ class Handler(BaseHTTPRequestHandler):
     _unread = False
     server_version = "ckpt-auditor"
     timeout = REQUEST_TIMEOUT  # per socket read (StreamRequestHandler applies it to the connection)
+    request_deadline = REQUEST_DEADLINE
+
+    def setup(self) -> None:
+        super().setup()
+        self._expiry = threading.Timer(self.request_deadline, self._expire)
+        self._expiry.daemon = True
+        self._expiry.start()
+
+    def finish(self) -> None:
+        self._expiry.cancel()
+        super().finish()
+
+    def _expire(self) -> None:
+        logger.info("closing the connection of %s: no complete request within %.0fs", self.client_address[0],
+                    self.request_deadline)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
 
     def log_message(self, fmt: str, *args: Any) -> None:  # noqa: ANN401
         logger.debug("http %s %s", self.address_string(), fmt % args)
@@ -236,18 +260,53 @@ def status_doc(d: Daemon) -> dict[str, Any]:
     return {"prefixes": out, "ready": d.ready, "uptime_seconds": time.time() - d.started_at}
 
 
+_BUSY_BODY = json.dumps({"error": f"busy: {MAX_CONNECTIONS} connections already open; retry"}).encode()
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[Handler], max_connections: int) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:  # noqa: ANN401
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:  # noqa: ANN401
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 class Server:
     """The daemon's HTTP server, on its own threads."""
 
-    def __init__(self, daemon: Daemon, listen: str, token: str | None = None) -> None:
+    def __init__(self, daemon: Daemon, listen: str, token: str | None = None,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         host, _, port = listen.rpartition(":")
         handler = type("BoundHandler", (Handler,), {"daemon_ref": daemon,
                                                     "token": token if token is not None else os.environ.get(TOKEN_ENV)})
         try:
-            self.httpd = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), handler)
+            self.httpd = BoundedHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), handler, max_connections)
         except OSError as e:
             raise UsageError(f"server.listen {listen}: {e.strerror or e}") from e
-        self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="auditor-http", daemon=True)
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import sqlite3
@@ -250,7 +251,9 @@ def inproc(tmp_path) -> Iterator[tuple[Daemon, str, Path]]:
                                  "prefixes": [{"url": str(prefix)}]})
     daemon = Daemon(cfg, CollectorRegistry())
     server = Server(daemon, f"127.0.0.1:{free_port()}", token="")
-    server.httpd.RequestHandlerClass.timeout = 1.0  # this server's own handler class: slow clients cut off sooner
+    # This server's own handler class: slow clients are cut off sooner than in production.
+    server.httpd.RequestHandlerClass.timeout = 1.0
+    server.httpd.RequestHandlerClass.request_deadline = 2.0
     server.start()
     try:
         yield daemon, f"http://127.0.0.1:{server.port}", prefix
@@ -368,6 +371,50 @@ def test_slow_client_is_cut_off_and_does_not_block_others(inproc):
         started = time.monotonic()
         assert s.recv(65536) == b""  # the server hangs up on it after its request timeout
         assert time.monotonic() - started < 5
+
+
+def test_trickling_client_is_cut_off_at_the_request_deadline(inproc):
+    _, url, _ = inproc
+    host, port = url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    closed_after = None
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n")
+        for _ in range(40):  # a byte every 0.3 s beats the 1 s read timeout, not the 2 s deadline
+            try:
+                s.sendall(b"X")
+                readable, _, _ = select.select([s], [], [], 0.3)
+                if readable and not s.recv(65536):
+                    closed_after = time.monotonic() - started
+                    break
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None and closed_after < 6, closed_after
+
+
+def test_connections_beyond_the_limit_get_503_not_a_thread_each(tmp_path):
+    prefix = tmp_path / "ckpts"
+    prefix.mkdir()
+    cfg = Config.model_validate({"state": {"url": f"sqlite:///{tmp_path}/state.db"}, "prefixes": [{"url": str(prefix)}]})
+    daemon = Daemon(cfg, CollectorRegistry())
+    server = Server(daemon, f"127.0.0.1:{free_port()}", token="", max_connections=3)
+    server.start()
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+        time.sleep(0.3)
+        r = requests.get(url + "/metrics", timeout=5)
+        assert r.status_code == 503 and "busy" in r.json()["error"]
+        for s in idle:
+            s.close()
+        deadline = time.monotonic() + 5
+        while requests.get(url + "/metrics", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "slots were not given back"
+            time.sleep(0.1)
+    finally:
+        server.stop()
+        daemon.shutdown(grace=5)
 
 
 def test_header_limits_answer_instead_of_dropping(inproc):
