@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -93,7 +94,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._guarded(self._post)
 
-    def _guarded(self, route: Any) -> None:  # noqa: ANN401
+    def _guarded(self, route: Callable[[], None]) -> None:
         """Answer 500 with the error named rather than drop the connection on a bug or a broken database."""
         try:
             route()
@@ -219,10 +220,13 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if not self._unread:
             return
+        # A sane Content-Length says exactly how much is coming; else read until the client pauses.
+        raw = (self.headers.get("Content-Length") or "").strip()
+        declared = int(raw) if raw.isascii() and raw.isdigit() and "Transfer-Encoding" not in self.headers else None
         try:
             self.wfile.flush()
             self.connection.settimeout(0.5)
-            left = DRAIN_LIMIT
+            left = min(declared, DRAIN_LIMIT) if declared is not None else DRAIN_LIMIT
             while left > 0:
                 chunk = self.rfile.read1(min(left, 65536))
                 if not chunk:
