@@ -141,12 +141,33 @@ def seal(
                        git_commit=git_commit, probe=builder, write_options=write_options)
 
 
+DEEP_TIERS = ("content", "probe")
+
+
+def content_verified_ok(record: dict[str, Any]) -> bool:
+    """Tell whether a checkpoint record is `ok` and its last content or probe verdict is `ok`:
+    a metadata pass (sizes, existence) alone never makes a checkpoint safe to resume from."""
+    if record.get("status") != "ok":
+        return False
+    tiers = record.get("tiers")
+    if tiers is None:  # one verdict, not a state record: its own tier says how deep it looked
+        return record.get("tier") in DEEP_TIERS
+    return any(tiers.get(t) == "ok" for t in DEEP_TIERS)
+
+
 def newest_ok(records: list[dict[str, Any]], run: str | None = None) -> dict[str, Any] | None:
-    """Pick the newest checkpoint (highest step, then URL) whose verdict is `ok`."""
-    ok = [r for r in records if r["status"] == "ok" and (run is None or r["run"] == run or r["run"].endswith("/" + run))]
+    """Pick the newest checkpoint (highest step, then URL) whose verdict is `ok` at the content
+    tier or deeper; records come from the state database, a daemon, or `verdict_record`."""
+    ok = [r for r in records if content_verified_ok(r)
+          and (run is None or r["run"] == run or r["run"].endswith("/" + run))]
     if not ok:
         return None
     return max(ok, key=lambda r: (r["step"] if r["step"] is not None else -1, r["url"]))
+
+
+def verdict_record(verdict: Verdict) -> dict[str, Any]:
+    """Describe a verdict as `newest_ok` reads it: its JSON form plus the tier it was checked at."""
+    return {**verdict.to_dict(), "tiers": {verdict.tier: verdict.status}}
 
 
 def latest(
@@ -156,8 +177,9 @@ def latest(
     config: Config | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Return the newest verified-ok checkpoint under `prefix`: from the state database when it knows
-    the prefix, else verified on the spot (content tier plus probe)."""
+    """Return the newest checkpoint under `prefix` verified ok at the content tier (or the probe):
+    from the state database when it knows the prefix, else verified on the spot (content tier
+    plus probe)."""
     if config is not None and config.prefix(prefix) is not None:
         from auditor import state
 
@@ -171,4 +193,4 @@ def latest(
     result = rescan(prefix, config=None if config is None else config, storage_options=storage_options)
     if not result.listed:
         raise StorageError(result.error or f"cannot list {prefix}")
-    return newest_ok([v.to_dict() for v in result.verdicts], run)
+    return newest_ok([verdict_record(v) for v in result.verdicts], run)

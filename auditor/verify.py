@@ -635,18 +635,37 @@ def locate(reader: Reader, path: str, url: str) -> Checkpoint:
     return ck
 
 
-def _mark_expected_manifests(checkpoints: list[Checkpoint]) -> None:
-    """Flag an unsealed checkpoint newer than every sealed sibling: its manifest is still being written."""
-    newest_sealed: dict[str, float] = {}
+# Clocks of writers and stores disagree a little; an mtime further ahead than this is not a sign
+# of a write in progress (it would keep a checkpoint `pending`, never verified, until that date).
+FUTURE_MTIME_SKEW = 600.0
+
+
+def _mark_expected_manifests(checkpoints: list[Checkpoint], now: float | None = None) -> None:
+    """Flag an unsealed checkpoint newer than every sealed sibling: its manifest is still being written.
+
+    "Newer" compares like with like: steps with steps where both sides have them, else
+    modification times; a step-less folder is never compared with a step number.
+    """
+    now = time.time() if now is None else now
+    newest_step: dict[str, int] = {}
+    newest_mtime: dict[str, float] = {}
     for ck in checkpoints:
-        if ck.manifest_path:
-            key = ck.step if ck.step is not None else (ck.newest_mtime() or 0.0)
-            newest_sealed[ck.run] = max(newest_sealed.get(ck.run, float("-inf")), float(key))
-    for ck in checkpoints:
-        if ck.manifest_path or ck.run not in newest_sealed:
+        if not ck.manifest_path:
             continue
-        key = ck.step if ck.step is not None else (ck.newest_mtime() or 0.0)
-        ck.expect_manifest = ck.expect_manifest or float(key) > newest_sealed[ck.run]
+        if ck.step is not None:
+            newest_step[ck.run] = max(newest_step.get(ck.run, ck.step), ck.step)
+        mtime = ck.newest_mtime()
+        if mtime is not None:
+            newest_mtime[ck.run] = max(newest_mtime.get(ck.run, mtime), mtime)
+    for ck in checkpoints:
+        if ck.manifest_path or ck.expect_manifest:
+            continue
+        if ck.step is not None and ck.run in newest_step:
+            ck.expect_manifest = ck.step > newest_step[ck.run]
+            continue
+        mtime = ck.newest_mtime()
+        if mtime is not None and ck.run in newest_mtime:
+            ck.expect_manifest = newest_mtime[ck.run] < mtime <= now + FUTURE_MTIME_SKEW
 
 
 def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) -> str | None:
@@ -656,8 +675,8 @@ def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) 
     if settle_seconds > 0:
         newest = ck.newest_mtime()
         now = time.time() if now is None else now
-        if newest is not None and now - newest < settle_seconds:
-            return f"written {now - newest:.0f}s ago, within the {settle_seconds:.0f}s settle time"
+        if newest is not None and now - newest < settle_seconds and newest <= now + FUTURE_MTIME_SKEW:
+            return f"written {max(0.0, now - newest):.0f}s ago, within the {settle_seconds:.0f}s settle time"
     return None
 
 
