@@ -89,7 +89,7 @@ def test_corpus_is_built_once_across_processes(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert sum(len(o["built"]) for o in outs) == 1
     assert outs[0]["files"] == outs[1]["files"]
-    assert sorted(os.listdir(tmp_path)) == ["torch_save_dicts", "torch_save_dicts.lock"]  # no staging left
+    assert not [n for n in os.listdir(tmp_path) if ".build-" in n]  # no staging folder left behind
 
 
 # ---------------------------------------------------------------- transformers Trainer
@@ -301,8 +301,10 @@ def test_torch_save_key_conventions(writer_corpus):
 
 def test_hand_loop_checkpoint_folders(writer_corpus):
     w = get(writer_corpus, "hand_loop")
+    assert w.expected_components == {"model", "optimizer", "scheduler", "scaler", "rng", "step"}
     assert [c.path.name for c in w.checkpoints] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     for epoch, ck in enumerate(w.checkpoints, start=1):
-        assert set(ck.files) == {"model.pt", "optimizer.pt", "scheduler.pt", "rng_state.pth", "meta.json"}
+        assert set(ck.files) == {"model.pt", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "meta.json"}
+        assert {"scale", "growth_factor", "_growth_tracker"} <= set(load(ck.path / "scaler.pt"))
         assert load(ck.path / "scheduler.pt")["last_epoch"] == epoch  # per-epoch StepLR: not the step
         assert json.loads((ck.path / "meta.json").read_text()) == {"epoch": epoch, "step": ck.step}

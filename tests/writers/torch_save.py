@@ -63,21 +63,34 @@ def write_torch_save_dicts(dest: Path) -> WrittenCheckpoint:
     )
 
 
-def write_hand_loop(dest: Path) -> WrittenCheckpoint:
-    """A hand-written loop: 3 epochs of 2 steps, StepLR stepped once per epoch, `checkpoint-<step>/` each epoch.
+def _amp_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+              g: torch.Generator) -> None:
+    x, y = torch.randn(4, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
 
-    Each folder: `model.pt`, `optimizer.pt`, `scheduler.pt`, `rng_state.pth`, `meta.json` (epoch, step).
+
+def write_hand_loop(dest: Path) -> WrittenCheckpoint:
+    """A hand-written fp16 loop: 3 epochs of 2 steps, StepLR once per epoch, `checkpoint-<step>/` each epoch.
+
+    Each folder: `model.pt`, `optimizer.pt`, `scheduler.pt`, `scaler.pt` (torch.amp.GradScaler on CPU),
+    `rng_state.pth`, `meta.json` (epoch, step).
     The folder name is Trainer's pattern but there is no trainer_state.json, and the scheduler's
     `last_epoch` counts epochs (1, 2, 3) while the folder counts steps (2, 4, 6).
     """
     t0 = time.monotonic()
     model, opt, sched = _setup()
+    scaler = torch.amp.GradScaler("cpu")
     g = torch.Generator().manual_seed(1)
     cks = []
     step = 0
     for epoch in range(1, 4):
         for _ in range(2):
-            _step(model, opt, g)
+            _amp_step(model, opt, scaler, g)
             step += 1
         sched.step()
         folder = dest / f"checkpoint-{step}"
@@ -85,15 +98,17 @@ def write_hand_loop(dest: Path) -> WrittenCheckpoint:
         torch.save(model.state_dict(), folder / "model.pt")
         torch.save(opt.state_dict(), folder / "optimizer.pt")
         torch.save(sched.state_dict(), folder / "scheduler.pt")
+        torch.save(scaler.state_dict(), folder / "scaler.pt")
         torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()},
                    folder / "rng_state.pth")
         (folder / "meta.json").write_text(json.dumps({"epoch": epoch, "step": step}))
         cks.append(saved(folder, step, {"model": "model.pt", "optimizer": "optimizer.pt",
-                                        "scheduler": "scheduler.pt", "rng": "rng_state.pth", "step": "meta.json"}))
+                                        "scheduler": "scheduler.pt", "scaler": "scaler.pt", "rng": "rng_state.pth",
+                                        "step": "meta.json"}))
     return WrittenCheckpoint(
         name="hand_loop", run_dir=dest, checkpoints=tuple(cks), expected_layout="torch-save-dir",
         expected_components=common_components(cks), library="torch.save", library_version=torch.__version__,
         real_library=True, build_seconds=time.monotonic() - t0,
-        notes="checkpoint-N/ named like Trainer's but no trainer_state.json; StepLR per epoch",
+        notes="checkpoint-N/ named like Trainer's but no trainer_state.json; StepLR per epoch; fp16 + GradScaler",
         extra={"scheduler_last_epoch": {str(c.step): i + 1 for i, c in enumerate(cks)}},
     )
