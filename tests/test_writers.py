@@ -37,7 +37,8 @@ def load(path: Path) -> object:
 
 
 def assert_optimizer_state(sd: object, n_params: int | None = None) -> None:
-    assert isinstance(sd, dict) and set(sd) >= {"state", "param_groups"}, sd if not isinstance(sd, dict) else sorted(sd)
+    assert isinstance(sd, dict), type(sd)
+    assert set(sd) >= {"state", "param_groups"}, sorted(sd)
     assert sd["state"], "optimizer state is empty: no step was taken"
     if n_params is not None:
         assert len(sd["state"]) == n_params
@@ -69,6 +70,17 @@ def test_description_matches_disk(writer_corpus, name):
     assert steps == sorted(steps)
 
 
+LAYOUTS = {"hf-trainer", "accelerate", "lightning", "dcp", "deepspeed", "megatron", "single-file", "folder"}
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_layout_words(writer_corpus, name):
+    w = get(writer_corpus, name)
+    assert w.expected_layout in LAYOUTS and w.family
+    single = w.expected_layout in {"lightning", "single-file"}
+    assert all((c.kind == "file") == single for c in w.checkpoints)
+
+
 def test_copy_to_is_independent(writer_corpus, tmp_path):
     w = get(writer_corpus, "torch_save_dicts")
     copy = w.copy_to(tmp_path / "copy")
@@ -82,7 +94,8 @@ def test_corpus_is_built_once_across_processes(tmp_path):
     """Two processes asking for the same writer at once: one builds, the other waits and reads it."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
             "from writers.corpus import Corpus; c = Corpus(Path(sys.argv[1])); "
-            "w = c.get('torch_save_dicts'); print(json.dumps({'built': c.built, 'files': [x.files for x in w.checkpoints]}))")
+            "w = c.get('torch_save_dicts'); "
+            "print(json.dumps({'built': c.built, 'files': [x.files for x in w.checkpoints]}))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(TESTS)], stdout=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
@@ -173,7 +186,8 @@ def test_accelerate_automatic_checkpoint_naming(writer_corpus):
     for ck in w.checkpoints:
         assert set(ck.files) == ACC_FILES | {"pytorch_model.bin"}
         assert load(ck.path / "custom_checkpoint_0.pkl") == {"step": ck.step}
-        assert set(torch.load(ck.path / "pytorch_model.bin", weights_only=True)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+        weights = torch.load(ck.path / "pytorch_model.bin", weights_only=True)
+        assert set(weights) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
 # ---------------------------------------------------------------- Lightning

@@ -59,9 +59,13 @@ class WrittenCheckpoint:
     name: str  # the writer's name (key of WRITERS)
     run_dir: Path  # the run folder that holds the checkpoints (and any run-level files)
     checkpoints: tuple[SavedCheckpoint, ...]  # oldest first
-    # The layout family the files are in: hf-trainer, accelerate, lightning, dcp, torchtitan,
-    # deepspeed, megatron, megatron-dist, torch-save (what a format-aware scanner should call it).
+    # What a format-aware scanner should call each checkpoint, in the auditor's words (LAYOUTS in
+    # auditor/layouts.py, plus "lightning" for Lightning's files as completeness names them):
+    # hf-trainer, accelerate, lightning, dcp, deepspeed, megatron, single-file, folder.
     expected_layout: str
+    # The writer's own finer family: as expected_layout, or torchtitan, megatron-legacy,
+    # megatron-dist, torch-save, torch-save-dir, lightning.
+    family: str
     expected_components: frozenset[str]  # components every checkpoint provably holds
     library: str  # the library that wrote the files
     library_version: str
@@ -110,6 +114,7 @@ class WrittenCheckpoint:
                 for c in self.checkpoints
             ],
             "expected_layout": self.expected_layout,
+            "family": self.family,
             "expected_components": sorted(self.expected_components),
             "library": self.library,
             "library_version": self.library_version,
@@ -129,7 +134,8 @@ class WrittenCheckpoint:
         )
         return cls(
             name=doc["name"], run_dir=run_dir, checkpoints=cks, expected_layout=doc["expected_layout"],
-            expected_components=frozenset(doc["expected_components"]), library=doc["library"],
+            family=doc["family"], expected_components=frozenset(doc["expected_components"]),
+            library=doc["library"],
             library_version=doc["library_version"], real_library=doc["real_library"],
             run_files=tuple(doc["run_files"]), notes=doc["notes"], build_seconds=doc["build_seconds"],
             extra=doc.get("extra", {}),

@@ -79,7 +79,7 @@ def _describe(name: str, run_dir: Path, folders: list[Path], *, safe: bool, scal
             comps["scaler"] = "scaler.pt"
         cks.append(saved(folder, (i + 1) * SAVE_EVERY, comps))
     return WrittenCheckpoint(
-        name=name, run_dir=run_dir, checkpoints=tuple(cks), expected_layout="accelerate",
+        name=name, run_dir=run_dir, checkpoints=tuple(cks), expected_layout="accelerate", family="accelerate",
         expected_components=common_components(cks), library="accelerate",
         library_version=accelerate.__version__, real_library=True, notes=notes,
         build_seconds=time.monotonic() - t0,

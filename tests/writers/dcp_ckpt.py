@@ -99,7 +99,7 @@ def write_dcp_two_rank(dest: Path) -> WrittenCheckpoint:
         held = [".metadata", *shards]
         cks.append(saved(folder, step, {"model": held, "optimizer": held}))
     return WrittenCheckpoint(
-        name="dcp_two_rank", run_dir=dest, checkpoints=tuple(cks), expected_layout="dcp",
+        name="dcp_two_rank", run_dir=dest, checkpoints=tuple(cks), expected_layout="dcp", family="dcp",
         expected_components=common_components(cks), library="torch.distributed.checkpoint",
         library_version=torch.__version__, real_library=True, build_seconds=time.monotonic() - t0,
         notes="2 processes over gloo, FSDP2-sharded; state {'model', 'optim'}; step only in the folder name",
@@ -117,7 +117,7 @@ def write_torchtitan(dest: Path) -> WrittenCheckpoint:
         held = [".metadata", *_data_files(folder)]
         cks.append(saved(folder, step, {c: held for c in ("model", "optimizer", "scheduler", "step")}))
     return WrittenCheckpoint(
-        name="torchtitan", run_dir=dest, checkpoints=tuple(cks), expected_layout="torchtitan",
+        name="torchtitan", run_dir=dest, checkpoints=tuple(cks), expected_layout="dcp", family="torchtitan",
         expected_components=common_components(cks), library="torch.distributed.checkpoint",
         library_version=torch.__version__, real_library=False, build_seconds=time.monotonic() - t0,
         notes="bytes written by real DCP from 2 ranks; the key structure follows torchtitan's "

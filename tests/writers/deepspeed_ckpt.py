@@ -76,7 +76,7 @@ def write_deepspeed(dest: Path) -> WrittenCheckpoint:
             "model": MODEL_STATES, "optimizer": OPTIM_STATES, "scheduler": MODEL_STATES, "step": MODEL_STATES}))
     run_files = tuple(sorted(p.name for p in dest.iterdir() if p.is_file()))
     return WrittenCheckpoint(
-        name="deepspeed", run_dir=dest, checkpoints=tuple(cks), expected_layout="deepspeed",
+        name="deepspeed", run_dir=dest, checkpoints=tuple(cks), expected_layout="deepspeed", family="deepspeed",
         expected_components=common_components(cks), library="deepspeed", library_version=version,
         real_library=True, run_files=run_files, build_seconds=time.monotonic() - t0,
         notes="ZeRO stage 1, 1 rank over gloo on CPU; DeepSpeed saves no RNG state",

@@ -81,7 +81,7 @@ def _describe(name: str, run_dir: Path, weights: list[str], *, real: bool = True
         comps: dict[str, list[str] | str] = {"model": weights, **_STATE_FILES}
         cks.append(saved(folder, step, comps))
     return WrittenCheckpoint(
-        name=name, run_dir=run_dir, checkpoints=tuple(cks), expected_layout="hf-trainer",
+        name=name, run_dir=run_dir, checkpoints=tuple(cks), expected_layout="hf-trainer", family="hf-trainer",
         expected_components=common_components(cks), library="transformers", library_version=VERSION,
         real_library=real, notes=notes, build_seconds=time.monotonic() - t0,
     )
@@ -184,6 +184,7 @@ def write_hf_trainer_fsdp(dest: Path) -> WrittenCheckpoint:
                                         **{k: v for k, v in _STATE_FILES.items() if k != "optimizer"}}))
     return WrittenCheckpoint(
         name="hf_trainer_fsdp", run_dir=dest, checkpoints=tuple(cks), expected_layout="hf-trainer",
+        family="hf-trainer",
         expected_components=common_components(cks), library="transformers", library_version=VERSION,
         real_library=True, notes=f"FSDP{version}, SHARDED_STATE_DICT, 1 rank over gloo on CPU",
         build_seconds=time.monotonic() - t0,

@@ -58,7 +58,7 @@ def write_lightning(dest: Path) -> WrittenCheckpoint:
     names += [("last.ckpt", STEPS), (RENAMED, STEPS)]
     cks = tuple(saved(dest / n, s, {c: n for c in whole}) for n, s in names)
     return WrittenCheckpoint(
-        name="lightning", run_dir=dest, checkpoints=cks, expected_layout="lightning",
+        name="lightning", run_dir=dest, checkpoints=cks, expected_layout="lightning", family="lightning",
         expected_components=common_components(cks), library="lightning", library_version=lightning.__version__,
         real_library=True, build_seconds=time.monotonic() - t0,
         notes=f"{RENAMED} is a byte copy of epoch=0-step={STEPS}.ckpt under a name with no convention",

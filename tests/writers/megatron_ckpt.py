@@ -171,7 +171,7 @@ def write_megatron_legacy(dest: Path) -> WrittenCheckpoint:
     every = ("model", "optimizer", "scheduler", "rng", "step")
     cks = tuple(saved(dest / iter_dir(it), it, {c: LEGACY_FILE for c in every}) for it in ITERATIONS)
     return WrittenCheckpoint(
-        name="megatron_legacy", run_dir=dest, checkpoints=cks, expected_layout="megatron",
+        name="megatron_legacy", run_dir=dest, checkpoints=cks, expected_layout="megatron", family="megatron-legacy",
         expected_components=common_components(cks), library="megatron-lm (torch.save)",
         library_version="Megatron-LM main, checkpoint_version 3.0", real_library=False, run_files=(TRACKER,),
         build_seconds=time.monotonic() - t0,
@@ -194,7 +194,7 @@ def write_megatron_dist(dest: Path) -> WrittenCheckpoint:
         cks.append(saved(folder, it, {"model": tensors, "optimizer": tensors, "scheduler": "common.pt",
                                       "rng": tensors, "step": "common.pt"}))
     return WrittenCheckpoint(
-        name="megatron_dist", run_dir=dest, checkpoints=tuple(cks), expected_layout="megatron-dist",
+        name="megatron_dist", run_dir=dest, checkpoints=tuple(cks), expected_layout="megatron", family="megatron-dist",
         expected_components=common_components(cks), library="megatron-core dist_checkpointing",
         library_version=version, real_library=True, run_files=(TRACKER,), build_seconds=time.monotonic() - t0,
         notes="files written by megatron.core.dist_checkpointing.save (torch_dist); the state dict's "

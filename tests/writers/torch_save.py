@@ -56,7 +56,7 @@ def write_torch_save_dicts(dest: Path) -> WrittenCheckpoint:
         saved(dest / "step_6.pt", 6, {c: "step_6.pt" for c in ("model", "optimizer", "scheduler", "step")}),
     )
     return WrittenCheckpoint(
-        name="torch_save_dicts", run_dir=dest, checkpoints=cks, expected_layout="torch-save",
+        name="torch_save_dicts", run_dir=dest, checkpoints=cks, expected_layout="single-file", family="torch-save",
         expected_components=common_components(cks), library="torch.save", library_version=torch.__version__,
         real_library=True, build_seconds=time.monotonic() - t0,
         notes="epoch_2.pth and model_epoch2.pt count epochs, not steps: their step is the epoch",
@@ -106,7 +106,7 @@ def write_hand_loop(dest: Path) -> WrittenCheckpoint:
                                         "scheduler": "scheduler.pt", "scaler": "scaler.pt", "rng": "rng_state.pth",
                                         "step": "meta.json"}))
     return WrittenCheckpoint(
-        name="hand_loop", run_dir=dest, checkpoints=tuple(cks), expected_layout="torch-save-dir",
+        name="hand_loop", run_dir=dest, checkpoints=tuple(cks), expected_layout="folder", family="torch-save-dir",
         expected_components=common_components(cks), library="torch.save", library_version=torch.__version__,
         real_library=True, build_seconds=time.monotonic() - t0,
         notes="checkpoint-N/ named like Trainer's but no trainer_state.json; StepLR per epoch; fp16 + GradScaler",
