@@ -161,6 +161,18 @@ def test_hf_trainer_fsdp_is_dcp_subfolders(writer_corpus):
         assert any(f.startswith("optimizer_0/") and f.endswith(".metadata") for f in ck.files)
 
 
+def test_hf_trainer_fsdp_layout_rebuilt_on_cpu(writer_corpus):
+    w = get(writer_corpus, "hf_trainer_fsdp_layout")
+    assert not w.real_library
+    for ck in w.checkpoints:
+        assert set(ck.files) == {"pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/__0_0.distcp",
+                                 "optimizer_0/.metadata", "optimizer_0/__0_0.distcp", "scheduler.pt",
+                                 "rng_state.pth", "trainer_state.json"}
+        assert "model.transformer.h.0.attn.c_attn.weight" in _dcp_keys(ck.path / "pytorch_model_fsdp_0")
+        assert any(k.startswith("optimizer.state.") for k in _dcp_keys(ck.path / "optimizer_0"))
+        assert json.loads((ck.path / "trainer_state.json").read_text())["global_step"] == ck.step
+
+
 # ---------------------------------------------------------------- accelerate
 
 

@@ -187,6 +187,7 @@ WRITERS: dict[str, str] = {
     "hf_trainer_sharded": "hf_trainer:write_hf_trainer_sharded",
     "hf_trainer_plateau": "hf_trainer:write_hf_trainer_plateau",
     "hf_trainer_fsdp": "hf_trainer:write_hf_trainer_fsdp",
+    "hf_trainer_fsdp_layout": "hf_trainer:write_hf_trainer_fsdp_layout",
     "accelerate": "accelerate_state:write_accelerate",
     "accelerate_auto": "accelerate_state:write_accelerate_auto",
     "lightning": "lightning_ckpt:write_lightning",

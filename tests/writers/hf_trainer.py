@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,14 @@ import accelerate
 import torch
 import transformers
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainingArguments
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from . import SavedCheckpoint, WrittenCheckpoint, WriterUnavailable, common_components, saved
 
@@ -149,7 +157,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from writers import hf_trainer
-hf_trainer._train(Path(sys.argv[1]), fsdp="full_shard",
+hf_trainer._train(Path(sys.argv[1]), use_cpu=False, fsdp="full_shard",
                   fsdp_config={"state_dict_type": "SHARDED_STATE_DICT", "version": int(sys.argv[3])})
 """
 
@@ -201,3 +209,58 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _FsdpLayout(TrainerCallback):
+    """After each real Trainer save, lay the folder out as a SHARDED_STATE_DICT FSDP save does.
+
+    accelerate's save_fsdp_model / save_fsdp_optimizer write `dcp.save({"model": sd})` into
+    `pytorch_model_fsdp_0/` and `dcp.save({"optimizer": osd})` into `optimizer_0/`; Trainer then
+    writes no model file, config or optimizer.pt, and keeps scheduler.pt, rng_state.pth and
+    trainer_state.json.
+    """
+
+    def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        for name in ("model.safetensors", "config.json", "generation_config.json", "training_args.bin",
+                     "optimizer.pt"):
+            (folder / name).unlink(missing_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no process group: saving in a single process" is the intent
+            dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder / "pytorch_model_fsdp_0"))
+            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=str(folder / "optimizer_0"))
+        return control
+
+
+def write_hf_trainer_fsdp_layout(dest: Path) -> WrittenCheckpoint:
+    """The FSDP SHARDED_STATE_DICT checkpoint layout, rebuilt on CPU (one rank, real DCP files).
+
+    `checkpoint-N/`: `pytorch_model_fsdp_0/` and `optimizer_0/` (each `.metadata` + `__0_0.distcp`),
+    `scheduler.pt`, `rng_state.pth`, `trainer_state.json`. The real FSDP writer cannot run on CPU
+    (see write_hf_trainer_fsdp); the DCP bytes and the Trainer's own files are real.
+    """
+    t0 = time.monotonic()
+    model = tiny_gpt2()
+    data = TokenData()
+    trainer = Trainer(model=model, args=_args(dest), train_dataset=data, callbacks=[_FsdpLayout()])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    cks = []
+    for step in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY):
+        folder = dest / f"checkpoint-{step}"
+        files = _rel_files(folder)
+        cks.append(saved(folder, step, {
+            "model": [f for f in files if f.startswith("pytorch_model_fsdp_0/")],
+            "optimizer": [f for f in files if f.startswith("optimizer_0/")],
+            **{k: v for k, v in _STATE_FILES.items() if k != "optimizer"}}))
+    return WrittenCheckpoint(
+        name="hf_trainer_fsdp_layout", run_dir=dest, checkpoints=tuple(cks), expected_layout="hf-trainer",
+        family="hf-trainer", expected_components=common_components(cks), library="transformers",
+        library_version=VERSION, real_library=False, build_seconds=time.monotonic() - t0,
+        notes="FSDP SHARDED_STATE_DICT layout rebuilt on CPU: real Trainer files plus real DCP folders "
+              "(1 rank) in place of the weights and optimizer.pt",
+    )
