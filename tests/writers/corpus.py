@@ -39,6 +39,8 @@ class Corpus:
         root.mkdir(parents=True, exist_ok=True)
         self._memo: dict[str, WrittenCheckpoint] = {}
         self.built: list[str] = []  # writers this instance built itself (the others it found cached)
+        # A writer that crashed here is not retried by every later test of this process.
+        self._failed: dict[str, str] = {}
 
     def get(self, name: str) -> WrittenCheckpoint:
         """Return writer `name`'s checkpoints, building them if no process has yet.
@@ -49,10 +51,16 @@ class Corpus:
             raise KeyError(f"no writer named {name!r}; known: {sorted(WRITERS)}")
         if name in self._memo:
             return self._memo[name]
+        if name in self._failed:
+            raise RuntimeError(f"writer {name} failed earlier in this process: {self._failed[name]}")
         final = self.root / name
         with FileLock(str(self.root / f"{name}.lock"), timeout=BUILD_TIMEOUT):
             if not final.exists():
-                self._build(name, final)
+                try:
+                    self._build(name, final)
+                except Exception as e:
+                    self._failed[name] = f"{type(e).__name__}: {e}"
+                    raise
         unavailable = final / "unavailable.txt"
         if unavailable.exists():
             raise WriterUnavailable(unavailable.read_text())
