@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +27,6 @@ from transformers import (
 
 from . import SavedCheckpoint, WrittenCheckpoint, WriterUnavailable, common_components, saved
 
-log = logging.getLogger(__name__)
 
 STEPS, SAVE_EVERY = 4, 2  # two checkpoints: checkpoint-2 and checkpoint-4
 VERSION = transformers.__version__
@@ -194,7 +193,7 @@ def write_hf_trainer_fsdp(dest: Path) -> WrittenCheckpoint:
         name="hf_trainer_fsdp", run_dir=dest, checkpoints=tuple(cks), expected_layout="hf-trainer",
         family="hf-trainer",
         expected_components=common_components(cks), library="transformers", library_version=VERSION,
-        real_library=True, notes=f"FSDP{version}, SHARDED_STATE_DICT, 1 rank over gloo on CPU",
+        real_library=True, notes=f"FSDP{version}, SHARDED_STATE_DICT, 1 rank",
         build_seconds=time.monotonic() - t0,
     )
 
@@ -204,8 +203,6 @@ def _rel_files(folder: Path) -> list[str]:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
