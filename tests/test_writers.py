@@ -70,6 +70,25 @@ def test_description_matches_disk(writer_corpus, name):
     assert steps == sorted(steps)
 
 
+FULL = {"model", "optimizer", "scheduler", "rng", "step"}
+# What each writer provably saves (the per-writer tests below load the files that hold them).
+EXPECTED_COMPONENTS = {
+    "hf_trainer": FULL, "hf_trainer_bin": FULL, "hf_trainer_sharded": FULL, "hf_trainer_plateau": FULL,
+    "hf_trainer_fsdp": FULL, "hf_trainer_fsdp_layout": FULL, "accelerate": FULL, "accelerate_auto": FULL,
+    "lightning": {"model", "optimizer", "scheduler", "step"},
+    "dcp_two_rank": {"model", "optimizer"},
+    "torchtitan": {"model", "optimizer", "scheduler", "step"},
+    "deepspeed": {"model", "optimizer", "scheduler", "step"},
+    "megatron_legacy": FULL, "megatron_dist": FULL,
+    "torch_save_dicts": {"model", "optimizer", "step"},
+    "hand_loop": FULL | {"scaler"},
+}
+
+
+def test_every_writer_has_expected_components():
+    assert set(EXPECTED_COMPONENTS) == set(WRITERS)
+
+
 LAYOUTS = {"hf-trainer", "accelerate", "lightning", "dcp", "deepspeed", "megatron", "single-file", "folder"}
 
 
@@ -77,6 +96,7 @@ LAYOUTS = {"hf-trainer", "accelerate", "lightning", "dcp", "deepspeed", "megatro
 def test_layout_words(writer_corpus, name):
     w = get(writer_corpus, name)
     assert w.expected_layout in LAYOUTS and w.family
+    assert w.expected_components == EXPECTED_COMPONENTS[name]
     single = w.expected_layout in {"lightning", "single-file"}
     assert all((c.kind == "file") == single for c in w.checkpoints)
 
