@@ -303,6 +303,19 @@ def _loose_files(tree: _Tree, folder: str, root: str, prefix_url: str, out: Surv
         (out.run_files if name in RUN_TAG_FILES else out.uncovered)[rel] = tree.info[f"{folder}/{name}"]
 
 
+def adopt(found: Survey, rels: list[str], root: str, prefix_url: str) -> None:
+    """Make single-file checkpoints of uncovered files whose contents proved them torch files."""
+    root = root.rstrip("/")
+    for rel in rels:
+        info = found.uncovered.pop(rel)
+        path = f"{root}/{rel}"
+        folder = posixpath.dirname(rel) or "."
+        found.checkpoints.append(Checkpoint(
+            url=_url(prefix_url, rel), path=path, run=folder, layout="single-file", kind="file",
+            step=step_from_name(posixpath.basename(rel)), files={posixpath.basename(rel): info},
+        ))  # fmt: skip
+
+
 def _dir_checkpoint(path: str, layout: str, run: str, files: dict[str, dict[str, Any]], root: str,
                     prefix_url: str) -> Checkpoint:
     manifest = files.pop(MANIFEST_NAME, None)

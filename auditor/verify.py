@@ -751,11 +751,22 @@ class Scanner:
         except StorageError as e:
             return ScanResult(prefix_url, self.options.tier, [], listed=False, error=str(e),
                               duration_seconds=time.monotonic() - started, require_assurance=required)
+        if self.options.tier != "metadata":
+            self._adopt_by_content(found, root, prefix_url)
         verdicts = self.run(found.checkpoints, on_verdict=on_verdict, stop=stop)
         sizes = {rel: int(i.get("size") or 0) for rel, i in found.uncovered.items()}
         tags = {rel: int(i.get("size") or 0) for rel, i in found.run_files.items()}
         return ScanResult(prefix_url, self.options.tier, verdicts, duration_seconds=time.monotonic() - started,
                           uncovered=sizes, run_files=tags, require_assurance=required)
+
+    def _adopt_by_content(self, found: layouts.Survey, root: str, prefix_url: str) -> None:
+        """Check files no name claimed: a torch.save file is a checkpoint whatever it is called."""
+        candidates = sorted(r for r, i in found.uncovered.items() if int(i.get("size") or 0) >= len(_ZIP_MAGIC))
+        if len(candidates) > MAX_SNIFFED:
+            logger.info("%d unclaimed files under %s: sniffing the first %d", len(candidates), prefix_url, MAX_SNIFFED)
+        sniffed = list(self._files.map(lambda rel: _is_torch_file(self.reader, f"{root.rstrip('/')}/{rel}"),
+                                       candidates[:MAX_SNIFFED]))
+        layouts.adopt(found, [rel for rel, hit in zip(candidates, sniffed) if hit], root, prefix_url)
 
     def _guarded(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None) -> Verdict | None:
         if stop is not None and stop.is_set():
@@ -774,6 +785,20 @@ class Scanner:
             return Verdict(ck.url, ck.run, ck.step, ck.layout, "error",
                            [Finding("internal_error", "error", None, f"{type(e).__name__}: {e}")],
                            tier=(options or self.options).tier)
+
+
+# Unclaimed files read (8 bytes each) to find torch.save files with unconventional names.
+MAX_SNIFFED = 1000
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _is_torch_file(reader: Reader, path: str) -> bool:
+    """Tell from its first bytes whether a file is a torch.save zip or a pickle (protocol 2+)."""
+    try:
+        head = reader.read(path, 0, 4, limit=4)
+    except (OSError, ValueError):
+        return False  # reported as uncovered; verifying it is not this function's business
+    return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def build_options(
