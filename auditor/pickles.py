@@ -336,8 +336,11 @@ class UnsafePickleError(ValueError):
     why the file could not be parsed completely. `globals` is both, reasons in angle brackets.
     """
 
-    def __init__(self, path: str, unsafe_globals: Sequence[str], reasons: Sequence[str] = ()) -> None:
+    def __init__(self, path: str, unsafe_globals: Sequence[str], reasons: Sequence[str] = (), *,
+                 damaged: bool = False) -> None:
         self.path = path
+        # A pickle member failed its zip CRC: what was refused may be damage rather than hostility.
+        self.damaged = damaged
         self.names = sorted(set(unsafe_globals))
         self.reasons = list(reasons)
         self.globals = self.names + [f"<{r}>" for r in self.reasons]
@@ -347,9 +350,18 @@ class UnsafePickleError(ValueError):
         parts += self.reasons
         super().__init__(f"{path}: refusing to unpickle, {'; '.join(parts)}")
 
-    def __reduce__(self) -> tuple[type[UnsafePickleError], tuple[str, list[str], list[str]]]:
+    def __reduce__(self) -> tuple[Any, ...]:
         # The default would re-create the error from its message alone and fail.
-        return type(self), (self.path, self.names, self.reasons)
+        return _unsafe_pickle_error, (self.path, self.names, self.reasons, self.damaged)
+
+    @property
+    def imports(self) -> list[str]:
+        """The refused `module.name` globals, without refused constructs (`<...>`)."""
+        return [n for n in self.names if not n.startswith("<")]
+
+
+def _unsafe_pickle_error(path: str, names: list[str], reasons: list[str], damaged: bool) -> UnsafePickleError:
+    return UnsafePickleError(path, names, reasons, damaged=damaged)
 
 
 class UnknownFormatError(ValueError):
@@ -1224,6 +1236,7 @@ class _Member:
     size: int
     method: int
     flags: int
+    crc: int
 
 
 def _zip_members(f: IO[bytes], label: str, size: int) -> list[_Member]:
@@ -1237,7 +1250,7 @@ def _zip_members(f: IO[bytes], label: str, size: int) -> list[_Member]:
         if not 0 <= info.header_offset < size:
             raise UnsafePickleError(label, [], [f"{info.filename}: member offset {info.header_offset} outside the file"])
         members.append(_Member(info.filename, info.header_offset, info.compress_size, info.file_size,
-                               info.compress_type, info.flag_bits))
+                               info.compress_type, info.flag_bits, info.CRC))
     return members
 
 
@@ -1289,11 +1302,18 @@ def _zip_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: S
     values: dict[str, Any] = {}
     storages: dict[str, StorageRef] = {}
     data_pkl = {m.name for m in _torch_record(members, "data.pkl")}
+    damaged = False
     for member in pickled:
         data = _read_member(f, member, label, size, max_bytes)
         where = f"{label}:{member.name}"
-        walker = _walk_one(io.BytesIO(data), where, torch_ops=True, allowed=ALLOWED_GLOBALS, budget=size,
-                           persistent=_zip_persistent, limits=limits)
+        # torch does not check CRCs, so the bytes are judged as they are; a mismatch only tells
+        # the caller that an oddity found may be damage.
+        damaged = damaged or zlib.crc32(data) != member.crc
+        try:
+            walker = _walk_one(io.BytesIO(data), where, torch_ops=True, allowed=ALLOWED_GLOBALS, budget=size,
+                               persistent=_zip_persistent, limits=limits)
+        except UnsafePickleError as e:
+            raise UnsafePickleError(e.path, e.names, e.reasons, damaged=damaged) from e
         findings |= walker.findings
         # torch.load hands an archive with constants.pkl to torch.jit.load, which runs code.
         if member.name.rsplit("/", 1)[-1].lower() == "constants.pkl":
@@ -1314,7 +1334,7 @@ def _zip_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: S
             # torch allocates numel × itemsize before it reads the record.
             findings.add(f"<storage {ref.key!r} declares {ref.nbytes} bytes, its record holds {record.size}>")
     if findings:
-        raise UnsafePickleError(label, findings)
+        raise UnsafePickleError(label, findings, damaged=damaged)
     return Skeleton(next(iter(values.values())), label, "zip", storages)
 
 
