@@ -211,8 +211,9 @@ def _unsafe_finding(ck: Any, rel: str, e: pickles.UnsafePickleError, sealed: dic
         # import is never explained away. Still refused, never loaded.
         return Finding("pickle_unreadable", "warning", rel, f"damaged, not loaded: {'; '.join(e.globals)[:500]}")
     if e.reasons:
+        seen = f"; before that it imports {', '.join(e.names[:5])}" if e.names else ""
         return Finding("unsafe_pickle", "error", rel,
-                       f"cannot be parsed completely, so refused, never executed: {'; '.join(e.reasons)[:500]}")
+                       f"cannot be parsed completely, so refused, never executed: {'; '.join(e.reasons)[:500]}{seen}")
     bad = e.names
     if rel.rsplit("/", 1)[-1] in TRAINER_ARGS_FILES:
         known = [g for g in bad if g.startswith(TRAINER_ARGS_PREFIXES) and ":" not in g]

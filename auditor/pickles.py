@@ -1356,16 +1356,18 @@ def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits
     reader = _BoundedReader(f, max_bytes, label)
     walk = {"torch_ops": True, "allowed": ALLOWED_GLOBALS, "budget": size, "limits": limits}
     first = _walk_one(reader, label, persistent=None, first=True, **walk)
-    if first.findings:
-        raise UnsafePickleError(label, first.findings)
     magic = first.result
     if not (type(magic) is int and magic == TORCH_LEGACY_MAGIC):
         if first.called:
             # torch compares this value with its magic number: an object built by calls (a numpy
             # object array, a tensor) can answer "equal" and let the rest of the file be unpickled.
-            raise UnsafePickleError(label, ["<first pickle is built by calls, not torch's magic number>"])
+            first.findings.add("<first pickle is built by calls, not torch's magic number>")
+        if first.findings:
+            raise UnsafePickleError(label, first.findings)
         # A plain pickle: torch stops at the magic number, nothing after it is unpickled.
         return Skeleton(magic, label, "pickle")
+    if first.findings:
+        raise UnsafePickleError(label, first.findings)
     findings: set[str] = set()
     version = _walk_one(reader, label, persistent=None, **walk)
     sys_info = _walk_one(reader, label, persistent=None, **walk)
