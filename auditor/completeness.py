@@ -187,7 +187,9 @@ def _scan_pickles(reader: Any, ck: Any, manifest: Any, findings: list[Any]) -> t
         if not rel.endswith(PICKLE_SUFFIXES):
             continue
         try:
-            values[rel] = pickles.read_torch_skeleton(reader.fs, f"{ck.root}/{rel}").value
+            # A .pkl may be meant for pickle.load; the torch suffixes must be torch.save files.
+            values[rel] = pickles.read_torch_skeleton(reader.fs, f"{ck.root}/{rel}",
+                                                      plain_pickle=rel.endswith(".pkl")).value
         except pickles.UnknownFormatError as e:
             # Raw data under a torch suffix: nothing in it would be unpickled, and nothing is vouched for.
             findings.append(Finding("not_a_pickle", "info", rel, f"neither a torch.save zip nor a pickle: {e}"))

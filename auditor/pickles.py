@@ -1351,8 +1351,10 @@ def _plain(value: Any, kinds: tuple[type, ...]) -> bool:
     return type(value) in kinds
 
 
-def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: ScanLimits) -> Skeleton:
-    """A raw pickle, or a legacy torch.save stream framed exactly as torch._legacy_load reads it."""
+def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: ScanLimits,
+                     plain_pickle: bool) -> Skeleton:
+    """A legacy torch.save stream framed exactly as torch._legacy_load reads it (or, when
+    `plain_pickle`, a plain-data pickle)."""
     reader = _BoundedReader(f, max_bytes, label)
     walk = {"torch_ops": True, "allowed": ALLOWED_GLOBALS, "budget": size, "limits": limits}
     first = _walk_one(reader, label, persistent=None, first=True, **walk)
@@ -1362,9 +1364,12 @@ def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits
             # torch compares this value with its magic number: an object built by calls (a numpy
             # object array, a tensor) can answer "equal" and let the rest of the file be unpickled.
             first.findings.add("<first pickle is built by calls, not torch's magic number>")
+        elif not plain_pickle:
+            # torch.load refuses it after unpickling it: nothing a torch file should be.
+            first.findings.add("<a plain pickle, not torch's legacy framing: the first pickle is not its magic number>")
         if first.findings:
             raise UnsafePickleError(label, first.findings)
-        # A plain pickle: torch stops at the magic number, nothing after it is unpickled.
+        # Plain data: pickle.load stops at the STOP, torch.load at the magic number.
         return Skeleton(magic, label, "pickle")
     if first.findings:
         raise UnsafePickleError(label, first.findings)
@@ -1397,9 +1402,18 @@ def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits
 
 
 def read_torch_skeleton_from(
-    f: IO[bytes], label: str, *, max_pickle_bytes: int = DEFAULT_MAX_PICKLE_BYTES, limits: ScanLimits = DEFAULT_LIMITS
+    f: IO[bytes],
+    label: str,
+    *,
+    max_pickle_bytes: int = DEFAULT_MAX_PICKLE_BYTES,
+    limits: ScanLimits = DEFAULT_LIMITS,
+    plain_pickle: bool = False,
 ) -> Skeleton:
-    """Read the skeleton of an open, seekable torch.save file (zip, legacy stream or raw pickle)."""
+    """Read the skeleton of an open, seekable torch.save file (zip or legacy stream).
+
+    `plain_pickle` also accepts a single plain-data pickle (a `.pkl` file meant for pickle.load):
+    torch.load refuses such a file, so a torch file may not be one.
+    """
     size = f.seek(0, io.SEEK_END)
     f.seek(0)
     head = f.read(_TAR_BLOCK)
@@ -1412,7 +1426,7 @@ def read_torch_skeleton_from(
     if len(head) == _TAR_BLOCK and _is_tar(head):
         # torch.load would unpickle members of this pre-1.0 format without weights_only.
         raise UnsafePickleError(label, [], ["legacy tar checkpoint format is not modelled"])
-    return _legacy_skeleton(f, label, size, max_pickle_bytes, limits)
+    return _legacy_skeleton(f, label, size, max_pickle_bytes, limits, plain_pickle)
 
 
 def read_torch_skeleton(
@@ -1421,10 +1435,12 @@ def read_torch_skeleton(
     *,
     max_pickle_bytes: int = DEFAULT_MAX_PICKLE_BYTES,
     limits: ScanLimits = DEFAULT_LIMITS,
+    plain_pickle: bool = False,
 ) -> Skeleton:
     """Read the skeleton of a torch.save file without unpickling; raise UnsafePickleError unless safe."""
     with fs.open(path, "rb") as f:
-        return read_torch_skeleton_from(f, path, max_pickle_bytes=max_pickle_bytes, limits=limits)
+        return read_torch_skeleton_from(f, path, max_pickle_bytes=max_pickle_bytes, limits=limits,
+                                        plain_pickle=plain_pickle)
 
 
 def scan_torch_file(
@@ -1475,8 +1491,10 @@ def read_dcp_checkpoint(
     of its `.distcp` files (read with torch.load(weights_only=False)) before anything loads them."""
     meta_path = f"{root.rstrip('/')}/.metadata"
     with fs.open(meta_path, "rb") as f:
-        meta = read_skeleton(f, label=meta_path, extra_globals=DCP_METADATA_MODULES, max_bytes=max_pickle_bytes,
-                             limits=limits)
+        data = f.read(max_pickle_bytes + 1)
+    # Bytes, not the stream: the allocation checks then weigh claims against the file's real size.
+    meta = read_skeleton(data, label=meta_path, extra_globals=DCP_METADATA_MODULES, max_bytes=max_pickle_bytes,
+                         limits=limits)
     try:
         state = _state(meta.value, ".Metadata")
         entries = state.get("state_dict_metadata")
