@@ -1124,6 +1124,10 @@ def _legacy_persistent(w: _Walker, pid: Any) -> Any:
         w.refuse(f"persistent id {str(pid)[:80]} is not a storage")
         return Opaque("<persistent>", tainted=True)
     _, storage_type, key, location, numel, view = pid
+    if isinstance(storage_type, GlobalRef) and storage_type.name == "torch.storage.UntypedStorage":
+        # torch's legacy loader reads storage_type.dtype, which UntypedStorage lacks: it cannot load this.
+        w.refuse("legacy stream with an untyped storage")
+        return Opaque("<persistent>", tainted=True)
     dtype = _storage_dtype(w, storage_type)
     if dtype is None or type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
         w.refuse("storage persistent id with malformed key, location or size")

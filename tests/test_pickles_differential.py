@@ -212,6 +212,9 @@ def hostile_corpus(canary: Path) -> dict[str, bytes]:
         pickle.dumps(np.array(TORCH_LEGACY_MAGIC, dtype=object), protocol=2),
         pickle.dumps(np.array(TORCH_LEGACY_PROTOCOL, dtype=object), protocol=2),
         pickle.dumps({}, protocol=2), pickle.dumps({"w": live(n)}, protocol=2), pickle.dumps([], protocol=2)]))
+    # Not hostile, but a file torch cannot load: a legacy stream of a uint16 tensor (untyped storage).
+    add("legacy_untyped_storage", lambda n: torch_bytes({"u16": torch.arange(4, dtype=torch.int32).to(torch.uint16)},
+                                                        legacy=True))
     add("legacy_module_persid", lambda n: b"".join([
         pickle.dumps(TORCH_LEGACY_MAGIC, protocol=2), pickle.dumps(TORCH_LEGACY_PROTOCOL, protocol=2),
         pickle.dumps({}, protocol=2),
@@ -315,7 +318,8 @@ def benign_corpus() -> dict[str, bytes]:
         "parameter": lambda: {"p": torch.nn.Parameter(torch.ones(2, 2))},
     }
     corpus = {name: torch_bytes(build()) for name, build in cases.items()}
-    for name in ("state_dict", "adamw", "rng_state", "scheduler_plateau", "counter"):
+    for name in ("state_dict", "adamw", "rng_state", "scheduler_plateau", "counter", "sparse", "quantized", "values",
+                 "shared_views", "parameter", "grad_scaler"):
         corpus[f"legacy_{name}"] = torch_bytes(cases[name](), legacy=True)
     # A list holding itself (fickling #196): odd, harmless, and torch loads it.
     corpus["self_referential_list"] = torch_zip(b"\x80\x02]q\x00h\x00a.")
@@ -398,6 +402,7 @@ def test_differential_against_torch_weights_only(tmp_path: Path) -> None:
     assert all(torch_side[n] == "loaded" for n in paths if n.startswith("benign/"))
     refused_by_torch = [n for n in paths if n.startswith("hostile/") and torch_side[n].startswith("refused")]
     assert len(refused_by_torch) >= len([n for n in paths if n.startswith("hostile/")]) - 5, torch_side
+    assert torch_side["hostile/legacy_untyped_storage"].startswith("refused")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
