@@ -151,6 +151,10 @@ _TORCH_STORAGES: dict[str, str] = {
     "QUInt2x4Storage": "quint2x4",
 }
 
+# torch.serialization._get_layout looks these up by name (torch 2.13's torch.layout values).
+_LAYOUTS = frozenset(f"torch.{name}" for name in
+                     ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged"))
+
 _QSCHEMES = (
     "per_tensor_affine",
     "per_tensor_symmetric",
@@ -609,6 +613,9 @@ class _Walker:
             raise _Broken("memo of a MARK")
         if key not in self.memo and len(self.memo) >= self.limits.max_memo:
             raise _Broken(f"more than {self.limits.max_memo} memo entries (scan limit)")
+        if not 0 <= key <= 2 * self.limits.max_memo:
+            # CPython's unpickler sizes its memo array by the largest index: a far one is a bomb.
+            raise _Broken(f"memo index {key} beyond the scan limit")
         # Later PUTs overwrite, as in the unpickler, so a decoy cannot shadow the real value.
         self.memo[key] = value
 
@@ -836,6 +843,10 @@ def _tensor(w: _Walker, storage: Any, offset: Any, size: Any, stride: Any, dtype
         if extent > available:
             w.refuse(f"tensor view of {extent} elements on a storage of {available}")
             return Opaque("torch.Tensor", tainted=True)
+    if requires_grad is True and not dtype.startswith(("float", "bfloat", "complex")):
+        # torch raises: only floating point and complex tensors can require gradients.
+        w.refuse(f"{dtype} tensor that requires grad")
+        return Opaque("torch.Tensor", tainted=True)
     return TensorRef(dtype, tuple(size), ref.key, numel, kind, requires_grad is True)
 
 
@@ -1037,9 +1048,9 @@ def _device(w: _Walker, args: tuple[Any, ...]) -> Any:
 
 
 def _layout(w: _Walker, args: tuple[Any, ...]) -> Any:
-    if len(args) == 1 and type(args[0]) is str and args[0].startswith("torch."):
+    if len(args) == 1 and args[0] in _LAYOUTS:
         return Opaque("torch.layout", args)
-    raise TypeError("expects a layout name")
+    raise TypeError(f"{args[:1]!r} is not a torch layout")
 
 
 def _numpy_reconstruct(w: _Walker, args: tuple[Any, ...]) -> Any:
@@ -1402,7 +1413,20 @@ def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits
         findings.add(f"<storages declare {needed} bytes, the file holds {available} after its pickles>")
     if findings:
         raise UnsafePickleError(label, findings)
+    _check_legacy_headers(f, label, reader.tell(), [roots[k] for k in key_list])
     return Skeleton(body.result, label, "legacy", dict(roots))
+
+
+def _check_legacy_headers(f: IO[bytes], label: str, pos: int, refs: list[StorageRef]) -> None:
+    """Each storage's data follows its element count (int64, little-endian), which torch checks."""
+    for ref in refs:
+        f.seek(pos)
+        header = f.read(8)
+        count = int.from_bytes(header, "little", signed=True) if len(header) == 8 else None
+        if count != ref.numel:
+            raise UnsafePickleError(label, [f"<storage {ref.key!r} declares {ref.numel} elements, its data "
+                                            f"header {count}>"])
+        pos += 8 + ref.nbytes
 
 
 def read_torch_skeleton_from(

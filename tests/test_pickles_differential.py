@@ -417,3 +417,61 @@ def test_hostile_corpus_is_live(tmp_path: Path) -> None:
         except Exception:  # noqa: BLE001, S110 - broken streams raise after the payload ran
             pass
         assert (canary / name).exists(), name
+
+
+def _mutate(data: bytes, rng: random.Random) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        at = rng.randrange(len(out))
+        roll = rng.random()
+        if roll < 0.6:
+            out[at] = rng.randrange(256)
+        elif roll < 0.8:
+            del out[at]
+        else:
+            out.insert(at, rng.randrange(256))
+    return bytes(out)
+
+
+def _data_pkl(zipped: bytes) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(zipped)) as zf:
+        return zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+
+
+def _with_data_pkl(zipped: bytes, data: bytes) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(zipped)) as zf:
+        members = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, content in members:
+            zf.writestr(name, data if name.endswith("/data.pkl") else content)
+    return out.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_mutants_we_allow_torch_loads(tmp_path: Path) -> None:
+    # Randomly damaged pickles of real files: whatever the reader still allows must load in torch.
+    rng = random.Random(20261201)
+    seeds = {k: v for k, v in benign_corpus().items() if k in ("adamw", "rng_state", "values", "sparse", "quantized",
+                                                                "shared_views", "legacy_adamw", "legacy_values")}
+    paths: dict[str, str] = {}
+    refused = 0
+    for i in range(600):
+        name = rng.choice(sorted(seeds))
+        seed = seeds[name]
+        data = _mutate(seed, rng) if name.startswith("legacy_") else _with_data_pkl(seed, _mutate(_data_pkl(seed), rng))
+        path = tmp_path / f"m{i:03d}.pt"
+        path.write_bytes(data)
+        if ours(path) == "allowed":
+            paths[f"{name}#{i}"] = str(path)
+        else:
+            refused += 1
+    assert refused > 100 and len(paths) > 20  # the mutations do both
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"weights_only": paths, "plain": {}}))
+    out = subprocess.run([sys.executable, "-c", TORCH_SIDE, str(request)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    torch_side = json.loads(out.stdout.strip().splitlines()[-1])
+    failed = {n: r for n, r in torch_side.items() if r != "loaded"}
+    assert not failed, json.dumps(failed, indent=1)[:4000]

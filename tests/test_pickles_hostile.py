@@ -252,10 +252,25 @@ def test_memo_bomb_is_refused_within_limits(tmp_path: Path, op: bytes) -> None:
         body = b"".join(op + i.to_bytes(4, "little") for i in range(count))
     data = b"\x80\x02]" + body + b"."
     limits = ScanLimits(max_memo=10_000)
-    with pytest.raises(UnsafePickleError, match="memo entries"):
+    with pytest.raises(UnsafePickleError, match="memo (entries|index)"):
         read_skeleton(data, limits=limits)
     # Below the limit the same shape is only a list.
     assert read_skeleton(b"\x80\x02]" + body[: len(body) // 10] + b".", limits=limits).value == []
+
+
+def test_far_memo_index_is_refused() -> None:
+    # CPython's unpickler sizes its memo array by the largest index: LONG_BINPUT 2**32-1 is a bomb.
+    with pytest.raises(UnsafePickleError, match="memo index 4294967295"):
+        read_skeleton(b"\x80\x02]r\xff\xff\xff\xff.")
+
+
+def test_integer_tensor_requiring_grad_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save({"t": torch.ones(4)}, path)
+    data = storage_pickle(4, (4,), (1,)).replace(b"ctorch\nFloatStorage", b"ctorch\nLongStorage")
+    replace_data_pkl(path, data.replace(b"\x89", b"\x88"))  # requires_grad False -> True
+    with pytest.raises(UnsafePickleError, match="int64 tensor that requires grad"):
+        read_torch_skeleton(LOCAL, str(path))
 
 
 def test_default_limits_stop_a_memo_bomb_file(tmp_path: Path) -> None:
