@@ -1362,18 +1362,19 @@ def _is_tar(head: bytes) -> bool:
     return True
 
 
-def _plain(value: Any, kinds: tuple[type, ...]) -> bool:
-    return type(value) in kinds
-
-
 def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: ScanLimits,
                      plain_pickle: bool) -> Skeleton:
     """A legacy torch.save stream framed exactly as torch._legacy_load reads it (or, when
     `plain_pickle`, a plain-data pickle)."""
     reader = _BoundedReader(f, max_bytes, label)
-    walk = {"torch_ops": True, "allowed": ALLOWED_GLOBALS, "budget": size, "limits": limits}
-    first = _walk_one(reader, label, persistent=None, first=True, **walk)
+    walk = {"allowed": ALLOWED_GLOBALS, "budget": size, "limits": limits}
+    # A plain pickle is judged as pickle.load reads it, any opcode; a torch stream as torch does.
+    first = _walk_one(reader, label, persistent=None, first=True, torch_ops=not plain_pickle, **walk)
     magic = first.result
+    if plain_pickle and type(magic) is int and magic == TORCH_LEGACY_MAGIC:
+        f.seek(0)
+        reader = _BoundedReader(f, max_bytes, label)
+        first = _walk_one(reader, label, persistent=None, first=True, torch_ops=True, **walk)
     if not (type(magic) is int and magic == TORCH_LEGACY_MAGIC):
         if first.called:
             # torch compares this value with its magic number: an object built by calls (a numpy
@@ -1389,15 +1390,15 @@ def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits
     if first.findings:
         raise UnsafePickleError(label, first.findings)
     findings: set[str] = set()
-    version = _walk_one(reader, label, persistent=None, **walk)
-    sys_info = _walk_one(reader, label, persistent=None, **walk)
-    body = _walk_one(reader, label, persistent=_legacy_persistent, **walk)
-    keys = _walk_one(reader, label, persistent=None, **walk)
+    version = _walk_one(reader, label, persistent=None, torch_ops=True, **walk)
+    sys_info = _walk_one(reader, label, persistent=None, torch_ops=True, **walk)
+    body = _walk_one(reader, label, persistent=_legacy_persistent, torch_ops=True, **walk)
+    keys = _walk_one(reader, label, persistent=None, torch_ops=True, **walk)
     for part in (version, sys_info, body, keys):
         findings |= part.findings
     if not (type(version.result) is int and version.result == TORCH_LEGACY_PROTOCOL) or version.called:
         findings.add("<legacy framing: second pickle is not torch's protocol version>")
-    if not _plain(sys_info.result, (dict,)) or sys_info.called:
+    if type(sys_info.result) is not dict or sys_info.called:
         findings.add("<legacy framing: third pickle is not a plain sys_info dict>")
     key_list = keys.result
     if keys.called or type(key_list) is not list or not all(type(k) is str for k in key_list):

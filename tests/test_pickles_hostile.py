@@ -473,6 +473,17 @@ def test_hostile_pkl_file_in_a_checkpoint_is_unsafe(tmp_path: Path) -> None:
     assert not target.exists()
 
 
+def test_plain_data_pkl_is_allowed_but_not_as_a_torch_file(tmp_path: Path) -> None:
+    run, folder = hf_run(tmp_path)
+    # Protocol 5, Python's own: opcodes torch does not implement, but a .pkl is for pickle.load.
+    (folder / "vocab.pkl").write_bytes(pickle.dumps({"tokens": ["a", "b"], "ids": (1, 2)}, protocol=5))
+    assert read_torch_skeleton(LOCAL, str(folder / "vocab.pkl"), plain_pickle=True).value["ids"] == (1, 2)
+    with pytest.raises(UnsafePickleError, match="not torch's legacy framing"):
+        read_torch_skeleton(LOCAL, str(folder / "vocab.pkl"))
+    v = verdict(run)
+    assert v.status == "ok", v.findings
+
+
 def test_raw_data_bin_is_an_info_finding(tmp_path: Path) -> None:
     run, folder = hf_run(tmp_path)
     (folder / "embeddings.bin").write_bytes(np.arange(64, dtype=np.float32).tobytes())
