@@ -934,16 +934,22 @@ def _rebuild_sparse_tensor(w: _Walker, args: tuple[Any, ...]) -> Any:
     if len(args) != 2:
         raise TypeError(f"{len(args)} arguments")
     layout, data = args
-    if not (isinstance(layout, Opaque) and layout.name == "torch.layout" and isinstance(data, tuple)):
-        w.refuse("sparse tensor of an unknown layout")
+    name = layout.args[0] if isinstance(layout, Opaque) and layout.name == "torch.layout" else None
+    # The shapes torch._utils._rebuild_sparse_tensor unpacks, per layout.
+    if name == "torch.sparse_coo" and isinstance(data, tuple) and len(data) in (3, 4):
+        tensors, size, rest = data[:2], data[2], data[3:]
+        ok = all(r is None or type(r) is bool for r in rest)
+    elif name in ("torch.sparse_csr", "torch.sparse_csc", "torch.sparse_bsr", "torch.sparse_bsc") \
+            and isinstance(data, tuple) and len(data) == 4:
+        tensors, size, ok = data[:3], data[3], True
+    else:
+        w.refuse(f"sparse tensor of layout {name} with {type(data).__name__} parts the scan does not model")
         return Opaque("torch.Tensor", tainted=True)
-    parts = [d for d in data if isinstance(d, TensorRef)]
-    size = next((d for d in data if _ints(d)), None)
-    if not parts or size is None or any(not (_ints(d) or isinstance(d, TensorRef) or type(d) in (bool, int))
-                                        for d in data):
-        w.refuse("sparse tensor with parts that are not tensors and sizes")
+    if not (ok and _ints(size) and all(isinstance(t, TensorRef) for t in tensors)):
+        w.refuse("sparse tensor with parts that are not tensors and a size")
         return Opaque("torch.Tensor", tainted=True)
-    return TensorRef(parts[-1].dtype, tuple(size), None, math.prod(size), "sparse")
+    # Index values are data: torch validates them after loading, the skeleton cannot.
+    return TensorRef(tensors[-1].dtype, tuple(size), None, math.prod(size), "sparse")
 
 
 def _rebuild_meta(w: _Walker, args: tuple[Any, ...]) -> Any:
