@@ -152,18 +152,14 @@ def _load_weights(root: str, model_files: list[str]) -> Weights:
 def _dcp_into(model: Any, root: str) -> dict[str, list[str]] | None:
     """Load a torch.distributed.checkpoint folder into `model` on one process; return key mismatches."""
     import torch.distributed.checkpoint as dcp
+    from fsspec.implementations.local import LocalFileSystem
 
     from auditor import pickles
 
-    meta_path = os.path.join(root, ".metadata")
-    with open(meta_path, "rb") as f:
-        data = f.read()
-    # torch reads .metadata with plain pickle: only its own metadata classes may appear.
-    allowed = set(pickles.DCP_METADATA_MODULES) | set(pickles.ALLOWED_GLOBALS)
-    unsafe = [g for g in pickles.scan_pickle(data) if g not in allowed]
-    if unsafe:
-        raise pickles.UnsafePickleError(meta_path, unsafe)
-    saved = set(pickles.pickle_strings(data))
+    # torch reads .metadata with plain pickle.load and every byte item of the .distcp files with
+    # torch.load(weights_only=False): all of them are read as skeletons (raising
+    # UnsafePickleError) before dcp.load touches any.
+    saved = set(pickles.read_dcp_checkpoint(LocalFileSystem(), root).keys)
     state = model.state_dict()
     # Trainers often save {"model": state_dict, "optim": ...}, which DCP flattens to "model.<key>".
     wrapped = all(f"model.{k}" in saved for k in state)
