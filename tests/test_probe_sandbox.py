@@ -62,7 +62,7 @@ def batch(tmp_path: Path) -> Path:
 
 def sealed(tmp_path: Path, factory: str, kwargs: dict | None = None, name: str = "checkpoint-100") -> Path:
     """Seal with the operator's factory, then let the manifest name another one (as a hostile writer would)."""
-    d = write_hf_checkpoint(tmp_path / "ckpts/run" / name, step=100)
+    d = write_hf_checkpoint(tmp_path / "ckpts/run" / name, step=int(name.rsplit("-", 1)[1]))
     auditor.seal(str(d), model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
     doc = json.loads((d / MANIFEST_NAME).read_text())
     doc["probe"]["model"] = {"factory": factory, "kwargs": kwargs or {}}
@@ -159,11 +159,11 @@ def test_wildcard_allows_only_what_the_module_defines(tmp_path, code):
 def test_bad_allow_entries_are_usage_errors(tmp_path, bad):
     d = sealed(tmp_path, "probe_models:mlp")
     r = cli("verify", str(d), "--allow-factory", bad)
-    assert r.exit_code == 2 and "--allow-factory" in r.output
+    assert r.exit_code == 2 and "--allow-factory" in r.output and "MODULE:CALLABLE or MODULE:*" in r.output
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"scan": {"allow_factories": [bad]}}))
     r = cli("rescan", "--prefix", str(tmp_path / "ckpts"), "--config", str(cfg))
-    assert r.exit_code == 2 and "scan.allow_factories" in r.output
+    assert r.exit_code == 2 and "scan.allow_factories.0" in r.output and "MODULE:CALLABLE or MODULE:*" in r.output
 
 
 def test_child_refuses_a_factory_outside_the_list_it_is_handed(tmp_path):
@@ -356,3 +356,28 @@ def test_default_probe_memory_fits_the_shipped_pod_limit():
 def test_example_config_documents_allow_factories():
     text = (Path(__file__).parent.parent / "config.example.yaml").read_text()
     assert "allow_factories" in text
+
+
+def test_daemon_pass_skips_what_its_config_does_not_allow_and_runs_what_it_does(tmp_path, monkeypatch):
+    from auditor.scheduler import Daemon
+
+    canary, out = tmp_path / "canary", tmp_path / "ran.json"
+    sealed(tmp_path, "subprocess:run", {"args": ["touch", str(canary)]}, name="checkpoint-100")
+    sealed(tmp_path, "probe_models:env_dump", {"path": str(out)}, name="checkpoint-200")
+    monkeypatch.setenv("AUDITOR_ADMIN_TOKEN", SECRETS["AUDITOR_ADMIN_TOKEN"])
+    cfg = load_config(str(config(tmp_path, prefix_scan={"allow_factories": ["probe_models:env_dump"]})), env={})
+    daemon = Daemon(cfg)
+    try:
+        url = cfg.prefixes[0].url
+        daemon.tick(url)
+        records = {r["url"].rsplit("/", 1)[-1]: r for r in daemon.state.checkpoints(url)}
+    finally:
+        for worker in daemon.workers.values():
+            worker.close()
+        daemon.state.close()
+    assert not canary.exists()
+    hostile_record, allowed_record = records["checkpoint-100"], records["checkpoint-200"]
+    assert hostile_record["status"] == "ok" and "probe" in hostile_record["tiers"], hostile_record
+    assert [f["code"] for f in hostile_record["findings"]] == ["probe_factory_not_allowed"]
+    assert allowed_record["status"] == "ok" and not allowed_record["findings"], allowed_record
+    assert "AUDITOR_ADMIN_TOKEN" not in ran(out)["environ"]
