@@ -492,6 +492,7 @@ _SWEEP_ROUNDS = 50
 _MAX_POLL_SECONDS = 0.1
 _MAX_RESULT_BYTES = 2**20
 _LOG_TAIL_BYTES = 4096
+_REAP_SECONDS = 30
 
 
 def sandbox_env(home: str, threads: int, marker: str) -> dict[str, str]:
@@ -639,7 +640,12 @@ def _sandboxed(request: dict[str, Any], work: str, timeout: float, memory_mb: in
             finished = _wait_unreaped(proc.pid, time.monotonic() + timeout)
         finally:
             _kill_sandbox(proc.pid, marker)
-            proc.wait()
+            try:
+                proc.wait(timeout=_REAP_SECONDS)
+            except subprocess.TimeoutExpired:
+                # SIGKILLed but stuck in the kernel (a hung NFS read): report it, do not hang the scan.
+                logger.warning("probe child %s did not exit %ss after SIGKILL", proc.pid, _REAP_SECONDS)
+                finished = False
     if not finished:
         raise ProbeError(f"probe child killed after {timeout:.0f}s time limit (with every process it started)")
     if proc.returncode != 0:
