@@ -556,8 +556,11 @@ def _kill_marked(pid: int, marker: str) -> None:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
-    except (AttributeError, OSError):
-        os.kill(pid, signal.SIGKILL)
+    except (AttributeError, OSError):  # no pidfd (old kernel, not Linux): plain kill, a tiny reuse race
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         return
     try:
         # Checked again through the pidfd's own process: a recycled pid is never signalled.
