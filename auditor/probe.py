@@ -170,12 +170,12 @@ class FactoryPolicy:
         if spec in installed_factories().values():
             return FactoryGrant(spec, spec, (spec,))  # the very callable an installed entry point names
         if _allowed_by(spec, self.allowed) is None:
-            module = spec.split(":", 1)[0]
             raise FactoryNotAllowed(
                 f"the manifest names the probe factory {spec!r}, which the operator has not allowed, so the probe "
-                f"was skipped (code named by a manifest never runs unless allowed). To allow it: pass "
-                f"`--allow-factory {spec}` (or `--allow-factory {module}:*`) to verify, rescan or latest; or add "
-                f"it to `scan.allow_factories` in the config (per prefix too; env AUDITOR_SCAN__ALLOW_FACTORIES); "
+                f"was skipped (code named by a manifest never runs unless allowed). If you trust it, pass "
+                f"`--allow-factory {spec}` to verify, rescan or latest; or add "
+                f"it to `scan.allow_factories` in the config (per prefix too; or AUDITOR_SCAN__ALLOW_FACTORIES with a "
+                f"config and in the daemon); "
                 f"or install it as a `{ENTRY_POINT_GROUP}` entry point")
         return FactoryGrant(spec, spec, self.allowed)
 
