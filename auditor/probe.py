@@ -264,12 +264,12 @@ def _user_tasks(uid: int) -> int:
         if not pid.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            with open(f"/proc/{pid}/status", "rb") as f:
+                fields = dict(line.split(b":", 1) for line in f if b":" in line)
         except OSError:
             continue  # gone, or not ours to read
-        if int(fields.get("Uid", "-1").split()[0]) == uid:
-            total += int(fields.get("Threads", "1").strip() or 1)
+        if int(fields.get(b"Uid", b"-1").split()[0]) == uid:
+            total += int(fields.get(b"Threads", b"1").strip() or 1)
     return total
 
 

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -389,3 +390,35 @@ def test_daemon_pass_skips_what_its_config_does_not_allow_and_runs_what_it_does(
     assert [f["code"] for f in hostile_record["findings"]] == ["probe_factory_not_allowed"]
     assert allowed_record["status"] == "ok" and not allowed_record["findings"], allowed_record
     assert "AUDITOR_ADMIN_TOKEN" not in ran(out)["environ"]
+
+
+def test_process_limit_applies_when_not_root(tmp_path):
+    """RLIMIT_NPROC binds an unprivileged child (root is exempt; there the group kill is the bound)."""
+    code = textwrap.dedent(f"""
+        import os, resource, sys, time
+        from auditor import probe  # imported first: the interpreter's files may be root's alone
+        if os.getuid() == 0:
+            os.setgid(65534); os.setuid(65534)  # as the pod runs: not root
+        probe._apply_limits(512, 60)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        kids, refused = [], False
+        for _ in range({probe.CHILD_MAX_NEW_TASKS} + 50):
+            try:
+                pid = os.fork()
+            except BlockingIOError:
+                refused = True
+                break
+            if pid == 0:
+                time.sleep(30)
+                os._exit(0)
+            kids.append(pid)
+        for pid in kids:
+            os.kill(pid, 9)
+        print(soft, hard, len(kids), refused)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    soft, hard, forked, refused = proc.stdout.split()
+    assert soft == hard != str(2**63 - 1) and refused == "True", proc.stdout
+    assert int(forked) <= probe.CHILD_MAX_NEW_TASKS
