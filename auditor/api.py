@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fsspec import AbstractFileSystem
@@ -34,16 +34,20 @@ def verify_url(
     storage_options: dict[str, Any] | None = None,
     scan: ScanConfig | None = None,
     require_assurance: str | None = None,
+    allow_factories: Sequence[str] = (),
 ) -> ScanResult:
     """Verify the checkpoint at `url`: one verdict, or one per checkpoint when `url` holds several.
 
     A folder that holds checkpoints (a run) is verified as `rescan` would; a folder that is none by
     its files is verified as one checkpoint of layout `unknown`, so nothing in it goes unchecked.
+    `allow_factories` (MODULE:CALLABLE or MODULE:*) adds to `scan.allow_factories`: the probe factories
+    a manifest may name besides installed entry points.
     """
     scan = scan or ScanConfig(settle_time=0)
     fs, path = open_checked(url, storage_options)
     options = build_options(tier, strict=strict, require=scan.require,
-                            probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb)
+                            probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
+                            allow_factories=[*scan.allow_factories, *allow_factories])
     options.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     with Scanner(fs, options, jobs=jobs) as scanner:
         try:
@@ -71,8 +75,12 @@ def rescan(
     storage_options: dict[str, Any] | None = None,
     on_verdict: Callable[[Verdict, int, int], None] | None = None,
     require_assurance: str | None = None,
+    allow_factories: Sequence[str] = (),
 ) -> ScanResult:
-    """Verify every checkpoint under `prefix`; record verdicts in the state database when configured."""
+    """Verify every checkpoint under `prefix`; record verdicts in the state database when configured.
+
+    `allow_factories` adds to the (per-prefix) `scan.allow_factories` of the config.
+    """
     cfg_prefix = config.prefix(prefix) if config else None
     scan = config.scan_for(cfg_prefix) if config and cfg_prefix else (config.scan if config else ScanConfig(settle_time=0))
     options = dict(cfg_prefix.storage_options) if cfg_prefix else {}
@@ -85,6 +93,7 @@ def rescan(
         require=scan.require,
         probe_timeout=scan.probe_timeout,
         probe_memory_mb=scan.probe_memory_mb,
+        allow_factories=[*scan.allow_factories, *allow_factories],
     )
     opts.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     store = None
@@ -176,10 +185,11 @@ def latest(
     run: str | None = None,
     config: Config | None = None,
     storage_options: dict[str, Any] | None = None,
+    allow_factories: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """Return the newest checkpoint under `prefix` verified ok at the content tier (or the probe):
     from the state database when it knows the prefix, else verified on the spot (content tier
-    plus probe)."""
+    plus probe, with `allow_factories` as in rescan)."""
     if config is not None and config.prefix(prefix) is not None:
         from auditor import state
 
@@ -190,7 +200,8 @@ def latest(
             store.close()
         if records:
             return newest_ok(records, run)
-    result = rescan(prefix, config=None if config is None else config, storage_options=storage_options)
+    result = rescan(prefix, config=None if config is None else config, storage_options=storage_options,
+                    allow_factories=allow_factories)
     if not result.listed:
         raise StorageError(result.error or f"cannot list {prefix}")
     return newest_ok([verdict_record(v) for v in result.verdicts], run)

@@ -808,9 +808,14 @@ def build_options(
     settle_seconds: float = 0.0,
     require: list[str] | None = None,
     probe_timeout: float = 600.0,
-    probe_memory_mb: int = 8192,
+    probe_memory_mb: int | None = None,
+    allow_factories: Iterable[str] = (),
 ) -> Options:
-    """Assemble verification options with every available hook (completeness, probe, server checksums)."""
+    """Assemble verification options with every available hook (completeness, probe, server checksums).
+
+    `allow_factories` (MODULE:CALLABLE or MODULE:*) names the probe factories a manifest may ask for,
+    besides installed `ckpt_auditor.models` entry points; UsageError for a badly spelled entry.
+    """
     from auditor import completeness, probe
 
     return Options(
@@ -818,7 +823,9 @@ def build_options(
         strict=strict,
         settle_seconds=settle_seconds,
         probe_auto=tier is None,
-        probe=probe.probe_hook(timeout=probe_timeout, memory_mb=probe_memory_mb),
+        probe=probe.probe_hook(timeout=probe_timeout,
+                               memory_mb=probe.DEFAULT_MEMORY_MB if probe_memory_mb is None else probe_memory_mb,
+                               allow_factories=allow_factories),
         completeness=completeness.hook(require),
         server_checksums=compare_server_checksum,
     )
