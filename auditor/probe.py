@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from auditor import completeness
+from auditor import completeness, safejson
 from auditor.digests import digest_chunks
 from auditor.errors import UsageError
 from auditor.layouts import Checkpoint
@@ -241,7 +241,7 @@ def hf_from_config(checkpoint: CheckpointFiles, auto_class: str = "AutoModelForC
     # and never code shipped beside the weights (`auto_map`).
     if not re.fullmatch(r"AutoModel[A-Za-z]*", str(auto_class)) or not hasattr(transformers, auto_class):
         raise ProbeError(f"hf-auto: auto_class {auto_class!r} is not a transformers AutoModel* class")
-    config = transformers.AutoConfig.for_model(**{**json.loads(checkpoint.read("config.json")), **overrides})
+    config = transformers.AutoConfig.for_model(**{**safejson.loads(checkpoint.read("config.json")), **overrides})
     return getattr(transformers, auto_class).from_config(config, trust_remote_code=False)
 
 
