@@ -275,6 +275,9 @@ class State:
                 sa.select(latest.c.tier, latest.c.status).where(latest.c.checkpoint_id == cid)).mappings()}
             # An outage or an unsettled write says nothing about the bytes: keep what we knew.
             keeps_known = verdict.status in ("error", "pending") and tiers
+            # A probe pass whose probe did not run (factory not allowed) proves nothing of the probe.
+            skipped = verdict.tier == "probe" and any(f.code in PROBE_NOT_RUN for f in verdict.findings)
+            keeps_known = keeps_known or (skipped and "probe" in tiers)
             if not keeps_known:
                 conn.execute(latest.delete().where(latest.c.checkpoint_id == cid, latest.c.tier == verdict.tier))
                 conn.execute(latest.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
@@ -283,9 +286,7 @@ class State:
                 if verdict.status in ("ok", "unverifiable"):
                     # A newer pass clears what it re-proves: content re-reads every byte, so it
                     # settles byte-level failures found by any tier; only a probe that ran settles drift.
-                    covers = COVERS[verdict.tier]
-                    if verdict.tier == "probe" and any(f.code in PROBE_NOT_RUN for f in verdict.findings):
-                        covers = COVERS["content"]
+                    covers = COVERS["content"] if skipped else COVERS[verdict.tier]
                     for other, status in list(tiers.items()):
                         if other != verdict.tier and status in covers:
                             conn.execute(latest.update().where(latest.c.checkpoint_id == cid,
