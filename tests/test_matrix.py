@@ -46,7 +46,7 @@ def prepared(writer_corpus, tmp_path_factory) -> Callable[[str], matrix.Prepared
 
 
 def _report(prep: matrix.Prepared, cells: list[matrix.Cell], seconds: float) -> matrix.WriterReport:
-    return matrix.WriterReport(prep.name, prep, matrix.clean_problems(prep), cells, seconds)
+    return matrix.WriterReport(prep.name, prep, clean=matrix.clean_problems(prep), cells=cells, seconds=seconds)
 
 
 @pytest.mark.parametrize("name", NAMES)
