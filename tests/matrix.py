@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `writers` (beside this file) importable
+if __name__ == "__main__":  # run as a script: make `writers` (beside this file) importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import auditor
@@ -243,6 +243,7 @@ def seal_all(written: WrittenCheckpoint) -> list[SealNote]:
             continue
         except UsageError as e:
             refused = str(e).replace(str(written.run_dir) + "/", "")
+            log.info("sealing %s refused: %s", ck.path, refused)
         if ck.step is None or "--step" not in refused:
             notes.append(SealNote(rel, refused, None))
             continue

@@ -124,6 +124,8 @@ def test_symlink_loop_in_run_folder_ends_with_verdicts(tmp_path):
     assert all(urls[str(run / f"checkpoint-{s}")]["status"] == "ok" for s in (2, 4)), proc.stdout
     # Nothing reached only through a loop is verified twice or as a checkpoint of its own.
     assert all("/loop/" not in u and "/a/b" not in u for u in urls), proc.stdout
+    # The loops themselves are not followed, and said so: reported as unchecked, not hidden.
+    assert {"loop", "a/b"} <= set(doc["uncovered"]), doc["uncovered"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
