@@ -522,11 +522,17 @@ def main(argv: list[str] | None = None) -> int:
     cells = [c for r in reports for c in r.cells]
     print("## Clean checkpoints\n")
     print(clean_table(reports))
-    print("\n## Damage matrix (detected / damaged cells; ✗N: cells that do not hold the contract)\n")
+    print("\n## Damage matrix\n")
+    print("Detected / damaged cells (detected: a failing verdict with an error finding the clean checkpoint did "
+          "not have); ✗N: cells that do not hold the contract. *flip-checksum*: the flipped bit lies under a "
+          "checksum the format carries (a zip member's CRC-32, JSON syntax), computed from the file's bytes; "
+          "*flip-other*: it does not (tensor data, raw pickle, `.distcp`), and an unseen flip must leave "
+          "`ok`/`structural`. *gone*: the unsealed checkpoint was that one file. *Clean false failures*: "
+          "failing verdicts on the undamaged run, sealed and unsealed together.\n")
     print(damage_table(reports))
     print(f"\n{len(cells)} cells, {sum(c.holds for c in cells)} hold; clean false failures: "
-          f"{sum(r.false_failures for r in reports)}; {total:.1f} s including the corpus "
-          f"({sum(r.seconds for r in reports):.1f} s matrix).")
+          f"{sum(r.false_failures for r in reports)}; {total:.1f} s in all, of which "
+          f"{sum(r.seconds for r in reports):.1f} s sealing, scanning and damaging (one process).")
     groups = failing_groups(reports)
     if groups:
         print("\n## Cells that do not hold\n")
