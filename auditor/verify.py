@@ -507,14 +507,16 @@ def _structural_one(reader: Reader, path: str, size: int) -> tuple[bool, formats
     try:
         if path.endswith(".safetensors"):
             return True, formats.parse_safetensors_header(reader, path, size), None
-        if path.endswith(ZIP_SUFFIXES) and formats.is_zip(reader, path, size):
+        if path.endswith(".json") and not path.endswith(".manifest.json"):
+            safejson.loads(reader.read(path, limit=MAX_MANIFEST_BYTES), max_bytes=MAX_MANIFEST_BYTES)
+            return True, None, None
+        # A zip is a zip whatever its name (accelerate's .pkl, an export without a suffix): its
+        # CRCs are the one checksum an unsealed file carries.
+        if formats.is_zip(reader, path, size):
             formats.check_zip(reader, path)
             return True, None, None
         if path.endswith(ZIP_SUFFIXES) and size == 0:
             return True, None, Finding("truncated", "error", rel, "empty file")
-        if path.endswith(".json") and not path.endswith(".manifest.json"):
-            safejson.loads(reader.read(path, limit=MAX_MANIFEST_BYTES), max_bytes=MAX_MANIFEST_BYTES)
-            return True, None, None
     except formats.FormatError as e:
         return True, None, Finding(e.code, "error", rel, str(e))
     except ValueError as e:
