@@ -1507,6 +1507,8 @@ class DcpCheckpoint:
     # Flattened state-dict keys, each with "tensor" or "bytes".
     keys: dict[str, str]
     byte_items: dict[str, Skeleton]
+    # .distcp file (relative path) -> the end of the last item the metadata places in it
+    extents: dict[str, int] = field(default_factory=dict)
 
 
 def _state(value: Any, name: str) -> dict[str, Any]:
@@ -1539,6 +1541,7 @@ def read_dcp_checkpoint(
         keys = {k: ("bytes" if isinstance(v, Opaque) and v.name.endswith(".BytesStorageMetadata") else "tensor")
                 for k, v in entries.items() if isinstance(k, str)}
         byte_items: dict[str, Skeleton] = {}
+        extents: dict[str, int] = {}
         for index, info in storage.items():
             where = _state(index, ".MetadataIndex")
             item = _state(info, "._StorageInfo")
@@ -1550,13 +1553,14 @@ def read_dcp_checkpoint(
             if item.get("transform_descriptors"):
                 # Extensions decode the item before torch.load: not modelled.
                 raise UnsafePickleError(meta_path, [], [f"storage entry for {fqn!r} has transforms"])
+            extents[rel] = max(extents.get(rel, 0), offset + length)
             if keys.get(fqn) != "bytes":
                 continue
             byte_items[f"{fqn}@{rel}:{offset}"] = _dcp_byte_item(fs, root, rel, offset, length, max_pickle_bytes,
                                                                   limits)
     except (AttributeError, TypeError) as e:
         raise UnsafePickleError(meta_path, [], [f"metadata of an unexpected shape: {e}"]) from e
-    return DcpCheckpoint(meta, keys, byte_items)
+    return DcpCheckpoint(meta, keys, byte_items, extents)
 
 
 def _dcp_byte_item(fs: AbstractFileSystem, root: str, rel: str, offset: int, length: int, max_bytes: int,

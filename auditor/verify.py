@@ -14,7 +14,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from auditor import formats, layouts, safejson
+from auditor import formats, layouts, pickles, safejson
 from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
@@ -497,8 +497,31 @@ def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Fin
                 findings.append(Finding(code, "error", shard, detail))
         except formats.FormatError as e:
             findings.append(Finding(e.code, "error", index_rel, str(e)))
+    for meta_rel in [r for r in ck.files if r == ".metadata" or r.endswith("/.metadata")]:
+        checked |= _dcp_extents(ck, reader, meta_rel, findings)
     if not ck.files:
         findings.append(Finding("file_missing", "error", None, "the checkpoint holds no files"))
+    return checked
+
+
+def _dcp_extents(ck: Checkpoint, reader: Reader, meta_rel: str, findings: list[Finding]) -> set[str]:
+    """Check that every .distcp file a DCP `.metadata` places items in exists and reaches their end."""
+    folder = meta_rel[: -len(".metadata")]
+    try:
+        dcp = pickles.read_dcp_checkpoint(reader.fs, f"{ck.root}/{folder}".rstrip("/"))
+    except (ValueError, OSError):
+        return set()  # the pickle checks report a metadata file they cannot read
+    checked = {meta_rel}
+    for rel, end in sorted(dcp.extents.items()):
+        full = folder + rel
+        info = ck.files.get(full)
+        if info is None:
+            findings.append(Finding("file_missing", "error", full, f"{meta_rel} places data in it up to byte {end}"))
+            continue
+        checked.add(full)
+        size = int(info.get("size") or 0)
+        if size < end:
+            findings.append(Finding("truncated", "error", full, f"{size} bytes, {meta_rel} places data up to byte {end}"))
     return checked
 
 
