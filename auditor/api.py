@@ -12,7 +12,16 @@ from auditor.config import Config, ScanConfig
 from auditor.errors import StorageError, UsageError
 from auditor.manifest import Manifest
 from auditor.storage import Throttle, open_url
-from auditor.verify import Assurance, Scanner, ScanResult, Verdict, build_options, locate, survey_prefix
+from auditor.verify import (
+    Assurance,
+    Scanner,
+    ScanResult,
+    Verdict,
+    build_options,
+    locate,
+    survey_prefix,
+    verify_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +139,14 @@ def seal(
     fs: AbstractFileSystem | None = None,
     write_options: dict[str, Any] | None = None,
     upload_from: str | None = None,
+    allow_incomplete: bool = False,
 ) -> Manifest:
     """Seal the checkpoint at `url`, with a probe baseline when a model factory and batch are given.
 
-    With `upload_from`, first upload that local folder to `url`, with server-side checksums.
+    A manifest vouches for what it lists, so a failing checkpoint is not sealed: the content checks
+    run first; an `unsafe` one is refused always, an `incomplete` one unless `allow_incomplete`, a
+    damaged or partial one unless `force`. With `upload_from`, first upload that local folder to
+    `url`, with server-side checksums.
     """
     from auditor import writer
 
@@ -146,8 +159,30 @@ def seal(
         fs, _ = open_checked(url, storage_options)
     if upload_from is not None:
         writer.upload_dir(fs, upload_from, fs._strip_protocol(url))
+    _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs)
     return writer.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
                        git_commit=git_commit, probe=builder, write_options=write_options)
+
+
+def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int) -> None:
+    """Judge the checkpoint as it is, unsealed, and refuse to seal what fails (UsageError naming why)."""
+    with Scanner(fs, build_options("content"), jobs=jobs) as scanner:
+        try:
+            ck = locate(scanner.reader, fs._strip_protocol(url), url)
+        except StorageError as e:
+            raise UsageError(str(e)) if "does not exist" in str(e) else e from e
+        ck.manifest_path = None  # what is there now, not what an older manifest said
+        verdict = verify_checkpoint(ck, scanner.context())
+    why = "; ".join(f"{f.code}{' in ' + f.file if f.file else ''}: {f.detail}"
+                    for f in verdict.findings if f.severity == "error")[:2000]
+    if verdict.status == "error":
+        raise StorageError(f"cannot check {url} before sealing: {why}")
+    if verdict.status == "unsafe":
+        raise UsageError(f"refusing to seal {url}: unsafe: {why}")
+    if verdict.status == "incomplete" and not allow_incomplete:
+        raise UsageError(f"refusing to seal {url}: incomplete: {why}; --allow-incomplete seals it anyway")
+    if verdict.status in ("corrupt", "missing") and not force:
+        raise UsageError(f"refusing to seal {url}: {verdict.status}: {why}; --force seals it anyway")
 
 
 DEEP_TIERS = ("content", "probe")

@@ -216,15 +216,17 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
 @click.option("--run-config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON or YAML file with the run's config (optimizer, schedule, batch size, data version).")
 @click.option("--force", is_flag=True, help="Overwrite an existing manifest; seal damaged files anyway.")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Seal a checkpoint whose training state is incomplete (e.g. a weights-only export).")
 @click.option("--upload-from", type=click.Path(exists=True), default=None,
               help="Upload this local checkpoint to CHECKPOINT_URL first, with server-side checksums (S3 CRC32C).")
 @click.option("--jobs", type=click.IntRange(1, 256), default=4, show_default=True)
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest.")
 def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | None, probe_batch: str | None,
-         step: int | None, run_config: str | None, force: bool, upload_from: str | None, jobs: int,
-         storage_option: tuple[str, ...], as_json: bool) -> None:
-    """Write ckpt-manifest.json beside a checkpoint, last."""
+         step: int | None, run_config: str | None, force: bool, allow_incomplete: bool, upload_from: str | None,
+         jobs: int, storage_option: tuple[str, ...], as_json: bool) -> None:
+    """Check a checkpoint, then write ckpt-manifest.json beside it, last (a failing one is refused)."""
     from auditor import api
 
     def body() -> int:
@@ -248,7 +250,8 @@ def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | Non
                 raise UsageError(f"--run-config {run_config} must hold a mapping")
         manifest = api.seal(checkpoint_url, step=step, force=force, jobs=jobs, run_config=cfg,
                             model_factory=model_factory, model_kwargs=kwargs, probe_batch=probe_batch,
-                            storage_options=_options(storage_option), upload_from=upload_from)
+                            storage_options=_options(storage_option), upload_from=upload_from,
+                            allow_incomplete=allow_incomplete)
         if as_json:
             click.echo(manifest.to_json().decode())
         else:

@@ -47,10 +47,11 @@ def test_server_checksum_assurance_on_s3(tmp_path, s3_svc):
     backend = s3_svc.new_backend()
     opts = backend.storage_options
     local = write_hf_checkpoint(tmp_path / "src/c", step=5)
+    other = write_hf_checkpoint(tmp_path / "src/d", step=6)
     # Uploaded with CRC32C: the store's own checksum can stand in for reading the bytes.
     auditor.seal(backend.path("run/checkpoint-5"), storage_options=opts, upload_from=str(local))
     fs = backend.fs()
-    for f in local.iterdir():  # plain PUTs: no whole-object checksum the manifest can compare
+    for f in other.iterdir():  # plain PUTs: no whole-object checksum the manifest can compare
         fs.pipe_file(backend.path("run/checkpoint-6", f.name), f.read_bytes())
     auditor.seal(backend.path("run/checkpoint-6"), storage_options=opts)
     meta = by_url(auditor.rescan(backend.path("run"), tier="metadata", storage_options=opts))
