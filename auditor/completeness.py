@@ -107,7 +107,8 @@ class Evidence:
 
     components: dict[str, set[str]] = field(default_factory=lambda: {c: set() for c in COMPONENTS})
     steps: dict[str, int] = field(default_factory=dict)  # where a step was read -> the step
-    parsed: set[str] = field(default_factory=set)  # files parsed completely
+    parsed: set[str] = field(default_factory=set)  # files read completely as what they are
+    unproven: set[str] = field(default_factory=set)  # of those, files whose data bytes nothing checked
     optimizers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # file-level optimizer state
     schedulers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     rng_kinds: dict[str, set[str]] = field(default_factory=dict)  # file -> python, numpy, torch, cuda
@@ -424,7 +425,7 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
     components = {c: sorted(ev.components[c]) for c in COMPONENTS if ev.components[c]}
     if step is None and layout not in NAME_NOT_A_STEP:
         step = ck.step
-    return CompletenessResult(findings, set(ev.parsed), step, components)
+    return CompletenessResult(findings, ev.parsed - ev.unproven, step, components)
 
 
 def _why(layout: str, manifest: Any, component: str) -> str:
@@ -543,6 +544,10 @@ def _scan_pickle(reader: Any, ck: Any, rel: str, ev: Evidence, findings: list[Fi
         findings.append(_unsafe_finding(ck, rel, e, sealed))
         return None
     ev.parsed.add(rel)
+    if skeleton.format == "legacy":
+        # A plain pickle is all pickle, and a zip's directory and every pickle member were read; a
+        # legacy stream's tensor bytes follow its pickles with no checksum, so nothing proved them.
+        ev.unproven.add(rel)
     if skeleton.writer_classes:
         findings.append(Finding("writer_classes", "info", rel,
                                 f"pickles {', '.join(sorted(skeleton.writer_classes))}, which its writer always "
