@@ -665,6 +665,8 @@ def _check_schedulers(ev: Evidence, step: int | None, findings: list[Finding]) -
         if isinstance(base, list) and len(groups) == 1 and groups[0] and len(base) != groups[0]:
             findings.append(Finding("param_group_mismatch", "error", rel,
                                     f"scheduler has {len(base)} param groups, optimizer {groups[0]}"))
+        if len(set(sched) & _PLATEAU_FIELDS) >= 4:
+            continue  # ReduceLROnPlateau counts metric evaluations: no step to compare with
         counter = sched.get("last_epoch", sched.get("num_steps"))
         if type(counter) is int and step is not None and counter != step:
             # Per-epoch and plateau schedulers, and steps a grad scaler skipped, all disagree legitimately.
