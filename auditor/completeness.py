@@ -82,6 +82,9 @@ TRAINER_ARGS_PREFIXES = (
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 DCP_METADATA = ".metadata"
 MAX_JSON_BYTES = 64 * 2**20
+MAX_STEP_JSON_BYTES = 2**20
+# Our own manifests and index files: they state no step of the writer's.
+MANIFEST_SUFFIXES = ("ckpt-manifest.json", ".manifest.json", ".index.json")
 # Bounds of the recognition walk: deep enough for DeepSpeed's nesting, cheap on huge state dicts.
 MAX_DEPTH = 8
 MAX_NODES = 500_000
@@ -131,6 +134,8 @@ class CompletenessResult:
     # may be steps; None when nothing says (accelerate's checkpoint_<i> counts saves, not steps).
     step: int | None
     components: dict[str, list[str]]  # component -> the files that hold it
+    # Where a step was read (manifest, trainer_state.json, a file, the folder name) -> that step.
+    step_sources: dict[str, int] = field(default_factory=dict)
 
 
 class _Walk:
@@ -402,7 +407,7 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
     in_file = _scan_files(reader, ck, manifest, ev, findings)
     if any(f.code == "storage_error" for f in findings):
         return CompletenessResult(findings, set(), None, {})
-    layout = ck.layout
+    layout = writer_layout(ck)
     trainer_step = _trainer_step(reader, ck, ev, findings)
     step = _check_steps(ck, manifest, trainer_step, in_file, ev, findings)
     required = _required(layout, ck, manifest, ev, require)
@@ -423,15 +428,29 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
         findings.append(Finding("rng_state_not_saved", "info", ck.name,
                                 "optimizer state but no RNG state: resumption is not bit-exact"))
     components = {c: sorted(ev.components[c]) for c in COMPONENTS if ev.components[c]}
+    findings = _unique(findings)
     if step is None and layout not in NAME_NOT_A_STEP:
         step = ck.step
-    return CompletenessResult(findings, ev.parsed - ev.unproven, step, components)
+    return CompletenessResult(findings, ev.parsed - ev.unproven, step, components, dict(ev.steps))
+
+
+def _unique(findings: list[Finding]) -> list[Finding]:
+    """One finding per code and file: a component both required and declared is missing once."""
+    seen: set[tuple[str, str | None]] = set()
+    out = []
+    for f in findings:
+        if f.severity == "error" and f.code in _MISSING_CODE.values():
+            if (f.code, f.file) in seen:
+                continue
+            seen.add((f.code, f.file))
+        out.append(f)
+    return out
 
 
 def _why(layout: str, manifest: Any, component: str) -> str:
     if manifest is not None and _declared_present(manifest.training_state, component):
         return "the manifest declares it"
-    return f"a {layout} checkpoint always holds it"
+    return f"the {layout} writer always saves it"
 
 
 def _required(layout: str, ck: Any, manifest: Any, ev: Evidence, require: list[str] | None) -> set[str]:
@@ -518,6 +537,8 @@ def _scan_files(reader: Any, ck: Any, manifest: Any, ev: Evidence, findings: lis
                 step = _scan_pickle(reader, ck, rel, ev, findings, sealed)
             elif rel.endswith(".safetensors") and not rel.endswith(PROBE_SUFFIXES):
                 step = _scan_safetensors(reader, ck, rel, ev)
+            elif rel.endswith(".json") and rel != "trainer_state.json" and not rel.endswith(MANIFEST_SUFFIXES):
+                step = _scan_json(reader, ck, rel)
             else:
                 step = None
         except FileNotFoundError:
@@ -553,6 +574,23 @@ def _scan_pickle(reader: Any, ck: Any, rel: str, ev: Evidence, findings: list[Fi
                                 f"pickles {', '.join(sorted(skeleton.writer_classes))}, which its writer always "
                                 "saves; read as data, never loaded (torch.load would need weights_only=False)"))
     return recognise(ev, rel, skeleton.value)
+
+
+def _scan_json(reader: Any, ck: Any, rel: str) -> int | None:
+    """A small JSON file beside the state (a hand loop's meta.json) may state the step at its top."""
+    size = int(ck.files[rel].get("size") or 0)
+    if size > MAX_STEP_JSON_BYTES:
+        return None
+    try:
+        doc = safejson.loads(reader.read(f"{ck.root}/{rel}", limit=MAX_STEP_JSON_BYTES))
+    except ValueError:
+        return None  # the structural check reports invalid JSON
+    if not isinstance(doc, dict):
+        return None
+    for key in STEP_KEYS:
+        if type(doc.get(key)) is int and doc[key] >= 0:
+            return int(doc[key])
+    return None
 
 
 def _scan_safetensors(reader: Any, ck: Any, rel: str, ev: Evidence) -> None:
@@ -624,6 +662,23 @@ def _trainer_step(reader: Any, ck: Any, ev: Evidence, findings: list[Finding]) -
 
 
 # ---------------------------------------------------------------- consistency
+
+# accelerate's save_state names: `optimizer.bin`, `optimizer_1.bin`, `scheduler.bin`, `sampler.bin`,
+# `custom_checkpoint_0.pkl`. No other writer uses `.bin` for optimizer state.
+_ACCELERATE_FILES = re.compile(r"^(?:optimizer|scheduler|sampler)(?:_\d+)?\.bin$|^custom_checkpoint_\d+\.pkl$")
+
+
+def writer_layout(ck: Any) -> str:
+    """The checkpoint's layout, with a folder that lost its marker given back to its writer.
+
+    layouts.py recognises accelerate by `random_states_<rank>.pkl`; a folder without it but with
+    the other files only accelerate's save_state writes is an accelerate checkpoint missing its RNG
+    state, not a folder that needs nothing but a model.
+    """
+    if ck.layout == "folder" and ck.kind == "dir" and any(_ACCELERATE_FILES.match(rel) for rel in ck.files):
+        return "accelerate"
+    return ck.layout
+
 
 
 def name_step(ck: Any) -> int | None:
