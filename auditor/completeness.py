@@ -18,7 +18,7 @@ from typing import Any
 
 from auditor import formats, pickles, safejson
 from auditor.layouts import PROBE_SUFFIXES
-from auditor.manifest import TrainingState
+from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, TrainingState
 from auditor.verify import Finding
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ DCP_METADATA = ".metadata"
 MAX_JSON_BYTES = 64 * 2**20
 MAX_STEP_JSON_BYTES = 2**20
 # Our own manifests and index files: they state no step of the writer's.
-MANIFEST_SUFFIXES = ("ckpt-manifest.json", ".manifest.json", ".index.json")
+MANIFEST_SUFFIXES = (MANIFEST_NAME, SIDECAR_SUFFIX, ".index.json")
 # Bounds of the recognition walk: deep enough for DeepSpeed's nesting, cheap on huge state dicts.
 MAX_DEPTH = 8
 MAX_NODES = 500_000
