@@ -221,6 +221,27 @@ ALLOWED_GLOBALS: frozenset[str] = frozenset(
     }
 )
 
+# Classes that DeepSpeed and Megatron-LM pickle into every checkpoint they write, by exact name.
+# torch.load needs weights_only=False for them, so safe_torch_load keeps refusing them (they are not
+# in ALLOWED_GLOBALS); the skeleton reader, when asked with `writer_classes=True`, reads them as
+# Opaque values so that such a checkpoint is judged by its contents instead of being called unsafe.
+# Each is accepted only in the one pickle form its writer produces, which the scan models without
+# running anything: "attrs" is NEWOBJ with no arguments then BUILD with a dict of attributes
+# (object.__new__ plus __dict__.update: the class defines neither __new__, __setstate__ nor
+# __reduce__), "enum" is a REDUCE of the Enum class with one int or str (a lookup by value).
+WRITER_CLASSES: dict[str, tuple[str, str]] = {
+    # DeepSpeed's static fp16 loss scaler, pickled in the ZeRO optimizer state (`loss_scaler`).
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": ("attrs", "deepspeed"),
+    # DeepSpeed's dynamic fp16 loss scaler, same place, when fp16 uses dynamic scaling.
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": ("attrs", "deepspeed"),
+    # DeepSpeed's ZeRO stage (an IntEnum), saved as `zero_stage` in the optimizer state.
+    "deepspeed.runtime.zero.config.ZeroStageEnum": ("enum", "deepspeed"),
+    # DeepSpeed's (start, numel) dataclass locating a parameter in a flat ZeRO partition.
+    "deepspeed.utils.tensor_fragment.fragment_address": ("attrs", "deepspeed"),
+    # Megatron-LM saves its command-line arguments (`args`): an attribute bag.
+    "argparse.Namespace": ("attrs", "megatron"),
+}
+
 # Globals of a torch.distributed.checkpoint `.metadata` file, which torch writes with pickle.dump
 # of its Metadata dataclass and reads back with plain pickle.load, outside weights_only. Complete
 # names, though callers match them with str.startswith (hence a tuple): a dotted attribute path
@@ -235,6 +256,13 @@ DCP_METADATA_MODULES = (
     "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
     "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
     "torch.distributed.checkpoint.filesystem._StorageInfo",
+    # torch's own planner dataclasses (and WriteItemType, an Enum read by value): megatron-core's
+    # dist_checkpointing keeps the global save plan in the Metadata it writes (a writer's class, as
+    # in WRITER_CLASSES, but torch's, and read by DCP with plain pickle.load like the rest).
+    "torch.distributed.checkpoint.planner.SavePlan",
+    "torch.distributed.checkpoint.planner.WriteItem",
+    "torch.distributed.checkpoint.planner.WriteItemType",
+    "torch.distributed.checkpoint.planner.TensorWriteData",
     # TensorProperties.layout.
     "torch.serialization._get_layout",
     # StorageMeta.checkpoint_id; Python 3.13 moved the classes to pathlib._local.
@@ -331,6 +359,8 @@ class Skeleton:
     label: str
     format: str  # "zip", "legacy", "pickle"
     storages: dict[str, StorageRef] = field(default_factory=dict)
+    # WRITER_CLASSES entries the pickle names (only when read with writer_classes=True).
+    writer_classes: frozenset[str] = frozenset()
 
 
 class UnsafePickleError(ValueError):
@@ -435,8 +465,11 @@ class _Walker:
         budget: int,
         persistent: Persistent | None,
         limits: ScanLimits,
+        writer_classes: bool = False,
     ) -> None:
         self.label = label
+        self.writer_classes = WRITER_CLASSES if writer_classes else {}
+        self.writers: set[str] = set()  # writer classes the pickle names (read as Opaque)
         self.torch_ops = torch_ops
         self.allowed = allowed
         self.budget = budget  # bytes an allocation may plausibly claim: the file's size
@@ -717,7 +750,9 @@ class _Walker:
         # From protocol 4 a dotted attr walks getattr from the module (Metadata.__class__...), so it
         # is named with a colon: it can then match no allowed name, not even as a prefix.
         found = f"{module}:{attr}" if "." in attr else f"{module}.{attr}"
-        if found not in self.allowed:
+        if found in self.writer_classes and found not in self.allowed:
+            self.writers.add(found)
+        elif found not in self.allowed:
             self.findings.add(found)
         return GlobalRef(found)
 
@@ -729,6 +764,11 @@ class _Walker:
             if not (isinstance(callee, Opaque) and callee.tainted):
                 self.findings.add(f"<{op} of a non-global callable>")
             return Opaque("<call>", tainted=True)
+        if self.writer_classes.get(callee.name, ("",))[0] == "enum":
+            if isinstance(args, tuple) and len(args) == 1 and type(args[0]) in (int, str):
+                return Opaque(callee.name, args)
+            self.refuse(f"{op} of {callee.name} with arguments other than one enum value")
+            return Opaque(callee.name, tainted=True)
         if callee.name not in self.allowed:
             return Opaque(callee.name, tainted=True)
         if not isinstance(args, tuple):
@@ -752,6 +792,11 @@ class _Walker:
             if not (isinstance(cls, Opaque) and cls.tainted):
                 self.findings.add(f"<{op} of a non-global class>")
             return Opaque("<newobj>", tainted=True)
+        if self.writer_classes.get(cls.name, ("",))[0] == "attrs":
+            if args == () and kwargs == {}:
+                return Opaque(cls.name)
+            self.refuse(f"{op} of {cls.name} with arguments")
+            return Opaque(cls.name, tainted=True)
         if cls.name not in self.allowed:
             return Opaque(cls.name, tainted=True)
         if cls.name in _DCP_CLASSES and args == () and kwargs == {}:
@@ -770,6 +815,10 @@ class _Walker:
             if target.tainted:
                 return
             if target.name in _DCP_CLASSES and target.state is None:
+                target.state = state
+                return
+            if (self.writer_classes.get(target.name, ("",))[0] == "attrs" and target.state is None
+                    and type(state) is dict and all(type(k) is str for k in state)):
                 target.state = state
                 return
             if target.name == "numpy.ndarray" and target.state is None:
@@ -1172,10 +1221,11 @@ def _walk_one(
     persistent: Persistent | None,
     limits: ScanLimits,
     first: bool = False,
+    writer_classes: bool = False,
 ) -> _Walker:
     """Walk one pickle to its STOP; raise UnsafePickleError when it cannot be walked completely."""
     walker = _Walker(label, torch_ops=torch_ops, allowed=allowed, budget=budget, persistent=persistent,
-                     limits=limits)
+                     limits=limits, writer_classes=writer_classes)
     try:
         walker.walk(reader)
     except _PickleTooLarge as e:
@@ -1314,7 +1364,8 @@ def _torch_record(members: list[_Member], name: str) -> list[_Member]:
     return [m for m in members if m.name.lower() == wanted]
 
 
-def _zip_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: ScanLimits) -> Skeleton:
+def _zip_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: ScanLimits,
+                  writer_classes: bool = False) -> Skeleton:
     members = _zip_members(f, label, size)
     pickled = [m for m in members if m.name.lower().endswith(".pkl")]
     if not pickled:
@@ -1324,6 +1375,7 @@ def _zip_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: S
     storages: dict[str, StorageRef] = {}
     data_pkl = {m.name for m in _torch_record(members, "data.pkl")}
     damaged = False
+    writers: set[str] = set()
     for member in pickled:
         data = _read_member(f, member, label, size, max_bytes)
         where = f"{label}:{member.name}"
@@ -1332,10 +1384,11 @@ def _zip_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: S
         damaged = damaged or zlib.crc32(data) != member.crc
         try:
             walker = _walk_one(io.BytesIO(data), where, torch_ops=True, allowed=ALLOWED_GLOBALS, budget=size,
-                               persistent=_zip_persistent, limits=limits)
+                               persistent=_zip_persistent, limits=limits, writer_classes=writer_classes)
         except UnsafePickleError as e:
             raise UnsafePickleError(e.path, e.names, e.reasons, damaged=damaged) from e
         findings |= walker.findings
+        writers |= walker.writers
         # torch.load hands an archive with constants.pkl to torch.jit.load, which runs code.
         if member.name.rsplit("/", 1)[-1].lower() == "constants.pkl":
             findings.add(TORCHSCRIPT_ARCHIVE)
@@ -1356,7 +1409,7 @@ def _zip_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: S
             findings.add(f"<storage {ref.key!r} declares {ref.nbytes} bytes, its record holds {record.size}>")
     if findings:
         raise UnsafePickleError(label, findings, damaged=damaged)
-    return Skeleton(next(iter(values.values())), label, "zip", storages)
+    return Skeleton(next(iter(values.values())), label, "zip", storages, frozenset(writers))
 
 
 def _is_tar(head: bytes) -> bool:
@@ -1369,11 +1422,11 @@ def _is_tar(head: bytes) -> bool:
 
 
 def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits: ScanLimits,
-                     plain_pickle: bool) -> Skeleton:
+                     plain_pickle: bool, writer_classes: bool = False) -> Skeleton:
     """A legacy torch.save stream framed exactly as torch._legacy_load reads it (or, when
     `plain_pickle`, a plain-data pickle)."""
     reader = _BoundedReader(f, max_bytes, label)
-    walk = {"allowed": ALLOWED_GLOBALS, "budget": size, "limits": limits}
+    walk = {"allowed": ALLOWED_GLOBALS, "budget": size, "limits": limits, "writer_classes": writer_classes}
     # A plain pickle is judged as pickle.load reads it, any opcode; a torch stream as torch does.
     first = _walk_one(reader, label, persistent=None, first=True, torch_ops=not plain_pickle, **walk)
     magic = first.result
@@ -1392,7 +1445,7 @@ def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits
         if first.findings:
             raise UnsafePickleError(label, first.findings)
         # Plain data: pickle.load stops at the STOP, torch.load at the magic number.
-        return Skeleton(magic, label, "pickle")
+        return Skeleton(magic, label, "pickle", writer_classes=frozenset(first.writers))
     if first.findings:
         raise UnsafePickleError(label, first.findings)
     findings: set[str] = set()
@@ -1421,7 +1474,8 @@ def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits
     if findings:
         raise UnsafePickleError(label, findings)
     _check_legacy_headers(f, label, reader.tell(), [roots[k] for k in key_list])
-    return Skeleton(body.result, label, "legacy", dict(roots))
+    writers = frozenset(first.writers | version.writers | sys_info.writers | body.writers | keys.writers)
+    return Skeleton(body.result, label, "legacy", dict(roots), writers)
 
 
 def _check_legacy_headers(f: IO[bytes], label: str, pos: int, refs: list[StorageRef]) -> None:
@@ -1443,11 +1497,13 @@ def read_torch_skeleton_from(
     max_pickle_bytes: int = DEFAULT_MAX_PICKLE_BYTES,
     limits: ScanLimits = DEFAULT_LIMITS,
     plain_pickle: bool = False,
+    writer_classes: bool = False,
 ) -> Skeleton:
     """Read the skeleton of an open, seekable torch.save file (zip or legacy stream).
 
     `plain_pickle` also accepts a single plain-data pickle (a `.pkl` file meant for pickle.load):
-    torch.load refuses such a file, so a torch file may not be one.
+    torch.load refuses such a file, so a torch file may not be one. `writer_classes` reads the
+    WRITER_CLASSES as Opaque values (listed in `Skeleton.writer_classes`) instead of refusing them.
     """
     size = f.seek(0, io.SEEK_END)
     f.seek(0)
@@ -1457,11 +1513,11 @@ def read_torch_skeleton_from(
         raise UnknownFormatError(f"{label}: empty file")
     # torch.load decides zip or legacy by these first bytes alone (torch.serialization._is_zipfile).
     if head.startswith(_ZIP_MAGIC):
-        return _zip_skeleton(f, label, size, max_pickle_bytes, limits)
+        return _zip_skeleton(f, label, size, max_pickle_bytes, limits, writer_classes)
     if len(head) == _TAR_BLOCK and _is_tar(head):
         # torch.load would unpickle members of this pre-1.0 format without weights_only.
         raise UnsafePickleError(label, [], ["legacy tar checkpoint format is not modelled"])
-    return _legacy_skeleton(f, label, size, max_pickle_bytes, limits, plain_pickle)
+    return _legacy_skeleton(f, label, size, max_pickle_bytes, limits, plain_pickle, writer_classes)
 
 
 def read_torch_skeleton(
@@ -1471,11 +1527,13 @@ def read_torch_skeleton(
     max_pickle_bytes: int = DEFAULT_MAX_PICKLE_BYTES,
     limits: ScanLimits = DEFAULT_LIMITS,
     plain_pickle: bool = False,
+    writer_classes: bool = False,
 ) -> Skeleton:
-    """Read the skeleton of a torch.save file without unpickling; raise UnsafePickleError unless safe."""
+    """Read the skeleton of a torch.save file without unpickling; raise UnsafePickleError unless safe
+    (`writer_classes`: see read_torch_skeleton_from)."""
     with fs.open(path, "rb") as f:
         return read_torch_skeleton_from(f, path, max_pickle_bytes=max_pickle_bytes, limits=limits,
-                                        plain_pickle=plain_pickle)
+                                        plain_pickle=plain_pickle, writer_classes=writer_classes)
 
 
 def scan_torch_file(

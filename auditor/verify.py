@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fsspec import AbstractFileSystem
 
@@ -27,6 +27,8 @@ from auditor.manifest import (
     parse_manifest,
     safe_join,
 )
+if TYPE_CHECKING:
+    from auditor.completeness import CompletenessResult
 from auditor.storage import (
     Reader,
     StorageFault,
@@ -184,7 +186,9 @@ class Options:
     probe_auto: bool = True  # run the probe tier too where the manifest has a probe
     # hooks filled in by other modules; each returns findings
     probe: Callable[[Reader, Checkpoint, Manifest], list[Finding]] | None = None
-    completeness: Callable[[Reader, Checkpoint, Manifest | None, str], list[Finding]] | None = None
+    # returns a CompletenessResult (findings, files parsed completely, step found); a plain list of
+    # findings is accepted too
+    completeness: Callable[[Reader, Checkpoint, Manifest | None, str], CompletenessResult | list[Finding]] | None = None
     server_checksums: Callable[[Reader, str, dict[str, Any], FileEntry], Finding | None] | None = None
     baseline: Callable[[Checkpoint], dict[str, FileEntry] | None] | None = None
     # A verdict that proved less than this is `unverifiable` (a failure for CI gates).
@@ -273,8 +277,8 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
                                     "compared with digests recorded at first sight, not with a sealed manifest"))
             _check_listed(ck, reader, ctx, entries, None, findings, verdict)
             _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.BASELINE, findings)
-            if ctx.options.completeness and tier != "metadata":
-                findings += ctx.options.completeness(reader, ck, None, tier)
+            if tier != "metadata":
+                _completeness(ck, reader, ctx, None, findings, verdict)
             return True
         if tier == "metadata":
             findings.append(Finding("no_manifest", "info", None,
@@ -282,11 +286,11 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
             _assure(verdict, ck, reader, ctx, set(), Assurance.EXISTENCE, findings)
             return False
         applied = _structural(ck, reader, ctx, findings)
+        # A pickle read completely as a skeleton (or DCP metadata) is a structural check too.
+        applied |= _completeness(ck, reader, ctx, None, findings, verdict)
         checked = bool(applied) or not ck.files
         _assure(verdict, ck, reader, ctx, applied, Assurance.STRUCTURAL if checked else Assurance.EXISTENCE,
                 findings)
-        if ctx.options.completeness:
-            findings += ctx.options.completeness(reader, ck, None, tier)
         _digest_unsealed(ck, reader, ctx, verdict)
         if checked:
             findings.append(Finding("structural_only", "info", None,
@@ -299,14 +303,29 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     entries = [f for f in manifest.files if f.path not in bad]
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
     _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
-    if tier != "metadata" and ctx.options.completeness:
-        findings += ctx.options.completeness(reader, ck, manifest, tier)
+    if tier != "metadata":
+        _completeness(ck, reader, ctx, manifest, findings, verdict)
     wants_probe = tier == "probe" or (ctx.options.probe_auto and tier == "content" and manifest.probe is not None)
     if wants_probe and manifest.probe is not None and ctx.options.probe and not _blocking(findings):
         findings += ctx.options.probe(reader, ck, manifest)
     elif tier == "probe" and manifest.probe is None:
         findings.append(Finding("no_probe", "info", None, "the manifest records no probe; probe tier skipped"))
     return True
+
+
+def _completeness(ck: Checkpoint, reader: Reader, ctx: Context, manifest: Manifest | None, findings: list[Finding],
+                  verdict: Verdict) -> set[str]:
+    """Run the completeness hook; take its step as the verdict's; return the files it parsed completely."""
+    hook = ctx.options.completeness
+    if hook is None:
+        return set()
+    result = hook(reader, ck, manifest, ctx.options.tier)
+    if isinstance(result, list):
+        findings += result
+        return set()
+    findings += result.findings
+    verdict.step = result.step
+    return {rel for rel in result.parsed if rel in ck.files}
 
 
 def _assure(verdict: Verdict, ck: Checkpoint, reader: Reader, ctx: Context, proven: set[str], level: Assurance,
