@@ -618,6 +618,10 @@ def _scan_dcp(reader: Any, ck: Any, rel: str, ev: Evidence, findings: list[Findi
         where = e.path[len(folder) + 1:].split("@", 1)[0] if e.path.startswith(folder + "/") else rel
         where = rel.rsplit("/", 1)[0] + "/" + where if "/" in rel else where
         problems = e.names + e.reasons
+        if not e.names and e.reasons and all(r.startswith(DAMAGE_REASONS) for r in e.reasons):
+            # Cut short: the extents check reports the .distcp file truncated. Still never loaded.
+            findings.append(Finding("pickle_unreadable", "warning", where, f"damaged, not loaded: {problems[0]}"))
+            return None
         findings.append(Finding("unsafe_pickle", "error", where,
                                 f"torch.distributed.checkpoint would unpickle {', '.join(problems[:5])[:500]}; "
                                 "refused, never executed"))
@@ -626,11 +630,19 @@ def _scan_dcp(reader: Any, ck: Any, rel: str, ev: Evidence, findings: list[Findi
     return recognise_dcp(ev, rel, dcp)
 
 
+# Reasons the skeleton reader gives for a zip or DCP item cut short, which the format checks also see.
+DAMAGE_REASONS = ("unreadable zip archive", "byte item runs past the end", "member data runs past the end")
+
+
 def _unsafe_finding(ck: Any, rel: str, e: pickles.UnsafePickleError, sealed: dict[str, int]) -> Finding:
     """The finding for a refused file: unsafe, unless it is damage already proven or trainer args."""
     size = ck.files.get(rel, {}).get("size")
     resized = rel in sealed and size is not None and int(size) != sealed[rel]
-    if (resized and e.reasons) or (e.damaged and not e.imports):
+    # A zip whose directory cannot be read is damaged as a zip first: the structural check reports
+    # that file corrupt (truncated, header_invalid); a raw pickle that breaks has no such evidence
+    # and stays unsafe (fail closed).
+    broken_zip = bool(e.reasons) and not e.names and all(r.startswith(DAMAGE_REASONS) for r in e.reasons)
+    if (resized and e.reasons) or (e.damaged and not e.imports) or broken_zip:
         # Cut short since sealing, or a pickle member failing its CRC: the size or CRC check
         # already makes it corrupt, and these oddities are what that damage looks like. A named
         # import is never explained away. Still refused, never loaded.
