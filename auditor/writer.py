@@ -151,7 +151,8 @@ def seal(
     if not ck.files:
         raise UsageError(f"{url} holds no files to seal")
     entries, tensors = digest_files(reader, ck, jobs=jobs, force=force)
-    state = completeness.inventory(entries)
+    # What the files hold, read from their contents as verification reads them.
+    state = completeness.inventory(entries, fs=fs, root=ck.root)
     if ck.kind == "file" and not state.model:
         state.model = [ck.name]
     step = _step(reader, ck, step)
@@ -193,12 +194,11 @@ def build_manifest(step: int, entries: dict[str, FileEntry], tensors: dict[str, 
 def _step(reader: Reader, ck: Checkpoint, step: int | None) -> int:
     if step is not None:
         return step
-    if "trainer_state.json" in ck.files:
-        found = completeness.step_from_trainer_state(reader.read(f"{ck.path}/trainer_state.json", limit=64 * 2**20))
-        if found is not None:
-            return found
-    if ck.step is not None:
-        return ck.step
+    # The step the checkpoint's own files state (trainer_state.json, a pickled global_step), else
+    # its folder name where the layout's names are steps: what verification will compare with.
+    found = completeness.check_checkpoint(reader, ck, None).step
+    if found is not None:
+        return found
     raise UsageError(f"cannot tell the training step of {ck.url} from its name or files; pass --step N")
 
 
