@@ -77,12 +77,13 @@ STATUS_OF_CODE = {
     "step_missing": "incomplete",
     "step_mismatch": "incomplete",
     "unsafe_pickle": "unsafe",
+    "assurance_below_required": "unverifiable",
     "storage_error": "error",
     "probe_error": "error",
     "internal_error": "error",
 }
 # A storage error means the check did not complete: nothing else it found is conclusive.
-STATUS_PRIORITY = ("error", "unsafe", "corrupt", "missing", "drift", "incomplete")
+STATUS_PRIORITY = ("error", "unsafe", "corrupt", "missing", "drift", "incomplete", "unverifiable")
 ZIP_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
