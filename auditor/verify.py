@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +29,19 @@ from auditor.manifest import (
     parse_manifest,
     safe_join,
 )
-from auditor.storage import Reader, StorageFault, Throttle, object_version, own_retries, pinned_read_options
+from auditor.storage import (
+    CHECKPOINT_TIMEOUT,
+    FILE_TIMEOUT,
+    DeadlineExceeded,
+    DeadlinePool,
+    PathHazard,
+    Reader,
+    StorageFault,
+    Throttle,
+    object_version,
+    own_retries,
+    pinned_read_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +60,10 @@ STATUS_OF_CODE = {
     "json_invalid": "corrupt",
     "manifest_invalid": "corrupt",
     "path_outside_checkpoint": "corrupt",
+    # A FIFO, socket, device or link to a folder in a checkpoint: never opened, never followed.
+    "special_file": "corrupt",
+    # A local path that cannot resolve (link loop, dangling link, a path through a file, name too long).
+    "path_unresolvable": "corrupt",
     "server_checksum_mismatch": "corrupt",
     "file_missing": "missing",
     "probe_mismatch": "drift",
@@ -142,13 +160,48 @@ class Options:
             raise UsageError(f"tier {self.tier!r} is not one of {', '.join(TIERS)}")
 
 
+FILE_DEADLINE = "file deadline (scan.file_timeout)"
+CHECKPOINT_DEADLINE = "checkpoint deadline (scan.checkpoint_timeout)"
+
+
 @dataclass
 class Context:
-    """What verifying one checkpoint needs: a reader of its own, a pool for its files."""
+    """What verifying one checkpoint needs: a reader of its own, a pool for its files, its deadlines."""
 
     reader: Reader
-    files_pool: ThreadPoolExecutor
+    files_pool: DeadlinePool
     options: Options
+    file_timeout: float | None = FILE_TIMEOUT
+    until: float | None = None  # the checkpoint's deadline, time.monotonic()
+
+    def run_files(self, reader: Reader, work: list[tuple[str, Callable[[Reader], Any]]]) -> list[tuple[str, Any]]:
+        """Run one call per file with the file deadline; return (rel, result or the Finding that replaced it).
+
+        Each call gets its own child reader, so a deadline aborts that file's reads only. A storage
+        fault on one file is a `storage_error` finding naming it; a local path hazard is its finding.
+        """
+        tasks = []
+        for rel, fn in work:
+            kid = reader.child()
+            tasks.append((rel, kid, self.files_pool.submit(fn, kid, what=f"reading {rel}", timeout=self.file_timeout,
+                                                           on_timeout=kid.abort, deadline_name=FILE_DEADLINE)))
+        out: list[tuple[str, Any]] = []
+        try:
+            for rel, _kid, task in tasks:
+                try:
+                    out.append((rel, task.result(self.until)))
+                except PathHazard as e:
+                    out.append((rel, Finding(e.code, "error", rel, e.detail)))
+                except StorageFault as e:
+                    out.append((rel, Finding("storage_error", "error", rel, str(e))))
+                except struct.error as e:
+                    # A read that came back short after the store confirmed the object shrank.
+                    out.append((rel, Finding("truncated", "error", rel, f"ends early: {e}")))
+        except BaseException:
+            for _rel, kid, _task in tasks:
+                kid.abort("checkpoint check ended early")
+            raise
+        return out
 
 
 
@@ -177,6 +230,9 @@ def verify_checkpoint(ck: Checkpoint, ctx: Context) -> Verdict:
         verdict.status = decide(findings, checked_any=checked_any)
         if verdict.status == "unverifiable" and ctx.options.strict:
             findings.append(Finding("unverifiable", "info", None, "--strict counts unverifiable as a failure"))
+    except PathHazard as e:
+        findings.append(Finding(e.code, "error", _rel_to(ck, e.path), e.detail))
+        verdict.status = decide(findings)
     except (StorageFault, StorageError) as e:
         findings.append(Finding("storage_error", "error", None, str(e)))
         verdict.status = "error"
@@ -194,11 +250,17 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     """Append findings; return whether any check with a reference applied."""
     tier = ctx.options.tier
     manifest: Manifest | None = None
+    ck, hazards = sanitise(ck)
+    findings += hazards
     if ck.manifest_path:
         try:
+            _refuse_odd_manifest(reader, ck)
             manifest = load_manifest(reader, ck)
         except FileNotFoundError:
             findings.append(Finding("file_missing", "error", _name(ck.manifest_path), "manifest vanished"))
+            return True
+        except PathHazard as e:
+            findings.append(Finding(e.code, "error", _name(ck.manifest_path), f"manifest: {e.detail}"))
             return True
         except ManifestInvalid as e:
             findings.append(Finding("manifest_invalid", "error", _name(ck.manifest_path), str(e)))
@@ -241,6 +303,55 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     elif tier == "probe" and manifest.probe is None:
         findings.append(Finding("no_probe", "info", None, "the manifest records no probe; probe tier skipped"))
     return True
+
+
+def sanitise(ck: Checkpoint) -> tuple[Checkpoint, list[Finding]]:
+    """Take the files that must never be opened out of a checkpoint; return it and their findings.
+
+    The local listing marks FIFOs, sockets, devices, links to folders and unresolvable links with a
+    `hazard`; a symlink to a regular file is followed only if its target stays inside the checkpoint.
+    """
+    findings: list[Finding] = []
+    clean: dict[str, dict[str, Any]] = {}
+    inside: str | None = None
+    for rel, info in ck.files.items():
+        code = info.get("hazard")
+        if code:
+            findings.append(Finding(str(code), "error", rel, str(info.get("hazard_detail") or code)))
+            continue
+        target = info.get("target")
+        if target is not None:
+            inside = inside or os.path.realpath(ck.root)
+            if not _within(str(target), inside):
+                findings.append(Finding("path_outside_checkpoint", "error", rel,
+                                        f"a symbolic link to {target!r}, outside the checkpoint; not followed"))
+                continue
+        clean[rel] = info
+    if not findings:
+        return ck, []
+    return dataclasses.replace(ck, files=clean), findings
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _refuse_odd_manifest(reader: Reader, ck: Checkpoint) -> None:
+    """On local disk, refuse a manifest that is a special file or a link out of the checkpoint."""
+    if not reader.local or not ck.manifest_path:
+        return
+    info = reader.info(ck.manifest_path)
+    if info.get("hazard"):
+        raise PathHazard(str(info["hazard"]), ck.manifest_path, str(info.get("hazard_detail")))
+    target = info.get("target")
+    if target is not None and not _within(str(target), os.path.realpath(ck.root)):
+        raise PathHazard("path_outside_checkpoint", ck.manifest_path,
+                         f"a symbolic link to {target!r}, outside the checkpoint; not followed")
+
+
+def _rel_to(ck: Checkpoint, path: str) -> str:
+    root = ck.root.rstrip("/")
+    return path[len(root) + 1:] if path.startswith(root + "/") else _name(path)
 
 
 def _blocking(findings: list[Finding]) -> bool:
@@ -286,6 +397,13 @@ def _check_listed(
             except FileNotFoundError:
                 findings.append(Finding("file_missing", "error", entry.path, "listed in the manifest but absent"))
                 continue
+            except PathHazard as e:
+                findings.append(Finding(e.code, "error", entry.path, e.detail))
+                continue
+            fresh, odd = sanitise(dataclasses.replace(ck, files={entry.path: info}))
+            if odd:
+                findings += odd
+                continue
         size = int(info.get("size") or 0)
         if size < entry.size:
             findings.append(Finding("truncated", "error", entry.path, f"{size} bytes, sealed with {entry.size}"))
@@ -307,10 +425,17 @@ def _check_listed(
         findings.append(Finding("no_server_checksum", "info", None,
                                 f"{len(uncompared)} of {len(entries)} file(s) have no comparable server-side checksum: "
                                 "the metadata tier proves their existence and size only"))
-    futures = [ctx.files_pool.submit(_digest_one, reader, entry, path, manifest, info) for entry, path, info in to_digest]
-    for fut in futures:
-        got = fut.result()
-        findings.extend(got)
+    work = [(entry.path, _bind_digest(entry, path, manifest, info)) for entry, path, info in to_digest]
+    for _rel, got in ctx.run_files(reader, work):
+        if isinstance(got, Finding):
+            findings.append(got)
+        else:
+            findings.extend(got)
+
+
+def _bind_digest(entry: FileEntry, path: str, manifest: Manifest | None, info: dict[str, Any]
+                 ) -> Callable[[Reader], list[Finding]]:
+    return lambda reader: _digest_one(reader, entry, path, manifest, info)
 
 
 def _probe_paths(manifest: Manifest | None) -> set[str]:
@@ -385,12 +510,13 @@ def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Fin
     root = ck.root
     checked = False
     headers: dict[str, formats.SafetensorsHeader] = {}
-    futures = []
-    for rel, info in sorted(ck.files.items()):
-        path = f"{root}/{rel}"
-        futures.append((rel, ctx.files_pool.submit(_structural_one, reader, path, int(info.get("size") or 0))))
-    for rel, fut in futures:
-        applied, header, finding = fut.result()
+    work = [(rel, _bind_structural(f"{root}/{rel}", int(info.get("size") or 0))) for rel, info in sorted(ck.files.items())]
+    for rel, got in ctx.run_files(reader, work):
+        if isinstance(got, Finding):
+            findings.append(got)
+            checked = True
+            continue
+        applied, header, finding = got
         checked |= applied
         if header is not None:
             headers[rel] = header
@@ -409,6 +535,10 @@ def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Fin
         findings.append(Finding("file_missing", "error", None, "the checkpoint holds no files"))
         checked = True
     return checked
+
+
+def _bind_structural(path: str, size: int) -> Callable[[Reader], Any]:
+    return lambda reader: _structural_one(reader, path, size)
 
 
 def _structural_one(reader: Reader, path: str, size: int) -> tuple[bool, formats.SafetensorsHeader | None, Finding | None]:
@@ -436,11 +566,18 @@ def _digest_unsealed(ck: Checkpoint, reader: Reader, ctx: Context, verdict: Verd
     if ctx.options.baseline is None:
         return
     root = ck.root
-    futures = {rel: ctx.files_pool.submit(lambda p: digest_chunks(reader.iter_chunks(p)), f"{root}/{rel}")
-               for rel in ck.files}
-    for rel, fut in futures.items():
-        d = fut.result()
+    work = [(rel, _bind_whole_digest(f"{root}/{rel}")) for rel in ck.files]
+    for rel, d in ctx.run_files(reader, work):
+        if isinstance(d, Finding):
+            # An unreadable file: no baseline from a partial picture, and the check did not complete.
+            verdict.findings.append(d)
+            verdict.observed.clear()
+            return
         verdict.observed[rel] = FileEntry(path=rel, size=d.size, sha256=d.sha256, crc32c=d.crc32c)
+
+
+def _bind_whole_digest(path: str) -> Callable[[Reader], Any]:
+    return lambda reader: digest_chunks(reader.iter_chunks(path))
 
 
 @dataclass
@@ -482,7 +619,7 @@ def _storage_call(what: str, url: str, fn: Callable[[], Any]) -> Any:
         return fn()
     except FileNotFoundError as e:
         raise StorageError(f"{url} does not exist") from e
-    except StorageFault as e:
+    except (StorageFault, PathHazard) as e:
         raise StorageError(f"cannot {what} {url}: {e}") from e
 
 
@@ -556,26 +693,38 @@ def pending_verdict(ck: Checkpoint, reason: str, tier: str) -> Verdict:
 
 
 class Scanner:
-    """Verify many checkpoints with bounded parallelism across checkpoints and their files."""
+    """Verify many checkpoints with bounded parallelism across checkpoints and their files.
+
+    Every checkpoint's check has a deadline (`checkpoint_timeout`) and every file's within it one
+    of its own (`file_timeout`): a hung read becomes an `error` verdict naming the file and the
+    deadline, and its worker is replaced, so the pools keep their size whatever hangs.
+    """
 
     def __init__(self, fs: AbstractFileSystem, options: Options, *, jobs: int = 4,
                  throttle: Throttle | None = None, on_bytes: Callable[[int], None] | None = None,
-                 stop: threading.Event | None = None, list_jobs: int = 8) -> None:
+                 stop: threading.Event | None = None, list_jobs: int = 8,
+                 file_timeout: float | None = FILE_TIMEOUT, checkpoint_timeout: float | None = CHECKPOINT_TIMEOUT) -> None:
         if jobs < 1:
             raise UsageError(f"jobs must be at least 1, got {jobs}")
+        for name, value in (("file_timeout", file_timeout), ("checkpoint_timeout", checkpoint_timeout)):
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} must be positive, got {value}")
         self.options = options
         self.jobs = jobs
+        self.file_timeout = file_timeout
+        self.checkpoint_timeout = checkpoint_timeout
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
                              stop=stop, retries=own_retries(fs), stat_slots=threading.BoundedSemaphore(list_jobs))
-        # Set by the first storage error of a pass: the rest of the pass is reported, not attempted,
-        # so an outage costs one backend timeout instead of one per file.
+        # Set by the first storage error of a pass that a fresh stat confirms (the store itself is
+        # unreachable): the rest of the pass is reported, not attempted, so an outage costs one
+        # backend timeout instead of one per file. One unreadable checkpoint never sets it.
         self.outage: str | None = None
-        self._files = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-file")
-        self._checkpoints = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-ckpt")
+        self._files = DeadlinePool(jobs, "auditor-file")
+        self._checkpoints = DeadlinePool(jobs, "auditor-ckpt")
 
     def close(self) -> None:
-        self._checkpoints.shutdown(wait=True, cancel_futures=True)
-        self._files.shutdown(wait=True, cancel_futures=True)
+        self._checkpoints.shutdown(cancel_futures=True)
+        self._files.shutdown(cancel_futures=True)
 
     def __enter__(self) -> Scanner:
         return self
@@ -583,32 +732,29 @@ class Scanner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def context(self, options: Options | None = None) -> Context:
-        return Context(self.reader, self._files, options or self.options)
+    def context(self, options: Options | None = None, reader: Reader | None = None) -> Context:
+        until = None if self.checkpoint_timeout is None else time.monotonic() + self.checkpoint_timeout
+        return Context(reader or self.reader, self._files, options or self.options, self.file_timeout, until)
 
     def verify(self, ck: Checkpoint, options: Options | None = None) -> Verdict:
-        """Verify one checkpoint (pending ones are reported as such, not read)."""
-        options = options or self.options
-        reason = is_pending(ck, options.settle_seconds)
-        if reason:
-            return pending_verdict(ck, reason, options.tier)
-        return verify_checkpoint(ck, self.context(options))
+        """Verify one checkpoint within its deadline (pending ones are reported as such, not read)."""
+        return self._await(ck, self._submit(ck, options, None, guarded=False), options)
 
     def run(self, checkpoints: list[Checkpoint], *, options_for: Callable[[Checkpoint], Options] | None = None,
             on_verdict: Callable[[Verdict, int, int], None] | None = None,
             stop: threading.Event | None = None) -> list[Verdict]:
         """Verify checkpoints in parallel, in order of the list; skip the rest once `stop` is set."""
         self.outage = None
-        futures = [self._checkpoints.submit(self._guarded, ck, stop, options_for(ck) if options_for else None)
-                   for ck in checkpoints]
+        tasks = [(ck, opts, self._submit(ck, opts, stop, guarded=True))
+                 for ck in checkpoints for opts in [options_for(ck) if options_for else None]]
         verdicts: list[Verdict] = []
-        for i, fut in enumerate(futures):
-            verdict = fut.result()
+        for i, (ck, opts, task) in enumerate(tasks):
+            verdict = self._await(ck, task, opts)
             if verdict is None:
                 continue
             verdicts.append(verdict)
             if on_verdict:
-                on_verdict(verdict, i + 1, len(futures))
+                on_verdict(verdict, i + 1, len(tasks))
         return verdicts
 
     def scan(self, root: str, prefix_url: str, *, on_verdict: Callable[[Verdict, int, int], None] | None = None,
@@ -623,23 +769,64 @@ class Scanner:
         verdicts = self.run(checkpoints, on_verdict=on_verdict, stop=stop)
         return ScanResult(prefix_url, self.options.tier, verdicts, duration_seconds=time.monotonic() - started)
 
-    def _guarded(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None) -> Verdict | None:
+    def _submit(self, ck: Checkpoint, options: Options | None, stop: threading.Event | None, *, guarded: bool) -> Any:
+        reader = self.reader.child()
+        fn = self._guarded if guarded else self._verify_now
+        return self._checkpoints.submit(fn, ck, stop, options, reader, what=f"verifying {ck.url}",
+                                        timeout=self.checkpoint_timeout, on_timeout=reader.abort,
+                                        deadline_name=CHECKPOINT_DEADLINE)
+
+    def _await(self, ck: Checkpoint, task: Any, options: Options | None) -> Verdict | None:
+        try:
+            return task.result()
+        except DeadlineExceeded as e:
+            return _error_verdict(ck, (options or self.options).tier, "storage_error", str(e))
+
+    def _verify_now(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None,
+                    reader: Reader) -> Verdict:
+        options = options or self.options
+        reason = is_pending(ck, options.settle_seconds)
+        if reason:
+            return pending_verdict(ck, reason, options.tier)
+        try:
+            return verify_checkpoint(ck, self.context(options, reader))
+        except Exception as e:  # noqa: BLE001 - one broken checkpoint must not end the scan
+            logger.exception("verifying %s failed unexpectedly", ck.url)
+            return _error_verdict(ck, options.tier, "internal_error", f"{type(e).__name__}: {e}")
+
+    def _guarded(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None,
+                 reader: Reader) -> Verdict | None:
         if stop is not None and stop.is_set():
             return None
         tier = (options or self.options).tier
         if self.outage:
-            return Verdict(ck.url, ck.run, ck.step, ck.layout, "error",
-                           [Finding("storage_error", "error", None, f"not attempted: {self.outage}")], tier=tier)
+            return _error_verdict(ck, tier, "storage_error", f"not attempted: {self.outage}")
+        verdict = self._verify_now(ck, stop, options, reader)
+        if verdict.status == "error" and any(f.code == "storage_error" for f in verdict.findings) \
+                and not self._reachable(ck):
+            self.outage = next(f.detail for f in verdict.findings if f.code == "storage_error")
+        return verdict
+
+    def _reachable(self, ck: Checkpoint) -> bool:
+        """Tell whether the store still answers a stat of the checkpoint, within the file deadline.
+
+        A checkpoint that failed while its store answers is that checkpoint's problem (a hung
+        object, an unreadable file); only a store that no longer answers is an outage.
+        """
+        probe = self.reader.child()
+        timeout = min(self.file_timeout or 60.0, 60.0)
+        task = self._files.submit(probe.info, ck.path, what=f"stat {ck.url}", timeout=timeout, on_timeout=probe.abort)
         try:
-            verdict = self.verify(ck, options)
-            if verdict.status == "error" and any(f.code == "storage_error" for f in verdict.findings):
-                self.outage = next(f.detail for f in verdict.findings if f.code == "storage_error")
-            return verdict
-        except Exception as e:  # noqa: BLE001 - one broken checkpoint must not end the scan
-            logger.exception("verifying %s failed unexpectedly", ck.url)
-            return Verdict(ck.url, ck.run, ck.step, ck.layout, "error",
-                           [Finding("internal_error", "error", None, f"{type(e).__name__}: {e}")],
-                           tier=(options or self.options).tier)
+            task.result()
+        except (FileNotFoundError, PathHazard):
+            return True  # the store answered: the checkpoint is gone or odd, not the store
+        except OSError:  # StorageFault, DeadlineExceeded
+            return False
+        return True
+
+
+def _error_verdict(ck: Checkpoint, tier: str, code: str, detail: str) -> Verdict:
+    return Verdict(ck.url, ck.run, ck.step, ck.layout, "error", [Finding(code, "error", None, detail)], tier=tier)
 
 
 def build_options(
@@ -682,7 +869,7 @@ def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], ent
 
     if not has_server_checksums(reader.fs):
         return None
-    with reader.stat_slots:
+    with reader.stat_slot():
         got = reader._retrying(f"checksum {path}", lambda: server_checksum(reader.fs, path, info))
     if got is None:
         return Finding("no_server_checksum", "info", entry.path, "no comparable server-side checksum")
