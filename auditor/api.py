@@ -39,7 +39,8 @@ def verify_url(
     fs, path = open_checked(url, storage_options)
     options = build_options(tier, strict=strict, require=scan.require,
                             probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb)
-    with Scanner(fs, options, jobs=jobs) as scanner:
+    with Scanner(fs, options, jobs=jobs, file_timeout=scan.file_timeout,
+                 checkpoint_timeout=scan.checkpoint_timeout) as scanner:
         try:
             ck = locate(scanner.reader, path, url)
         except StorageError as e:
@@ -58,10 +59,18 @@ def rescan(
     settle_seconds: float | None = None,
     storage_options: dict[str, Any] | None = None,
     on_verdict: Callable[[Verdict, int, int], None] | None = None,
+    file_timeout: float | None = None,
+    checkpoint_timeout: float | None = None,
 ) -> ScanResult:
-    """Verify every checkpoint under `prefix`; record verdicts in the state database when configured."""
+    """Verify every checkpoint under `prefix`; record verdicts in the state database when configured.
+
+    `file_timeout` / `checkpoint_timeout` override the configured deadlines (scan.file_timeout, ...).
+    """
     cfg_prefix = config.prefix(prefix) if config else None
     scan = config.scan_for(cfg_prefix) if config and cfg_prefix else (config.scan if config else ScanConfig(settle_time=0))
+    deadlines = {k: v for k, v in (("file_timeout", file_timeout), ("checkpoint_timeout", checkpoint_timeout))
+                 if v is not None}
+    scan = scan.model_copy(update=deadlines) if deadlines else scan
     options = dict(cfg_prefix.storage_options) if cfg_prefix else {}
     options.update(storage_options or {})
     fs, root = open_checked(prefix, options)
@@ -81,7 +90,8 @@ def rescan(
         opts.baseline = store.baseline_lookup(prefix)
     throttle = Throttle(scan.max_bytes_per_second)
     try:
-        with Scanner(fs, opts, jobs=jobs or scan.jobs, throttle=throttle, list_jobs=scan.list_jobs) as scanner:
+        with Scanner(fs, opts, jobs=jobs or scan.jobs, throttle=throttle, list_jobs=scan.list_jobs,
+                     file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout) as scanner:
             result = scanner.scan(root, prefix, on_verdict=on_verdict)
         if store is not None:
             store.record_scan(prefix, result)

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from auditor import __version__
-from auditor.config import Config, load_config, parse_duration
+from auditor.config import Config, ScanConfig, load_config, parse_duration
 from auditor.errors import AuditorError, UsageError
 from auditor.verify import TIERS, ScanResult, Verdict
 
@@ -74,6 +74,23 @@ def _run(fn: Callable[[], int | None]) -> None:
     sys.exit(code)
 
 
+def _deadlines(file_timeout: str | None, checkpoint_timeout: str | None) -> dict[str, float]:
+    """Parse --file-timeout / --checkpoint-timeout; a bad or non-positive value names its flag (exit 2)."""
+    out = {}
+    for flag, key, value in (("--file-timeout", "file_timeout", file_timeout),
+                             ("--checkpoint-timeout", "checkpoint_timeout", checkpoint_timeout)):
+        if value is None:
+            continue
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            raise UsageError(f"{flag}: {e}") from e
+        if seconds <= 0:
+            raise UsageError(f"{flag}: must be positive, got {value!r}")
+        out[key] = seconds
+    return out
+
+
 def _config(path: str | None) -> Config:
     return load_config(path)
 
@@ -96,14 +113,18 @@ def main(verbose: int) -> None:
 @click.option("--strict", is_flag=True, help="Count `unverifiable` as a failure.")
 @click.option("--jobs", type=click.IntRange(1, 256), default=4, show_default=True, help="Parallel reads.")
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+@click.option("--file-timeout", default=None, help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
+@click.option("--checkpoint-timeout", default=None,
+              help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
 def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, jobs: int,
-           storage_option: tuple[str, ...]) -> None:
+           storage_option: tuple[str, ...], file_timeout: str | None, checkpoint_timeout: str | None) -> None:
     """Verify one checkpoint (a folder or a single file)."""
     from auditor import api
 
     def body() -> int:
+        scan = ScanConfig(settle_time=0, **_deadlines(file_timeout, checkpoint_timeout))
         result = api.verify_url(checkpoint_url, tier=tier, strict=strict, jobs=jobs,
-                            storage_options=_options(storage_option))
+                                storage_options=_options(storage_option), scan=scan)
         _emit(result, as_json)
         return result.exit_code(strict)
 
@@ -120,8 +141,12 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
 @click.option("--settle-time", default=None, help="Treat checkpoints younger than this as pending (e.g. 10m).")
 @click.option("--daemon", default=None, help="Ask a running daemon (http://host:port) instead of scanning here.")
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+@click.option("--file-timeout", default=None, help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
+@click.option("--checkpoint-timeout", default=None,
+              help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
 def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool, strict: bool, jobs: int | None,
-           settle_time: str | None, daemon: str | None, storage_option: tuple[str, ...]) -> None:
+           settle_time: str | None, daemon: str | None, storage_option: tuple[str, ...],
+           file_timeout: str | None, checkpoint_timeout: str | None) -> None:
     """Verify every checkpoint under a prefix now."""
     from auditor import api
 
@@ -139,7 +164,8 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
             raise UsageError(f"--settle-time: {e}") from e
         progress = None if as_json and not sys.stderr.isatty() else Progress("rescan")
         result = api.rescan(prefix, config=cfg, tier=tier, strict=strict, jobs=jobs, settle_seconds=settle,
-                            storage_options=_options(storage_option), on_verdict=progress)
+                            storage_options=_options(storage_option), on_verdict=progress,
+                            **_deadlines(file_timeout, checkpoint_timeout))
         _emit(result, as_json)
         return result.exit_code(strict)
 

@@ -68,7 +68,8 @@ class PrefixWorker:
         for opts in self.options.values():
             opts.baseline = state.baseline_lookup(self.url)
         self.scanner = Scanner(self.fs, self.options["content"], jobs=scan.jobs, throttle=throttle,
-                               on_bytes=on_bytes, stop=stop, list_jobs=scan.list_jobs)
+                               on_bytes=on_bytes, stop=stop, list_jobs=scan.list_jobs,
+                               file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout)
 
     def close(self) -> None:
         self.scanner.close()
@@ -146,8 +147,7 @@ class Daemon:
             else:
                 logger.warning("abandoning in-flight scan of %s at shutdown", worker.url)
         for worker in self.workers.values():
-            worker.scanner._checkpoints.shutdown(wait=False, cancel_futures=True)
-            worker.scanner._files.shutdown(wait=False, cancel_futures=True)
+            worker.scanner.close()  # drops queued checks; never joins a hung one
         self.state.close()
         logger.info("daemon stopped", extra={"event": "stop"})
 
@@ -349,6 +349,11 @@ def serve(config: Config) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:  # noqa: ANN401
+        if stop.is_set():
+            # A second signal: the operator will not wait for the grace period. The state database
+            # commits each verdict on its own, so nothing committed is lost by leaving now.
+            logger.warning("second signal %d: exiting now", signum, extra={"event": "signal"})
+            _hard_exit(0)
         logger.info("received signal %d, shutting down", signum, extra={"event": "signal"})
         stop.set()
 
@@ -367,4 +372,27 @@ def serve(config: Config) -> int:
             break
     daemon.shutdown()
     server.stop()
+    _exit_if_stuck()
     return 0
+
+
+def _exit_if_stuck() -> None:
+    """Leave now if a thread is still stuck after the grace period (a read that never returns).
+
+    The interpreter joins every non-daemon thread at exit (APScheduler's and the rescan pool's
+    workers among them), so one hung read would keep a SIGTERM-ed daemon alive until Kubernetes
+    kills it. The database is closed and every verdict already committed, so os._exit loses nothing.
+    """
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if stuck:
+        logger.warning("exiting with %d thread(s) still busy after the grace period: %s", len(stuck),
+                       ", ".join(stuck), extra={"event": "stop"})
+        _hard_exit(0)
+
+
+def _hard_exit(code: int) -> None:
+    import os
+
+    logging.shutdown()  # flush the log lines that say why
+    os._exit(code)

@@ -17,6 +17,7 @@ from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,23 @@ def open_local_regular(path: str) -> Any:
         raise
 
 
+class GuardedLocalFileSystem(LocalFileSystem):
+    """LocalFileSystem whose reads open regular files only: never a FIFO, a socket or a device."""
+
+    def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
+              cache_options: Any = None, **kwargs: Any) -> Any:
+        if mode == "rb":
+            return open_local_regular(self._strip_protocol(path))
+        return super()._open(path, mode, block_size, autocommit, cache_options, **kwargs)
+
+
+def guarded_local(fs: AbstractFileSystem) -> AbstractFileSystem:
+    """Return a local filesystem whose reads refuse special files (`fs` itself if it already does)."""
+    if isinstance(fs, GuardedLocalFileSystem) or not isinstance(fs, LocalFileSystem):
+        return fs
+    return GuardedLocalFileSystem(auto_mkdir=getattr(fs, "auto_mkdir", False))
+
+
 def classify(exc: BaseException, what: str) -> BaseException:
     """Map a backend exception to FileNotFoundError (absent) or StorageFault (everything else)."""
     if isinstance(exc, (FileNotFoundError, StorageFault, PathHazard)):
@@ -362,8 +380,9 @@ class Reader:
         stat_slots: threading.Semaphore | None = None,
         range_budget: threading.Semaphore | None = None,
     ) -> None:
-        self.fs = fs
         self.local = is_local(fs)
+        # Whatever opens files through this reader's fs (zip checks, the pickle scan) gets the same guard.
+        self.fs = guarded_local(fs) if self.local else fs
         self.stop = stop
         # Listing and stat calls have their own limit, so metadata work never waits behind data reads.
         self.stat_slots = stat_slots or threading.BoundedSemaphore(8)

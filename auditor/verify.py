@@ -231,7 +231,9 @@ def verify_checkpoint(ck: Checkpoint, ctx: Context) -> Verdict:
         if verdict.status == "unverifiable" and ctx.options.strict:
             findings.append(Finding("unverifiable", "info", None, "--strict counts unverifiable as a failure"))
     except PathHazard as e:
-        findings.append(Finding(e.code, "error", _rel_to(ck, e.path), e.detail))
+        finding = Finding(e.code, "error", _rel_to(ck, e.path), e.detail)
+        if not any(f.code == finding.code and f.file == finding.file for f in findings):
+            findings.append(finding)
         verdict.status = decide(findings)
     except (StorageFault, StorageError) as e:
         findings.append(Finding("storage_error", "error", None, str(e)))
@@ -274,7 +276,7 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
             findings.append(Finding("baseline_first_sight", "info", None,
                                     "compared with digests recorded at first sight, not with a sealed manifest"))
             _check_listed(ck, reader, ctx, entries, None, findings, verdict)
-            if ctx.options.completeness and tier != "metadata":
+            if ctx.options.completeness and tier != "metadata" and not _hazardous(findings):
                 findings += ctx.options.completeness(reader, ck, None, tier)
             return True
         if tier == "metadata":
@@ -282,7 +284,7 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
                                     "no manifest: the metadata tier proves existence only"))
             return False
         checked = _structural(ck, reader, ctx, findings)
-        if ctx.options.completeness:
+        if ctx.options.completeness and not _hazardous(findings):
             findings += ctx.options.completeness(reader, ck, None, tier)
         _digest_unsealed(ck, reader, ctx, verdict)
         if checked:
@@ -295,7 +297,7 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
         findings.append(Finding("path_outside_checkpoint", "error", path, f"manifest path {path!r} leaves the checkpoint"))
     entries = [f for f in manifest.files if f.path not in bad]
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
-    if tier != "metadata" and ctx.options.completeness:
+    if tier != "metadata" and ctx.options.completeness and not _hazardous(findings):
         findings += ctx.options.completeness(reader, ck, manifest, tier)
     wants_probe = tier == "probe" or (ctx.options.probe_auto and tier == "content" and manifest.probe is not None)
     if wants_probe and manifest.probe is not None and ctx.options.probe and not _blocking(findings):
@@ -315,21 +317,30 @@ def sanitise(ck: Checkpoint) -> tuple[Checkpoint, list[Finding]]:
     clean: dict[str, dict[str, Any]] = {}
     inside: str | None = None
     for rel, info in ck.files.items():
-        code = info.get("hazard")
-        if code:
-            findings.append(Finding(str(code), "error", rel, str(info.get("hazard_detail") or code)))
-            continue
         target = info.get("target")
         if target is not None:
+            # Leaving the checkpoint is named first: a link to /dev/zero is an escape before it is a device.
             inside = inside or os.path.realpath(ck.root)
             if not _within(str(target), inside):
                 findings.append(Finding("path_outside_checkpoint", "error", rel,
                                         f"a symbolic link to {target!r}, outside the checkpoint; not followed"))
                 continue
+        code = info.get("hazard")
+        if code:
+            findings.append(Finding(str(code), "error", rel, str(info.get("hazard_detail") or code)))
+            continue
         clean[rel] = info
     if not findings:
         return ck, []
     return dataclasses.replace(ck, files=clean), findings
+
+
+HAZARDS = frozenset({"special_file", "path_unresolvable", "path_outside_checkpoint"})
+
+
+def _hazardous(findings: list[Finding]) -> bool:
+    # Completeness opens the files the manifest names by name: not once one of them must not be opened.
+    return any(f.code in HAZARDS and f.severity == "error" for f in findings)
 
 
 def _within(path: str, folder: str) -> bool:
