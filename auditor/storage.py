@@ -11,6 +11,7 @@ import stat
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
@@ -402,6 +403,7 @@ class Reader:
         self._children: weakref.WeakSet[Reader] = weakref.WeakSet()
         self._leases: set[Lease] = set()
         self._waits: set[Future[Any]] = set()
+        self._reading: Counter[str] = Counter()  # paths being read now, to name them at a deadline
 
     def child(self) -> Reader:
         """Return a reader sharing throttle, read slots and totals, that also counts its own bytes."""
@@ -424,6 +426,20 @@ class Reader:
         if self.cancelled.is_set():
             kid.abort(self._why)
         return kid
+
+    def in_flight(self) -> set[str]:
+        """Paths this reader and its children are reading right now."""
+        with self._lock:
+            mine, kids = {p for p, n in self._reading.items() if n > 0}, list(self._children)
+        for kid in kids:
+            mine |= kid.in_flight()
+        return mine
+
+    def _track(self, path: str, delta: int) -> None:
+        with self._lock:
+            self._reading[path] += delta
+            if self._reading[path] <= 0:
+                del self._reading[path]
 
     def abort(self, why: str) -> None:
         """Give up this reader's reads (a deadline passed): free their slots, wake their waiters."""
@@ -531,10 +547,14 @@ class Reader:
         ShortRead (a storage fault) is raised when it keeps coming back short.
         """
         stop_at = end if end is not None else size
-        if stop_at is not None and not self.local and stop_at - start > self.chunk_size:
-            yield from self._ranged(path, start, stop_at, **open_kw)
-            return
-        yield from self._stream(path, start, end, **open_kw)
+        self._track(path, 1)
+        try:
+            if stop_at is not None and not self.local and stop_at - start > self.chunk_size:
+                yield from self._ranged(path, start, stop_at, **open_kw)
+                return
+            yield from self._stream(path, start, end, **open_kw)
+        finally:
+            self._track(path, -1)
 
     def _shrunk(self, path: str, need: int) -> bool:
         """After a short body: tell whether the store now lists the object shorter than `need` bytes."""
@@ -546,7 +566,7 @@ class Reader:
 
     def _fetch_exact(self, path: str, lo: int, hi: int, **kw: Any) -> bytes:
         """Fetch [lo, hi) in one ranged read; a short body is re-stat-ed and re-read (see iter_chunks)."""
-        attempts = max(self.retries, 2) + 1
+        attempts = _short_retries(self.retries) + 1
         data = b""
         for attempt in range(attempts):
             self._check(path)
@@ -652,7 +672,9 @@ class Reader:
                     raise
                 except Exception as e:  # noqa: BLE001
                     err = self._classify(e, f"read {path}")
-                    if isinstance(err, (FileNotFoundError, PathHazard)) or attempt >= self.retries or _permanent(e):
+                    # Short bodies get as many re-reads as a ranged fetch does (see _fetch_exact).
+                    limit = _short_retries(self.retries) if isinstance(err, ShortRead) else self.retries
+                    if isinstance(err, (FileNotFoundError, PathHazard)) or attempt >= limit or _permanent(e):
                         raise err from e
                     delay = self.backoff * 2**attempt
                     attempt += 1
@@ -672,6 +694,12 @@ class Reader:
             if limit is not None and len(out) > limit:
                 raise ValueError(f"refusing to read more than {limit} bytes of {path}")
         return bytes(out)
+
+
+def _short_retries(retries: int) -> int:
+    # Backends that retry themselves (s3fs, gcsfs) get one retry of ours; a short body is not an
+    # error they see, so it gets at least two.
+    return max(retries, 2)
 
 
 def _file_size(f: Any) -> int | None:

@@ -256,8 +256,12 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     findings += hazards
     if ck.manifest_path:
         try:
-            _refuse_odd_manifest(reader, ck)
-            manifest = load_manifest(reader, ck)
+            # Under the file deadline like every other file: a manifest read that hangs names the manifest.
+            got = ctx.run_files(reader, [(_name(ck.manifest_path), lambda r: _read_manifest(r, ck))])[0][1]
+            if isinstance(got, Finding):
+                findings.append(got)
+                return True
+            manifest = got
         except FileNotFoundError:
             findings.append(Finding("file_missing", "error", _name(ck.manifest_path), "manifest vanished"))
             return True
@@ -345,6 +349,11 @@ def _hazardous(findings: list[Finding]) -> bool:
 
 def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _read_manifest(reader: Reader, ck: Checkpoint) -> Manifest:
+    _refuse_odd_manifest(reader, ck)
+    return load_manifest(reader, ck)
 
 
 def _refuse_odd_manifest(reader: Reader, ck: Checkpoint) -> None:
@@ -749,18 +758,18 @@ class Scanner:
 
     def verify(self, ck: Checkpoint, options: Options | None = None) -> Verdict:
         """Verify one checkpoint within its deadline (pending ones are reported as such, not read)."""
-        return self._await(ck, self._submit(ck, options, None, guarded=False), options)
+        return self._await(ck, *self._submit(ck, options, None, guarded=False), options)
 
     def run(self, checkpoints: list[Checkpoint], *, options_for: Callable[[Checkpoint], Options] | None = None,
             on_verdict: Callable[[Verdict, int, int], None] | None = None,
             stop: threading.Event | None = None) -> list[Verdict]:
         """Verify checkpoints in parallel, in order of the list; skip the rest once `stop` is set."""
         self.outage = None
-        tasks = [(ck, opts, self._submit(ck, opts, stop, guarded=True))
+        tasks = [(ck, opts, *self._submit(ck, opts, stop, guarded=True))
                  for ck in checkpoints for opts in [options_for(ck) if options_for else None]]
         verdicts: list[Verdict] = []
-        for i, (ck, opts, task) in enumerate(tasks):
-            verdict = self._await(ck, task, opts)
+        for i, (ck, opts, task, reader) in enumerate(tasks):
+            verdict = self._await(ck, task, opts, reader)
             if verdict is None:
                 continue
             verdicts.append(verdict)
@@ -780,18 +789,24 @@ class Scanner:
         verdicts = self.run(checkpoints, on_verdict=on_verdict, stop=stop)
         return ScanResult(prefix_url, self.options.tier, verdicts, duration_seconds=time.monotonic() - started)
 
-    def _submit(self, ck: Checkpoint, options: Options | None, stop: threading.Event | None, *, guarded: bool) -> Any:
+    def _submit(self, ck: Checkpoint, options: Options | None, stop: threading.Event | None, *,
+                guarded: bool) -> tuple[Any, Reader]:
         reader = self.reader.child()
         fn = self._guarded if guarded else self._verify_now
-        return self._checkpoints.submit(fn, ck, stop, options, reader, what=f"verifying {ck.url}",
+        task = self._checkpoints.submit(fn, ck, stop, options, reader, what=f"verifying {ck.url}",
                                         timeout=self.checkpoint_timeout, on_timeout=reader.abort,
                                         deadline_name=CHECKPOINT_DEADLINE)
+        return task, reader
 
-    def _await(self, ck: Checkpoint, task: Any, options: Options | None) -> Verdict | None:
+    def _await(self, ck: Checkpoint, task: Any, options: Options | None, reader: Reader) -> Verdict | None:
         try:
             return task.result()
         except DeadlineExceeded as e:
-            return _error_verdict(ck, (options or self.options).tier, "storage_error", str(e))
+            reading = sorted(_rel_to(ck, p) for p in reader.in_flight())
+            detail = f"{e}; still reading {', '.join(reading)}" if reading else str(e)
+            verdict = _error_verdict(ck, (options or self.options).tier, "storage_error", detail)
+            verdict.findings[0].file = reading[0] if reading else None
+            return verdict
 
     def _verify_now(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None,
                     reader: Reader) -> Verdict:

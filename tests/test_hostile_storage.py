@@ -248,7 +248,7 @@ def test_short_206_bodies_are_error_never_truncated(s3_svc, tmp_path):
 
 def test_short_206_for_a_while_is_reread_and_ok(s3_svc, tmp_path):
     backend, url = s3_sealed(s3_svc, tmp_path)
-    backend.faults.short_ranged(3)
+    backend.faults.short_ranged(2)
     result = auditor.verify_url(url, storage_options={**backend.storage_options, **S3_FAST})
     v = result.verdicts[0]
     assert v.status == "ok", v.findings
