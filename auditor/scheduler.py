@@ -132,9 +132,13 @@ class Daemon:
         thread = getattr(self.scheduler, "_thread", None)
         return bool(self.scheduler.running and (thread is None or thread.is_alive()))
 
-    def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        """Stop taking work, let in-flight checks end (abandoning them after `grace`), close the database."""
+    def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> bool:
+        """Stop taking work, let in-flight checks end (abandoning them after `grace`), close the database.
+
+        Return whether every in-flight check ended; False means a thread is still stuck in one.
+        """
         self.stop_event.set()
+        clean = True
         self.ready = False
         deadline = time.monotonic() + grace
         if self.scheduler.running:
@@ -145,11 +149,13 @@ class Daemon:
             if worker.lock.acquire(timeout=remaining):
                 worker.lock.release()
             else:
+                clean = False
                 logger.warning("abandoning in-flight scan of %s at shutdown", worker.url)
         for worker in self.workers.values():
             worker.scanner.close()  # drops queued checks; never joins a hung one
         self.state.close()
         logger.info("daemon stopped", extra={"event": "stop"})
+        return clean
 
     # ------------------------------------------------------------ one pass
 
@@ -370,24 +376,25 @@ def serve(config: Config) -> int:
         if not daemon.alive():
             logger.error("scheduler loop died; exiting")
             break
-    daemon.shutdown()
+    clean = daemon.shutdown()
     server.stop()
-    _exit_if_stuck()
+    _exit_if_stuck(clean)
     return 0
 
 
-def _exit_if_stuck() -> None:
-    """Leave now if a thread is still stuck after the grace period (a read that never returns).
+def _exit_if_stuck(clean: bool) -> None:
+    """Leave now if a check is still stuck after the grace period (a read that never returns).
 
-    The interpreter joins every non-daemon thread at exit (APScheduler's and the rescan pool's
-    workers among them), so one hung read would keep a SIGTERM-ed daemon alive until Kubernetes
-    kills it. The database is closed and every verdict already committed, so os._exit loses nothing.
+    At exit the interpreter joins every non-daemon thread and every ThreadPoolExecutor worker
+    (APScheduler's and the rescan pool's, whatever their daemon flag), so one hung read would keep
+    a SIGTERM-ed daemon alive until Kubernetes kills it. The database is closed and every verdict
+    already committed, so os._exit loses nothing.
     """
     stuck = [t.name for t in threading.enumerate()
              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
-    if stuck:
-        logger.warning("exiting with %d thread(s) still busy after the grace period: %s", len(stuck),
-                       ", ".join(stuck), extra={"event": "stop"})
+    if not clean or stuck:
+        logger.warning("exiting with in-flight checks abandoned after the grace period (busy threads: %s)",
+                       ", ".join(stuck) or "daemon threads only", extra={"event": "stop"})
         _hard_exit(0)
 
 

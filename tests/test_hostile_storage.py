@@ -365,7 +365,10 @@ def test_sigterm_exits_within_the_grace_while_a_read_hangs(tmp_path, s3_svc):
         d.start()
         d.wait(lambda: backend.faults.count("GET") > 0, 60, "a read in flight")
         time.sleep(2)
-        code, took = d.stop(signal.SIGTERM, timeout=40)
+        try:
+            code, took = d.stop(signal.SIGTERM, timeout=40)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no exit 40 s after SIGTERM:\n{d.tail(60)}")
     finally:
         d.kill()
         backend.faults.allow()
