@@ -758,7 +758,8 @@ class Scanner:
 
     def verify(self, ck: Checkpoint, options: Options | None = None) -> Verdict:
         """Verify one checkpoint within its deadline (pending ones are reported as such, not read)."""
-        return self._await(ck, *self._submit(ck, options, None, guarded=False), options)
+        task, reader = self._submit(ck, options, None, guarded=False)
+        return self._await(ck, task, options, reader)
 
     def run(self, checkpoints: list[Checkpoint], *, options_for: Callable[[Checkpoint], Options] | None = None,
             on_verdict: Callable[[Verdict, int, int], None] | None = None,
