@@ -819,6 +819,11 @@ class DeadlinePool:
                on_timeout: Callable[[str], None] | None = None, deadline_name: str = "deadline") -> Task:
         """Queue `fn(*args)`; `timeout` counts from when a worker starts it."""
         task = Task(self, lambda: fn(*args), what, timeout, on_timeout, deadline_name)
+        if self._closed:
+            # After shutdown nobody would start it: its waiter gets CancelledError at once.
+            task.future.cancel()
+            task.started.set()
+            return task
         self._queue.put(task)
         return task
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import CancelledError
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -759,7 +760,11 @@ class Scanner:
     def verify(self, ck: Checkpoint, options: Options | None = None) -> Verdict:
         """Verify one checkpoint within its deadline (pending ones are reported as such, not read)."""
         task, reader = self._submit(ck, options, None, guarded=False)
-        return self._await(ck, task, options, reader)
+        verdict = self._await(ck, task, options, reader)
+        if verdict is None:
+            return _error_verdict(ck, (options or self.options).tier, "storage_error",
+                                  "not attempted: the scanner was shut down")
+        return verdict
 
     def run(self, checkpoints: list[Checkpoint], *, options_for: Callable[[Checkpoint], Options] | None = None,
             on_verdict: Callable[[Verdict, int, int], None] | None = None,
@@ -802,6 +807,8 @@ class Scanner:
     def _await(self, ck: Checkpoint, task: Any, options: Options | None, reader: Reader) -> Verdict | None:
         try:
             return task.result()
+        except CancelledError:
+            return None  # dropped at shutdown, never started
         except DeadlineExceeded as e:
             reading = sorted(_rel_to(ck, p) for p in reader.in_flight())
             detail = f"{e}; still reading {', '.join(reading)}" if reading else str(e)
