@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 DEMO := demo
+# Test processes: many tests wait on subprocesses and servers, so more workers than cores pays.
+TEST_WORKERS ?= 3
 
 .PHONY: run test venv system-deps bench clean
 
@@ -25,7 +27,7 @@ run: venv
 	$(VENV)/bin/auditor run --config $(DEMO)/auditor.yaml
 
 test: venv system-deps
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 bench: venv system-deps
 	$(PY) benchmarks/run_all.py

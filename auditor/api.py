@@ -12,7 +12,7 @@ from auditor.config import Config, ScanConfig
 from auditor.errors import StorageError, UsageError
 from auditor.manifest import Manifest
 from auditor.storage import Throttle, open_url
-from auditor.verify import Scanner, ScanResult, Verdict, build_options, locate
+from auditor.verify import Assurance, Scanner, ScanResult, Verdict, build_options, locate, survey_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +33,32 @@ def verify_url(
     jobs: int = 4,
     storage_options: dict[str, Any] | None = None,
     scan: ScanConfig | None = None,
+    require_assurance: str | None = None,
 ) -> ScanResult:
-    """Verify the one checkpoint at `url`; the result holds exactly one verdict."""
+    """Verify the checkpoint at `url`: one verdict, or one per checkpoint when `url` holds several.
+
+    A folder that holds checkpoints (a run) is verified as `rescan` would; a folder that is none by
+    its files is verified as one checkpoint of layout `unknown`, so nothing in it goes unchecked.
+    """
     scan = scan or ScanConfig(settle_time=0)
     fs, path = open_checked(url, storage_options)
     options = build_options(tier, strict=strict, require=scan.require,
                             probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb)
+    options.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     with Scanner(fs, options, jobs=jobs, file_timeout=scan.file_timeout,
                  checkpoint_timeout=scan.checkpoint_timeout) as scanner:
         try:
-            ck = locate(scanner.reader, path, url)
+            found = survey_prefix(scanner.reader, path, url)
+            if not found.checkpoints:
+                found.checkpoints = [locate(scanner.reader, path, url)]
+                found.uncovered = {}
         except StorageError as e:
-            return ScanResult(url, options.tier, [], listed=False, error=str(e))
-        verdict = scanner.verify(ck)
-    return ScanResult(url, options.tier, [verdict], duration_seconds=verdict.duration_seconds)
+            return ScanResult(url, options.tier, [], listed=False, error=str(e), require_assurance=require_assurance)
+        verdicts = scanner.run(found.checkpoints)
+    return ScanResult(url, options.tier, verdicts, duration_seconds=sum(v.duration_seconds for v in verdicts),
+                      uncovered={r: int(i.get("size") or 0) for r, i in found.uncovered.items()},
+                      run_files={r: int(i.get("size") or 0) for r, i in found.run_files.items()},
+                      require_assurance=require_assurance)
 
 
 def rescan(
@@ -59,6 +71,7 @@ def rescan(
     settle_seconds: float | None = None,
     storage_options: dict[str, Any] | None = None,
     on_verdict: Callable[[Verdict, int, int], None] | None = None,
+    require_assurance: str | None = None,
     file_timeout: float | None = None,
     checkpoint_timeout: float | None = None,
 ) -> ScanResult:
@@ -82,6 +95,7 @@ def rescan(
         probe_timeout=scan.probe_timeout,
         probe_memory_mb=scan.probe_memory_mb,
     )
+    opts.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     store = None
     if config is not None:
         from auditor import state
@@ -137,12 +151,33 @@ def seal(
                        git_commit=git_commit, probe=builder, write_options=write_options)
 
 
+DEEP_TIERS = ("content", "probe")
+
+
+def content_verified_ok(record: dict[str, Any]) -> bool:
+    """Tell whether a checkpoint record is `ok` and its last content or probe verdict is `ok`:
+    a metadata pass (sizes, existence) alone never makes a checkpoint safe to resume from."""
+    if record.get("status") != "ok":
+        return False
+    tiers = record.get("tiers")
+    if tiers is None:  # one verdict, not a state record: its own tier says how deep it looked
+        return record.get("tier") in DEEP_TIERS
+    return any(tiers.get(t) == "ok" for t in DEEP_TIERS)
+
+
 def newest_ok(records: list[dict[str, Any]], run: str | None = None) -> dict[str, Any] | None:
-    """Pick the newest checkpoint (highest step, then URL) whose verdict is `ok`."""
-    ok = [r for r in records if r["status"] == "ok" and (run is None or r["run"] == run or r["run"].endswith("/" + run))]
+    """Pick the newest checkpoint (highest step, then URL) whose verdict is `ok` at the content
+    tier or deeper; records come from the state database, a daemon, or `verdict_record`."""
+    ok = [r for r in records if content_verified_ok(r)
+          and (run is None or r["run"] == run or r["run"].endswith("/" + run))]
     if not ok:
         return None
     return max(ok, key=lambda r: (r["step"] if r["step"] is not None else -1, r["url"]))
+
+
+def verdict_record(verdict: Verdict) -> dict[str, Any]:
+    """Describe a verdict as `newest_ok` reads it: its JSON form plus the tier it was checked at."""
+    return {**verdict.to_dict(), "tiers": {verdict.tier: verdict.status}}
 
 
 def latest(
@@ -152,8 +187,9 @@ def latest(
     config: Config | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Return the newest verified-ok checkpoint under `prefix`: from the state database when it knows
-    the prefix, else verified on the spot (content tier plus probe)."""
+    """Return the newest checkpoint under `prefix` verified ok at the content tier (or the probe):
+    from the state database when it knows the prefix, else verified on the spot (content tier
+    plus probe)."""
     if config is not None and config.prefix(prefix) is not None:
         from auditor import state
 
@@ -167,4 +203,4 @@ def latest(
     result = rescan(prefix, config=None if config is None else config, storage_options=storage_options)
     if not result.listed:
         raise StorageError(result.error or f"cannot list {prefix}")
-    return newest_ok([v.to_dict() for v in result.verdicts], run)
+    return newest_ok([verdict_record(v) for v in result.verdicts], run)

@@ -13,9 +13,10 @@ import click
 from auditor import __version__
 from auditor.config import Config, ScanConfig, load_config, parse_duration
 from auditor.errors import AuditorError, UsageError
-from auditor.verify import TIERS, ScanResult, Verdict
+from auditor.verify import TIERS, Assurance, ScanResult, Verdict
 
 TIER = click.Choice(TIERS)
+ASSURANCE = click.Choice([a.value for a in Assurance if a is not Assurance.NONE])
 
 
 class Progress:
@@ -45,14 +46,36 @@ def _table(result: ScanResult) -> str:
             (f for f in v.findings if f.severity == "warning"), None
         )
         note = f"{main.code}: {main.file + ': ' if main.file else ''}{main.detail}" if main else ""
-        rows.append((v.status, "" if v.step is None else str(v.step), v.layout, v.url, note[:120]))
+        status = v.status if v.assurance == Assurance.NONE.value else f"{v.status} ({v.assurance})"
+        rows.append((status, "" if v.step is None else str(v.step), v.layout, v.url, note[:120]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else "") for r in rows]
     summary = ", ".join(f"{n} {s}" for s, n in sorted(result.summary().items())) or "no checkpoints"
     lines.append(f"\n{len(result.verdicts)} checkpoint(s) under {result.prefix} at tier {result.tier}: {summary}")
+    lines.append(_coverage_line(result))
     if result.error:
         lines.append(f"scan incomplete: {result.error}")
     return "\n".join(lines)
+
+
+def _coverage_line(result: ScanResult) -> str:
+    words = {"digest": "by digest", "server-checksum": "by the store's checksum", "structure": "by structure only",
+             "existence": "by existence only"}
+    cov = result.coverage()
+    parts = [f"{_size(cov[k])} {w}" for k, w in words.items() if cov.get(k)]
+    line = "coverage: " + (", ".join(parts) or "nothing checked")
+    if result.uncovered:
+        shown = ", ".join(sorted(result.uncovered)[:3]) + (" …" if len(result.uncovered) > 3 else "")
+        line += f"; {len(result.uncovered)} file(s) in no checkpoint, not checked: {shown}"
+    return line
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
 
 
 def _emit(result: ScanResult, as_json: bool) -> None:
@@ -112,19 +135,23 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--strict", is_flag=True, help="Count `unverifiable` as a failure.")
 @click.option("--jobs", type=click.IntRange(1, 256), default=4, show_default=True, help="Parallel reads.")
+@click.option("--require-assurance", type=ASSURANCE, default=None,
+              help="Count an `ok` that proved less than this (e.g. sealed) as a failure.")
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
 @click.option("--file-timeout", default=None, help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
 @click.option("--checkpoint-timeout", default=None,
               help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
 def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, jobs: int,
-           storage_option: tuple[str, ...], file_timeout: str | None, checkpoint_timeout: str | None) -> None:
-    """Verify one checkpoint (a folder or a single file)."""
+           require_assurance: str | None, storage_option: tuple[str, ...], file_timeout: str | None,
+           checkpoint_timeout: str | None) -> None:
+    """Verify one checkpoint (a folder or a single file); a folder of several verifies each."""
     from auditor import api
 
     def body() -> int:
         scan = ScanConfig(settle_time=0, **_deadlines(file_timeout, checkpoint_timeout))
         result = api.verify_url(checkpoint_url, tier=tier, strict=strict, jobs=jobs,
-                                storage_options=_options(storage_option), scan=scan)
+                                storage_options=_options(storage_option), require_assurance=require_assurance,
+                                scan=scan)
         _emit(result, as_json)
         return result.exit_code(strict)
 
@@ -140,13 +167,15 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
 @click.option("--jobs", type=click.IntRange(1, 256), default=None, help="Parallel reads (default: config, else 4).")
 @click.option("--settle-time", default=None, help="Treat checkpoints younger than this as pending (e.g. 10m).")
 @click.option("--daemon", default=None, help="Ask a running daemon (http://host:port) instead of scanning here.")
+@click.option("--require-assurance", type=ASSURANCE, default=None,
+              help="Count an `ok` that proved less than this (e.g. sealed) as a failure.")
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
 @click.option("--file-timeout", default=None, help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
 @click.option("--checkpoint-timeout", default=None,
               help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
 def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool, strict: bool, jobs: int | None,
-           settle_time: str | None, daemon: str | None, storage_option: tuple[str, ...],
-           file_timeout: str | None, checkpoint_timeout: str | None) -> None:
+           settle_time: str | None, daemon: str | None, require_assurance: str | None,
+           storage_option: tuple[str, ...], file_timeout: str | None, checkpoint_timeout: str | None) -> None:
     """Verify every checkpoint under a prefix now."""
     from auditor import api
 
@@ -155,6 +184,7 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
             from auditor import server
 
             result = server.remote_rescan(daemon, prefix, tier)
+            result.require_assurance = require_assurance
             _emit(result, as_json)
             return result.exit_code(strict)
         cfg = _config(config_path) if config_path else None
@@ -165,7 +195,7 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
         progress = None if as_json and not sys.stderr.isatty() else Progress("rescan")
         result = api.rescan(prefix, config=cfg, tier=tier, strict=strict, jobs=jobs, settle_seconds=settle,
                             storage_options=_options(storage_option), on_verdict=progress,
-                            **_deadlines(file_timeout, checkpoint_timeout))
+                            require_assurance=require_assurance, **_deadlines(file_timeout, checkpoint_timeout))
         _emit(result, as_json)
         return result.exit_code(strict)
 

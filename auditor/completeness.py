@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from typing import Any
 
+from auditor import safejson
 from auditor.manifest import TrainingState
 
 _MODEL = re.compile(
@@ -45,7 +45,7 @@ def inventory(paths: Iterable[str], *, step: int | None = None) -> TrainingState
 def step_from_trainer_state(data: bytes) -> int | None:
     """Read `global_step` from a Hugging Face `trainer_state.json`."""
     try:
-        value = json.loads(data).get("global_step")
+        value = safejson.loads(data).get("global_step")
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, int) else None

@@ -1,4 +1,12 @@
-"""Find checkpoints under a prefix from one recursive listing, and name their layout, run and step."""
+"""Group one recursive listing into checkpoints by what their writers leave behind.
+
+A folder name such as `checkpoint-500` is a hint, not evidence: a folder is a checkpoint because of
+the files in it (our manifest, a torch.distributed.checkpoint `.metadata`, a Trainer's
+`trainer_state.json`, accelerate's `random_states_0.pkl`, DeepSpeed's `*_model_states.pt`, …). A
+step-like name alone makes a folder a checkpoint only when nothing below it is one. Every file of the
+listing ends up in exactly one checkpoint, among a run's own files (DeepSpeed's `latest` tag), or in
+`Survey.uncovered`, so a scan can say what it did not check.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +14,28 @@ import bisect
 import posixpath
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from auditor.manifest import MANIFEST_NAME, SAVING_MARKER, SIDECAR_SUFFIX
 
-SINGLE_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")
+SINGLE_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors", ".bin")
 # Files the probe stores beside a single-file checkpoint: part of it, not checkpoints themselves.
 PROBE_SUFFIXES = ("ckpt-probe-batch.safetensors", "ckpt-probe-reference.safetensors")
+# Files a writer keeps in the run folder, naming its newest checkpoint.
+RUN_TAG_FILES = ("latest", "latest_checkpointed_iteration.txt")
+
 _HF = re.compile(r"^checkpoint-(\d+)$")
 _MEGATRON = re.compile(r"^iter_(\d{7})$")
-_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt", "_METADATA")
+_STEP_NAME = re.compile(
+    r"^(?:checkpoint|ckpt|step|global_step|iter|iteration|epoch)[=_-]?(\d+)$|^(\d+)$", re.IGNORECASE
+)
 _STEP_IN_NAME = re.compile(r"(?:step|iter|global_step|ckpt|checkpoint)[=_-]?(\d+)", re.IGNORECASE)
+_ORBAX_MARKERS = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt", "_METADATA"})
+_ACCELERATE = re.compile(r"^random_states_\d+\.pkl$")
+_DEEPSPEED = re.compile(r"^(?:mp_rank_\d+_model_states\.pt|.*_optim_states\.pt)$")
+_MEGATRON_RANK_DIR = re.compile(r"^mp_rank_\d+(?:_\d+)*$")
+_WEIGHTS = re.compile(r"\.(?:safetensors|bin|pt|pth)$")
 
 
 @dataclass
@@ -26,7 +45,7 @@ class Checkpoint:
     url: str  # as the user would spell it: prefix + relative path
     path: str  # protocol-less path on the filesystem
     run: str  # folder relative to the prefix that holds this checkpoint ("." at the top)
-    layout: str  # manifest | hf-trainer | hf-model | dcp | megatron | orbax | single-file
+    layout: str  # see LAYOUTS
     kind: str  # "dir" or "file"
     step: int | None = None
     manifest_path: str | None = None
@@ -34,6 +53,8 @@ class Checkpoint:
     expect_manifest: bool = False
     # relative path -> fsspec info dict, from the listing (sizes, versions, server checksums)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Files the writer provably writes that this checkpoint lacks, relative path -> the evidence.
+    expected_absent: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -50,6 +71,32 @@ class Checkpoint:
         return max(times) if times else None
 
 
+# What each layout name means: the writer whose files were found.
+LAYOUTS = {
+    "manifest": "a folder sealed by ckpt-auditor whose writer is not otherwise recognised",
+    "hf-trainer": "Hugging Face Trainer checkpoint (trainer_state.json)",
+    "accelerate": "accelerate save_state folder (random_states_<rank>.pkl)",
+    "deepspeed": "DeepSpeed global_step folder (*_model_states.pt, *_optim_states.pt)",
+    "megatron": "Megatron-LM iteration folder (mp_rank_XX/model_optim_rng.pt or metadata.json + .distcp)",
+    "dcp": "torch.distributed.checkpoint folder (.metadata)",
+    "orbax": "Orbax step folder",
+    "hf-model": "save_pretrained folder (config.json and weights, or a shard index)",
+    "folder": "a step-named folder of files with no writer-specific marker",
+    "single-file": "one checkpoint file, its manifest the sidecar <file>.manifest.json",
+    "unknown": "a folder named explicitly whose files match no known writer",
+}
+
+
+@dataclass
+class Survey:
+    """What one listing holds: checkpoints, run-level files, and files that belong to neither."""
+
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    # relative path (to the surveyed root) -> info
+    run_files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    uncovered: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 def _mtime(info: dict[str, Any]) -> float | None:
     for key in ("mtime", "LastModified", "updated", "modificationTime", "last_modified", "created"):
         value = info.get(key)
@@ -61,8 +108,6 @@ def _mtime(info: dict[str, Any]) -> float | None:
             # WebHDFS reports milliseconds.
             return float(value) / 1000.0 if key == "modificationTime" else float(value)
         if isinstance(value, str):
-            from datetime import datetime
-
             try:
                 return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
             except ValueError:
@@ -82,111 +127,190 @@ def step_from_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def dir_layout(name: str, children: set[str]) -> str | None:
-    """Name the layout of a folder from its name and direct children, or None if not a checkpoint."""
-    if _HF.match(name):
+def _step_named(name: str) -> bool:
+    return bool(_STEP_NAME.match(name) or _MEGATRON.match(name))
+
+
+class _Tree:
+    """The listing as folders and files, with parents inferred where an object store lists none."""
+
+    def __init__(self, listing: dict[str, dict[str, Any]], root: str) -> None:
+        self.root = root
+        self.info: dict[str, dict[str, Any]] = {}
+        self.dirs: set[str] = {root}
+        self.kids: dict[str, set[str]] = {}
+        for raw, info in listing.items():
+            path = raw.rstrip("/")
+            if path == root or not path.startswith(root + "/"):
+                continue
+            if info.get("type") == "directory":
+                self.dirs.add(path)
+            else:
+                self.info[path] = info
+            parent, name = posixpath.split(path)
+            self.kids.setdefault(parent, set()).add(name)
+            while parent != root and parent not in self.dirs:
+                self.dirs.add(parent)
+                grand, pname = posixpath.split(parent)
+                self.kids.setdefault(grand, set()).add(pname)
+                parent = grand
+        self.keys = sorted(self.info)
+
+    def subdirs(self, folder: str) -> list[str]:
+        return sorted(f"{folder}/{n}" for n in self.kids.get(folder, ()) if f"{folder}/{n}" in self.dirs)
+
+    def files(self, folder: str) -> list[str]:
+        return sorted(n for n in self.kids.get(folder, ()) if f"{folder}/{n}" in self.info)
+
+    def subtree(self, folder: str) -> list[str]:
+        """Sorted file paths under `folder/`: one bisect, not a scan of the whole listing."""
+        # "0" is the character after "/": [folder + "/", folder + "0") is exactly the subtree.
+        return self.keys[bisect.bisect_left(self.keys, folder + "/") : bisect.bisect_left(self.keys, folder + "0")]
+
+
+def evidence(tree: _Tree, folder: str) -> str | None:
+    """Name the writer whose marker files sit directly in `folder`, or None."""
+    names = set(tree.files(folder))
+    subdirs = {posixpath.basename(d) for d in tree.subdirs(folder)}
+    if "trainer_state.json" in names:
         return "hf-trainer"
-    if ".metadata" in children:
-        return "dcp"
-    if _MEGATRON.match(name):
+    if any(_ACCELERATE.match(n) for n in names):
+        return "accelerate"
+    if any(_DEEPSPEED.match(n) for n in names):
+        return "deepspeed"
+    if any(_MEGATRON_RANK_DIR.match(d) and f"{folder}/{d}/model_optim_rng.pt" in tree.info for d in subdirs) or (
+        "metadata.json" in names and "common.pt" in names
+    ):
         return "megatron"
-    if name.isdigit() and any(m in children for m in _ORBAX_MARKERS):
+    if ".metadata" in names:
+        return "dcp"
+    if names & _ORBAX_MARKERS:
         return "orbax"
-    if _hf_model(children):
+    if "model.safetensors.index.json" in names or "pytorch_model.bin.index.json" in names or (
+        "config.json" in names and any(_WEIGHTS.search(n) and "probe" not in n for n in names)
+    ):
         return "hf-model"
-    return "manifest" if MANIFEST_NAME in children or SAVING_MARKER in children else None
+    if MANIFEST_NAME in names or SAVING_MARKER in names:
+        return "manifest"
+    return None
 
 
-def _hf_model(children: set[str]) -> bool:
-    """Tell whether a folder looks like `save_pretrained` output: weights and a config, no trainer state."""
-    return "model.safetensors.index.json" in children or (
-        "config.json" in children and any(c.endswith(".safetensors") and "probe" not in c for c in children)
-    )
+def survey(listing: dict[str, dict[str, Any]], root: str, prefix_url: str, *, whole: bool = False) -> Survey:
+    """Group a recursive listing of `root` (`fs.find(root, withdirs=True, detail=True)`).
 
-
-def discover(listing: dict[str, dict[str, Any]], root: str, prefix_url: str) -> list[Checkpoint]:
-    """Group a recursive listing of `root` into checkpoints; nested runs are found at any depth.
-
-    `listing` is `fs.find(root, withdirs=True, detail=True)`; paths are protocol-less.
+    With `whole`, `root` itself is taken as one checkpoint whatever it holds (`verify URL`).
     """
     root = root.rstrip("/")
-    children: dict[str, set[str]] = {}
-    is_dir: dict[str, bool] = {}
-    for path, info in listing.items():
-        path = path.rstrip("/")
-        if path == root:
+    tree = _Tree(listing, root)
+    out = Survey()
+    # Bottom-up: which folders are checkpoints by evidence, and which hold one below them.
+    marked = {d: evidence(tree, d) for d in tree.dirs}
+    below: dict[str, bool] = {}
+    for d in sorted(tree.dirs, key=lambda p: -p.count("/")):
+        below[d] = any(marked[s] or below[s] or _step_named(posixpath.basename(s)) for s in tree.subdirs(d))
+
+    def layout_of(folder: str) -> str | None:
+        if marked[folder]:
+            return marked[folder]
+        named = _step_named(posixpath.basename(folder)) and not below[folder]
+        return "folder" if named else None
+
+    def nested(folder: str, parent: str) -> bool:
+        # A marked folder inside a checkpoint is one of its parts (FSDP's pytorch_model_fsdp_0/ DCP
+        # folder inside checkpoint-N/) unless its own name says it is a checkpoint of its own.
+        return _step_named(posixpath.basename(folder)) and layout_of(folder) is not None and folder != parent
+
+    def take(folder: str, layout: str, run: str) -> None:
+        own: dict[str, dict[str, Any]] = {}
+        stack = [folder]
+        while stack:
+            d = stack.pop()
+            for name in tree.files(d):
+                own[f"{d}/{name}"[len(folder) + 1 :]] = tree.info[f"{d}/{name}"]
+            for sub in tree.subdirs(d):
+                if nested(sub, folder):
+                    walk(sub, _rel(root, d))
+                else:
+                    stack.append(sub)
+        out.checkpoints.append(_dir_checkpoint(folder, layout, run, own, root, prefix_url))
+
+    def walk(folder: str, run: str) -> None:
+        layout = layout_of(folder)
+        if layout:
+            take(folder, layout, run)
+            return
+        for sub in tree.subdirs(folder):
+            walk(sub, _rel(root, folder))
+        _loose_files(tree, folder, root, prefix_url, out)
+
+    if whole:
+        take(root, layout_of(root) or "unknown", ".")
+    else:
+        walk(root, ".")
+    _expect_from_siblings(out.checkpoints)
+    return out
+
+
+def _expect_from_siblings(checkpoints: list[Checkpoint]) -> None:
+    """Expect of an unsealed folder checkpoint every file that all its siblings of the same writer hold.
+
+    Without a manifest, what a writer writes is seen in the other checkpoints it wrote in the same
+    run: a file present in every one of them but absent here was lost (a partial copy, a deletion).
+    """
+    groups: dict[tuple[str, str], list[Checkpoint]] = {}
+    for ck in checkpoints:
+        if ck.kind == "dir" and ck.layout not in ("folder", "unknown"):
+            groups.setdefault((ck.run, ck.layout), []).append(ck)
+    for group in groups.values():
+        if len(group) < 2:
             continue
-        is_dir[path] = info.get("type") == "directory"
-        parent, name = posixpath.split(path)
-        children.setdefault(parent, set()).add(name)
-        # Object stores may list a file without listing its folder; infer the folders.
-        while parent != root and parent.startswith(root + "/") and parent not in is_dir:
-            is_dir[parent] = True
-            grand, pname = posixpath.split(parent)
-            children.setdefault(grand, set()).add(pname)
-            parent = grand
-
-    found: list[Checkpoint] = []
-    keys = sorted(p.rstrip("/") for p in listing)
-    listing = {p.rstrip("/"): info for p, info in listing.items()}
-
-    def rel(p: str) -> str:
-        return p[len(root) + 1 :] if p.startswith(root + "/") else "."
-
-    def walk(folder: str) -> None:
-        for name in sorted(children.get(folder, ())):
-            path = f"{folder}/{name}" if folder else name
-            if not is_dir.get(path):
-                continue
-            layout = dir_layout(name, children.get(path, set()))
-            if layout:
-                found.append(_dir_checkpoint(path, layout, listing, root, prefix_url, keys))
-            else:
-                walk(path)
-        for name in sorted(children.get(folder, ())):
-            path = f"{folder}/{name}" if folder else name
-            if is_dir.get(path) or not name.endswith(SINGLE_FILE_SUFFIXES) or name.endswith(PROBE_SUFFIXES):
-                continue
-            sidecar = path + SIDECAR_SUFFIX
-            ck = Checkpoint(
-                url=_url(prefix_url, rel(path)),
-                path=path,
-                run=rel(folder),
-                layout="single-file",
-                kind="file",
-                step=step_from_name(posixpath.splitext(name)[0]),
-                manifest_path=sidecar if sidecar in listing else None,
-                files=_single_files(listing, path),
-            )
-            found.append(ck)
-
-    if root in listing and listing[root].get("type") != "directory":
-        return []
-    walk(root)
-    return found
+        for ck in group:
+            if ck.manifest_path or ck.expect_manifest:
+                continue  # a manifest says what it holds; a save in progress holds what it has so far
+            others = [o for o in group if o is not ck]
+            common = set.intersection(*(set(o.files) for o in others))
+            # The auditor's own probe files come with sealing, not with the writer.
+            for rel in sorted(r for r in common - set(ck.files) if not r.endswith(PROBE_SUFFIXES)):
+                ck.expected_absent[rel] = f"absent, but present in the {len(others)} other {ck.layout} checkpoint(s) of the run"
 
 
-def _subtree(keys: list[str], path: str) -> list[str]:
-    """Return the sorted keys under `path/`: one bisect, not a scan of the whole listing."""
-    # "0" is the character after "/": [path + "/", path + "0") is exactly the subtree.
-    return keys[bisect.bisect_left(keys, path + "/") : bisect.bisect_left(keys, path + "0")]
+def _rel(root: str, path: str) -> str:
+    return path[len(root) + 1 :] if path.startswith(root + "/") else "."
 
 
-def _dir_checkpoint(
-    path: str, layout: str, listing: dict[str, dict[str, Any]], root: str, prefix_url: str,
-    keys: list[str] | None = None,
-) -> Checkpoint:
-    keys = sorted(listing) if keys is None else keys
-    files = {p[len(path) + 1 :]: listing[p] for p in _subtree(keys, path) if listing[p].get("type") != "directory"}
+def _loose_files(tree: _Tree, folder: str, root: str, prefix_url: str, out: Survey) -> None:
+    """Files of a folder that is no checkpoint: single-file checkpoints, run tags, or uncovered."""
+    names = tree.files(folder)
+    companions: set[str] = set()
+    for name in names:
+        if not name.endswith(SINGLE_FILE_SUFFIXES) or name.endswith(PROBE_SUFFIXES):
+            continue
+        path = f"{folder}/{name}"
+        files = _single_files(tree.info, path)
+        companions.update(files)
+        sidecar = path + SIDECAR_SUFFIX
+        if sidecar in tree.info:
+            companions.add(posixpath.basename(sidecar))
+        out.checkpoints.append(Checkpoint(
+            url=_url(prefix_url, _rel(root, path)), path=path, run=_rel(root, folder), layout="single-file",
+            kind="file", step=step_from_name(posixpath.splitext(name)[0]),
+            manifest_path=sidecar if sidecar in tree.info else None, files=files,
+        ))  # fmt: skip
+    for name in names:
+        if name in companions:
+            continue
+        rel = _rel(root, f"{folder}/{name}")
+        (out.run_files if name in RUN_TAG_FILES else out.uncovered)[rel] = tree.info[f"{folder}/{name}"]
+
+
+def _dir_checkpoint(path: str, layout: str, run: str, files: dict[str, dict[str, Any]], root: str,
+                    prefix_url: str) -> Checkpoint:
     manifest = files.pop(MANIFEST_NAME, None)
     saving = files.pop(SAVING_MARKER, None)  # never part of the checkpoint, even when left behind
-    parent = posixpath.dirname(path)
-    rel_path = path[len(root) + 1 :] if path.startswith(root + "/") else "."
-    rel_run = parent[len(root) + 1 :] if parent.startswith(root + "/") else "."
     return Checkpoint(
-        url=_url(prefix_url, rel_path),
+        url=_url(prefix_url, _rel(root, path)),
         path=path,
-        run=rel_run,
+        run=run,
         layout=layout,
         kind="dir",
         step=step_from_name(posixpath.basename(path)),
@@ -194,6 +318,11 @@ def _dir_checkpoint(
         expect_manifest=manifest is None and saving is not None,
         files=files,
     )
+
+
+def discover(listing: dict[str, dict[str, Any]], root: str, prefix_url: str) -> list[Checkpoint]:
+    """Return only the checkpoints of `survey`."""
+    return survey(listing, root, prefix_url).checkpoints
 
 
 def _url(prefix_url: str, rel: str) -> str:
@@ -206,24 +335,16 @@ def single(listing: dict[str, dict[str, Any]], path: str, url: str) -> Checkpoin
     """Describe the checkpoint at exactly `path` (a folder or a file), whatever its layout."""
     path = path.rstrip("/")
     info = listing.get(path)
-    name = posixpath.basename(path)
     if info is not None and info.get("type") != "directory":
         sidecar = path + SIDECAR_SUFFIX
         return Checkpoint(
-            url=url,
-            path=path,
-            run=".",
-            layout="single-file",
-            kind="file",
-            step=step_from_name(posixpath.splitext(name)[0]),
-            manifest_path=sidecar if sidecar in listing else None,
-            files=_single_files(listing, path),
-        )
-    kids = {posixpath.basename(p.rstrip("/")) for p in listing if posixpath.dirname(p.rstrip("/")) == path}
-    layout = dir_layout(name, kids) or "unknown"
-    ck = _dir_checkpoint(path, layout, listing, posixpath.dirname(path), posixpath.dirname(url.rstrip("/")))
+            url=url, path=path, run=".", layout="single-file", kind="file",
+            step=step_from_name(posixpath.splitext(posixpath.basename(path))[0]),
+            manifest_path=sidecar if sidecar in listing else None, files=_single_files(listing, path),
+        )  # fmt: skip
+    found = survey(listing, path, url, whole=True).checkpoints
+    ck = next(c for c in found if c.path == path)
     ck.url = url
-    ck.run = "."
     return ck
 
 

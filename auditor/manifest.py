@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from auditor import safejson
+
 SCHEMA = "ckpt-auditor/manifest/v1"
 MANIFEST_NAME = "ckpt-manifest.json"
 SIDECAR_SUFFIX = ".manifest.json"
@@ -181,19 +183,25 @@ def parse_manifest(data: bytes) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestInvalid(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
     try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = safejson.loads(data.decode("utf-8"), max_bytes=MAX_MANIFEST_BYTES)
+    except safejson.JSONLimitExceeded as e:
+        raise ManifestInvalid(f"manifest refused: {e}") from e
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError
         raise ManifestInvalid(f"manifest is not UTF-8 JSON: {e}") from e
     if not isinstance(raw, dict):
         raise ManifestInvalid(f"manifest is a JSON {type(raw).__name__}, not an object")
     if raw.get("schema") != SCHEMA:
         raise ManifestInvalid(f"manifest schema is {raw.get('schema')!r}, expected {SCHEMA!r}")
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ManifestInvalid(f"manifest field {where}: {first['msg']} ({e.error_count()} error(s))") from e
+    if not manifest.files:
+        # An empty list would make every file of the folder merely "unlisted": it proves nothing.
+        raise ManifestInvalid("manifest lists no files: it vouches for nothing")
+    return manifest
 
 
 def now_utc() -> datetime:

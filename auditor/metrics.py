@@ -62,6 +62,11 @@ class Metrics:
             self.bytes_read.labels(prefix=prefix)
             self.scan_errors.labels(prefix=prefix)
 
+    def scan_failed(self, prefix: str) -> None:
+        """A pass that could not list its prefix, or died: scan_up 0 and one error counted."""
+        self.prefix_scan_up.labels(prefix=prefix).set(0)
+        self.scan_errors.labels(prefix=prefix).inc()
+
     def set_counts(self, prefix: str, counts: dict[str, int]) -> None:
         """Publish the latest-status counts of one prefix."""
         for status in STATUSES:

@@ -258,7 +258,9 @@ def _statuses(prefix: str, config: Config | None, storage_options: dict[str, Any
             store.close()
         if records:
             logger.info("retention: %d verdicts of %s from the state database", len(records), prefix)
-            return {r["url"]: r["status"] for r in records}
+            # A metadata pass alone proves sizes, not bytes: such an `ok` is not a recovery point yet.
+            return {r["url"]: r["status"] if r["status"] != "ok" or api.content_verified_ok(r) else "unknown"
+                    for r in records}
     logger.info("retention: verifying %s now", prefix)
     result = api.rescan(prefix, config=config, storage_options=storage_options)
     if not result.listed:

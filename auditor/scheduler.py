@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
 import random
 import threading
 import time
@@ -12,20 +14,55 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from fsspec.implementations.local import LocalFileSystem
 from prometheus_client import CollectorRegistry
 
 from auditor.config import Config, PrefixConfig, ScanConfig
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
+from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
 from auditor.metrics import Metrics
-from auditor.state import State, open_state
+from auditor.state import Seal, State, fingerprint, open_state
 from auditor.storage import Throttle, open_url
-from auditor.verify import FAILURES, Options, Scanner, ScanResult, Verdict, build_options, is_pending, list_prefix
+from auditor.verify import (
+    FAILURES,
+    Finding,
+    Options,
+    Scanner,
+    ScanResult,
+    Verdict,
+    build_options,
+    decide,
+    is_pending,
+    list_prefix,
+    load_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 # In-flight checks get this long after SIGTERM; the whole shutdown stays under Kubernetes' 30 s.
 SHUTDOWN_GRACE_SECONDS = 15.0
+# Findings that describe a checkpoint nobody sealed; wrong once we know it was sealed.
+_UNSEALED_NOTES = frozenset({"structural_only", "no_manifest"})
+
+
+def normalise_prefix(prefix: object) -> str:
+    """Return a rescan prefix without its trailing slash; UsageError for anything that could point
+    somewhere its spelling hides (`..` or `.` segments, doubled slashes, NUL), or is not a string."""
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise UsageError(f"prefix must be a non-empty string (a URL), got {prefix!r}")
+    if "\x00" in prefix:
+        raise UsageError(f"prefix {prefix!r} contains a NUL byte")
+    scheme, sep, path = prefix.partition("://") if "://" in prefix else ("", "", prefix)
+    trimmed = path.rstrip("/")
+    segments = trimmed.split("/")
+    if trimmed.startswith("/"):
+        segments = segments[1:]  # an absolute path: the empty segment before its first slash is fine
+    if any(seg in (".", "..") for seg in segments):
+        raise UsageError(f"prefix {prefix!r} has a '.' or '..' segment; name the folder directly")
+    if any(seg == "" for seg in segments) and trimmed not in ("", "/"):
+        raise UsageError(f"prefix {prefix!r} has a doubled slash")
+    return scheme + sep + (trimmed or path)
 
 
 def jittered(interval: float, jitter: float, rng: random.Random | None = None) -> float:
@@ -70,6 +107,31 @@ class PrefixWorker:
         self.scanner = Scanner(self.fs, self.options["content"], jobs=scan.jobs, throttle=throttle,
                                on_bytes=on_bytes, stop=stop, list_jobs=scan.list_jobs,
                                file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout)
+        # Checkpoints of the current pass that were sealed once and have lost their manifest.
+        self.lost_seals: dict[str, Seal] = {}
+
+    def holds(self, prefix: str) -> bool:
+        """Tell whether a normalised prefix names this worker's prefix or a folder under it; on a
+        local disk, also where symlinks lead."""
+        base = self.url.rstrip("/")
+        if not (prefix == base or prefix.startswith(base + "/")):
+            return False
+        return self._really_inside(self.fs._strip_protocol(prefix))
+
+    def _really_inside(self, path: str) -> bool:
+        if not isinstance(self.fs, LocalFileSystem):
+            return True  # object stores and HDFS have no symlinks to follow
+        real_base = os.path.realpath(self.root)
+        real = os.path.realpath(path)
+        return real == real_base or real.startswith(real_base.rstrip("/") + "/")
+
+    def inside(self, found: list[Checkpoint]) -> list[Checkpoint]:
+        """Drop checkpoints a symlink under the prefix leads to from elsewhere: not ours to judge."""
+        kept = [ck for ck in found if self._really_inside(ck.path)]
+        if len(kept) != len(found):
+            logger.warning("%s: skipping %d checkpoint(s) reached through symlinks leading out of the prefix: %s",
+                           self.url, len(found) - len(kept), sorted({ck.url for ck in found} - {ck.url for ck in kept}))
+        return kept
 
     def close(self) -> None:
         self.scanner.close()
@@ -164,26 +226,36 @@ class Daemon:
         worker = self.workers[url]
         if self.stop_event.is_set() or not worker.lock.acquire(blocking=False):
             return
+        started = time.time()
         try:
             self._tick(worker)
-        except Exception:  # noqa: BLE001 - the scheduler loop must outlive any one bad pass
+        except Exception as e:  # noqa: BLE001 - the scheduler loop must outlive any one bad pass
             logger.exception("pass over %s failed", url)
+            self._pass_failed(url, started, e)
         finally:
             worker.lock.release()
+
+    def _pass_failed(self, url: str, started: float, e: Exception) -> None:
+        """Make a pass that died visible: scan_up 0 and an error counted, not yesterday's green gauges."""
+        self.metrics.scan_failed(url)
+        try:
+            self.state.record_scan_end(url, "metadata", started, False, f"pass failed: {type(e).__name__}: {e}", {})
+        except Exception:  # noqa: BLE001 - the database may be what failed; the metrics already say so
+            logger.warning("could not record the failed pass over %s", url, exc_info=True)
 
     def _tick(self, worker: PrefixWorker) -> None:
         url, scan = worker.url, worker.scan
         started = time.time()
         try:
-            found = list_prefix(worker.scanner.reader, worker.root, url)
+            found = worker.inside(list_prefix(worker.scanner.reader, worker.root, url))
         except StorageError as e:
-            self.metrics.prefix_scan_up.labels(prefix=url).set(0)
-            self.metrics.scan_errors.labels(prefix=url).inc()
+            self.metrics.scan_failed(url)
             self.state.record_scan_end(url, "metadata", started, False, str(e), {})
             logger.warning("cannot list %s: %s", url, e, extra={"event": "scan", "prefix": url, "status": "error"})
             return
-        self.metrics.prefix_scan_up.labels(prefix=url).set(1)
         known = self.state.observe(url, found, now=started)
+        self._remember_seals(worker, found)
+        self.metrics.prefix_scan_up.labels(prefix=url).set(1)
         errors = 0
         # Metadata for everything: cheap (list, stat, manifest), and it notices changes early.
         meta = worker.scanner.run(found, options_for=lambda ck: worker.options["metadata"], stop=self.stop_event)
@@ -254,11 +326,67 @@ class Daemon:
         verdicts = worker.scanner.run([ck for ck, _ in batch], options_for=options_for, stop=self.stop_event)
         return sum(self._record(worker, v) for v in verdicts)
 
+    def _remember_seals(self, worker: PrefixWorker, found: list[Checkpoint]) -> None:
+        """Keep the entries of every manifest new or changed since last recorded, and note which
+        checkpoints were sealed once and have lost their manifest (never re-saved in place: lost,
+        not still coming, so not `pending`)."""
+        seals = self.state.seals(worker.url)
+        worker.lost_seals = {}
+        stale = []
+        for ck in found:
+            seal = seals.get(ck.url)
+            if seal is None:
+                continue
+            if ck.manifest_path is None:
+                ck.expect_manifest = False
+                worker.lost_seals[ck.url] = seal
+            elif seal.fingerprint != fingerprint(ck):
+                stale.append(ck)
+        pool = worker.scanner._checkpoints  # idle between runs; bounded by scan.jobs
+        for ck, fut in [(ck, pool.submit(self._read_manifest, worker, ck)) for ck in stale]:
+            manifest = fut.result()
+            if manifest is not None:
+                self.state.remember_seal(worker.url, ck.url, manifest.files, manifest.created_at.isoformat(),
+                                         fingerprint(ck))
+
+    def _read_manifest(self, worker: PrefixWorker, ck: Checkpoint) -> Manifest | None:
+        if self.stop_event.is_set():
+            return None
+        try:
+            return load_manifest(worker.scanner.reader.child(), ck)
+        except (OSError, ValueError, StorageError) as e:  # the verdict reports it; we just remember nothing
+            logger.debug("not remembering the manifest of %s: %s", ck.url, e)
+            return None
+
+    @staticmethod
+    def _lost_manifest(verdict: Verdict, seal: Seal) -> None:
+        """Judge a checkpoint that was sealed and has lost its manifest: `missing`, with the bytes
+        compared with the remembered entries where the state database has them."""
+        if verdict.status in ("error", "pending"):
+            return
+        # The baseline hook hands out the remembered entries first, so a baseline was those.
+        remembered = seal.has_files and any(f.code == "baseline_first_sight" for f in verdict.findings)
+        name = posixpath.basename(verdict.url.rstrip("/")) + SIDECAR_SUFFIX if verdict.layout == "single-file" \
+            else MANIFEST_NAME
+        noise = _UNSEALED_NOTES | ({"baseline_first_sight"} if remembered else set())
+        kept = [f for f in verdict.findings if f.code not in noise]
+        how = "bytes compared with the digests of its last sealed manifest" if remembered else \
+            "its sealed digests were never recorded, so its bytes were not compared with them"
+        kept.insert(0, Finding("file_missing", "error", name, f"sealed at {seal.when()} but its manifest is gone; {how}"))
+        if remembered:
+            kept.append(Finding("remembered_manifest", "info", None,
+                                "compared with the file entries the state database kept from the last sealed manifest"))
+        verdict.findings[:] = kept
+        verdict.status = decide(kept)
+
     def _record(self, worker: PrefixWorker, verdict: Verdict) -> int:
         """Store one verdict with its next due dates; return 1 if it was a storage error."""
         url, scan = worker.url, worker.scan
         if verdict.status == "error" and self.stop_event.is_set():
             return 0  # abandoned at shutdown: not a storage error, nothing learned
+        seal = worker.lost_seals.get(verdict.url)
+        if seal is not None:
+            self._lost_manifest(verdict, seal)
         now = time.time()
         due_content = due_probe = None
         if verdict.tier != "metadata" and verdict.status not in ("error", "pending"):
@@ -283,21 +411,20 @@ class Daemon:
 
     # ------------------------------------------------------------ on-demand rescans
 
-    def worker_for(self, prefix: str) -> PrefixWorker:
-        """Find the configured prefix that holds `prefix`; UsageError for anything else."""
-        want = prefix.rstrip("/")
-        for url, worker in self.workers.items():
-            base = url.rstrip("/")
-            if want == base or want.startswith(base + "/"):
+    def worker_for(self, prefix: object) -> PrefixWorker:
+        """Find the configured prefix that holds `prefix` once normalised; UsageError for anything else."""
+        want = normalise_prefix(prefix)
+        for worker in self.workers.values():
+            if worker.holds(want):
                 return worker
         raise UsageError(f"prefix {prefix!r} is not under any configured prefix")
 
-    def submit_rescan(self, prefix: str, tier: str | None) -> Job:
+    def submit_rescan(self, prefix: object, tier: str | None) -> Job:
         """Queue a rescan of a configured prefix (or a folder under it); return its job."""
-        worker = self.worker_for(prefix)
         if tier is not None and tier not in ("metadata", "content", "probe"):
             raise UsageError(f"tier {tier!r} is not one of metadata, content, probe")
-        job = Job(uuid.uuid4().hex[:12], prefix, tier)
+        worker = self.worker_for(prefix)
+        job = Job(uuid.uuid4().hex[:12], normalise_prefix(prefix), tier)
         self.jobs[job.id] = job
         self._job_pool.submit(self._run_job, job, worker)
         return job
@@ -325,13 +452,13 @@ class Daemon:
             else worker.root
         started = time.time()
         try:
-            found = list_prefix(worker.scanner.reader, root, prefix)
+            found = worker.inside(list_prefix(worker.scanner.reader, root, prefix))
         except StorageError as e:
-            self.metrics.prefix_scan_up.labels(prefix=worker.url).set(0)
-            self.metrics.scan_errors.labels(prefix=worker.url).inc()
+            self.metrics.scan_failed(worker.url)
             return ScanResult(prefix, options.tier, [], listed=False, error=str(e))
         if prefix.rstrip("/") == worker.url.rstrip("/"):
             self.state.observe(worker.url, found, now=started)
+        self._remember_seals(worker, found)
         verdicts = worker.scanner.run(found, options_for=lambda ck: options, stop=self.stop_event)
         for v in verdicts:
             self._record(worker, v)

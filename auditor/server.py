@@ -7,8 +7,10 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -26,12 +28,52 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "AUDITOR_ADMIN_TOKEN"
 MAX_BODY = 64 * 1024
+# Seconds a client may take per socket read, and for a whole request body: a slow or stalled
+# client costs one thread for this long, not forever.
+REQUEST_TIMEOUT = 10.0
+# A whole request, however it trickles in, ends by then: the socket is shut under a slow client.
+REQUEST_DEADLINE = 30.0
+# Connections served at once; more are answered 503 at once instead of each holding a thread.
+MAX_CONNECTIONS = 64
+# Request bytes we did not want are read and dropped (up to this much) before the socket closes,
+# so the client reads our error instead of a connection reset.
+DRAIN_LIMIT = 2**20
+_BODY_SHAPE = 'body must be a JSON object {"prefix": URL, "tier": "metadata" | "content" | "probe"}'
+
+
+class BadRequest(ValueError):
+    """A request we refuse with `status`; the message names what is wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Handler(BaseHTTPRequestHandler):
     daemon_ref: Daemon
     token: str | None
+    _unread = False
     server_version = "ckpt-auditor"
+    timeout = REQUEST_TIMEOUT  # per socket read (StreamRequestHandler applies it to the connection)
+    request_deadline = REQUEST_DEADLINE
+
+    def setup(self) -> None:
+        super().setup()
+        self._expiry = threading.Timer(self.request_deadline, self._expire)
+        self._expiry.daemon = True
+        self._expiry.start()
+
+    def finish(self) -> None:
+        self._expiry.cancel()
+        super().finish()
+
+    def _expire(self) -> None:
+        logger.info("closing the connection of %s: no complete request within %.0fs", self.client_address[0],
+                    self.request_deadline)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
 
     def log_message(self, fmt: str, *args: Any) -> None:  # noqa: ANN401
         logger.debug("http %s %s", self.address_string(), fmt % args)
@@ -47,6 +89,24 @@ class Handler(BaseHTTPRequestHandler):
         self._send(code, json.dumps(doc, default=str).encode())
 
     def do_GET(self) -> None:  # noqa: N802
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._guarded(self._post)
+
+    def _guarded(self, route: Callable[[], None]) -> None:
+        """Answer 500 with the error named rather than drop the connection on a bug or a broken database."""
+        try:
+            route()
+        except Exception as e:  # noqa: BLE001 - one bad request must not cost the client its answer
+            logger.exception("%s %s failed", self.command, self.path)
+            self.close_connection = True
+            try:
+                self._json(500, {"error": f"{type(e).__name__}: {e}"[:1000]})
+            except OSError:
+                pass  # the client is gone
+
+    def _get(self) -> None:
         url = urlsplit(self.path)
         d = self.daemon_ref
         if url.path == "/metrics":
@@ -74,21 +134,20 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._json(404, {"error": f"no route {url.path}"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def _post(self) -> None:
         url = urlsplit(self.path)
         if url.path != "/api/v1/rescan":
             return self._json(404, {"error": f"no route {url.path}"})
+        self._unread = True  # until the body is read, the client may still be sending it
         denied = self._authorize()
         if denied:
-            return self._json(*denied)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            return self._json(413, {"error": "body too large"})
+            self._json(*denied)
+            return self._discard_unread()
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-            prefix, tier = body["prefix"], body.get("tier")
-        except (ValueError, KeyError, TypeError):
-            return self._json(400, {"error": 'body must be {"prefix": URL, "tier": T}'})
+            prefix, tier = self._rescan_request()
+        except BadRequest as e:
+            self._json(e.status, {"error": str(e)})
+            return self._discard_unread()
         try:
             job = self.daemon_ref.submit_rescan(prefix, tier)
         except UsageError as e:
@@ -100,6 +159,81 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body_out)))
         self.end_headers()
         self.wfile.write(body_out)
+
+    def _rescan_request(self) -> tuple[Any, Any]:
+        """Read and check a rescan body: (prefix, tier); BadRequest naming what is wrong."""
+        doc = self._json_body()
+        if not isinstance(doc, dict):
+            raise BadRequest(400, f"{_BODY_SHAPE}; got a JSON {type(doc).__name__}")
+        if "prefix" not in doc:
+            raise BadRequest(400, f'{_BODY_SHAPE}; "prefix" is missing')
+        prefix, tier = doc["prefix"], doc.get("tier")
+        if not isinstance(prefix, str):
+            raise BadRequest(400, f'"prefix" must be a string (a URL), got {json.dumps(prefix)[:100]}')
+        if tier is not None and not isinstance(tier, str):
+            raise BadRequest(400, f'"tier" must be a string or null, got {json.dumps(tier)[:100]}')
+        return prefix, tier
+
+    def _json_body(self) -> Any:  # noqa: ANN401
+        data = self._body()
+        try:
+            return json.loads(data)
+        except ValueError as e:  # UnicodeDecodeError included
+            raise BadRequest(400, f"body is not UTF-8 JSON: {e}") from e
+
+    def _body(self) -> bytes:
+        """Read exactly Content-Length bytes, bounded in size and time; BadRequest for anything else."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise BadRequest(400, f"Transfer-Encoding {self.headers['Transfer-Encoding']!r} is not accepted: "
+                                  "send the body with a Content-Length")
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        if not lengths:
+            self._unread = False
+            raise BadRequest(400, f"{_BODY_SHAPE}; the request has no body (no Content-Length)")
+        if len(lengths) > 1:
+            raise BadRequest(400, f"conflicting Content-Length headers {sorted(lengths)}")
+        (raw,) = lengths
+        if not (raw.isascii() and raw.isdigit()):
+            raise BadRequest(400, f"Content-Length {raw!r} is not a byte count")
+        length = int(raw)
+        if length > MAX_BODY:
+            raise BadRequest(413, f"body of {length} bytes is over the {MAX_BODY}-byte limit")
+        chunks: list[bytes] = []
+        got = 0
+        deadline = time.monotonic() + self.timeout
+        while got < length:
+            if time.monotonic() > deadline:
+                raise BadRequest(408, f"body not received within {self.timeout:.0f}s ({got} of {length} bytes)")
+            try:
+                chunk = self.rfile.read1(length - got)
+            except TimeoutError as e:
+                raise BadRequest(408, f"body not received within {self.timeout:.0f}s ({got} of {length} bytes)") from e
+            if not chunk:
+                raise BadRequest(400, f"body ended after {got} of the {length} bytes Content-Length announced")
+            chunks.append(chunk)
+            got += len(chunk)
+        self._unread = False
+        return b"".join(chunks)
+
+    def _discard_unread(self) -> None:
+        """After an early answer, read what the client may still send (bounded) and close."""
+        self.close_connection = True
+        if not self._unread:
+            return
+        # A sane Content-Length says exactly how much is coming; else read until the client pauses.
+        raw = (self.headers.get("Content-Length") or "").strip()
+        declared = int(raw) if raw.isascii() and raw.isdigit() and "Transfer-Encoding" not in self.headers else None
+        try:
+            self.wfile.flush()
+            self.connection.settimeout(0.5)
+            left = min(declared, DRAIN_LIMIT) if declared is not None else DRAIN_LIMIT
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass  # the client went away or went quiet: either way we are done with it
 
     def _authorize(self) -> tuple[int, dict[str, str]] | None:
         if self.token:
@@ -130,18 +264,53 @@ def status_doc(d: Daemon) -> dict[str, Any]:
     return {"prefixes": out, "ready": d.ready, "uptime_seconds": time.time() - d.started_at}
 
 
+_BUSY_BODY = json.dumps({"error": f"busy: {MAX_CONNECTIONS} connections already open; retry"}).encode()
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[Handler], max_connections: int) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:  # noqa: ANN401
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:  # noqa: ANN401
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 class Server:
     """The daemon's HTTP server, on its own threads."""
 
-    def __init__(self, daemon: Daemon, listen: str, token: str | None = None) -> None:
+    def __init__(self, daemon: Daemon, listen: str, token: str | None = None,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         host, _, port = listen.rpartition(":")
         handler = type("BoundHandler", (Handler,), {"daemon_ref": daemon,
                                                     "token": token if token is not None else os.environ.get(TOKEN_ENV)})
         try:
-            self.httpd = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), handler)
+            self.httpd = BoundedHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), handler, max_connections)
         except OSError as e:
             raise UsageError(f"server.listen {listen}: {e.strerror or e}") from e
-        self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="auditor-http", daemon=True)
 
     @property

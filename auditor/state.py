@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,11 +22,13 @@ from sqlalchemy.engine import Engine
 from auditor.errors import StateError
 from auditor.layouts import Checkpoint
 from auditor.manifest import FileEntry
-from auditor.verify import FAILURES, ScanResult, Verdict
+from auditor.verify import FAILURES, Finding, ScanResult, Verdict
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# SQLite and PostgreSQL integers are signed 64-bit; a step or size past this is data, not a crash.
+DB_INT_MAX = 2**63 - 1
 # Which latest status wins when tiers disagree: a failure at any tier stands until that tier passes.
 RANK = ("unsafe", "corrupt", "missing", "drift", "incomplete", "unverifiable", "ok", "pending", "error")
 
@@ -92,6 +95,26 @@ scans = sa.Table(
 )  # fmt: skip
 
 
+# v3: what the daemon remembers of a checkpoint it once saw sealed, so a manifest that disappears
+# later is a finding (`file_missing` on the manifest), not a silent fall-back to format checks.
+seals = sa.Table(
+    "seals", metadata,
+    sa.Column("checkpoint_id", sa.Integer, sa.ForeignKey("checkpoints.id"), primary_key=True),
+    sa.Column("first_seen", sa.Float, nullable=False),  # when this daemon first saw its manifest
+    sa.Column("created_at", sa.Text),  # the manifest's own `created_at`, once read
+    sa.Column("fingerprint", sa.Text),  # listing fingerprint when the entries below were recorded
+    sa.Column("recorded_at", sa.Float),
+)  # fmt: skip
+sealed_files = sa.Table(
+    "sealed_files", metadata,
+    sa.Column("checkpoint_id", sa.Integer, sa.ForeignKey("checkpoints.id"), primary_key=True),
+    sa.Column("path", sa.Text, primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("crc32c", sa.String(8), nullable=False),
+)  # fmt: skip
+
+
 def _v1(conn: sa.Connection) -> None:
     for table in (checkpoints, latest, history, scans):
         table.create(conn, checkfirst=True)
@@ -101,7 +124,41 @@ def _v2(conn: sa.Connection) -> None:
     baselines.create(conn, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2}
+def _v3(conn: sa.Connection) -> None:
+    seals.create(conn, checkfirst=True)
+    sealed_files.create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3}
+
+
+def db_int(value: int | None) -> int | None:
+    """Return `value` if the database can store it as an integer, else None."""
+    if value is None or -DB_INT_MAX - 1 <= value <= DB_INT_MAX:
+        return value
+    return None
+
+
+def _step_finding(step: int) -> Finding:
+    return Finding("step_out_of_range", "warning", None,
+                   f"step {step} does not fit a signed 64-bit integer; recorded without a step")
+
+
+@dataclass
+class Seal:
+    """What the database remembers of a checkpoint it once saw sealed."""
+
+    first_seen: float
+    created_at: str | None
+    fingerprint: str | None  # listing fingerprint when its manifest was last read; None: never read
+    has_files: bool = False  # its file entries are kept (a manifest with impossible sizes is not)
+
+    def when(self) -> str:
+        """Say when it was sealed, for findings: the manifest's own time, else when we first saw it."""
+        if self.created_at:
+            return self.created_at
+        return datetime.fromtimestamp(self.first_seen, timezone.utc).isoformat(timespec="seconds") + \
+            " (first seen sealed)"
 
 
 @dataclass
@@ -160,20 +217,27 @@ class State:
         with self._lock, self.engine.begin() as conn:
             rows = {r["url"]: r for r in conn.execute(
                 sa.select(checkpoints).where(checkpoints.c.prefix == prefix)).mappings()}
+            sealed_ids = set(conn.execute(
+                sa.select(seals.c.checkpoint_id).join(checkpoints, checkpoints.c.id == seals.c.checkpoint_id)
+                .where(checkpoints.c.prefix == prefix)).scalars())
             seen = set()
             for ck in found:
                 seen.add(ck.url)
                 fp = fingerprint(ck)
                 row = rows.get(ck.url)
-                values = dict(run=ck.run, step=ck.step, layout=ck.layout, last_seen=now, fingerprint=fp,
+                values = dict(run=ck.run, step=db_int(ck.step), layout=ck.layout, last_seen=now, fingerprint=fp,
                               sealed=bool(ck.manifest_path), gone=False)
                 if row is None:
-                    conn.execute(checkpoints.insert().values(prefix=prefix, url=ck.url, status="pending",
-                                                             first_seen=now, suspect=False, **values))
+                    cid = conn.execute(checkpoints.insert().values(prefix=prefix, url=ck.url, status="pending",
+                                                                   first_seen=now, suspect=False, **values)
+                                       ).inserted_primary_key[0]
                 else:
+                    cid = row["id"]
                     if row["fingerprint"] != fp and row["last_verified"] is not None:
                         values["suspect"] = True  # rewritten since we last looked: check it first
-                    conn.execute(checkpoints.update().where(checkpoints.c.id == row["id"]).values(**values))
+                    conn.execute(checkpoints.update().where(checkpoints.c.id == cid).values(**values))
+                if ck.manifest_path and cid not in sealed_ids:
+                    conn.execute(seals.insert().values(checkpoint_id=cid, first_seen=now))
             for url, row in rows.items():
                 if url not in seen and not row["gone"]:
                     conn.execute(checkpoints.update().where(checkpoints.c.id == row["id"]).values(gone=True))
@@ -183,13 +247,17 @@ class State:
                due_probe: float | None = None, now: float | None = None) -> str:
         """Store a verdict: history always; latest-per-tier unless it is `error`/`pending` over a known one."""
         now = time.time() if now is None else now
+        step = db_int(verdict.step)
+        if step is None and verdict.step is not None and not any(f.code == "step_out_of_range"
+                                                                 for f in verdict.findings):
+            verdict.findings.append(_step_finding(verdict.step))  # the caller's verdict says so too
         findings = json.dumps([f.to_dict() for f in verdict.findings])
         with self._lock, self.engine.begin() as conn:
             row = conn.execute(sa.select(checkpoints).where(checkpoints.c.prefix == prefix,
                                                             checkpoints.c.url == verdict.url)).mappings().first()
             if row is None:
                 cid = conn.execute(checkpoints.insert().values(
-                    prefix=prefix, url=verdict.url, run=verdict.run, step=verdict.step, layout=verdict.layout,
+                    prefix=prefix, url=verdict.url, run=verdict.run, step=step, layout=verdict.layout,
                     status=verdict.status, first_seen=now, last_seen=now)).inserted_primary_key[0]
             else:
                 cid = row["id"]
@@ -260,14 +328,53 @@ class State:
             row = conn.execute(q.order_by(scans.c.finished.desc()).limit(1)).mappings().first()
             return dict(row) if row else None
 
+    def seals(self, prefix: str) -> dict[str, Seal]:
+        """Every present checkpoint of a prefix that was ever seen sealed, by URL."""
+        with self.engine.connect() as conn:
+            has_files = sa.exists().where(sealed_files.c.checkpoint_id == seals.c.checkpoint_id).label("has_files")
+            rows = conn.execute(
+                sa.select(checkpoints.c.url, seals, has_files)
+                .join(checkpoints, checkpoints.c.id == seals.c.checkpoint_id)
+                .where(checkpoints.c.prefix == prefix, checkpoints.c.gone.is_(False))).mappings()
+            return {r["url"]: Seal(r["first_seen"], r["created_at"], r["fingerprint"], bool(r["has_files"]))
+                    for r in rows}
+
+    def remember_seal(self, prefix: str, url: str, entries: Iterable[FileEntry], created_at: str | None,
+                      fp: str, now: float | None = None) -> bool:
+        """Keep the file entries of a checkpoint's current manifest; False if they cannot be stored."""
+        now = time.time() if now is None else now
+        entries = list(entries)
+        storable = all(db_int(e.size) is not None for e in entries)
+        if not storable:
+            # Its verdict says what is wrong with it; remember it was sealed, and read it once only.
+            logger.warning("manifest of %s lists a size beyond 64 bits; its entries are not remembered", url)
+        with self._lock, self.engine.begin() as conn:
+            cid = conn.execute(sa.select(checkpoints.c.id).where(checkpoints.c.prefix == prefix,
+                                                                 checkpoints.c.url == url)).scalar()
+            if cid is None:
+                return False
+            conn.execute(sealed_files.delete().where(sealed_files.c.checkpoint_id == cid))
+            if entries and storable:
+                conn.execute(sealed_files.insert(), [dict(checkpoint_id=cid, path=e.path, size=e.size,
+                                                          sha256=e.sha256, crc32c=e.crc32c) for e in entries])
+            values = dict(created_at=created_at, fingerprint=fp, recorded_at=now)
+            if conn.execute(seals.update().where(seals.c.checkpoint_id == cid).values(**values)).rowcount == 0:
+                conn.execute(seals.insert().values(checkpoint_id=cid, first_seen=now, **values))
+        return storable
+
     def baseline_lookup(self, prefix: str) -> Callable[[Checkpoint], dict[str, FileEntry] | None]:
-        """Return the verify hook that finds first-sight digests of an unsealed checkpoint."""
+        """Return the verify hook that finds reference digests of a checkpoint without a manifest:
+        those of its last sealed manifest when it once had one, else its first-sight digests."""
 
         def lookup(ck: Checkpoint) -> dict[str, FileEntry] | None:
             with self.engine.connect() as conn:
                 rows = conn.execute(
-                    sa.select(baselines).join(checkpoints, checkpoints.c.id == baselines.c.checkpoint_id)
+                    sa.select(sealed_files).join(checkpoints, checkpoints.c.id == sealed_files.c.checkpoint_id)
                     .where(checkpoints.c.prefix == prefix, checkpoints.c.url == ck.url)).mappings().all()
+                if not rows:
+                    rows = conn.execute(
+                        sa.select(baselines).join(checkpoints, checkpoints.c.id == baselines.c.checkpoint_id)
+                        .where(checkpoints.c.prefix == prefix, checkpoints.c.url == ck.url)).mappings().all()
             if not rows:
                 return None
             return {r["path"]: FileEntry(path=r["path"], size=r["size"], sha256=r["sha256"], crc32c=r["crc32c"])

@@ -576,7 +576,7 @@ def save_checkpoint(
 
 def _verified(fs: AbstractFileSystem, path: str, url: str, tier: str | None) -> tuple[Manifest, Checkpoint, Reader]:
     """Verify the checkpoint with the scanner's own checks; refuse it unless sealed and `ok`."""
-    from auditor.manifest import MAX_MANIFEST_BYTES, ManifestInvalid
+    from auditor.manifest import MAX_MANIFEST_BYTES
     from auditor.verify import Scanner, build_options, locate
 
     with Scanner(fs, build_options(tier)) as scanner:
@@ -595,7 +595,7 @@ def _verified(fs: AbstractFileSystem, path: str, url: str, tier: str | None) -> 
     reader = Reader(fs)
     try:
         manifest = parse_manifest(reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES))
-    except ManifestInvalid as e:  # changed since it verified
+    except ValueError as e:  # ManifestInvalid or over the size limit: changed since it verified
         raise CheckpointRefused(f"refusing to load {url}: manifest_invalid: {e}") from e
     return manifest, ck, reader
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import struct
@@ -13,11 +12,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from auditor import formats, layouts
+from auditor import formats, layouts, safejson
 from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
@@ -39,6 +39,7 @@ from auditor.storage import (
     Reader,
     StorageFault,
     Throttle,
+    has_server_checksums,
     object_version,
     own_retries,
     pinned_read_options,
@@ -57,6 +58,12 @@ STATUS_OF_CODE = {
     "truncated": "corrupt",
     "header_invalid": "corrupt",
     "zip_crc_error": "corrupt",
+    "zip_member_out_of_bounds": "corrupt",
+    # Built, not decayed: bit rot does not aim several directory entries at one member's bytes,
+    # repeat a name, or make deflate inflate beyond 100:1. Refused like a hostile pickle.
+    "zip_overlapping_members": "unsafe",
+    "zip_duplicate_member": "unsafe",
+    "zip_compression_ratio": "unsafe",
     "index_invalid": "corrupt",
     "json_invalid": "corrupt",
     "manifest_invalid": "corrupt",
@@ -89,6 +96,38 @@ STATUS_PRIORITY = ("error", "unsafe", "corrupt", "missing", "drift", "incomplete
 ZIP_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
+class Assurance(str, Enum):
+    """What an `ok` proved, weakest first: the reference the bytes were compared with."""
+
+    NONE = "none"  # nothing was checked (pending, error)
+    EXISTENCE = "existence"  # listed with the expected size, no comparable checksum
+    STRUCTURAL = "structural"  # format checks only (headers, zip CRCs, JSON syntax, pickle scan)
+    BASELINE = "baseline"  # digests the daemon recorded at first sight
+    SERVER_CHECKSUM = "server-checksum"  # the store's own whole-object checksum matched the sealed one
+    FOREIGN = "foreign"  # digests from another tool's manifest
+    SEALED = "sealed"  # every byte against our manifest's digests
+    SIGNED = "signed"  # sealed, and the manifest's signature verified
+
+    @property
+    def rank(self) -> int:
+        return list(Assurance).index(self)
+
+    @classmethod
+    def parse(cls, value: str) -> Assurance:
+        try:
+            return cls(value)
+        except ValueError:
+            raise UsageError(f"assurance {value!r} is not one of {', '.join(a.value for a in cls)}") from None
+
+
+# Coverage buckets of a scan: how each byte of a checkpoint was checked.
+COVERAGE_OF = {
+    Assurance.SIGNED: "digest", Assurance.SEALED: "digest", Assurance.FOREIGN: "digest",
+    Assurance.BASELINE: "digest", Assurance.SERVER_CHECKSUM: "server-checksum",
+    Assurance.STRUCTURAL: "structure", Assurance.EXISTENCE: "existence", Assurance.NONE: "unchecked",
+}  # fmt: skip
+
+
 @dataclass
 class Finding:
     code: str
@@ -111,6 +150,9 @@ class Verdict:
     bytes_read: int = 0
     duration_seconds: float = 0.0
     tier: str = "content"
+    assurance: str = Assurance.NONE.value
+    # bytes of this checkpoint by how they were checked (COVERAGE_OF buckets)
+    coverage: dict[str, int] = field(default_factory=dict)
     # Digests seen at content tier, for trust-on-first-use baselines: relpath -> FileEntry
     observed: dict[str, FileEntry] = field(default_factory=dict, repr=False)
 
@@ -125,7 +167,9 @@ class Verdict:
             "step": self.step,
             "layout": self.layout,
             "status": self.status,
+            "assurance": self.assurance,
             "findings": [f.to_dict() for f in self.findings],
+            "coverage": dict(self.coverage),
             "bytes_read": self.bytes_read,
             "duration_seconds": round(self.duration_seconds, 6),
         }
@@ -155,6 +199,8 @@ class Options:
     completeness: Callable[[Reader, Checkpoint, Manifest | None, str], list[Finding]] | None = None
     server_checksums: Callable[[Reader, str, dict[str, Any], FileEntry], Finding | None] | None = None
     baseline: Callable[[Checkpoint], dict[str, FileEntry] | None] | None = None
+    # A verdict that proved less than this is `unverifiable` (a failure for CI gates).
+    require_assurance: Assurance | None = None
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
@@ -209,7 +255,10 @@ class Context:
 def load_manifest(reader: Reader, ck: Checkpoint) -> Manifest:
     """Read and parse a checkpoint's manifest (ManifestInvalid on any damage)."""
     assert ck.manifest_path
-    data = reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES)
+    try:
+        data = reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES)
+    except ValueError as e:  # Reader.read's refusal past the limit: not a manifest, never parsed
+        raise ManifestInvalid(f"manifest refused: {e}") from e
     return parse_manifest(data)
 
 
@@ -229,6 +278,7 @@ def verify_checkpoint(ck: Checkpoint, ctx: Context) -> Verdict:
             findings.append(Finding("checkpoint_rewritten", "warning", None, "rewritten during the check; re-verified"))
             checked_any = _verify(fresh, reader, ctx, findings, verdict)
         verdict.status = decide(findings, checked_any=checked_any)
+        _require(verdict, ctx.options.require_assurance)
         if verdict.status == "unverifiable" and ctx.options.strict:
             findings.append(Finding("unverifiable", "info", None, "--strict counts unverifiable as a failure"))
     except PathHazard as e:
@@ -239,6 +289,7 @@ def verify_checkpoint(ck: Checkpoint, ctx: Context) -> Verdict:
     except (StorageFault, StorageError) as e:
         findings.append(Finding("storage_error", "error", None, str(e)))
         verdict.status = "error"
+        verdict.assurance = Assurance.NONE.value
     verdict.bytes_read = reader.bytes_read
     verdict.duration_seconds = time.monotonic() - started
     logger.debug(
@@ -275,20 +326,27 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
         if manifest.step is not None:
             verdict.step = manifest.step
     if manifest is None:
+        for rel, why in ck.expected_absent.items():
+            findings.append(Finding("file_missing", "error", rel, why))
         baseline = ctx.options.baseline(ck) if ctx.options.baseline else None
         if baseline is not None:
             entries = list(baseline.values())
             findings.append(Finding("baseline_first_sight", "info", None,
                                     "compared with digests recorded at first sight, not with a sealed manifest"))
             _check_listed(ck, reader, ctx, entries, None, findings, verdict)
+            _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.BASELINE, findings)
             if ctx.options.completeness and tier != "metadata" and not _hazardous(findings):
                 findings += ctx.options.completeness(reader, ck, None, tier)
             return True
         if tier == "metadata":
             findings.append(Finding("no_manifest", "info", None,
                                     "no manifest: the metadata tier proves existence only"))
+            _assure(verdict, ck, reader, ctx, set(), Assurance.EXISTENCE, findings)
             return False
-        checked = _structural(ck, reader, ctx, findings)
+        applied = _structural(ck, reader, ctx, findings)
+        checked = bool(applied) or not ck.files
+        _assure(verdict, ck, reader, ctx, applied, Assurance.STRUCTURAL if checked else Assurance.EXISTENCE,
+                findings)
         if ctx.options.completeness and not _hazardous(findings):
             findings += ctx.options.completeness(reader, ck, None, tier)
         _digest_unsealed(ck, reader, ctx, verdict)
@@ -302,6 +360,7 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
         findings.append(Finding("path_outside_checkpoint", "error", path, f"manifest path {path!r} leaves the checkpoint"))
     entries = [f for f in manifest.files if f.path not in bad]
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
+    _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
     if tier != "metadata" and ctx.options.completeness and not _hazardous(findings):
         findings += ctx.options.completeness(reader, ck, manifest, tier)
     wants_probe = tier == "probe" or (ctx.options.probe_auto and tier == "content" and manifest.probe is not None)
@@ -310,6 +369,31 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     elif tier == "probe" and manifest.probe is None:
         findings.append(Finding("no_probe", "info", None, "the manifest records no probe; probe tier skipped"))
     return True
+
+
+def _assure(verdict: Verdict, ck: Checkpoint, reader: Reader, ctx: Context, proven: set[str], level: Assurance,
+            findings: list[Finding]) -> None:
+    """Record what the check compared the checkpoint's files with, and how many bytes each way."""
+    if ctx.options.tier == "metadata" and level in (Assurance.SEALED, Assurance.BASELINE):
+        compared = ctx.options.server_checksums is not None and has_server_checksums(reader.fs)
+        uncompared = any(f.code == "no_server_checksum" for f in findings)
+        level = Assurance.SERVER_CHECKSUM if compared and not uncompared else Assurance.EXISTENCE
+    verdict.assurance = level.value
+    coverage: Counter[str] = Counter()
+    for rel, info in ck.files.items():
+        bucket = COVERAGE_OF[level] if rel in proven else COVERAGE_OF[Assurance.EXISTENCE]
+        coverage[bucket] += int(info.get("size") or 0)
+    verdict.coverage = dict(coverage)
+
+
+def _require(verdict: Verdict, required: Assurance | None) -> None:
+    """Turn an `ok` that proved less than required into `unverifiable`, naming both levels."""
+    if required is None or verdict.status not in ("ok", "unverifiable"):
+        return
+    if Assurance(verdict.assurance).rank < required.rank:
+        verdict.findings.append(Finding("assurance_below_required", "error", None,
+                                        f"checked at assurance {verdict.assurance}, {required.value} required"))
+        verdict.status = "unverifiable"
 
 
 def sanitise(ck: Checkpoint) -> tuple[Checkpoint, list[Finding]]:
@@ -526,26 +610,27 @@ def _narrow(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | No
     return []
 
 
-def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding]) -> bool:
-    """Check every file's format where we know it; return whether any check applied."""
+def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding]) -> set[str]:
+    """Check every file's format where we know it; return the files a check applied to."""
     root = ck.root
-    checked = False
+    checked: set[str] = set()
     headers: dict[str, formats.SafetensorsHeader] = {}
     work = [(rel, _bind_structural(f"{root}/{rel}", int(info.get("size") or 0))) for rel, info in sorted(ck.files.items())]
     for rel, got in ctx.run_files(reader, work):
         if isinstance(got, Finding):
             findings.append(got)
-            checked = True
+            checked.add(rel)
             continue
         applied, header, finding = got
-        checked |= applied
+        if applied:
+            checked.add(rel)
         if header is not None:
             headers[rel] = header
         if finding:
             findings.append(finding)
     index_rel = "model.safetensors.index.json"
     if index_rel in ck.files:
-        checked = True
+        checked.add(index_rel)
         try:
             weight_map = formats.parse_index(reader, f"{root}/{index_rel}")
             for code, shard, detail in formats.iter_index_problems(weight_map, headers, set(ck.files)):
@@ -554,7 +639,6 @@ def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Fin
             findings.append(Finding(e.code, "error", index_rel, str(e)))
     if not ck.files:
         findings.append(Finding("file_missing", "error", None, "the checkpoint holds no files"))
-        checked = True
     return checked
 
 
@@ -573,7 +657,7 @@ def _structural_one(reader: Reader, path: str, size: int) -> tuple[bool, formats
         if path.endswith(ZIP_SUFFIXES) and size == 0:
             return True, None, Finding("truncated", "error", rel, "empty file")
         if path.endswith(".json") and not path.endswith(".manifest.json"):
-            json.loads(reader.read(path, limit=MAX_MANIFEST_BYTES))
+            safejson.loads(reader.read(path, limit=MAX_MANIFEST_BYTES), max_bytes=MAX_MANIFEST_BYTES)
             return True, None, None
     except formats.FormatError as e:
         return True, None, Finding(e.code, "error", rel, str(e))
@@ -609,12 +693,25 @@ class ScanResult:
     listed: bool = True
     error: str | None = None
     duration_seconds: float = 0.0
+    # Files under the prefix that belong to no checkpoint, and run-level tag files: relpath -> size.
+    uncovered: dict[str, int] = field(default_factory=dict)
+    run_files: dict[str, int] = field(default_factory=dict)
+    require_assurance: str | None = None
 
     def summary(self) -> dict[str, int]:
         return dict(Counter(v.status for v in self.verdicts))
 
+    def coverage(self) -> dict[str, int]:
+        """Bytes under the prefix by how they were checked; `uncovered` is in no checkpoint."""
+        total: Counter[str] = Counter()
+        for v in self.verdicts:
+            total.update(v.coverage)
+        total["uncovered"] += sum(self.uncovered.values())
+        return {k: n for k, n in total.items() if n or k == "uncovered"}
+
     def exit_code(self, strict: bool = False) -> int:
         """Return the SPEC §5 exit code: failures win over incomplete scans."""
+        strict = strict or self.require_assurance is not None
         failing = FAILURES | ({"unverifiable"} if strict else set())
         if any(v.status in failing for v in self.verdicts):
             return 1
@@ -628,6 +725,8 @@ class ScanResult:
             "tier": self.tier,
             "checkpoints": [v.to_dict() for v in self.verdicts],
             "summary": self.summary(),
+            "coverage": self.coverage(),
+            "uncovered": sorted(self.uncovered),
         }
         if self.error:
             doc["error"] = self.error
@@ -654,12 +753,17 @@ def _find(reader: Reader, root: str, url: str) -> dict[str, dict[str, Any]]:
 
 def list_prefix(reader: Reader, root: str, prefix_url: str) -> list[Checkpoint]:
     """List a prefix once and group it into checkpoints; StorageError if it cannot be listed."""
+    return survey_prefix(reader, root, prefix_url).checkpoints
+
+
+def survey_prefix(reader: Reader, root: str, prefix_url: str) -> layouts.Survey:
+    """List a prefix once and account for every file under it; StorageError if it cannot be listed."""
     info = _stat_root(reader, root, prefix_url)
     if info.get("type") != "directory":
-        return [locate(reader, root, prefix_url)]
-    checkpoints = layouts.discover(_find(reader, root, prefix_url), root, prefix_url)
-    _mark_expected_manifests(checkpoints)
-    return checkpoints
+        return layouts.Survey(checkpoints=[locate(reader, root, prefix_url)])
+    found = layouts.survey(_find(reader, root, prefix_url), root, prefix_url)
+    _mark_expected_manifests(found.checkpoints)
+    return found
 
 
 def locate(reader: Reader, path: str, url: str) -> Checkpoint:
@@ -682,18 +786,37 @@ def locate(reader: Reader, path: str, url: str) -> Checkpoint:
     return ck
 
 
-def _mark_expected_manifests(checkpoints: list[Checkpoint]) -> None:
-    """Flag an unsealed checkpoint newer than every sealed sibling: its manifest is still being written."""
-    newest_sealed: dict[str, float] = {}
+# Clocks of writers and stores disagree a little; an mtime further ahead than this is not a sign
+# of a write in progress (it would keep a checkpoint `pending`, never verified, until that date).
+FUTURE_MTIME_SKEW = 600.0
+
+
+def _mark_expected_manifests(checkpoints: list[Checkpoint], now: float | None = None) -> None:
+    """Flag an unsealed checkpoint newer than every sealed sibling: its manifest is still being written.
+
+    "Newer" compares like with like: steps with steps where both sides have them, else
+    modification times; a step-less folder is never compared with a step number.
+    """
+    now = time.time() if now is None else now
+    newest_step: dict[str, int] = {}
+    newest_mtime: dict[str, float] = {}
     for ck in checkpoints:
-        if ck.manifest_path:
-            key = ck.step if ck.step is not None else (ck.newest_mtime() or 0.0)
-            newest_sealed[ck.run] = max(newest_sealed.get(ck.run, float("-inf")), float(key))
-    for ck in checkpoints:
-        if ck.manifest_path or ck.run not in newest_sealed:
+        if not ck.manifest_path:
             continue
-        key = ck.step if ck.step is not None else (ck.newest_mtime() or 0.0)
-        ck.expect_manifest = ck.expect_manifest or float(key) > newest_sealed[ck.run]
+        if ck.step is not None:
+            newest_step[ck.run] = max(newest_step.get(ck.run, ck.step), ck.step)
+        mtime = ck.newest_mtime()
+        if mtime is not None:
+            newest_mtime[ck.run] = max(newest_mtime.get(ck.run, mtime), mtime)
+    for ck in checkpoints:
+        if ck.manifest_path or ck.expect_manifest:
+            continue
+        if ck.step is not None and ck.run in newest_step:
+            ck.expect_manifest = ck.step > newest_step[ck.run]
+            continue
+        mtime = ck.newest_mtime()
+        if mtime is not None and ck.run in newest_mtime:
+            ck.expect_manifest = newest_mtime[ck.run] < mtime <= now + FUTURE_MTIME_SKEW
 
 
 def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) -> str | None:
@@ -703,8 +826,8 @@ def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) 
     if settle_seconds > 0:
         newest = ck.newest_mtime()
         now = time.time() if now is None else now
-        if newest is not None and now - newest < settle_seconds:
-            return f"written {now - newest:.0f}s ago, within the {settle_seconds:.0f}s settle time"
+        if newest is not None and now - newest < settle_seconds and newest <= now + FUTURE_MTIME_SKEW:
+            return f"written {max(0.0, now - newest):.0f}s ago, within the {settle_seconds:.0f}s settle time"
     return None
 
 
@@ -787,13 +910,17 @@ class Scanner:
              stop: threading.Event | None = None) -> ScanResult:
         """List the prefix and verify every checkpoint under it."""
         started = time.monotonic()
+        required = self.options.require_assurance.value if self.options.require_assurance else None
         try:
-            checkpoints = list_prefix(self.reader, root, prefix_url)
+            found = survey_prefix(self.reader, root, prefix_url)
         except StorageError as e:
             return ScanResult(prefix_url, self.options.tier, [], listed=False, error=str(e),
-                              duration_seconds=time.monotonic() - started)
-        verdicts = self.run(checkpoints, on_verdict=on_verdict, stop=stop)
-        return ScanResult(prefix_url, self.options.tier, verdicts, duration_seconds=time.monotonic() - started)
+                              duration_seconds=time.monotonic() - started, require_assurance=required)
+        verdicts = self.run(found.checkpoints, on_verdict=on_verdict, stop=stop)
+        sizes = {rel: int(i.get("size") or 0) for rel, i in found.uncovered.items()}
+        tags = {rel: int(i.get("size") or 0) for rel, i in found.run_files.items()}
+        return ScanResult(prefix_url, self.options.tier, verdicts, duration_seconds=time.monotonic() - started,
+                          uncovered=sizes, run_files=tags, require_assurance=required)
 
     def _submit(self, ck: Checkpoint, options: Options | None, stop: threading.Event | None, *,
                 guarded: bool) -> tuple[Any, Reader]:
@@ -890,11 +1017,13 @@ def result_from_dict(doc: dict[str, Any]) -> ScanResult:
     """Rebuild a ScanResult from its JSON form (a daemon's answer)."""
     verdicts = [
         Verdict(c["url"], c["run"], c["step"], c["layout"], c["status"], [Finding(**f) for f in c["findings"]],
-                c.get("bytes_read", 0), c.get("duration_seconds", 0.0), doc.get("tier", "content"))
+                c.get("bytes_read", 0), c.get("duration_seconds", 0.0), doc.get("tier", "content"),
+                c.get("assurance", Assurance.NONE.value), dict(c.get("coverage") or {}))
         for c in doc.get("checkpoints", [])
     ]
+    # A daemon's answer lists uncovered paths without sizes.
     return ScanResult(doc["prefix"], doc.get("tier", "content"), verdicts, listed=not doc.get("error"),
-                      error=doc.get("error"))
+                      error=doc.get("error"), uncovered={p: 0 for p in doc.get("uncovered", [])})
 
 
 def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], entry: FileEntry) -> Finding | None:

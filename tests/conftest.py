@@ -56,3 +56,21 @@ def webhdfs_svc(tmp_path_factory):
 
     with webhdfs_service(tmp_path_factory.mktemp("hdfs")) as svc:
         yield svc
+
+
+@pytest.fixture(scope="session")
+def writer_corpus(tmp_path_factory):
+    """Checkpoints written by the real training libraries (tests/writers), built once per test run.
+
+    `writer_corpus.get(name)` builds writer `name` on first use and returns its WrittenCheckpoint
+    (raises writers.WriterUnavailable where the library cannot write here). Under pytest-xdist all
+    workers share one cache (the run's common temp folder) and a file lock per writer, so each
+    writer is built once per run. The corpus is shared: `written.copy_to(tmp_path / "x")` before
+    damaging anything.
+    """
+    from writers.corpus import Corpus
+
+    base = tmp_path_factory.getbasetemp()
+    # xdist gives each worker its own basetemp inside the run's folder; share that parent.
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "writer-corpus"
+    return Corpus(root)

@@ -37,7 +37,7 @@ def test_clean_prefix_exits_0_with_json(prefix):
     assert set(doc) >= {"prefix", "tier", "checkpoints", "summary"}
     assert doc["summary"] == {"ok": 2} and doc["tier"] == "content"
     assert set(doc["checkpoints"][0]) == {"url", "run", "step", "layout", "status", "findings", "bytes_read",
-                                          "duration_seconds"}
+                                          "duration_seconds", "assurance", "coverage"}
 
 
 def test_damaged_checkpoint_exits_1_and_table_names_it(prefix):
