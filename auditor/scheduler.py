@@ -23,7 +23,7 @@ from auditor.layouts import Checkpoint
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
 from auditor.metrics import Metrics
 from auditor.state import Seal, State, fingerprint, open_state
-from auditor.storage import Throttle, open_url
+from auditor.storage import DeadlineExceeded, Throttle, open_url
 from auditor.verify import (
     FAILURES,
     Finding,
@@ -343,8 +343,13 @@ class Daemon:
             elif seal.fingerprint != fingerprint(ck):
                 stale.append(ck)
         pool = worker.scanner._checkpoints  # idle between runs; bounded by scan.jobs
-        for ck, fut in [(ck, pool.submit(self._read_manifest, worker, ck)) for ck in stale]:
-            manifest = fut.result()
+        tasks = [(ck, pool.submit(self._read_manifest, worker, ck, what=f"reading the manifest of {ck.url}",
+                                  timeout=worker.scanner.file_timeout)) for ck in stale]
+        for ck, task in tasks:
+            try:
+                manifest = task.result()
+            except DeadlineExceeded:  # the verdict will say so; nothing to remember
+                manifest = None
             if manifest is not None:
                 self.state.remember_seal(worker.url, ck.url, manifest.files, manifest.created_at.isoformat(),
                                          fingerprint(ck))

@@ -815,7 +815,7 @@ class DeadlinePool:
             if task.abandoned:
                 return  # a replacement took this worker's place
 
-    def submit(self, fn: Callable[..., Any], *args: Any, what: str, timeout: float | None = None,
+    def submit(self, fn: Callable[..., Any], *args: Any, what: str = "a call", timeout: float | None = None,
                on_timeout: Callable[[str], None] | None = None, deadline_name: str = "deadline") -> Task:
         """Queue `fn(*args)`; `timeout` counts from when a worker starts it."""
         task = Task(self, lambda: fn(*args), what, timeout, on_timeout, deadline_name)
