@@ -378,3 +378,24 @@ def test_sigterm_exits_within_the_grace_while_a_read_hangs(tmp_path, s3_svc):
     with sqlite3.connect(d.state) as db:
         assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
         assert db.execute("select count(*) from checkpoints").fetchone()[0] == 1
+
+
+def test_a_hung_call_frees_its_pool_slot():
+    import threading
+
+    from auditor.storage import DeadlineExceeded, DeadlinePool
+
+    pool = DeadlinePool(1, "t")
+    never = threading.Event()
+    aborted: list[str] = []
+    try:
+        hung = pool.submit(never.wait, what="reading hung.bin", timeout=0.3, on_timeout=aborted.append,
+                           deadline_name="file deadline (scan.file_timeout)")
+        with pytest.raises(DeadlineExceeded, match=r"reading hung.bin did not finish within the 0.3s file deadline"):
+            hung.result()
+        assert aborted and "hung.bin" in aborted[0]
+        # One worker, still hung: the next call runs on its replacement.
+        assert pool.submit(lambda: 42, what="next", timeout=5).result() == 42
+    finally:
+        never.set()
+        pool.shutdown(cancel_futures=True)
