@@ -604,6 +604,9 @@ class Reader:
         ranges = [(lo, min(lo + self.chunk_size, end)) for lo in range(start, end, self.chunk_size)]
         pending: list[tuple[Future[bytes], Lease]] = []
         nxt = 0
+        # Fetches run on a reader of their own, so those still in flight when the read ends early
+        # (an error, a consumer that stops) are aborted instead of reading on in the background.
+        fetcher = self.child()
         slot = self._lease(self.read_slots)
         try:
             for i in range(len(ranges)):
@@ -614,7 +617,8 @@ class Reader:
                     if budget is None:
                         break
                     lo, hi = ranges[nxt]
-                    pending.append((self._spawn(lambda lo=lo, hi=hi: self._fetch_exact(path, lo, hi, **kw)), budget))
+                    pending.append((fetcher._spawn(lambda lo=lo, hi=hi: fetcher._fetch_exact(path, lo, hi, **kw)),
+                                    budget))
                     nxt += 1
                 fut, budget = pending.pop(0)
                 try:
@@ -628,6 +632,8 @@ class Reader:
                 if short:
                     return  # the store lists the object shorter now: the digest will say so
         finally:
+            if pending:
+                fetcher.abort(f"read of {path} ended early")
             for fut, budget in pending:
                 fut.cancel()
                 budget.release()

@@ -37,6 +37,7 @@ from auditor.storage import (
     DeadlinePool,
     PathHazard,
     Reader,
+    ShortRead,
     StorageFault,
     Throttle,
     has_server_checksums,
@@ -239,12 +240,15 @@ class Context:
                     out.append((rel, task.result(self.until)))
                 except PathHazard as e:
                     out.append((rel, Finding(e.code, "error", rel, e.detail)))
-                except StorageFault as e:
+                except (DeadlineExceeded, ShortRead) as e:
+                    # This one object hangs or answers short; the others may be fine: go on with them.
                     out.append((rel, Finding("storage_error", "error", rel, str(e))))
                 except struct.error as e:
                     # A read that came back short after the store confirmed the object shrank.
                     out.append((rel, Finding("truncated", "error", rel, f"ends early: {e}")))
         except BaseException:
+            # Any other storage fault ends the checkpoint's check at once, as an outage would: one
+            # backend timeout per checkpoint, not one per file (Scanner._guarded then asks the store).
             for _rel, kid, _task in tasks:
                 kid.abort("checkpoint check ended early")
             raise
@@ -976,7 +980,10 @@ class Scanner:
         """
         probe = self.reader.child()
         timeout = min(self.file_timeout or 60.0, 60.0)
-        task = self._files.submit(probe.info, ck.path, what=f"stat {ck.url}", timeout=timeout, on_timeout=probe.abort)
+        # A pool of its own: the file workers may still be busy with the failed checkpoint's reads.
+        pool = DeadlinePool(1, "auditor-reach")
+        task = pool.submit(probe.info, ck.path, what=f"stat {ck.url}", timeout=timeout, on_timeout=probe.abort)
+        pool.shutdown()
         try:
             task.result()
         except (FileNotFoundError, PathHazard):
