@@ -399,7 +399,6 @@ class Reader:
         # Set by abort(): this reader's and its children's reads stop and give back their slots.
         self.cancelled = threading.Event()
         self._why = ""
-        self._parent: Reader | None = None
         self._children: weakref.WeakSet[Reader] = weakref.WeakSet()
         self._leases: set[Lease] = set()
         self._waits: set[Future[Any]] = set()
@@ -420,7 +419,6 @@ class Reader:
             stat_slots=self.stat_slots,
             range_budget=self.range_budget,
         )
-        kid._parent = self
         with self._lock:
             self._children.add(kid)
         if self.cancelled.is_set():
