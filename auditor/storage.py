@@ -290,11 +290,10 @@ def open_local_regular(path: str) -> Any:
 class GuardedLocalFileSystem(LocalFileSystem):
     """LocalFileSystem whose reads open regular files only: never a FIFO, a socket or a device."""
 
-    def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
-              cache_options: Any = None, **kwargs: Any) -> Any:
+    def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kwargs: Any) -> Any:
         if mode == "rb":
             return open_local_regular(self._strip_protocol(path))
-        return super()._open(path, mode, block_size, autocommit, cache_options, **kwargs)
+        return super()._open(path, mode=mode, block_size=block_size, **kwargs)
 
 
 def guarded_local(fs: AbstractFileSystem) -> AbstractFileSystem:
