@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fsspec import AbstractFileSystem
@@ -12,7 +12,16 @@ from auditor.config import Config, ScanConfig
 from auditor.errors import StorageError, UsageError
 from auditor.manifest import Manifest
 from auditor.storage import Throttle, open_url
-from auditor.verify import Assurance, Scanner, ScanResult, Verdict, build_options, locate, survey_prefix
+from auditor.verify import (
+    Assurance,
+    Scanner,
+    ScanResult,
+    Verdict,
+    build_options,
+    locate,
+    survey_prefix,
+    verify_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +43,20 @@ def verify_url(
     storage_options: dict[str, Any] | None = None,
     scan: ScanConfig | None = None,
     require_assurance: str | None = None,
+    allow_factories: Sequence[str] = (),
 ) -> ScanResult:
     """Verify the checkpoint at `url`: one verdict, or one per checkpoint when `url` holds several.
 
     A folder that holds checkpoints (a run) is verified as `rescan` would; a folder that is none by
     its files is verified as one checkpoint of layout `unknown`, so nothing in it goes unchecked.
+    `allow_factories` (MODULE:CALLABLE or MODULE:*) adds to `scan.allow_factories`: the probe factories
+    a manifest may name besides installed entry points.
     """
     scan = scan or ScanConfig(settle_time=0)
     fs, path = open_checked(url, storage_options)
     options = build_options(tier, strict=strict, require=scan.require,
-                            probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb)
+                            probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
+                            allow_factories=[*scan.allow_factories, *allow_factories])
     options.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     with Scanner(fs, options, jobs=jobs, file_timeout=scan.file_timeout,
                  checkpoint_timeout=scan.checkpoint_timeout) as scanner:
@@ -74,10 +87,12 @@ def rescan(
     require_assurance: str | None = None,
     file_timeout: float | None = None,
     checkpoint_timeout: float | None = None,
+    allow_factories: Sequence[str] = (),
 ) -> ScanResult:
     """Verify every checkpoint under `prefix`; record verdicts in the state database when configured.
 
     `file_timeout` / `checkpoint_timeout` override the configured deadlines (scan.file_timeout, ...).
+    `allow_factories` adds to the (per-prefix) `scan.allow_factories` of the config.
     """
     cfg_prefix = config.prefix(prefix) if config else None
     scan = config.scan_for(cfg_prefix) if config and cfg_prefix else (config.scan if config else ScanConfig(settle_time=0))
@@ -94,6 +109,7 @@ def rescan(
         require=scan.require,
         probe_timeout=scan.probe_timeout,
         probe_memory_mb=scan.probe_memory_mb,
+        allow_factories=[*scan.allow_factories, *allow_factories],
     )
     opts.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     store = None
@@ -131,10 +147,14 @@ def seal(
     fs: AbstractFileSystem | None = None,
     write_options: dict[str, Any] | None = None,
     upload_from: str | None = None,
+    allow_incomplete: bool = False,
 ) -> Manifest:
     """Seal the checkpoint at `url`, with a probe baseline when a model factory and batch are given.
 
-    With `upload_from`, first upload that local folder to `url`, with server-side checksums.
+    A manifest vouches for what it lists, so a failing checkpoint is not sealed: the content checks
+    run first; an `unsafe` one is refused always, an `incomplete` one unless `allow_incomplete`, a
+    damaged or partial one unless `force`. With `upload_from`, first upload that local folder to
+    `url`, with server-side checksums.
     """
     from auditor import writer
 
@@ -147,8 +167,30 @@ def seal(
         fs, _ = open_checked(url, storage_options)
     if upload_from is not None:
         writer.upload_dir(fs, upload_from, fs._strip_protocol(url))
+    _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs)
     return writer.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
                        git_commit=git_commit, probe=builder, write_options=write_options)
+
+
+def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int) -> None:
+    """Judge the checkpoint as it is, unsealed, and refuse to seal what fails (UsageError naming why)."""
+    with Scanner(fs, build_options("content"), jobs=jobs) as scanner:
+        try:
+            ck = locate(scanner.reader, fs._strip_protocol(url), url)
+        except StorageError as e:
+            raise UsageError(str(e)) if "does not exist" in str(e) else e from e
+        ck.manifest_path = None  # what is there now, not what an older manifest said
+        verdict = verify_checkpoint(ck, scanner.context())
+    why = "; ".join(f"{f.code}{' in ' + f.file if f.file else ''}: {f.detail}"
+                    for f in verdict.findings if f.severity == "error")[:2000]
+    if verdict.status == "error":
+        raise StorageError(f"cannot check {url} before sealing: {why}")
+    if verdict.status == "unsafe":
+        raise UsageError(f"refusing to seal {url}: unsafe: {why}")
+    if verdict.status == "incomplete" and not allow_incomplete:
+        raise UsageError(f"refusing to seal {url}: incomplete: {why}; --allow-incomplete seals it anyway")
+    if verdict.status in ("corrupt", "missing") and not force:
+        raise UsageError(f"refusing to seal {url}: {verdict.status}: {why}; --force seals it anyway")
 
 
 DEEP_TIERS = ("content", "probe")
@@ -186,10 +228,11 @@ def latest(
     run: str | None = None,
     config: Config | None = None,
     storage_options: dict[str, Any] | None = None,
+    allow_factories: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """Return the newest checkpoint under `prefix` verified ok at the content tier (or the probe):
     from the state database when it knows the prefix, else verified on the spot (content tier
-    plus probe)."""
+    plus probe, with `allow_factories` as in rescan)."""
     if config is not None and config.prefix(prefix) is not None:
         from auditor import state
 
@@ -200,7 +243,8 @@ def latest(
             store.close()
         if records:
             return newest_ok(records, run)
-    result = rescan(prefix, config=None if config is None else config, storage_options=storage_options)
+    result = rescan(prefix, config=None if config is None else config, storage_options=storage_options,
+                    allow_factories=allow_factories)
     if not result.listed:
         raise StorageError(result.error or f"cannot list {prefix}")
     return newest_ok([verdict_record(v) for v in result.verdicts], run)

@@ -19,6 +19,30 @@ TIER = click.Choice(TIERS)
 ASSURANCE = click.Choice([a.value for a in Assurance if a is not Assurance.NONE])
 
 
+def _check_factory(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from auditor.probe import parse_allow_pattern
+
+    try:
+        return tuple(parse_allow_pattern(v) for v in value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def _allow_factory(fn: Callable[..., None]) -> Callable[..., None]:
+    """`--allow-factory`, shared by the commands that may run a manifest's probe."""
+    return click.option(
+        "--allow-factory", "allow_factory", multiple=True, metavar="MODULE:CALLABLE", callback=_check_factory,
+        help="Let the probe run this factory when a manifest names it (repeatable; MODULE:* allows what MODULE "
+             "defines). Installed ckpt_auditor.models entry points need no flag; nothing else runs without one.",
+    )(fn)
+
+
+def _no_remote_allow(allow_factory: tuple[str, ...]) -> None:
+    if allow_factory:
+        raise UsageError("--allow-factory applies to scans run here; a daemon allows what its config's "
+                         "scan.allow_factories lists")
+
+
 class Progress:
     """Progress on stderr: a live line on a terminal, a line every few seconds otherwise."""
 
@@ -141,9 +165,10 @@ def main(verbose: int) -> None:
 @click.option("--file-timeout", default=None, help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
 @click.option("--checkpoint-timeout", default=None,
               help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
+@_allow_factory
 def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, jobs: int,
            require_assurance: str | None, storage_option: tuple[str, ...], file_timeout: str | None,
-           checkpoint_timeout: str | None) -> None:
+           checkpoint_timeout: str | None, allow_factory: tuple[str, ...]) -> None:
     """Verify one checkpoint (a folder or a single file); a folder of several verifies each."""
     from auditor import api
 
@@ -151,7 +176,7 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
         scan = ScanConfig(settle_time=0, **_deadlines(file_timeout, checkpoint_timeout))
         result = api.verify_url(checkpoint_url, tier=tier, strict=strict, jobs=jobs,
                                 storage_options=_options(storage_option), require_assurance=require_assurance,
-                                scan=scan)
+                                scan=scan, allow_factories=allow_factory)
         _emit(result, as_json)
         return result.exit_code(strict)
 
@@ -173,9 +198,11 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
 @click.option("--file-timeout", default=None, help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
 @click.option("--checkpoint-timeout", default=None,
               help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
+@_allow_factory
 def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool, strict: bool, jobs: int | None,
            settle_time: str | None, daemon: str | None, require_assurance: str | None,
-           storage_option: tuple[str, ...], file_timeout: str | None, checkpoint_timeout: str | None) -> None:
+           storage_option: tuple[str, ...], file_timeout: str | None, checkpoint_timeout: str | None,
+           allow_factory: tuple[str, ...]) -> None:
     """Verify every checkpoint under a prefix now."""
     from auditor import api
 
@@ -183,6 +210,7 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
         if daemon:
             from auditor import server
 
+            _no_remote_allow(allow_factory)
             result = server.remote_rescan(daemon, prefix, tier)
             result.require_assurance = require_assurance
             _emit(result, as_json)
@@ -195,7 +223,8 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
         progress = None if as_json and not sys.stderr.isatty() else Progress("rescan")
         result = api.rescan(prefix, config=cfg, tier=tier, strict=strict, jobs=jobs, settle_seconds=settle,
                             storage_options=_options(storage_option), on_verdict=progress,
-                            require_assurance=require_assurance, **_deadlines(file_timeout, checkpoint_timeout))
+                            require_assurance=require_assurance, allow_factories=allow_factory,
+                            **_deadlines(file_timeout, checkpoint_timeout))
         _emit(result, as_json)
         return result.exit_code(strict)
 
@@ -204,7 +233,9 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
 
 @main.command()
 @click.argument("checkpoint_url")
-@click.option("--model", "model_factory", default=None, help="module:callable (or a registered name) building the module.")
+@click.option("--model", "model_factory", default=None,
+              help="module:callable (or a registered name) building the module. Recorded in the manifest; "
+                   "verification runs it only where it is allowed (--allow-factory, scan.allow_factories).")
 @click.option("--model-kwargs", default=None, help="JSON object passed to the factory.")
 @click.option("--probe-batch", type=click.Path(exists=True, dir_okay=False), default=None,
               help="safetensors file with the 16-sample probe batch.")
@@ -212,15 +243,17 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
 @click.option("--run-config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON or YAML file with the run's config (optimizer, schedule, batch size, data version).")
 @click.option("--force", is_flag=True, help="Overwrite an existing manifest; seal damaged files anyway.")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Seal a checkpoint whose training state is incomplete (e.g. a weights-only export).")
 @click.option("--upload-from", type=click.Path(exists=True), default=None,
               help="Upload this local checkpoint to CHECKPOINT_URL first, with server-side checksums (S3 CRC32C).")
 @click.option("--jobs", type=click.IntRange(1, 256), default=4, show_default=True)
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest.")
 def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | None, probe_batch: str | None,
-         step: int | None, run_config: str | None, force: bool, upload_from: str | None, jobs: int,
-         storage_option: tuple[str, ...], as_json: bool) -> None:
-    """Write ckpt-manifest.json beside a checkpoint, last."""
+         step: int | None, run_config: str | None, force: bool, allow_incomplete: bool, upload_from: str | None,
+         jobs: int, storage_option: tuple[str, ...], as_json: bool) -> None:
+    """Check a checkpoint, then write ckpt-manifest.json beside it, last (a failing one is refused)."""
     from auditor import api
 
     def body() -> int:
@@ -244,7 +277,8 @@ def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | Non
                 raise UsageError(f"--run-config {run_config} must hold a mapping")
         manifest = api.seal(checkpoint_url, step=step, force=force, jobs=jobs, run_config=cfg,
                             model_factory=model_factory, model_kwargs=kwargs, probe_batch=probe_batch,
-                            storage_options=_options(storage_option), upload_from=upload_from)
+                            storage_options=_options(storage_option), upload_from=upload_from,
+                            allow_incomplete=allow_incomplete)
         if as_json:
             click.echo(manifest.to_json().decode())
         else:
@@ -327,8 +361,9 @@ def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
 @click.option("--daemon", default=None, help="Ask a running daemon (http://host:port).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+@_allow_factory
 def latest(prefix: str, run_name: str | None, config_path: str | None, daemon: str | None, as_json: bool,
-           storage_option: tuple[str, ...]) -> None:
+           storage_option: tuple[str, ...], allow_factory: tuple[str, ...]) -> None:
     """Print the newest checkpoint whose verdict is ok (exit 1 when there is none)."""
     from auditor import api
 
@@ -337,11 +372,13 @@ def latest(prefix: str, run_name: str | None, config_path: str | None, daemon: s
             from auditor import server
             from urllib.parse import quote
 
+            _no_remote_allow(allow_factory)
             doc = server.remote_get(daemon, f"/api/v1/checkpoints?prefix={quote(prefix, safe='')}")
             best = api.newest_ok(doc["checkpoints"], run_name)
         else:
             cfg = _config(config_path) if config_path else None
-            best = api.latest(prefix, run=run_name, config=cfg, storage_options=_options(storage_option))
+            best = api.latest(prefix, run=run_name, config=cfg, storage_options=_options(storage_option),
+                              allow_factories=allow_factory)
         if best is None:
             click.echo(f"auditor: no verified-ok checkpoint under {prefix}" + (f" in run {run_name}" if run_name else ""),
                        err=True)

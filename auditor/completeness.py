@@ -6,8 +6,9 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from auditor import safejson
+from auditor import pickles, safejson
 from auditor.manifest import TrainingState
+from auditor.verify import Finding
 
 _MODEL = re.compile(
     r"^(model|pytorch_model|adapter_model|consolidated|diffusion_pytorch_model)([-_.].*)?\.(safetensors|bin|pt|pth)$"
@@ -66,8 +67,6 @@ DEFAULT_REQUIRE: dict[str, tuple[str, ...]] = {
     "hf-model": ("model",),
     "unknown": ("model",),
 }
-# Deep checks load optimizer and RNG state; above this size (remote) they are skipped with a note.
-MAX_DEEP_LOAD_BYTES = 2 * 2**30
 _MISSING_CODE = {c: f"{c}_state_missing" for c in ("model", "optimizer", "scheduler", "rng", "scaler")} | {
     "step": "step_missing"
 }
@@ -85,10 +84,8 @@ def hook(require: list[str] | None = None) -> Any:
 
 def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] | None = None) -> list[Any]:
     """Check that the state needed to resume is present and consistent; also refuse unsafe pickles."""
-    from auditor.verify import Finding
-
     findings: list[Finding] = []
-    unsafe = _scan_pickles(reader, ck, findings)
+    unsafe, values = _scan_pickles(reader, ck, manifest, findings)
     if any(f.code == "storage_error" for f in findings):
         return findings
     layout = _layout(ck)
@@ -105,7 +102,7 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
         needed = (*needed, "scaler")
     lightning = None
     if layout == "lightning" and ck.name not in unsafe:
-        lightning = _load(reader, f"{ck.root}/{ck.name}", findings, ck.name)
+        lightning = _load(values, ck.name)
         if isinstance(lightning, dict):
             _lightning(lightning, state, findings, ck.name)
     present = {
@@ -128,14 +125,14 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
     for rel in state.optimizer:
         if rel in unsafe or ck.kind == "file":
             continue
-        optimizer = _load(reader, f"{ck.root}/{rel}", findings, rel)
+        optimizer = _load(values, rel)
         if isinstance(optimizer, dict):
             _check_optimizer(reader, ck, manifest, state, optimizer, findings, rel)
     scheduler = None
     for rel in state.scheduler:
         if rel in unsafe or rel.endswith(".json"):
             continue
-        scheduler = _load(reader, f"{ck.root}/{rel}", findings, rel)
+        scheduler = _load(values, rel)
         if isinstance(scheduler, dict) and isinstance(optimizer, dict):
             groups = len(optimizer.get("param_groups", []))
             base = scheduler.get("base_lrs")
@@ -145,7 +142,7 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
         if isinstance(scheduler, dict):
             _check_scheduler_step(scheduler, state, findings, rel, layout)
     if ck.kind != "file":
-        _check_rng(reader, ck, state, unsafe, findings)
+        _check_rng(values, state, unsafe, findings)
     return findings
 
 
@@ -169,60 +166,89 @@ TRAINER_ARGS_PREFIXES = (
     "transformers.trainer_pt_utils.AcceleratorConfig", "accelerate.state.PartialState",
     "accelerate.utils.dataclasses.",
 )
+# Every file torch.load or pickle.load would be pointed at: decided by content, not by this list,
+# which only says which files to look at.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+DCP_METADATA = ".metadata"
 
 
-def _scan_pickles(reader: Any, ck: Any, findings: list[Any]) -> set[str]:
-    """Statically scan every torch.save file; return the unsafe ones, already reported."""
-    from auditor import pickles
-    from auditor.verify import Finding
-
+def _scan_pickles(reader: Any, ck: Any, manifest: Any, findings: list[Any]) -> tuple[set[str], dict[str, Any]]:
+    """Read every pickle's skeleton, never loading; return the refused files (already reported) and
+    the skeleton values of the safe ones, by relative path."""
     unsafe: set[str] = set()
+    values: dict[str, Any] = {}
+    sealed = {e.path: e.size for e in manifest.files} if manifest is not None else {}
     for rel in sorted(ck.files):
-        if not rel.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        name = rel.rsplit("/", 1)[-1]
+        if name == DCP_METADATA:
+            _scan_dcp(reader, ck, rel, unsafe, findings)
+            continue
+        if not rel.endswith(PICKLE_SUFFIXES):
             continue
         try:
-            bad = pickles.scan_torch_file(reader.fs, f"{ck.root}/{rel}")
-        except ValueError as e:
-            findings.append(Finding("pickle_unreadable", "warning", rel, f"not scanned: {e}"))
-            continue
+            # A .pkl may be meant for pickle.load; the torch suffixes must be torch.save files.
+            values[rel] = pickles.read_torch_skeleton(reader.fs, f"{ck.root}/{rel}",
+                                                      plain_pickle=rel.endswith(".pkl")).value
+        except pickles.UnknownFormatError as e:
+            # Raw data under a torch suffix: nothing in it would be unpickled, and nothing is vouched for.
+            findings.append(Finding("not_a_pickle", "info", rel, f"neither a torch.save zip nor a pickle: {e}"))
+        except pickles.UnsafePickleError as e:
+            unsafe.add(rel)
+            findings.append(_unsafe_finding(ck, rel, e, sealed))
         except FileNotFoundError:
             continue
         except Exception as e:  # noqa: BLE001 - storage backends raise their own types
             findings.append(Finding("storage_error", "error", rel, f"{type(e).__name__}: {e}"))
-            continue
-        if rel.rsplit("/", 1)[-1] in TRAINER_ARGS_FILES and bad:
-            known = [g for g in bad if g.startswith(TRAINER_ARGS_PREFIXES) and ":" not in g]
-            bad = [g for g in bad if g not in known]
-            if known and not bad:
-                findings.append(Finding("trainer_args_pickle", "info", rel,
-                                        "imports transformers argument classes; never loaded by the auditor"))
-        if bad:
-            unsafe.add(rel)
-            findings.append(Finding("unsafe_pickle", "error", rel,
-                                    f"loading would import {', '.join(bad[:5])}; refused, never executed"))
-    return unsafe
+    return unsafe, values
 
 
-def _load(reader: Any, path: str, findings: list[Any], rel: str) -> Any:
-    from auditor import pickles
-    from auditor.storage import is_local
-    from auditor.verify import Finding
+def _unsafe_finding(ck: Any, rel: str, e: pickles.UnsafePickleError, sealed: dict[str, int]) -> Any:
+    """The finding for a refused file: unsafe, unless it is damage already proven or trainer args."""
+    size = ck.files.get(rel, {}).get("size")
+    resized = rel in sealed and size is not None and int(size) != sealed[rel]
+    if (resized and e.reasons) or (e.damaged and not e.imports):
+        # Cut short since sealing, or a pickle member failing its CRC: the size or CRC check
+        # already makes it corrupt, and these oddities are what that damage looks like. A named
+        # import is never explained away. Still refused, never loaded.
+        return Finding("pickle_unreadable", "warning", rel, f"damaged, not loaded: {'; '.join(e.globals)[:500]}")
+    if e.reasons:
+        seen = f"; before that it imports {', '.join(e.names[:5])}" if e.names else ""
+        return Finding("unsafe_pickle", "error", rel,
+                       f"cannot be parsed completely, so refused, never executed: {'; '.join(e.reasons)[:500]}{seen}")
+    bad = e.names
+    if rel.rsplit("/", 1)[-1] in TRAINER_ARGS_FILES:
+        known = [g for g in bad if g.startswith(TRAINER_ARGS_PREFIXES) and ":" not in g]
+        if known and len(known) == len(bad):
+            return Finding("trainer_args_pickle", "info", rel,
+                           "imports transformers argument classes; never loaded by the auditor")
+    return Finding("unsafe_pickle", "error", rel, f"loading would import {', '.join(bad[:5])}; refused, never executed")
 
+
+def _scan_dcp(reader: Any, ck: Any, rel: str, unsafe: set[str], findings: list[Any]) -> None:
+    """Check a DCP `.metadata` (plain pickle.load in torch) and the byte items it points at."""
+    folder = f"{ck.root}/{rel}".rsplit("/", 1)[0]
     try:
-        size = int(reader.info(path).get("size") or 0)
-        if not is_local(reader.fs) and size > MAX_DEEP_LOAD_BYTES:
-            findings.append(Finding("deep_check_skipped", "info", rel,
-                                    f"{size} bytes: too large to load for consistency checks"))
-            return None
-        # Structure and shapes are all the checks use: meta tensors skip reading the data.
-        return pickles.safe_torch_load(reader.fs, path, map_location="meta")
-    except ImportError:
-        findings.append(Finding("deep_check_skipped", "info", rel, "torch is not installed: presence checked only"))
+        pickles.read_dcp_checkpoint(reader.fs, folder)
+    except pickles.UnknownFormatError as e:
+        findings.append(Finding("not_a_pickle", "info", rel, f"DCP metadata that is not a pickle: {e}"))
     except pickles.UnsafePickleError as e:
-        findings.append(Finding("unsafe_pickle", "error", rel, str(e)))
-    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
-        findings.append(Finding("state_unreadable", "warning", rel, f"cannot load for consistency checks: {e}"))
-    return None
+        # A byte item's label is `<folder>/<file>@<offset>`: name the .distcp file it lives in.
+        where = e.path[len(folder) + 1:].split("@", 1)[0] if e.path.startswith(folder + "/") else rel
+        where = rel.rsplit("/", 1)[0] + "/" + where if "/" in rel else where
+        unsafe.add(where)
+        problems = e.names + e.reasons
+        findings.append(Finding("unsafe_pickle", "error", where,
+                                f"torch.distributed.checkpoint would unpickle {', '.join(problems[:5])[:500]}; "
+                                "refused, never executed"))
+    except FileNotFoundError:
+        return
+    except Exception as e:  # noqa: BLE001 - storage backends raise their own types
+        findings.append(Finding("storage_error", "error", rel, f"{type(e).__name__}: {e}"))
+
+
+def _load(values: dict[str, Any], rel: str) -> Any:
+    """The skeleton of a scanned, safe file (None when it was refused or unreadable)."""
+    return values.get(rel)
 
 
 def _lightning(obj: dict[str, Any], state: TrainingState, findings: list[Any], rel: str) -> None:
@@ -236,8 +262,6 @@ def _lightning(obj: dict[str, Any], state: TrainingState, findings: list[Any], r
 
 
 def _check_steps(ck: Any, manifest: Any, state: TrainingState, trainer_step: int | None, findings: list[Any]) -> None:
-    from auditor.verify import Finding
-
     seen: dict[str, int] = {}
     if ck.step is not None and ck.kind == "dir":
         seen["folder name"] = ck.step
@@ -254,8 +278,6 @@ def _check_steps(ck: Any, manifest: Any, state: TrainingState, trainer_step: int
 
 def _check_scheduler_step(scheduler: dict[str, Any], state: TrainingState, findings: list[Any], rel: str,
                           layout: str) -> None:
-    from auditor.verify import Finding
-
     last = scheduler.get("last_epoch")
     if not isinstance(last, int) or state.step is None or last == state.step:
         return
@@ -282,8 +304,6 @@ def _param_shapes(reader: Any, ck: Any, state: TrainingState) -> dict[str, tuple
 def _check_optimizer(reader: Any, ck: Any, manifest: Any, state: TrainingState, opt: dict[str, Any],
                      findings: list[Any], rel: str) -> None:
     """Every trainable parameter has optimizer state of its own shape; groups agree."""
-    from auditor.verify import Finding
-
     groups = opt.get("param_groups")
     per_param = opt.get("state")
     if not isinstance(groups, list) or not isinstance(per_param, dict):
@@ -332,16 +352,14 @@ def _param_names(groups: list[dict[str, Any]], manifest: Any, count: int) -> dic
     return names
 
 
-def _check_rng(reader: Any, ck: Any, state: TrainingState, unsafe: set[str], findings: list[Any]) -> None:
-    from auditor.verify import Finding
-
+def _check_rng(values: dict[str, Any], state: TrainingState, unsafe: set[str], findings: list[Any]) -> None:
     if state.rng and state.world_size and len(state.rng) != state.world_size:
         findings.append(Finding("rng_state_missing", "error", None,
                                 f"{len(state.rng)} RNG file(s) for world_size {state.world_size}"))
     for rel in state.rng:
         if rel in unsafe or rel.endswith(".json") or rel.endswith("model_optim_rng.pt"):
             continue
-        obj = _load(reader, f"{ck.root}/{rel}", findings, rel)
+        obj = _load(values, rel)
         if not isinstance(obj, dict):
             continue
         missing = [k for k in ("python", "numpy", "cpu") if k not in obj]

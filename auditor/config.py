@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from auditor.errors import ConfigError
+from auditor.probe import DEFAULT_MEMORY_MB, parse_allow_pattern
 from auditor.retention import RetentionConfig
 from auditor.storage import CHECKPOINT_TIMEOUT, FILE_TIMEOUT
 
@@ -35,6 +36,17 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def _split_list(value: Any) -> Any:
+    """Accept `a:b, c:*` (one string, as an environment variable carries it) as well as a YAML list."""
+    if isinstance(value, str):
+        return [v for v in re.split(r"[,\s]+", value) if v]
+    return value
+
+
+# Probe factories a manifest may name (MODULE:CALLABLE or MODULE:*); entry points need no entry.
+AllowFactories = Annotated[list[Annotated[str, AfterValidator(parse_allow_pattern)]], BeforeValidator(_split_list)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -52,7 +64,8 @@ class ScanConfig(_Strict):
     # Training-state components a checkpoint must hold; see README "Completeness".
     require: list[str] | None = None
     probe_timeout: Duration = 600.0
-    probe_memory_mb: int = Field(default=8192, ge=64)
+    probe_memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=64)
+    allow_factories: AllowFactories = []
     # Deadlines of one file's check and of one checkpoint's; see config.example.yaml.
     file_timeout: Duration = Field(default=FILE_TIMEOUT, gt=0)
     checkpoint_timeout: Duration = Field(default=CHECKPOINT_TIMEOUT, gt=0)
@@ -73,6 +86,7 @@ class ScanOverrides(_Strict):
     probe_memory_mb: int | None = Field(default=None, ge=64)
     file_timeout: Duration | None = Field(default=None, gt=0)
     checkpoint_timeout: Duration | None = Field(default=None, gt=0)
+    allow_factories: AllowFactories | None = None
 
 
 class PrefixConfig(_Strict):
@@ -132,7 +146,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         target = raw.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"environment variable {name} overrides {section}.{key}, but {section} is not a section")
-        target[key] = parsed if not isinstance(parsed, (dict, list)) or key in ("require",) else value
+        target[key] = parsed if not isinstance(parsed, (dict, list)) or key in ("require", "allow_factories") else value
     return raw
 
 

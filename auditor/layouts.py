@@ -207,7 +207,9 @@ def survey(listing: dict[str, dict[str, Any]], root: str, prefix_url: str, *, wh
     marked = {d: evidence(tree, d) for d in tree.dirs}
     below: dict[str, bool] = {}
     for d in sorted(tree.dirs, key=lambda p: -p.count("/")):
-        below[d] = any(marked[s] or below[s] or _step_named(posixpath.basename(s)) for s in tree.subdirs(d))
+        # Only a step-named folder below makes this one a run rather than a checkpoint: a marked
+        # folder without a step in its name is a part (FSDP's pytorch_model_fsdp_0/ DCP folder).
+        below[d] = any(below[s] or _step_named(posixpath.basename(s)) for s in tree.subdirs(d))
 
     def layout_of(folder: str) -> str | None:
         if marked[folder]:
@@ -259,8 +261,12 @@ def _expect_from_siblings(checkpoints: list[Checkpoint]) -> None:
     """
     groups: dict[tuple[str, str], list[Checkpoint]] = {}
     for ck in checkpoints:
-        if ck.kind == "dir" and ck.layout not in ("folder", "unknown"):
-            groups.setdefault((ck.run, ck.layout), []).append(ck)
+        if ck.kind != "dir" or ck.layout == "unknown":
+            continue
+        # Siblings of one series share their name but for the step (checkpoint-2, checkpoint-4),
+        # so losing the very file that named the writer (trainer_state.json) still shows.
+        family = re.sub(r"\d+", "#", ck.name)
+        groups.setdefault((ck.run, family if "#" in family else f"layout:{ck.layout}"), []).append(ck)
     for group in groups.values():
         if len(group) < 2:
             continue
@@ -271,7 +277,7 @@ def _expect_from_siblings(checkpoints: list[Checkpoint]) -> None:
             common = set.intersection(*(set(o.files) for o in others))
             # The auditor's own probe files come with sealing, not with the writer.
             for rel in sorted(r for r in common - set(ck.files) if not r.endswith(PROBE_SUFFIXES)):
-                ck.expected_absent[rel] = f"absent, but present in the {len(others)} other {ck.layout} checkpoint(s) of the run"
+                ck.expected_absent[rel] = f"absent, but present in the {len(others)} other checkpoint(s) of the run"
 
 
 def _rel(root: str, path: str) -> str:
@@ -297,10 +303,42 @@ def _loose_files(tree: _Tree, folder: str, root: str, prefix_url: str, out: Surv
             manifest_path=sidecar if sidecar in tree.info else None, files=files,
         ))  # fmt: skip
     for name in names:
+        # A sidecar whose file is gone: the checkpoint it sealed is missing, not an unclaimed file.
+        if name.endswith(SIDECAR_SUFFIX) and name not in companions:
+            file = name[: -len(SIDECAR_SUFFIX)]
+            if file and file not in names:
+                path = f"{folder}/{file}"
+                companions.add(name)
+                out.checkpoints.append(Checkpoint(
+                    url=_url(prefix_url, _rel(root, path)), path=path, run=_rel(root, folder), layout="single-file",
+                    kind="file", step=step_from_name(posixpath.splitext(file)[0]),
+                    manifest_path=f"{folder}/{name}", files={},
+                ))  # fmt: skip
+    for name in names:
         if name in companions:
             continue
         rel = _rel(root, f"{folder}/{name}")
         (out.run_files if name in RUN_TAG_FILES else out.uncovered)[rel] = tree.info[f"{folder}/{name}"]
+
+
+def adopt(found: Survey, rels: list[str], root: str, prefix_url: str) -> None:
+    """Make single-file checkpoints of uncovered files whose contents proved them torch files."""
+    root = root.rstrip("/")
+    for rel in rels:
+        info = found.uncovered.pop(rel)
+        path = f"{root}/{rel}"
+        folder = posixpath.dirname(rel) or "."
+        name = posixpath.basename(rel)
+        files = {name: info}
+        for suffix in PROBE_SUFFIXES:
+            if f"{rel}.{suffix}" in found.uncovered:
+                files[f"{name}.{suffix}"] = found.uncovered.pop(f"{rel}.{suffix}")
+        sidecar = found.uncovered.pop(rel + SIDECAR_SUFFIX, None)
+        found.checkpoints.append(Checkpoint(
+            url=_url(prefix_url, rel), path=path, run=folder, layout="single-file", kind="file",
+            step=step_from_name(name), files=files,
+            manifest_path=path + SIDECAR_SUFFIX if sidecar is not None else None,
+        ))  # fmt: skip
 
 
 def _dir_checkpoint(path: str, layout: str, run: str, files: dict[str, dict[str, Any]], root: str,

@@ -100,7 +100,8 @@ class PrefixWorker:
         self.fs, self.root = open_url(pcfg.url, pcfg.storage_options)
         self.lock = threading.Lock()  # a rescan job and a tick never run over one prefix at once
         base = dict(strict=scan.strict, settle_seconds=scan.settle_time, require=scan.require,
-                    probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb)
+                    probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
+                    allow_factories=scan.allow_factories)
         self.options = {tier: build_options(tier, **base) for tier in ("metadata", "content", "probe")}
         for opts in self.options.values():
             opts.baseline = state.baseline_lookup(self.url)
@@ -451,7 +452,8 @@ class Daemon:
         """Scan now at `tier` (default: content, plus probe where sealed with one), recording verdicts."""
         options = build_options(tier, strict=worker.scan.strict, settle_seconds=worker.scan.settle_time,
                                 require=worker.scan.require, probe_timeout=worker.scan.probe_timeout,
-                                probe_memory_mb=worker.scan.probe_memory_mb)
+                                probe_memory_mb=worker.scan.probe_memory_mb,
+                                allow_factories=worker.scan.allow_factories)
         options.baseline = self.state.baseline_lookup(worker.url)
         root = worker.fs._strip_protocol(prefix).rstrip("/") if prefix.rstrip("/") != worker.url.rstrip("/") \
             else worker.root

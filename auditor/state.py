@@ -26,7 +26,7 @@ from auditor.verify import FAILURES, Finding, ScanResult, Verdict
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # SQLite and PostgreSQL integers are signed 64-bit; a step or size past this is data, not a crash.
 DB_INT_MAX = 2**63 - 1
 # Which latest status wins when tiers disagree: a failure at any tier stands until that tier passes.
@@ -61,6 +61,7 @@ latest = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("findings", sa.Text, nullable=False),
     sa.Column("at", sa.Float, nullable=False),
+    sa.Column("assurance", sa.String(16)),  # v4: what that verdict proved
 )  # fmt: skip
 history = sa.Table(
     "history", metadata,
@@ -129,7 +130,13 @@ def _v3(conn: sa.Connection) -> None:
     sealed_files.create(conn, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3}
+def _v4(conn: sa.Connection) -> None:
+    # Tables created at v1 by this code already have the column; older files get it added.
+    if "assurance" not in {c["name"] for c in sa.inspect(conn).get_columns("latest")}:
+        conn.execute(sa.text("ALTER TABLE latest ADD COLUMN assurance VARCHAR(16)"))
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
 
 
 def db_int(value: int | None) -> int | None:
@@ -268,16 +275,20 @@ class State:
                 sa.select(latest.c.tier, latest.c.status).where(latest.c.checkpoint_id == cid)).mappings()}
             # An outage or an unsettled write says nothing about the bytes: keep what we knew.
             keeps_known = verdict.status in ("error", "pending") and tiers
+            # A probe pass whose probe did not run (factory not allowed) proves nothing of the probe.
+            skipped = verdict.tier == "probe" and any(f.code in PROBE_NOT_RUN for f in verdict.findings)
+            keeps_known = keeps_known or (skipped and "probe" in tiers)
             if not keeps_known:
                 conn.execute(latest.delete().where(latest.c.checkpoint_id == cid, latest.c.tier == verdict.tier))
                 conn.execute(latest.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
-                                                    findings=findings, at=now))
+                                                    findings=findings, at=now, assurance=verdict.assurance))
                 tiers[verdict.tier] = verdict.status
                 if verdict.status in ("ok", "unverifiable"):
                     # A newer pass clears what it re-proves: content re-reads every byte, so it
-                    # settles byte-level failures found by any tier; only a probe settles drift.
+                    # settles byte-level failures found by any tier; only a probe that ran settles drift.
+                    covers = COVERS["content"] if skipped else COVERS[verdict.tier]
                     for other, status in list(tiers.items()):
-                        if other != verdict.tier and status in COVERS[verdict.tier]:
+                        if other != verdict.tier and status in covers:
                             conn.execute(latest.update().where(latest.c.checkpoint_id == cid,
                                                                latest.c.tier == other).values(status=verdict.status))
                             tiers[other] = verdict.status
@@ -407,13 +418,17 @@ class State:
         by_id: dict[int, dict[str, Any]] = {}
         for t in tiers:
             by_id.setdefault(t["checkpoint_id"], {})[t["tier"]] = {"status": t["status"], "at": t["at"],
-                                                                   "findings": json.loads(t["findings"])}
+                                                                   "findings": json.loads(t["findings"]),
+                                                                   "assurance": t["assurance"]}
         out = []
         for r in rows:
             per_tier = by_id.get(r["id"], {})
             findings = [f for t in per_tier.values() for f in t["findings"]]
+            # The deepest tier that looked says what the checkpoint's current verdict proved.
+            deepest = next((per_tier[t] for t in ("probe", "content", "metadata") if t in per_tier), {})
             out.append({"prefix": r["prefix"], "url": r["url"], "run": r["run"], "step": r["step"],
-                        "layout": r["layout"], "status": r["status"], "sealed": r["sealed"],
+                        "layout": r["layout"], "status": r["status"], "assurance": deepest.get("assurance") or "none",
+                        "sealed": r["sealed"],
                         "last_verified": r["last_verified"], "tiers": {k: v["status"] for k, v in per_tier.items()},
                         "findings": findings})
         return out
@@ -426,6 +441,8 @@ class State:
 
 
 _BYTES = frozenset({"corrupt", "missing", "incomplete", "unsafe", "unverifiable"})
+# Findings of a probe-tier verdict whose probe did not run: it proved no more than the content tier.
+PROBE_NOT_RUN = frozenset({"probe_factory_not_allowed", "no_probe"})
 COVERS = {"metadata": frozenset({"unverifiable"}), "content": _BYTES, "probe": _BYTES | {"drift"}}
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from auditor import formats, layouts, safejson
+from auditor import formats, layouts, pickles, safejson
 from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
@@ -641,6 +641,8 @@ def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Fin
                 findings.append(Finding(code, "error", shard, detail))
         except formats.FormatError as e:
             findings.append(Finding(e.code, "error", index_rel, str(e)))
+    for meta_rel in [r for r in ck.files if r == ".metadata" or r.endswith("/.metadata")]:
+        checked |= _dcp_extents(ck, reader, meta_rel, findings)
     if not ck.files:
         findings.append(Finding("file_missing", "error", None, "the checkpoint holds no files"))
     return checked
@@ -650,19 +652,42 @@ def _bind_structural(path: str, size: int) -> Callable[[Reader], Any]:
     return lambda reader: _structural_one(reader, path, size)
 
 
+def _dcp_extents(ck: Checkpoint, reader: Reader, meta_rel: str, findings: list[Finding]) -> set[str]:
+    """Check that every .distcp file a DCP `.metadata` places items in exists and reaches their end."""
+    folder = meta_rel[: -len(".metadata")]
+    try:
+        dcp = pickles.read_dcp_checkpoint(reader.fs, f"{ck.root}/{folder}".rstrip("/"))
+    except (ValueError, OSError):
+        return set()  # the pickle checks report a metadata file they cannot read
+    checked = {meta_rel}
+    for rel, end in sorted(dcp.extents.items()):
+        full = folder + rel
+        info = ck.files.get(full)
+        if info is None:
+            findings.append(Finding("file_missing", "error", full, f"{meta_rel} places data in it up to byte {end}"))
+            continue
+        checked.add(full)
+        size = int(info.get("size") or 0)
+        if size < end:
+            findings.append(Finding("truncated", "error", full, f"{size} bytes, {meta_rel} places data up to byte {end}"))
+    return checked
+
+
 def _structural_one(reader: Reader, path: str, size: int) -> tuple[bool, formats.SafetensorsHeader | None, Finding | None]:
     rel = path.rsplit("/", 1)[-1]
     try:
         if path.endswith(".safetensors"):
             return True, formats.parse_safetensors_header(reader, path, size), None
-        if path.endswith(ZIP_SUFFIXES) and formats.is_zip(reader, path, size):
+        if path.endswith(".json") and not path.endswith(".manifest.json"):
+            safejson.loads(reader.read(path, limit=MAX_MANIFEST_BYTES), max_bytes=MAX_MANIFEST_BYTES)
+            return True, None, None
+        # A zip is a zip whatever its name (accelerate's .pkl, an export without a suffix): its
+        # CRCs are the one checksum an unsealed file carries.
+        if formats.is_zip(reader, path, size):
             formats.check_zip(reader, path)
             return True, None, None
         if path.endswith(ZIP_SUFFIXES) and size == 0:
             return True, None, Finding("truncated", "error", rel, "empty file")
-        if path.endswith(".json") and not path.endswith(".manifest.json"):
-            safejson.loads(reader.read(path, limit=MAX_MANIFEST_BYTES), max_bytes=MAX_MANIFEST_BYTES)
-            return True, None, None
     except formats.FormatError as e:
         return True, None, Finding(e.code, "error", rel, str(e))
     except ValueError as e:
@@ -920,11 +945,34 @@ class Scanner:
         except StorageError as e:
             return ScanResult(prefix_url, self.options.tier, [], listed=False, error=str(e),
                               duration_seconds=time.monotonic() - started, require_assurance=required)
+        if self.options.tier != "metadata":
+            self._adopt_by_content(found, root, prefix_url)
         verdicts = self.run(found.checkpoints, on_verdict=on_verdict, stop=stop)
         sizes = {rel: int(i.get("size") or 0) for rel, i in found.uncovered.items()}
         tags = {rel: int(i.get("size") or 0) for rel, i in found.run_files.items()}
         return ScanResult(prefix_url, self.options.tier, verdicts, duration_seconds=time.monotonic() - started,
                           uncovered=sizes, run_files=tags, require_assurance=required)
+
+    def _adopt_by_content(self, found: layouts.Survey, root: str, prefix_url: str) -> None:
+        """Check files no name claimed: a torch.save file is a checkpoint whatever it is called."""
+        candidates = sorted(r for r, i in found.uncovered.items() if int(i.get("size") or 0) >= len(_ZIP_MAGIC))
+        if len(candidates) > MAX_SNIFFED:
+            logger.info("%d unclaimed files under %s: sniffing the first %d", len(candidates), prefix_url, MAX_SNIFFED)
+        base = root.rstrip("/")
+        tasks = []
+        for rel in candidates[:MAX_SNIFFED]:
+            kid = self.reader.child()
+            tasks.append((rel, self._files.submit(_is_torch_file, kid, f"{base}/{rel}", what=f"reading {rel}",
+                                                  timeout=self.file_timeout, on_timeout=kid.abort,
+                                                  deadline_name=FILE_DEADLINE)))
+        hits = []
+        for rel, task in tasks:
+            try:
+                if task.result():
+                    hits.append(rel)
+            except (DeadlineExceeded, CancelledError):
+                continue  # a hung sniff leaves the file uncovered, as any unreadable one
+        layouts.adopt(found, hits, root, prefix_url)
 
     def _submit(self, ck: Checkpoint, options: Options | None, stop: threading.Event | None, *,
                 guarded: bool) -> tuple[Any, Reader]:
@@ -997,6 +1045,20 @@ def _error_verdict(ck: Checkpoint, tier: str, code: str, detail: str) -> Verdict
     return Verdict(ck.url, ck.run, ck.step, ck.layout, "error", [Finding(code, "error", None, detail)], tier=tier)
 
 
+# Unclaimed files read (8 bytes each) to find torch.save files with unconventional names.
+MAX_SNIFFED = 1000
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _is_torch_file(reader: Reader, path: str) -> bool:
+    """Tell from its first bytes whether a file is a torch.save zip or a pickle (protocol 2+)."""
+    try:
+        head = reader.read(path, 0, 4, limit=4)
+    except (OSError, ValueError):
+        return False  # reported as uncovered; verifying it is not this function's business
+    return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def build_options(
     tier: str | None,
     *,
@@ -1004,9 +1066,14 @@ def build_options(
     settle_seconds: float = 0.0,
     require: list[str] | None = None,
     probe_timeout: float = 600.0,
-    probe_memory_mb: int = 8192,
+    probe_memory_mb: int | None = None,
+    allow_factories: Iterable[str] = (),
 ) -> Options:
-    """Assemble verification options with every available hook (completeness, probe, server checksums)."""
+    """Assemble verification options with every available hook (completeness, probe, server checksums).
+
+    `allow_factories` (MODULE:CALLABLE or MODULE:*) names the probe factories a manifest may ask for,
+    besides installed `ckpt_auditor.models` entry points; UsageError for a badly spelled entry.
+    """
     from auditor import completeness, probe
 
     return Options(
@@ -1014,7 +1081,9 @@ def build_options(
         strict=strict,
         settle_seconds=settle_seconds,
         probe_auto=tier is None,
-        probe=probe.probe_hook(timeout=probe_timeout, memory_mb=probe_memory_mb),
+        probe=probe.probe_hook(timeout=probe_timeout,
+                               memory_mb=probe.DEFAULT_MEMORY_MB if probe_memory_mb is None else probe_memory_mb,
+                               allow_factories=allow_factories),
         completeness=completeness.hook(require),
         server_checksums=compare_server_checksum,
     )

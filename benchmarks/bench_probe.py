@@ -127,8 +127,8 @@ import safetensors.torch as st
 import torch
 mark("imports (torch, auditor.probe)")
 resolve = P.resolve_factory
-def resolve_factory(spec):
-    factory = resolve(spec)
+def resolve_factory(spec, allowed):
+    factory = resolve(spec, allowed)
     def build(**kw):
         mark("factory imported")
         model = factory(**kw)
@@ -249,11 +249,13 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
 
         TimeoutExpired = sp.TimeoutExpired
         CalledProcessError = sp.CalledProcessError
+        DEVNULL = sp.DEVNULL
 
         @staticmethod
-        def run(cmd: list[str], **kw: Any) -> Any:
-            last["request"], last["env"] = kw.get("input"), kw.get("env")
-            return sp.run(launched(list(cmd), "probe"), **kw)
+        def Popen(cmd: list[str], **kw: Any) -> Any:  # noqa: N802 - stands in for subprocess.Popen
+            # The sandboxed child reads its request from the file named last on its command line.
+            last["request"], last["env"] = Path(cmd[-1]).read_text(), kw.get("env")
+            return sp.Popen(launched(list(cmd), "probe"), **kw)
 
     probe.subprocess = Subprocess  # type: ignore[attr-defined, assignment]
 
@@ -266,7 +268,7 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
     manifest = load_manifest(reader, ck)
     assert manifest.probe is not None
     threads = int(getattr(manifest.probe, "threads", None) or probe.DEFAULT_THREADS)
-    hook = probe.probe_hook()
+    hook = probe.probe_hook(allow_factories=[manifest.probe.model.factory])  # the benchmark's own factory
     root = os.path.dirname(path)
     request = json.dumps({"factory": manifest.probe.model.factory, "kwargs": manifest.probe.model.kwargs,
                           "weights": os.path.join(root, ck.name), "threads": threads,
@@ -300,7 +302,7 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
 
     def verify(tier: str) -> float:
         started = time.perf_counter()
-        result = auditor.verify_url(url, tier=tier)
+        result = auditor.verify_url(url, tier=tier, allow_factories=[FACTORY])
         seconds = time.perf_counter() - started
         v = result.verdicts[0]
         if v.status != "ok":

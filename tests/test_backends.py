@@ -63,8 +63,9 @@ def sealed(store: Store, tmp_path: Path, rel: str = "run/checkpoint-100", step: 
     return path
 
 
-def verify(store: Store, rel: str = "run/checkpoint-100", tier: str | None = None):
-    result = auditor.verify_url(store.url_of(rel), tier=tier, storage_options=store.storage_options)
+def verify(store: Store, rel: str = "run/checkpoint-100", tier: str | None = None, allow_factories=()):
+    result = auditor.verify_url(store.url_of(rel), tier=tier, storage_options=store.storage_options,
+                                allow_factories=allow_factories)
     assert len(result.verdicts) == 1, result.to_dict()
     return result.verdicts[0]
 
@@ -255,6 +256,6 @@ def test_probe_tier_on_remote_storage(remote, tmp_path, monkeypatch):
     save_file({"x": torch.randn(16, 16)}, str(tmp_path / "batch.safetensors"))
     auditor.seal(remote.url_of("run/checkpoint-100"), storage_options=remote.storage_options,
                  model_factory="probe_models:mlp", probe_batch=str(tmp_path / "batch.safetensors"))
-    v = verify(remote, tier="probe")
+    v = verify(remote, tier="probe", allow_factories=["probe_models:mlp"])
     assert v.status == "ok", v.findings
     assert remote.fs.exists(remote.path("run/checkpoint-100/ckpt-probe-reference.safetensors"))

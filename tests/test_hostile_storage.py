@@ -374,7 +374,7 @@ def test_sigterm_exits_within_the_grace_while_a_read_hangs(tmp_path, s3_svc):
         d.kill()
         backend.faults.allow()
     assert code == 0, (code, d.tail())
-    assert took < 25, (took, d.tail())
+    assert took < 28, (took, d.tail())  # the 15 s grace, under the 30 s Kubernetes allows
     with sqlite3.connect(d.state) as db:
         assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
         assert db.execute("select count(*) from checkpoints").fetchone()[0] == 1

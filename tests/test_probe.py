@@ -21,6 +21,8 @@ import auditor
 from auditor.manifest import MANIFEST_NAME
 
 TESTS = str(Path(__file__).parent)
+# Manifests name these test factories; the operator must allow them for the probe to run them.
+ALLOW = ["probe_models:*", "drifty:*"]
 
 
 @pytest.fixture(autouse=True)
@@ -62,9 +64,9 @@ def test_mlp_probe_ok_and_recorded(tmp_path):
     probe = doc["probe"]
     assert probe["model"]["factory"] == "probe_models:mlp" and probe["outputs"]["shape"] == [16, 4]
     assert (d / probe["batch"]["path"]).exists() and (d / probe["outputs"]["reference"]).exists()
-    r = auditor.verify_url(str(d))
+    r = auditor.verify_url(str(d), allow_factories=ALLOW)
     assert status(r) == "ok", r.to_dict()
-    assert status(auditor.verify_url(str(d), tier="probe")) == "ok"
+    assert status(auditor.verify_url(str(d), tier="probe", allow_factories=ALLOW)) == "ok"
 
 
 def test_flipped_weight_bit_is_corrupt_naming_the_tensor(tmp_path):
@@ -119,7 +121,7 @@ def seal_drifty(tmp_path: Path, code: Path) -> Path:
 def test_changed_activation_is_drift(tmp_path, importable_factories):
     d = seal_drifty(tmp_path, importable_factories)
     write_module(importable_factories, forward="self.head(torch.relu(self.body(x @ self.mix)))")
-    r = auditor.verify_url(str(d), tier="probe", scan=None)
+    r = auditor.verify_url(str(d), tier="probe", scan=None, allow_factories=ALLOW)
     assert status(r) == "drift", r.to_dict()
     assert "probe_mismatch" in codes(r)
 
@@ -129,14 +131,14 @@ def test_changed_initialisation_order_is_drift(tmp_path, importable_factories):
     # The random, non-persistent buffer now draws from the generator before the layers do.
     write_module(importable_factories, init="self.register_buffer('mix', torch.randn(width, width), persistent=False)\n"
                  "        self.body = torch.nn.Linear(width, width)\n        self.head = torch.nn.Linear(width, 4)")
-    assert status(auditor.verify_url(str(d), tier="probe")) == "drift"
+    assert status(auditor.verify_url(str(d), tier="probe", allow_factories=ALLOW)) == "drift"
 
 
 def test_renamed_parameter_is_drift_naming_the_key(tmp_path, importable_factories):
     d = seal_drifty(tmp_path, importable_factories)
     write_module(importable_factories,
                  init=BASE["init"].replace("self.head", "self.out"), forward=BASE["forward"].replace("self.head", "self.out"))
-    r = auditor.verify_url(str(d), tier="probe")
+    r = auditor.verify_url(str(d), tier="probe", allow_factories=ALLOW)
     assert status(r) == "drift"
     (f,) = [f for f in r.verdicts[0].findings if f.code == "probe_load_mismatch"]
     assert "out.weight" in f.detail and "head.weight" in f.detail
@@ -145,7 +147,7 @@ def test_renamed_parameter_is_drift_naming_the_key(tmp_path, importable_factorie
 def test_tolerated_numeric_drift_is_a_warning(tmp_path, importable_factories):
     d = seal_drifty(tmp_path, importable_factories)
     write_module(importable_factories, forward=BASE["forward"] + " + 1e-7")
-    r = auditor.verify_url(str(d), tier="probe")
+    r = auditor.verify_url(str(d), tier="probe", allow_factories=ALLOW)
     assert status(r) == "ok" and "probe_numeric_drift" in codes(r), r.to_dict()
 
 
@@ -208,7 +210,7 @@ def test_child_over_memory_limit_is_error_and_parent_survives(tmp_path):
     assert probe_models.hog  # the hostile factory exists
     doc["probe"]["model"]["factory"] = "probe_models:hog"
     (d / MANIFEST_NAME).write_text(json.dumps(doc))
-    r = verify_url(str(d), tier="probe", scan=ScanConfig(settle_time=0, probe_memory_mb=1024))
+    r = verify_url(str(d), tier="probe", scan=ScanConfig(settle_time=0, probe_memory_mb=1024), allow_factories=ALLOW)
     assert status(r) == "error", r.to_dict()
     (f,) = [f for f in r.verdicts[0].findings if f.code == "probe_error"]
     assert "memory" in f.detail.lower() or "allocate" in f.detail.lower()
@@ -225,7 +227,7 @@ def test_tiny_transformer_probe(tmp_path):
     (d / "config.json").write_text("{}")
     auditor.seal(str(d), step=2, model_factory="probe_models:tiny_transformer",
                  probe_batch=batch(tmp_path, (16, 12), "input_ids", ints=64))
-    assert status(auditor.verify_url(str(d), tier="probe")) == "ok"
+    assert status(auditor.verify_url(str(d), tier="probe", allow_factories=ALLOW)) == "ok"
 
 
 def test_optimizer_without_state_for_one_parameter_is_incomplete(tmp_path):
@@ -239,7 +241,7 @@ def test_optimizer_without_state_for_one_parameter_is_incomplete(tmp_path):
     cold = names.index("layers.1.bias")
     del sd["state"][sd["param_groups"][0]["params"][cold]]
     torch.save(sd, d / "optimizer.pt")
-    auditor.seal(str(d))
+    auditor.seal(str(d), allow_incomplete=True)  # sealed as it is, to be judged at verify
     r = auditor.verify_url(str(d))
     assert status(r) == "incomplete"
     (f,) = [f for f in r.verdicts[0].findings if f.code == "cold_optimizer_params"]
@@ -248,7 +250,7 @@ def test_optimizer_without_state_for_one_parameter_is_incomplete(tmp_path):
 
 def test_missing_rng_is_incomplete(tmp_path):
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-100", step=100, rng=False)
-    auditor.seal(str(d))
+    auditor.seal(str(d), allow_incomplete=True)  # sealed as it is, to be judged at verify
     r = auditor.verify_url(str(d))
     assert status(r) == "incomplete" and "rng_state_missing" in codes(r)
 
@@ -317,6 +319,7 @@ def test_torch_distributed_checkpoint_folder_probe(tmp_path):
     auditor.seal(str(d), step=40, model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
     from auditor.config import ScanConfig
 
-    r = auditor.verify_url(str(d), tier="probe", scan=ScanConfig(settle_time=0, require=["model", "step"]))
+    r = auditor.verify_url(str(d), tier="probe", scan=ScanConfig(settle_time=0, require=["model", "step"]),
+                           allow_factories=ALLOW)
     assert status(r) == "ok", r.to_dict()
     assert r.verdicts[0].layout == "dcp"
