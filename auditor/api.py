@@ -58,7 +58,8 @@ def verify_url(
                             probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
                             allow_factories=[*scan.allow_factories, *allow_factories])
     options.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
-    with Scanner(fs, options, jobs=jobs) as scanner:
+    with Scanner(fs, options, jobs=jobs, file_timeout=scan.file_timeout,
+                 checkpoint_timeout=scan.checkpoint_timeout) as scanner:
         try:
             found = survey_prefix(scanner.reader, path, url)
             if not found.checkpoints:
@@ -84,14 +85,20 @@ def rescan(
     storage_options: dict[str, Any] | None = None,
     on_verdict: Callable[[Verdict, int, int], None] | None = None,
     require_assurance: str | None = None,
+    file_timeout: float | None = None,
+    checkpoint_timeout: float | None = None,
     allow_factories: Sequence[str] = (),
 ) -> ScanResult:
     """Verify every checkpoint under `prefix`; record verdicts in the state database when configured.
 
+    `file_timeout` / `checkpoint_timeout` override the configured deadlines (scan.file_timeout, ...).
     `allow_factories` adds to the (per-prefix) `scan.allow_factories` of the config.
     """
     cfg_prefix = config.prefix(prefix) if config else None
     scan = config.scan_for(cfg_prefix) if config and cfg_prefix else (config.scan if config else ScanConfig(settle_time=0))
+    deadlines = {k: v for k, v in (("file_timeout", file_timeout), ("checkpoint_timeout", checkpoint_timeout))
+                 if v is not None}
+    scan = scan.model_copy(update=deadlines) if deadlines else scan
     options = dict(cfg_prefix.storage_options) if cfg_prefix else {}
     options.update(storage_options or {})
     fs, root = open_checked(prefix, options)
@@ -113,7 +120,8 @@ def rescan(
         opts.baseline = store.baseline_lookup(prefix)
     throttle = Throttle(scan.max_bytes_per_second)
     try:
-        with Scanner(fs, opts, jobs=jobs or scan.jobs, throttle=throttle, list_jobs=scan.list_jobs) as scanner:
+        with Scanner(fs, opts, jobs=jobs or scan.jobs, throttle=throttle, list_jobs=scan.list_jobs,
+                     file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout) as scanner:
             result = scanner.scan(root, prefix, on_verdict=on_verdict)
         if store is not None:
             store.record_scan(prefix, result)

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from auditor import __version__
-from auditor.config import Config, load_config, parse_duration
+from auditor.config import Config, ScanConfig, load_config, parse_duration
 from auditor.errors import AuditorError, UsageError
 from auditor.verify import TIERS, Assurance, ScanResult, Verdict
 
@@ -121,6 +121,23 @@ def _run(fn: Callable[[], int | None]) -> None:
     sys.exit(code)
 
 
+def _deadlines(file_timeout: str | None, checkpoint_timeout: str | None) -> dict[str, float]:
+    """Parse --file-timeout / --checkpoint-timeout; a bad or non-positive value names its flag (exit 2)."""
+    out = {}
+    for flag, key, value in (("--file-timeout", "file_timeout", file_timeout),
+                             ("--checkpoint-timeout", "checkpoint_timeout", checkpoint_timeout)):
+        if value is None:
+            continue
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            raise UsageError(f"{flag}: {e}") from e
+        if seconds <= 0:
+            raise UsageError(f"{flag}: must be positive, got {value!r}")
+        out[key] = seconds
+    return out
+
+
 def _config(path: str | None) -> Config:
     return load_config(path)
 
@@ -145,16 +162,21 @@ def main(verbose: int) -> None:
 @click.option("--require-assurance", type=ASSURANCE, default=None,
               help="Count an `ok` that proved less than this (e.g. sealed) as a failure.")
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+@click.option("--file-timeout", default=None, help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
+@click.option("--checkpoint-timeout", default=None,
+              help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
 @_allow_factory
 def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, jobs: int,
-           require_assurance: str | None, storage_option: tuple[str, ...], allow_factory: tuple[str, ...]) -> None:
+           require_assurance: str | None, storage_option: tuple[str, ...], file_timeout: str | None,
+           checkpoint_timeout: str | None, allow_factory: tuple[str, ...]) -> None:
     """Verify one checkpoint (a folder or a single file); a folder of several verifies each."""
     from auditor import api
 
     def body() -> int:
+        scan = ScanConfig(settle_time=0, **_deadlines(file_timeout, checkpoint_timeout))
         result = api.verify_url(checkpoint_url, tier=tier, strict=strict, jobs=jobs,
                                 storage_options=_options(storage_option), require_assurance=require_assurance,
-                                allow_factories=allow_factory)
+                                scan=scan, allow_factories=allow_factory)
         _emit(result, as_json)
         return result.exit_code(strict)
 
@@ -173,10 +195,14 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
 @click.option("--require-assurance", type=ASSURANCE, default=None,
               help="Count an `ok` that proved less than this (e.g. sealed) as a failure.")
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+@click.option("--file-timeout", default=None, help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
+@click.option("--checkpoint-timeout", default=None,
+              help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
 @_allow_factory
 def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool, strict: bool, jobs: int | None,
            settle_time: str | None, daemon: str | None, require_assurance: str | None,
-           storage_option: tuple[str, ...], allow_factory: tuple[str, ...]) -> None:
+           storage_option: tuple[str, ...], file_timeout: str | None, checkpoint_timeout: str | None,
+           allow_factory: tuple[str, ...]) -> None:
     """Verify every checkpoint under a prefix now."""
     from auditor import api
 
@@ -197,7 +223,8 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
         progress = None if as_json and not sys.stderr.isatty() else Progress("rescan")
         result = api.rescan(prefix, config=cfg, tier=tier, strict=strict, jobs=jobs, settle_seconds=settle,
                             storage_options=_options(storage_option), on_verdict=progress,
-                            require_assurance=require_assurance, allow_factories=allow_factory)
+                            require_assurance=require_assurance, allow_factories=allow_factory,
+                            **_deadlines(file_timeout, checkpoint_timeout))
         _emit(result, as_json)
         return result.exit_code(strict)
 

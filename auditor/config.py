@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from auditor.errors import ConfigError
 from auditor.probe import DEFAULT_MEMORY_MB, parse_allow_pattern
 from auditor.retention import RetentionConfig
+from auditor.storage import CHECKPOINT_TIMEOUT, FILE_TIMEOUT
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -65,6 +66,9 @@ class ScanConfig(_Strict):
     probe_timeout: Duration = 600.0
     probe_memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=64)
     allow_factories: AllowFactories = []
+    # Deadlines of one file's check and of one checkpoint's; see config.example.yaml.
+    file_timeout: Duration = Field(default=FILE_TIMEOUT, gt=0)
+    checkpoint_timeout: Duration = Field(default=CHECKPOINT_TIMEOUT, gt=0)
 
 
 class ScanOverrides(_Strict):
@@ -80,6 +84,8 @@ class ScanOverrides(_Strict):
     require: list[str] | None = None
     probe_timeout: Duration | None = None
     probe_memory_mb: int | None = Field(default=None, ge=64)
+    file_timeout: Duration | None = Field(default=None, gt=0)
+    checkpoint_timeout: Duration | None = Field(default=None, gt=0)
     allow_factories: AllowFactories | None = None
 
 

@@ -23,7 +23,7 @@ from auditor.layouts import Checkpoint
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
 from auditor.metrics import Metrics
 from auditor.state import Seal, State, fingerprint, open_state
-from auditor.storage import Throttle, open_url
+from auditor.storage import DeadlineExceeded, Throttle, open_url
 from auditor.verify import (
     FAILURES,
     Finding,
@@ -106,7 +106,8 @@ class PrefixWorker:
         for opts in self.options.values():
             opts.baseline = state.baseline_lookup(self.url)
         self.scanner = Scanner(self.fs, self.options["content"], jobs=scan.jobs, throttle=throttle,
-                               on_bytes=on_bytes, stop=stop, list_jobs=scan.list_jobs)
+                               on_bytes=on_bytes, stop=stop, list_jobs=scan.list_jobs,
+                               file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout)
         # Checkpoints of the current pass that were sealed once and have lost their manifest.
         self.lost_seals: dict[str, Seal] = {}
 
@@ -194,9 +195,13 @@ class Daemon:
         thread = getattr(self.scheduler, "_thread", None)
         return bool(self.scheduler.running and (thread is None or thread.is_alive()))
 
-    def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        """Stop taking work, let in-flight checks end (abandoning them after `grace`), close the database."""
+    def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> bool:
+        """Stop taking work, let in-flight checks end (abandoning them after `grace`), close the database.
+
+        Return whether every in-flight check ended; False means a thread is still stuck in one.
+        """
         self.stop_event.set()
+        clean = True
         self.ready = False
         deadline = time.monotonic() + grace
         if self.scheduler.running:
@@ -207,12 +212,13 @@ class Daemon:
             if worker.lock.acquire(timeout=remaining):
                 worker.lock.release()
             else:
+                clean = False
                 logger.warning("abandoning in-flight scan of %s at shutdown", worker.url)
         for worker in self.workers.values():
-            worker.scanner._checkpoints.shutdown(wait=False, cancel_futures=True)
-            worker.scanner._files.shutdown(wait=False, cancel_futures=True)
+            worker.scanner.close()  # drops queued checks; never joins a hung one
         self.state.close()
         logger.info("daemon stopped", extra={"event": "stop"})
+        return clean
 
     # ------------------------------------------------------------ one pass
 
@@ -338,8 +344,13 @@ class Daemon:
             elif seal.fingerprint != fingerprint(ck):
                 stale.append(ck)
         pool = worker.scanner._checkpoints  # idle between runs; bounded by scan.jobs
-        for ck, fut in [(ck, pool.submit(self._read_manifest, worker, ck)) for ck in stale]:
-            manifest = fut.result()
+        tasks = [(ck, pool.submit(self._read_manifest, worker, ck, what=f"reading the manifest of {ck.url}",
+                                  timeout=worker.scanner.file_timeout)) for ck in stale]
+        for ck, task in tasks:
+            try:
+                manifest = task.result()
+            except DeadlineExceeded:  # the verdict will say so; nothing to remember
+                manifest = None
             if manifest is not None:
                 self.state.remember_seal(worker.url, ck.url, manifest.files, manifest.created_at.isoformat(),
                                          fingerprint(ck))
@@ -478,6 +489,11 @@ def serve(config: Config) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:  # noqa: ANN401
+        if stop.is_set():
+            # A second signal: the operator will not wait for the grace period. The state database
+            # commits each verdict on its own, so nothing committed is lost by leaving now.
+            logger.warning("second signal %d: exiting now", signum, extra={"event": "signal"})
+            _hard_exit(0)
         logger.info("received signal %d, shutting down", signum, extra={"event": "signal"})
         stop.set()
 
@@ -494,6 +510,30 @@ def serve(config: Config) -> int:
         if not daemon.alive():
             logger.error("scheduler loop died; exiting")
             break
-    daemon.shutdown()
+    clean = daemon.shutdown()
     server.stop()
+    _exit_if_stuck(clean)
     return 0
+
+
+def _exit_if_stuck(clean: bool) -> None:
+    """Leave now if a check is still stuck after the grace period (a read that never returns).
+
+    At exit the interpreter joins every non-daemon thread and every ThreadPoolExecutor worker
+    (APScheduler's and the rescan pool's, whatever their daemon flag), so one hung read would keep
+    a SIGTERM-ed daemon alive until Kubernetes kills it. The database is closed and every verdict
+    already committed, so os._exit loses nothing.
+    """
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not clean or stuck:
+        logger.warning("exiting with in-flight checks abandoned after the grace period (busy threads: %s)",
+                       ", ".join(stuck) or "daemon threads only", extra={"event": "stop"})
+        _hard_exit(0)
+
+
+def _hard_exit(code: int) -> None:
+    import os
+
+    logging.shutdown()  # flush the log lines that say why
+    os._exit(code)

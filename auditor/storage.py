@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
+import queue
+import stat
 import threading
 import time
+import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +32,34 @@ class StorageFault(OSError):
 class Abandoned(StorageFault):
     """A read was given up because the process is shutting down."""
 
+
+class DeadlineExceeded(StorageFault):
+    """A check did not finish within its deadline; its reads were abandoned."""
+
+
+class ShortRead(StorageFault):
+    """The store answered with fewer bytes than asked for while still listing the full size."""
+
+
+class PathHazard(OSError):
+    """A local path that is never opened or followed: a loop, a special file, a link out of the tree.
+
+    Not a StorageFault: it is a finding on the checkpoint that holds it, never an outage.
+    `code` is the finding code.
+    """
+
+    def __init__(self, code: str, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.code = code
+        self.path = path
+        self.detail = detail
+
+
+# Deadlines of one file's check and of one checkpoint's (scan.file_timeout, scan.checkpoint_timeout).
+FILE_TIMEOUT = 30 * 60.0
+CHECKPOINT_TIMEOUT = 4 * 3600.0
+# errno values that say "this local path cannot be resolved", not "the disk is unreachable".
+UNRESOLVABLE_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR, errno.ENAMETOOLONG})
 
 HTTP_TIMEOUT = 60.0
 # Ranges of one remote file fetched ahead of the digest: latency hides behind hashing. At most
@@ -116,9 +151,161 @@ def relpath(path: str, root: str) -> str:
     return posixpath.relpath(path, root) if root else path
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _stat_info(path: str, st: os.stat_result, kind: str, **extra: Any) -> dict[str, Any]:
+    """An info dict shaped like fsspec's LocalFileSystem.info, from a stat we already have."""
+    out: dict[str, Any] = {"name": path, "size": st.st_size, "type": kind, "created": st.st_ctime,
+                           "islink": False, "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid,
+                           "mtime": st.st_mtime, "ino": st.st_ino, "nlink": st.st_nlink}
+    out.update(extra)
+    return out
+
+
+def _hazard(path: str, st: os.stat_result, code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    # Listed as "other" with size 0: nothing downstream may take it for a file to read.
+    return {**_stat_info(path, st, "other", **extra), "size": 0, "hazard": code, "hazard_detail": detail}
+
+
+def local_entry(path: str, lst: os.stat_result | None = None) -> dict[str, Any]:
+    """Describe one local path from lstat, never opening it; a symlink is resolved but not followed further.
+
+    Regular files and folders get fsspec-shaped info; a symlink to a regular file gets its target's
+    size and `target` (the resolved path, to be checked against the checkpoint); anything else is
+    listed with a `hazard` code: `special_file` (FIFO, socket, device, link to a folder) or
+    `path_unresolvable` (a link loop, a dangling link, a name too long).
+    """
+    lst = lst if lst is not None else os.lstat(path)
+    if stat.S_ISREG(lst.st_mode):
+        return _stat_info(path, lst, "file")
+    if stat.S_ISDIR(lst.st_mode):
+        return _stat_info(path, lst, "directory")
+    if not stat.S_ISLNK(lst.st_mode):
+        return _hazard(path, lst, "special_file", f"{_kind(lst.st_mode)}; never opened")
+    link = {"islink": True, "destination": _readlink(path)}
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        why = "a symbolic link loop" if e.errno == errno.ELOOP else \
+            "a dangling symbolic link" if e.errno == errno.ENOENT else f"an unresolvable symbolic link ({e.strerror})"
+        return _hazard(path, lst, "path_unresolvable", f"{why} to {link['destination']!r}; not followed", **link)
+    target = os.path.realpath(path)
+    if not stat.S_ISREG(st.st_mode):
+        return _hazard(path, lst, "special_file",
+                       f"a symbolic link to {target!r}, {_kind(st.st_mode)}; not followed", **link, target=target)
+    return {**_stat_info(path, st, "file"), **link, "target": target}
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def local_info(path: str) -> dict[str, Any]:
+    """Stat one local path without following anything odd; PathHazard for a path that cannot resolve."""
+    try:
+        return local_entry(path)
+    except OSError as e:
+        if e.errno in UNRESOLVABLE_ERRNOS:
+            raise PathHazard("path_unresolvable", path, f"cannot be resolved: {e.strerror}") from e
+        raise
+
+
+def local_find(root: str) -> dict[str, dict[str, Any]]:
+    """List a local tree as fsspec's find(withdirs=True, detail=True) would, from lstat alone.
+
+    Symlinked folders are never entered, special files never opened; a subfolder that cannot be
+    read is one hazard entry, not a failed listing: it is a finding on its checkpoint, not an outage.
+    """
+    top = local_info(root)
+    out = {root: top}
+    if top["type"] != "directory":
+        return out
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            if folder == root:
+                raise
+            st = os.lstat(folder)
+            out[folder] = _hazard(folder, st, "storage_error", f"folder cannot be listed: {e.strerror}")
+            continue
+        for entry in entries:
+            path = posixpath.join(folder, entry.name)
+            try:
+                info = local_entry(path, entry.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue  # removed since the folder was read
+            out[path] = info
+            if info["type"] == "directory":
+                stack.append(path)
+    return out
+
+
+def local_ls(folder: str) -> dict[str, dict[str, Any]]:
+    """List one local folder from lstat alone, keyed by path."""
+    out = {}
+    for entry in os.scandir(folder):
+        path = posixpath.join(folder, entry.name)
+        try:
+            out[path] = local_entry(path, entry.stat(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def open_local_regular(path: str) -> Any:
+    """Open a local file for reading only if it is a regular file, without ever blocking on open.
+
+    O_NONBLOCK makes opening a FIFO return at once (a plain open waits for a writer forever);
+    fstat then refuses anything that is not a regular file before one byte is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno in UNRESOLVABLE_ERRNOS:
+            raise PathHazard("path_unresolvable", path, f"cannot be resolved: {e.strerror}") from e
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise PathHazard("special_file", path, f"{_kind(mode)}; never read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class GuardedLocalFileSystem(LocalFileSystem):
+    """LocalFileSystem whose reads open regular files only: never a FIFO, a socket or a device."""
+
+    def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kwargs: Any) -> Any:
+        if mode == "rb":
+            return open_local_regular(self._strip_protocol(path))
+        return super()._open(path, mode=mode, block_size=block_size, **kwargs)
+
+
+def guarded_local(fs: AbstractFileSystem) -> AbstractFileSystem:
+    """Return a local filesystem whose reads refuse special files (`fs` itself if it already does)."""
+    if isinstance(fs, GuardedLocalFileSystem) or not isinstance(fs, LocalFileSystem):
+        return fs
+    return GuardedLocalFileSystem(auto_mkdir=getattr(fs, "auto_mkdir", False))
+
+
 def classify(exc: BaseException, what: str) -> BaseException:
     """Map a backend exception to FileNotFoundError (absent) or StorageFault (everything else)."""
-    if isinstance(exc, (FileNotFoundError, StorageFault)):
+    if isinstance(exc, (FileNotFoundError, StorageFault, PathHazard)):
         return exc
     if isinstance(exc, PermissionError):
         return StorageFault(f"permission denied on {what}: {exc}")
@@ -148,6 +335,34 @@ class Throttle:
             time.sleep(wait)
 
 
+class Lease:
+    """One acquisition of a semaphore that can be released once, by whoever comes first.
+
+    A hung read holds its slot; when its deadline passes, the one enforcing it releases the slot so
+    the pool keeps working, and the hung thread's own release later is a no-op.
+    """
+
+    def __init__(self, sem: threading.Semaphore, owner: Reader) -> None:
+        self._sem = sem
+        self._owner = owner
+        self._held = True
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+        self._sem.release()
+        self._owner._leases.discard(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class Reader:
     """Read files of one filesystem in bounded chunks, with retries, throttle and accounting."""
 
@@ -165,7 +380,9 @@ class Reader:
         stat_slots: threading.Semaphore | None = None,
         range_budget: threading.Semaphore | None = None,
     ) -> None:
-        self.fs = fs
+        self.local = is_local(fs)
+        # Whatever opens files through this reader's fs (zip checks, the pickle scan) gets the same guard.
+        self.fs = guarded_local(fs) if self.local else fs
         self.stop = stop
         # Listing and stat calls have their own limit, so metadata work never waits behind data reads.
         self.stat_slots = stat_slots or threading.BoundedSemaphore(8)
@@ -178,6 +395,13 @@ class Reader:
         self.read_slots = read_slots or threading.BoundedSemaphore(4)
         self._lock = threading.Lock()
         self.bytes_read = 0
+        # Set by abort(): this reader's and its children's reads stop and give back their slots.
+        self.cancelled = threading.Event()
+        self._why = ""
+        self._children: weakref.WeakSet[Reader] = weakref.WeakSet()
+        self._leases: set[Lease] = set()
+        self._waits: set[Future[Any]] = set()
+        self._reading: Counter[str] = Counter()  # paths being read now, to name them at a deadline
 
     def child(self) -> Reader:
         """Return a reader sharing throttle, read slots and totals, that also counts its own bytes."""
@@ -194,7 +418,62 @@ class Reader:
             stat_slots=self.stat_slots,
             range_budget=self.range_budget,
         )
+        with self._lock:
+            self._children.add(kid)
+        if self.cancelled.is_set():
+            kid.abort(self._why)
         return kid
+
+    def in_flight(self) -> set[str]:
+        """Paths this reader and its children are reading right now."""
+        with self._lock:
+            mine, kids = {p for p, n in self._reading.items() if n > 0}, list(self._children)
+        for kid in kids:
+            mine |= kid.in_flight()
+        return mine
+
+    def _track(self, path: str, delta: int) -> None:
+        with self._lock:
+            self._reading[path] += delta
+            if self._reading[path] <= 0:
+                del self._reading[path]
+
+    def abort(self, why: str) -> None:
+        """Give up this reader's reads (a deadline passed): free their slots, wake their waiters."""
+        self._why = why
+        self.cancelled.set()
+        with self._lock:
+            leases, waits, kids = list(self._leases), list(self._waits), list(self._children)
+        for lease in leases:
+            lease.release()
+        for fut in waits:
+            _settle(fut, error=DeadlineExceeded(why))
+        for kid in kids:
+            kid.abort(why)
+
+    def _check(self, path: str) -> None:
+        """Raise if reads should stop: the process is shutting down, or a deadline passed."""
+        if self.stop is not None and self.stop.is_set():
+            raise Abandoned(f"read of {path} abandoned at shutdown")
+        if self.cancelled.is_set():
+            raise DeadlineExceeded(self._why or f"read of {path} abandoned")
+
+    def _lease(self, sem: threading.Semaphore, blocking: bool = True) -> Lease | None:
+        if not sem.acquire(blocking=blocking):
+            return None
+        lease = Lease(sem, self)
+        with self._lock:
+            self._leases.add(lease)
+        if self.cancelled.is_set():
+            lease.release()
+            raise DeadlineExceeded(self._why or "read abandoned")
+        return lease
+
+    def stat_slot(self) -> Lease:
+        """Hold one of the list/stat slots (released early if this reader is aborted)."""
+        lease = self._lease(self.stat_slots)
+        assert lease is not None
+        return lease
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -206,34 +485,51 @@ class Reader:
         for attempt in range(self.retries + 1):
             try:
                 return fn()
-            except FileNotFoundError:
+            except (FileNotFoundError, PathHazard):
                 raise
             except Exception as e:  # noqa: BLE001 - every backend has its own error types
-                err = classify(e, what)
-                if isinstance(err, FileNotFoundError) or attempt == self.retries or _permanent(e):
+                err = self._classify(e, what)
+                if isinstance(err, (FileNotFoundError, PathHazard)) or attempt == self.retries or _permanent(e):
                     raise err from e
                 delay = self.backoff * 2**attempt
                 logger.warning("retrying %s in %.2fs after %s", what, delay, type(e).__name__)
-                time.sleep(delay)
+                self.cancelled.wait(delay)
+                self._check(what)
         raise AssertionError("unreachable")
+
+    def _classify(self, exc: BaseException, what: str) -> BaseException:
+        # On local disk a loop or a path through a file is the checkpoint's problem, not the disk's.
+        if self.local and isinstance(exc, OSError) and exc.errno in UNRESOLVABLE_ERRNOS:
+            return PathHazard("path_unresolvable", what.split(" ", 1)[-1], f"cannot be resolved: {exc.strerror}")
+        return classify(exc, what)
 
     def info(self, path: str) -> dict[str, Any]:
         """Stat one path, with retries, asking the store rather than a listing cache."""
+        self._check(path)
+        if self.local:
+            return self._retrying(f"stat {path}", lambda: local_info(path))
         self.fs.invalidate_cache(path)
-        with self.stat_slots:
+        with self.stat_slot():
             return self._retrying(f"stat {path}", lambda: self.fs.info(path))
 
     def find(self, path: str) -> dict[str, dict[str, Any]]:
         """List every file and folder under `path` recursively, with details, never from a cache."""
+        if self.local:
+            # fsspec's local find follows symlinks and stats through them (and fails on a loop).
+            with self.stat_slot():
+                return self._retrying(f"list {path}", lambda: local_find(path))
         # s3fs and gcsfs keep listings for the life of the filesystem; a scrubber must see today's.
         self.fs.invalidate_cache(path)
-        with self.stat_slots:
+        with self.stat_slot():
             return self._retrying(f"list {path}", lambda: self.fs.find(path, withdirs=True, detail=True))
 
     def ls(self, path: str) -> dict[str, dict[str, Any]]:
         """List one folder, with details, keyed by protocol-less path."""
+        if self.local:
+            with self.stat_slot():
+                return self._retrying(f"list {path}", lambda: local_ls(path or "."))
         self.fs.invalidate_cache(path)
-        with self.stat_slots:
+        with self.stat_slot():
             entries = self._retrying(f"list {path}", lambda: self.fs.ls(path, detail=True))
         return {e["name"].rstrip("/"): e for e in entries}
 
@@ -242,64 +538,131 @@ class Reader:
         """Yield the bytes of [start, end) in chunks; resume at the failed offset on retry.
 
         On remote stores, with the size known, ranges are fetched READAHEAD at a time in parallel.
+        A body shorter than asked is never taken for the end of the file: the object is stat-ed
+        again, and only if the store now lists it shorter does the stream end early (the digest
+        then says truncated); if it still lists the full size, the range is read again, and
+        ShortRead (a storage fault) is raised when it keeps coming back short.
         """
         stop_at = end if end is not None else size
-        if stop_at is not None and not is_local(self.fs) and stop_at - start > self.chunk_size:
-            yield from self._ranged(path, start, stop_at, **open_kw)
-            return
-        yield from self._stream(path, start, end, **open_kw)
+        self._track(path, 1)
+        try:
+            if stop_at is not None and not self.local and stop_at - start > self.chunk_size:
+                yield from self._ranged(path, start, stop_at, **open_kw)
+                return
+            yield from self._stream(path, start, end, **open_kw)
+        finally:
+            self._track(path, -1)
+
+    def _shrunk(self, path: str, need: int) -> bool:
+        """After a short body: tell whether the store now lists the object shorter than `need` bytes."""
+        try:
+            now = int(self.info(path).get("size") or 0)
+        except FileNotFoundError:
+            return True
+        return now < need
+
+    def _fetch_exact(self, path: str, lo: int, hi: int, **kw: Any) -> bytes:
+        """Fetch [lo, hi) in one ranged read; a short body is re-stat-ed and re-read (see iter_chunks)."""
+        attempts = _short_retries(self.retries) + 1
+        data = b""
+        for attempt in range(attempts):
+            self._check(path)
+            self.throttle.acquire(hi - lo)
+            data = self._retrying(f"read {path} [{lo}, {hi})", lambda: self.fs.cat_file(path, start=lo, end=hi, **kw))
+            if len(data) >= hi - lo or self._shrunk(path, hi):
+                return data[: hi - lo]
+            logger.warning("short read of %s: %d of %d bytes at %d (attempt %d)", path, len(data), hi - lo, lo,
+                           attempt + 1)
+            self.cancelled.wait(self.backoff * 2**attempt)
+        raise ShortRead(f"short read of {path}: {len(data)} of {hi - lo} bytes at offset {lo}, {attempts} times, "
+                        f"while the store still lists at least {hi} bytes")
+
+    def _spawn(self, fn: Callable[[], bytes]) -> Future[bytes]:
+        """Run one range fetch in a daemon thread: a hung fetch never holds up the process's exit."""
+        fut: Future[bytes] = Future()
+        with self._lock:
+            self._waits.add(fut)
+
+        def run() -> None:
+            try:
+                _settle(fut, value=fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting digest
+                _settle(fut, error=e)
+            finally:
+                with self._lock:
+                    self._waits.discard(fut)
+
+        threading.Thread(target=run, daemon=True, name="auditor-range").start()
+        if self.cancelled.is_set():
+            _settle(fut, error=DeadlineExceeded(self._why or "read abandoned"))
+        return fut
 
     def _ranged(self, path: str, start: int, end: int, **kw: Any) -> Iterator[bytes]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        def fetch(lo: int, hi: int) -> bytes:
-            if self.stop is not None and self.stop.is_set():
-                raise Abandoned(f"read of {path} abandoned at shutdown")
-            self.throttle.acquire(hi - lo)
-            return self._retrying(f"read {path} [{lo}, {hi})", lambda: self.fs.cat_file(path, start=lo, end=hi, **kw))
-
         ranges = [(lo, min(lo + self.chunk_size, end)) for lo in range(start, end, self.chunk_size)]
-        pending: list[Any] = []
+        pending: list[tuple[Future[bytes], Lease]] = []
         nxt = 0
-        with self.read_slots, ThreadPoolExecutor(READAHEAD, thread_name_prefix="auditor-range") as pool:
-            try:
-                for i in range(len(ranges)):
-                    # Keep up to READAHEAD ranges in flight while the shared budget allows; with
-                    # nothing in flight, wait for budget, so every file makes progress.
-                    while nxt < len(ranges) and len(pending) < READAHEAD and \
-                            self.range_budget.acquire(blocking=not pending):
-                        pending.append(pool.submit(fetch, *ranges[nxt]))
-                        nxt += 1
-                    try:
-                        chunk = pending.pop(0).result()
-                    finally:
-                        self.range_budget.release()
-                    self._count(len(chunk))
-                    short = len(chunk) < ranges[i][1] - ranges[i][0]
-                    yield chunk
-                    del chunk
-                    if short:
-                        return  # the object shrank under us: the digest will say so
-            finally:
-                for fut in pending:
-                    fut.cancel()
-                    self.range_budget.release()
+        # Fetches run on a reader of their own, so those still in flight when the read ends early
+        # (an error, a consumer that stops) are aborted instead of reading on in the background.
+        fetcher = self.child()
+        slot = self._lease(self.read_slots)
+        try:
+            for i in range(len(ranges)):
+                # Keep up to READAHEAD ranges in flight while the shared budget allows; with
+                # nothing in flight, wait for budget, so every file makes progress.
+                while nxt < len(ranges) and len(pending) < READAHEAD:
+                    budget = self._lease(self.range_budget, blocking=not pending)
+                    if budget is None:
+                        break
+                    lo, hi = ranges[nxt]
+                    pending.append((fetcher._spawn(lambda lo=lo, hi=hi: fetcher._fetch_exact(path, lo, hi, **kw)),
+                                    budget))
+                    nxt += 1
+                fut, budget = pending.pop(0)
+                try:
+                    chunk = fut.result()
+                finally:
+                    budget.release()
+                self._count(len(chunk))
+                short = len(chunk) < ranges[i][1] - ranges[i][0]
+                yield chunk
+                del chunk
+                if short:
+                    return  # the store lists the object shorter now: the digest will say so
+        finally:
+            if pending:
+                fetcher.abort(f"read of {path} ended early")
+            for fut, budget in pending:
+                fut.cancel()
+                budget.release()
+            if slot is not None:
+                slot.release()
+
+    def _open(self, path: str, **open_kw: Any) -> Any:
+        if self.local:
+            return open_local_regular(path)
+        return self.fs.open(path, "rb", block_size=self.chunk_size, cache_type="none", **open_kw)
 
     def _stream(self, path: str, start: int = 0, end: int | None = None, **open_kw: Any) -> Iterator[bytes]:
         pos = start
         attempt = 0
-        with self.read_slots:
+        slot = self._lease(self.read_slots)
+        try:
             while end is None or pos < end:
                 try:
-                    with self.fs.open(path, "rb", block_size=self.chunk_size, cache_type="none", **open_kw) as f:
+                    with self._open(path, **open_kw) as f:
                         if pos:
                             f.seek(pos)
-                        while end is None or pos < end:
-                            if self.stop is not None and self.stop.is_set():
-                                raise Abandoned(f"read of {path} abandoned at shutdown")
-                            n = self.chunk_size if end is None else min(self.chunk_size, end - pos)
+                        known = _file_size(f)
+                        stop_at = end if end is not None else known
+                        while stop_at is None or pos < stop_at:
+                            self._check(path)
+                            n = self.chunk_size if stop_at is None else min(self.chunk_size, stop_at - pos)
                             self.throttle.acquire(n)
                             chunk = f.read(n)
+                            if len(chunk) < n and (stop_at is not None or not chunk) and \
+                                    not self._shrunk(path, pos + (n if stop_at is not None else 1)):
+                                raise ShortRead(f"short read of {path}: {len(chunk)} of {n} bytes at offset {pos} "
+                                                f"while the store still lists at least {pos + n} bytes")
                             if not chunk:
                                 return
                             pos += len(chunk)
@@ -308,16 +671,21 @@ class Reader:
                             yield chunk
                             del chunk
                     return
-                except (FileNotFoundError, Abandoned):
+                except (FileNotFoundError, Abandoned, DeadlineExceeded, PathHazard):
                     raise
                 except Exception as e:  # noqa: BLE001
-                    err = classify(e, f"read {path}")
-                    if isinstance(err, FileNotFoundError) or attempt >= self.retries or _permanent(e):
+                    err = self._classify(e, f"read {path}")
+                    # Short bodies get as many re-reads as a ranged fetch does (see _fetch_exact).
+                    limit = _short_retries(self.retries) if isinstance(err, ShortRead) else self.retries
+                    if isinstance(err, (FileNotFoundError, PathHazard)) or attempt >= limit or _permanent(e):
                         raise err from e
                     delay = self.backoff * 2**attempt
                     attempt += 1
                     logger.warning("retrying read of %s at offset %d in %.2fs after %s", path, pos, delay, e)
-                    time.sleep(delay)
+                    self.cancelled.wait(delay)
+        finally:
+            if slot is not None:
+                slot.release()
 
     def read(self, path: str, start: int = 0, end: int | None = None, limit: int | None = None) -> bytes:
         """Read a small range fully; refuse more than `limit` bytes."""
@@ -329,6 +697,157 @@ class Reader:
             if limit is not None and len(out) > limit:
                 raise ValueError(f"refusing to read more than {limit} bytes of {path}")
         return bytes(out)
+
+
+def _short_retries(retries: int) -> int:
+    # Backends that retry themselves (s3fs, gcsfs) get one retry of ours; a short body is not an
+    # error they see, so it gets at least two.
+    return max(retries, 2)
+
+
+def _file_size(f: Any) -> int | None:
+    """The size an open file reports (fsspec buffered files, OS files), or None."""
+    size = getattr(f, "size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return None
+
+
+def _settle(fut: Future[Any], *, value: Any = None, error: BaseException | None = None) -> None:
+    """Complete a future unless someone (abort, cancel) already did."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+    except InvalidStateError:
+        pass
+
+
+class Task:
+    """One call run by a DeadlinePool; wait for it with `result()`, which never outlasts its deadline."""
+
+    def __init__(self, pool: DeadlinePool, fn: Callable[[], Any], what: str, timeout: float | None,
+                 on_timeout: Callable[[str], None] | None, deadline_name: str = "deadline") -> None:
+        self.pool = pool
+        self.deadline_name = deadline_name
+        self.fn = fn
+        self.what = what
+        self.timeout = timeout
+        self.on_timeout = on_timeout
+        self.started = threading.Event()
+        self.started_at = 0.0
+        self.future: Future[Any] = Future()
+        self.abandoned = False
+
+    def result(self, until: float | None = None) -> Any:
+        """Return the call's result, or raise DeadlineExceeded once its deadline (from its start) passes.
+
+        `until` is an enclosing deadline (monotonic), e.g. the checkpoint's, that ends the wait earlier.
+        """
+        if not self.started.wait(None if until is None else max(0.0, until - time.monotonic())):
+            self.future.cancel()
+            raise DeadlineExceeded(f"{self.what}: not started before the enclosing deadline")
+        limit = None if self.timeout is None else self.started_at + self.timeout
+        if until is not None:
+            limit = until if limit is None else min(limit, until)
+        try:
+            return self.future.result(None if limit is None else max(0.0, limit - time.monotonic()))
+        except TimeoutError:
+            why = f"{self.what} did not finish within the {self.timeout:g}s {self.deadline_name}; abandoned" \
+                if self.timeout is not None and (until is None or self.started_at + self.timeout <= until) \
+                else f"{self.what} was abandoned at the enclosing deadline"
+            self.abandon(why)
+            raise DeadlineExceeded(why) from None
+
+    def abandon(self, why: str) -> None:
+        """Give up on a running call: its worker is replaced, its reads are aborted."""
+        if self.future.done() or self.abandoned:
+            return
+        self.abandoned = True
+        logger.warning("%s", why)
+        _settle(self.future, error=DeadlineExceeded(why))
+        self.pool._replace_worker()
+        if self.on_timeout is not None:
+            self.on_timeout(why)
+
+
+class DeadlinePool:
+    """A fixed number of daemon worker threads whose calls have deadlines.
+
+    When a call outlives its deadline, its waiter gets DeadlineExceeded and the pool starts a
+    replacement worker, so a hung read costs one abandoned thread, never a slot of the pool; being
+    daemon threads, abandoned workers never keep the process from exiting.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self.name = name
+        self._queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._workers = 0
+        self._closed = False
+        for _ in range(workers):
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        with self._lock:
+            self._workers += 1
+            n = self._workers
+        threading.Thread(target=self._work, daemon=True, name=f"{self.name}-{n}").start()
+
+    def _replace_worker(self) -> None:
+        if not self._closed:
+            self._start_worker()
+
+    def _work(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            task.started_at = time.monotonic()
+            task.started.set()
+            try:
+                _settle(task.future, value=task.fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiter
+                _settle(task.future, error=e)
+            if task.abandoned:
+                return  # a replacement took this worker's place
+
+    def submit(self, fn: Callable[..., Any], *args: Any, what: str = "a call", timeout: float | None = None,
+               on_timeout: Callable[[str], None] | None = None, deadline_name: str = "deadline") -> Task:
+        """Queue `fn(*args)`; `timeout` counts from when a worker starts it."""
+        task = Task(self, lambda: fn(*args), what, timeout, on_timeout, deadline_name)
+        if self._closed:
+            # After shutdown nobody would start it: its waiter gets CancelledError at once.
+            task.future.cancel()
+            task.started.set()
+            return task
+        self._queue.put(task)
+        return task
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Stop the workers once the queue is drained; with `cancel_futures`, drop queued calls first.
+
+        Never joins a worker: a hung one is a daemon thread and is left behind.
+        """
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    task = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if task is not None:
+                    task.future.cancel()
+                    task.started.set()
+        for _ in range(self._workers):
+            self._queue.put(None)
+
 
 
 def _permanent(exc: BaseException) -> bool:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -30,7 +33,13 @@ from auditor.manifest import (
 if TYPE_CHECKING:
     from auditor.completeness import CompletenessResult
 from auditor.storage import (
+    CHECKPOINT_TIMEOUT,
+    FILE_TIMEOUT,
+    DeadlineExceeded,
+    DeadlinePool,
+    PathHazard,
     Reader,
+    ShortRead,
     StorageFault,
     Throttle,
     has_server_checksums,
@@ -62,6 +71,10 @@ STATUS_OF_CODE = {
     "json_invalid": "corrupt",
     "manifest_invalid": "corrupt",
     "path_outside_checkpoint": "corrupt",
+    # A FIFO, socket, device or link to a folder in a checkpoint: never opened, never followed.
+    "special_file": "corrupt",
+    # A local path that cannot resolve (link loop, dangling link, a path through a file, name too long).
+    "path_unresolvable": "corrupt",
     "server_checksum_mismatch": "corrupt",
     "file_missing": "missing",
     "probe_mismatch": "drift",
@@ -200,13 +213,51 @@ class Options:
             raise UsageError(f"tier {self.tier!r} is not one of {', '.join(TIERS)}")
 
 
+FILE_DEADLINE = "file deadline (scan.file_timeout)"
+CHECKPOINT_DEADLINE = "checkpoint deadline (scan.checkpoint_timeout)"
+
+
 @dataclass
 class Context:
-    """What verifying one checkpoint needs: a reader of its own, a pool for its files."""
+    """What verifying one checkpoint needs: a reader of its own, a pool for its files, its deadlines."""
 
     reader: Reader
-    files_pool: ThreadPoolExecutor
+    files_pool: DeadlinePool
     options: Options
+    file_timeout: float | None = FILE_TIMEOUT
+    until: float | None = None  # the checkpoint's deadline, time.monotonic()
+
+    def run_files(self, reader: Reader, work: list[tuple[str, Callable[[Reader], Any]]]) -> list[tuple[str, Any]]:
+        """Run one call per file with the file deadline; return (rel, result or the Finding that replaced it).
+
+        Each call gets its own child reader, so a deadline aborts that file's reads only. A storage
+        fault on one file is a `storage_error` finding naming it; a local path hazard is its finding.
+        """
+        tasks = []
+        for rel, fn in work:
+            kid = reader.child()
+            tasks.append((rel, kid, self.files_pool.submit(fn, kid, what=f"reading {rel}", timeout=self.file_timeout,
+                                                           on_timeout=kid.abort, deadline_name=FILE_DEADLINE)))
+        out: list[tuple[str, Any]] = []
+        try:
+            for rel, _kid, task in tasks:
+                try:
+                    out.append((rel, task.result(self.until)))
+                except PathHazard as e:
+                    out.append((rel, Finding(e.code, "error", rel, e.detail)))
+                except (DeadlineExceeded, ShortRead) as e:
+                    # This one object hangs or answers short; the others may be fine: go on with them.
+                    out.append((rel, Finding("storage_error", "error", rel, str(e))))
+                except struct.error as e:
+                    # A read that came back short after the store confirmed the object shrank.
+                    out.append((rel, Finding("truncated", "error", rel, f"ends early: {e}")))
+        except BaseException:
+            # Any other storage fault ends the checkpoint's check at once, as an outage would: one
+            # backend timeout per checkpoint, not one per file (Scanner._guarded then asks the store).
+            for _rel, kid, _task in tasks:
+                kid.abort("checkpoint check ended early")
+            raise
+        return out
 
 
 
@@ -239,6 +290,11 @@ def verify_checkpoint(ck: Checkpoint, ctx: Context) -> Verdict:
         _require(verdict, ctx.options.require_assurance)
         if verdict.status == "unverifiable" and ctx.options.strict:
             findings.append(Finding("unverifiable", "info", None, "--strict counts unverifiable as a failure"))
+    except PathHazard as e:
+        finding = Finding(e.code, "error", _rel_to(ck, e.path), e.detail)
+        if not any(f.code == finding.code and f.file == finding.file for f in findings):
+            findings.append(finding)
+        verdict.status = decide(findings)
     except (StorageFault, StorageError) as e:
         findings.append(Finding("storage_error", "error", None, str(e)))
         verdict.status = "error"
@@ -257,11 +313,21 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     """Append findings; return whether any check with a reference applied."""
     tier = ctx.options.tier
     manifest: Manifest | None = None
+    ck, hazards = sanitise(ck)
+    findings += hazards
     if ck.manifest_path:
         try:
-            manifest = load_manifest(reader, ck)
+            # Under the file deadline like every other file: a manifest read that hangs names the manifest.
+            got = ctx.run_files(reader, [(_name(ck.manifest_path), lambda r: _read_manifest(r, ck))])[0][1]
+            if isinstance(got, Finding):
+                findings.append(got)
+                return True
+            manifest = got
         except FileNotFoundError:
             findings.append(Finding("file_missing", "error", _name(ck.manifest_path), "manifest vanished"))
+            return True
+        except PathHazard as e:
+            findings.append(Finding(e.code, "error", _name(ck.manifest_path), f"manifest: {e.detail}"))
             return True
         except ManifestInvalid as e:
             findings.append(Finding("manifest_invalid", "error", _name(ck.manifest_path), str(e)))
@@ -318,7 +384,8 @@ def _completeness(ck: Checkpoint, reader: Reader, ctx: Context, manifest: Manife
                   verdict: Verdict) -> set[str]:
     """Run the completeness hook; take its step as the verdict's; return the files it parsed completely."""
     hook = ctx.options.completeness
-    if hook is None:
+    # Completeness opens files by name: not once a hazard (FIFO, link out) is known to be there.
+    if hook is None or _hazardous(findings):
         return set()
     result = hook(reader, ck, manifest, ctx.options.tier)
     if isinstance(result, list):
@@ -352,6 +419,69 @@ def _require(verdict: Verdict, required: Assurance | None) -> None:
         verdict.findings.append(Finding("assurance_below_required", "error", None,
                                         f"checked at assurance {verdict.assurance}, {required.value} required"))
         verdict.status = "unverifiable"
+
+
+def sanitise(ck: Checkpoint) -> tuple[Checkpoint, list[Finding]]:
+    """Take the files that must never be opened out of a checkpoint; return it and their findings.
+
+    The local listing marks FIFOs, sockets, devices, links to folders and unresolvable links with a
+    `hazard`; a symlink to a regular file is followed only if its target stays inside the checkpoint.
+    """
+    findings: list[Finding] = []
+    clean: dict[str, dict[str, Any]] = {}
+    inside: str | None = None
+    for rel, info in ck.files.items():
+        target = info.get("target")
+        if target is not None:
+            # Leaving the checkpoint is named first: a link to /dev/zero is an escape before it is a device.
+            inside = inside or os.path.realpath(ck.root)
+            if not _within(str(target), inside):
+                findings.append(Finding("path_outside_checkpoint", "error", rel,
+                                        f"a symbolic link to {target!r}, outside the checkpoint; not followed"))
+                continue
+        code = info.get("hazard")
+        if code:
+            findings.append(Finding(str(code), "error", rel, str(info.get("hazard_detail") or code)))
+            continue
+        clean[rel] = info
+    if not findings:
+        return ck, []
+    return dataclasses.replace(ck, files=clean), findings
+
+
+HAZARDS = frozenset({"special_file", "path_unresolvable", "path_outside_checkpoint"})
+
+
+def _hazardous(findings: list[Finding]) -> bool:
+    # Completeness opens the files the manifest names by name: not once one of them must not be opened.
+    return any(f.code in HAZARDS and f.severity == "error" for f in findings)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _read_manifest(reader: Reader, ck: Checkpoint) -> Manifest:
+    _refuse_odd_manifest(reader, ck)
+    return load_manifest(reader, ck)
+
+
+def _refuse_odd_manifest(reader: Reader, ck: Checkpoint) -> None:
+    """On local disk, refuse a manifest that is a special file or a link out of the checkpoint."""
+    if not reader.local or not ck.manifest_path:
+        return
+    info = reader.info(ck.manifest_path)
+    if info.get("hazard"):
+        raise PathHazard(str(info["hazard"]), ck.manifest_path, str(info.get("hazard_detail")))
+    target = info.get("target")
+    if target is not None and not _within(str(target), os.path.realpath(ck.root)):
+        raise PathHazard("path_outside_checkpoint", ck.manifest_path,
+                         f"a symbolic link to {target!r}, outside the checkpoint; not followed")
+
+
+def _rel_to(ck: Checkpoint, path: str) -> str:
+    root = ck.root.rstrip("/")
+    return path[len(root) + 1:] if path.startswith(root + "/") else _name(path)
 
 
 def _blocking(findings: list[Finding]) -> bool:
@@ -397,6 +527,13 @@ def _check_listed(
             except FileNotFoundError:
                 findings.append(Finding("file_missing", "error", entry.path, "listed in the manifest but absent"))
                 continue
+            except PathHazard as e:
+                findings.append(Finding(e.code, "error", entry.path, e.detail))
+                continue
+            fresh, odd = sanitise(dataclasses.replace(ck, files={entry.path: info}))
+            if odd:
+                findings += odd
+                continue
         size = int(info.get("size") or 0)
         if size < entry.size:
             findings.append(Finding("truncated", "error", entry.path, f"{size} bytes, sealed with {entry.size}"))
@@ -418,10 +555,17 @@ def _check_listed(
         findings.append(Finding("no_server_checksum", "info", None,
                                 f"{len(uncompared)} of {len(entries)} file(s) have no comparable server-side checksum: "
                                 "the metadata tier proves their existence and size only"))
-    futures = [ctx.files_pool.submit(_digest_one, reader, entry, path, manifest, info) for entry, path, info in to_digest]
-    for fut in futures:
-        got = fut.result()
-        findings.extend(got)
+    work = [(entry.path, _bind_digest(entry, path, manifest, info)) for entry, path, info in to_digest]
+    for _rel, got in ctx.run_files(reader, work):
+        if isinstance(got, Finding):
+            findings.append(got)
+        else:
+            findings.extend(got)
+
+
+def _bind_digest(entry: FileEntry, path: str, manifest: Manifest | None, info: dict[str, Any]
+                 ) -> Callable[[Reader], list[Finding]]:
+    return lambda reader: _digest_one(reader, entry, path, manifest, info)
 
 
 def _probe_paths(manifest: Manifest | None) -> set[str]:
@@ -496,12 +640,13 @@ def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Fin
     root = ck.root
     checked: set[str] = set()
     headers: dict[str, formats.SafetensorsHeader] = {}
-    futures = []
-    for rel, info in sorted(ck.files.items()):
-        path = f"{root}/{rel}"
-        futures.append((rel, ctx.files_pool.submit(_structural_one, reader, path, int(info.get("size") or 0))))
-    for rel, fut in futures:
-        applied, header, finding = fut.result()
+    work = [(rel, _bind_structural(f"{root}/{rel}", int(info.get("size") or 0))) for rel, info in sorted(ck.files.items())]
+    for rel, got in ctx.run_files(reader, work):
+        if isinstance(got, Finding):
+            findings.append(got)
+            checked.add(rel)
+            continue
+        applied, header, finding = got
         if applied:
             checked.add(rel)
         if header is not None:
@@ -522,6 +667,10 @@ def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Fin
     if not ck.files:
         findings.append(Finding("file_missing", "error", None, "the checkpoint holds no files"))
     return checked
+
+
+def _bind_structural(path: str, size: int) -> Callable[[Reader], Any]:
+    return lambda reader: _structural_one(reader, path, size)
 
 
 def _dcp_extents(ck: Checkpoint, reader: Reader, meta_rel: str, findings: list[Finding]) -> set[str]:
@@ -572,11 +721,18 @@ def _digest_unsealed(ck: Checkpoint, reader: Reader, ctx: Context, verdict: Verd
     if ctx.options.baseline is None:
         return
     root = ck.root
-    futures = {rel: ctx.files_pool.submit(lambda p: digest_chunks(reader.iter_chunks(p)), f"{root}/{rel}")
-               for rel in ck.files}
-    for rel, fut in futures.items():
-        d = fut.result()
+    work = [(rel, _bind_whole_digest(f"{root}/{rel}")) for rel in ck.files]
+    for rel, d in ctx.run_files(reader, work):
+        if isinstance(d, Finding):
+            # An unreadable file: no baseline from a partial picture, and the check did not complete.
+            verdict.findings.append(d)
+            verdict.observed.clear()
+            return
         verdict.observed[rel] = FileEntry(path=rel, size=d.size, sha256=d.sha256, crc32c=d.crc32c)
+
+
+def _bind_whole_digest(path: str) -> Callable[[Reader], Any]:
+    return lambda reader: digest_chunks(reader.iter_chunks(path))
 
 
 @dataclass
@@ -633,7 +789,7 @@ def _storage_call(what: str, url: str, fn: Callable[[], Any]) -> Any:
         return fn()
     except FileNotFoundError as e:
         raise StorageError(f"{url} does not exist") from e
-    except StorageFault as e:
+    except (StorageFault, PathHazard) as e:
         raise StorageError(f"cannot {what} {url}: {e}") from e
 
 
@@ -731,26 +887,38 @@ def pending_verdict(ck: Checkpoint, reason: str, tier: str) -> Verdict:
 
 
 class Scanner:
-    """Verify many checkpoints with bounded parallelism across checkpoints and their files."""
+    """Verify many checkpoints with bounded parallelism across checkpoints and their files.
+
+    Every checkpoint's check has a deadline (`checkpoint_timeout`) and every file's within it one
+    of its own (`file_timeout`): a hung read becomes an `error` verdict naming the file and the
+    deadline, and its worker is replaced, so the pools keep their size whatever hangs.
+    """
 
     def __init__(self, fs: AbstractFileSystem, options: Options, *, jobs: int = 4,
                  throttle: Throttle | None = None, on_bytes: Callable[[int], None] | None = None,
-                 stop: threading.Event | None = None, list_jobs: int = 8) -> None:
+                 stop: threading.Event | None = None, list_jobs: int = 8,
+                 file_timeout: float | None = FILE_TIMEOUT, checkpoint_timeout: float | None = CHECKPOINT_TIMEOUT) -> None:
         if jobs < 1:
             raise UsageError(f"jobs must be at least 1, got {jobs}")
+        for name, value in (("file_timeout", file_timeout), ("checkpoint_timeout", checkpoint_timeout)):
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} must be positive, got {value}")
         self.options = options
         self.jobs = jobs
+        self.file_timeout = file_timeout
+        self.checkpoint_timeout = checkpoint_timeout
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
                              stop=stop, retries=own_retries(fs), stat_slots=threading.BoundedSemaphore(list_jobs))
-        # Set by the first storage error of a pass: the rest of the pass is reported, not attempted,
-        # so an outage costs one backend timeout instead of one per file.
+        # Set by the first storage error of a pass that a fresh stat confirms (the store itself is
+        # unreachable): the rest of the pass is reported, not attempted, so an outage costs one
+        # backend timeout instead of one per file. One unreadable checkpoint never sets it.
         self.outage: str | None = None
-        self._files = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-file")
-        self._checkpoints = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-ckpt")
+        self._files = DeadlinePool(jobs, "auditor-file")
+        self._checkpoints = DeadlinePool(jobs, "auditor-ckpt")
 
     def close(self) -> None:
-        self._checkpoints.shutdown(wait=True, cancel_futures=True)
-        self._files.shutdown(wait=True, cancel_futures=True)
+        self._checkpoints.shutdown(cancel_futures=True)
+        self._files.shutdown(cancel_futures=True)
 
     def __enter__(self) -> Scanner:
         return self
@@ -758,32 +926,34 @@ class Scanner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def context(self, options: Options | None = None) -> Context:
-        return Context(self.reader, self._files, options or self.options)
+    def context(self, options: Options | None = None, reader: Reader | None = None) -> Context:
+        until = None if self.checkpoint_timeout is None else time.monotonic() + self.checkpoint_timeout
+        return Context(reader or self.reader, self._files, options or self.options, self.file_timeout, until)
 
     def verify(self, ck: Checkpoint, options: Options | None = None) -> Verdict:
-        """Verify one checkpoint (pending ones are reported as such, not read)."""
-        options = options or self.options
-        reason = is_pending(ck, options.settle_seconds)
-        if reason:
-            return pending_verdict(ck, reason, options.tier)
-        return verify_checkpoint(ck, self.context(options))
+        """Verify one checkpoint within its deadline (pending ones are reported as such, not read)."""
+        task, reader = self._submit(ck, options, None, guarded=False)
+        verdict = self._await(ck, task, options, reader)
+        if verdict is None:
+            return _error_verdict(ck, (options or self.options).tier, "storage_error",
+                                  "not attempted: the scanner was shut down")
+        return verdict
 
     def run(self, checkpoints: list[Checkpoint], *, options_for: Callable[[Checkpoint], Options] | None = None,
             on_verdict: Callable[[Verdict, int, int], None] | None = None,
             stop: threading.Event | None = None) -> list[Verdict]:
         """Verify checkpoints in parallel, in order of the list; skip the rest once `stop` is set."""
         self.outage = None
-        futures = [self._checkpoints.submit(self._guarded, ck, stop, options_for(ck) if options_for else None)
-                   for ck in checkpoints]
+        tasks = [(ck, opts, *self._submit(ck, opts, stop, guarded=True))
+                 for ck in checkpoints for opts in [options_for(ck) if options_for else None]]
         verdicts: list[Verdict] = []
-        for i, fut in enumerate(futures):
-            verdict = fut.result()
+        for i, (ck, opts, task, reader) in enumerate(tasks):
+            verdict = self._await(ck, task, opts, reader)
             if verdict is None:
                 continue
             verdicts.append(verdict)
             if on_verdict:
-                on_verdict(verdict, i + 1, len(futures))
+                on_verdict(verdict, i + 1, len(tasks))
         return verdicts
 
     def scan(self, root: str, prefix_url: str, *, on_verdict: Callable[[Verdict, int, int], None] | None = None,
@@ -809,27 +979,91 @@ class Scanner:
         candidates = sorted(r for r, i in found.uncovered.items() if int(i.get("size") or 0) >= len(_ZIP_MAGIC))
         if len(candidates) > MAX_SNIFFED:
             logger.info("%d unclaimed files under %s: sniffing the first %d", len(candidates), prefix_url, MAX_SNIFFED)
-        sniffed = list(self._files.map(lambda rel: _is_torch_file(self.reader, f"{root.rstrip('/')}/{rel}"),
-                                       candidates[:MAX_SNIFFED]))
-        layouts.adopt(found, [rel for rel, hit in zip(candidates, sniffed) if hit], root, prefix_url)
+        base = root.rstrip("/")
+        tasks = []
+        for rel in candidates[:MAX_SNIFFED]:
+            kid = self.reader.child()
+            tasks.append((rel, self._files.submit(_is_torch_file, kid, f"{base}/{rel}", what=f"reading {rel}",
+                                                  timeout=self.file_timeout, on_timeout=kid.abort,
+                                                  deadline_name=FILE_DEADLINE)))
+        hits = []
+        for rel, task in tasks:
+            try:
+                if task.result():
+                    hits.append(rel)
+            except (DeadlineExceeded, CancelledError):
+                continue  # a hung sniff leaves the file uncovered, as any unreadable one
+        layouts.adopt(found, hits, root, prefix_url)
 
-    def _guarded(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None) -> Verdict | None:
+    def _submit(self, ck: Checkpoint, options: Options | None, stop: threading.Event | None, *,
+                guarded: bool) -> tuple[Any, Reader]:
+        reader = self.reader.child()
+        fn = self._guarded if guarded else self._verify_now
+        task = self._checkpoints.submit(fn, ck, stop, options, reader, what=f"verifying {ck.url}",
+                                        timeout=self.checkpoint_timeout, on_timeout=reader.abort,
+                                        deadline_name=CHECKPOINT_DEADLINE)
+        return task, reader
+
+    def _await(self, ck: Checkpoint, task: Any, options: Options | None, reader: Reader) -> Verdict | None:
+        try:
+            return task.result()
+        except CancelledError:
+            return None  # dropped at shutdown, never started
+        except DeadlineExceeded as e:
+            reading = sorted(_rel_to(ck, p) for p in reader.in_flight())
+            detail = f"{e}; still reading {', '.join(reading)}" if reading else str(e)
+            verdict = _error_verdict(ck, (options or self.options).tier, "storage_error", detail)
+            verdict.findings[0].file = reading[0] if reading else None
+            return verdict
+
+    def _verify_now(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None,
+                    reader: Reader) -> Verdict:
+        options = options or self.options
+        reason = is_pending(ck, options.settle_seconds)
+        if reason:
+            return pending_verdict(ck, reason, options.tier)
+        try:
+            return verify_checkpoint(ck, self.context(options, reader))
+        except Exception as e:  # noqa: BLE001 - one broken checkpoint must not end the scan
+            logger.exception("verifying %s failed unexpectedly", ck.url)
+            return _error_verdict(ck, options.tier, "internal_error", f"{type(e).__name__}: {e}")
+
+    def _guarded(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None,
+                 reader: Reader) -> Verdict | None:
         if stop is not None and stop.is_set():
             return None
         tier = (options or self.options).tier
         if self.outage:
-            return Verdict(ck.url, ck.run, ck.step, ck.layout, "error",
-                           [Finding("storage_error", "error", None, f"not attempted: {self.outage}")], tier=tier)
+            return _error_verdict(ck, tier, "storage_error", f"not attempted: {self.outage}")
+        verdict = self._verify_now(ck, stop, options, reader)
+        if verdict.status == "error" and any(f.code == "storage_error" for f in verdict.findings) \
+                and not self._reachable(ck):
+            self.outage = next(f.detail for f in verdict.findings if f.code == "storage_error")
+        return verdict
+
+    def _reachable(self, ck: Checkpoint) -> bool:
+        """Tell whether the store still answers a stat of the checkpoint, within the file deadline.
+
+        A checkpoint that failed while its store answers is that checkpoint's problem (a hung
+        object, an unreadable file); only a store that no longer answers is an outage.
+        """
+        probe = self.reader.child()
+        timeout = min(self.file_timeout or 60.0, 60.0)
+        # A pool of its own: the file workers may still be busy with the failed checkpoint's reads.
+        pool = DeadlinePool(1, "auditor-reach")
+        task = pool.submit(probe.info, ck.path, what=f"stat {ck.url}", timeout=timeout, on_timeout=probe.abort)
+        pool.shutdown()
         try:
-            verdict = self.verify(ck, options)
-            if verdict.status == "error" and any(f.code == "storage_error" for f in verdict.findings):
-                self.outage = next(f.detail for f in verdict.findings if f.code == "storage_error")
-            return verdict
-        except Exception as e:  # noqa: BLE001 - one broken checkpoint must not end the scan
-            logger.exception("verifying %s failed unexpectedly", ck.url)
-            return Verdict(ck.url, ck.run, ck.step, ck.layout, "error",
-                           [Finding("internal_error", "error", None, f"{type(e).__name__}: {e}")],
-                           tier=(options or self.options).tier)
+            task.result()
+        except (FileNotFoundError, PathHazard):
+            return True  # the store answered: the checkpoint is gone or odd, not the store
+        except OSError:  # StorageFault, DeadlineExceeded
+            return False
+        return True
+
+
+def _error_verdict(ck: Checkpoint, tier: str, code: str, detail: str) -> Verdict:
+    return Verdict(ck.url, ck.run, ck.step, ck.layout, "error", [Finding(code, "error", None, detail)], tier=tier)
 
 
 # Unclaimed files read (8 bytes each) to find torch.save files with unconventional names.
@@ -895,7 +1129,7 @@ def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], ent
 
     if not has_server_checksums(reader.fs):
         return None
-    with reader.stat_slots:
+    with reader.stat_slot():
         got = reader._retrying(f"checksum {path}", lambda: server_checksum(reader.fs, path, info))
     if got is None:
         return Finding("no_server_checksum", "info", entry.path, "no comparable server-side checksum")

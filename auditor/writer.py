@@ -31,7 +31,7 @@ from auditor.manifest import (
     now_utc,
 )
 from auditor.storage import Reader, is_local, open_url
-from auditor.verify import ZIP_SUFFIXES, locate
+from auditor.verify import ZIP_SUFFIXES, locate, sanitise
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ def seal(
         raise UsageError(str(e)) if "does not exist" in str(e) else e from e
     if ck.manifest_path and not force:
         raise UsageError(f"{ck.manifest_path} already exists; pass --force to overwrite it")
+    _refuse_hazards(ck)
     if not ck.files:
         raise UsageError(f"{url} holds no files to seal")
     entries, tensors = digest_files(reader, ck, jobs=jobs, force=force)
@@ -173,6 +174,19 @@ def seal(
     write_atomic(fs, target, manifest.to_json(), **(write_options or {}))
     logger.info("sealed %s at step %s: %d files", url, step, len(entries))
     return manifest
+
+
+def _refuse_hazards(ck: Checkpoint) -> None:
+    """Refuse to seal what verification would never read: special files, links out of the checkpoint.
+
+    A manifest is a promise about the checkpoint's own bytes; digesting `/etc/passwd` through a
+    symlink, or blocking forever on a FIFO, would seal something else (or nothing). --force does
+    not override this: there is no way to seal such a file honestly.
+    """
+    _, hazards = sanitise(ck)
+    if hazards:
+        named = "; ".join(f"{h.file}: {h.detail}" for h in hazards)
+        raise UsageError(f"refusing to seal {ck.url}: {named}")
 
 
 def build_manifest(step: int, entries: dict[str, FileEntry], tensors: dict[str, dict[str, TensorEntry]],

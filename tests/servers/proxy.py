@@ -12,6 +12,13 @@ Every service here (``Proxy`` and ``webhdfs.WebHDFSServer``) is a ``FaultControl
 * ``hits()`` / ``count(method, prefix, query=...)`` is the request log, including
   requests that were answered by an injected fault.
 
+``Proxy`` also has two faults of ranged GETs (``Range:`` header), lifted by ``allow()``:
+
+* ``stall_ranged()`` accepts them and never answers (a store that hangs mid-read);
+* ``short_ranged(n=None)`` answers the next ``n`` (every one with ``None``) with a
+  well-formed ``206`` carrying only the first half of the range (Content-Length and
+  Content-Range say so).
+
 Everything binds to 127.0.0.1 only and every socket operation has a timeout.
 """
 
@@ -23,6 +30,7 @@ import io
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -140,6 +148,8 @@ class FaultControls:
         self._rules: list[_Rule] = []
         self._denied: int | None = None
         self._hits: list[Hit] = []
+        self.stalling = False
+        self._short: int | None = 0  # ranged GETs still to cut short; None: all of them
 
     def fail_next(
         self,
@@ -160,10 +170,32 @@ class FaultControls:
             self._denied = status
 
     def allow(self) -> None:
-        """Lift ``deny()`` and forget pending ``fail_next()`` rules."""
+        """Lift ``deny()``, ``stall_ranged()``, ``short_ranged()`` and forget pending ``fail_next()`` rules."""
         with self._lock:
             self._denied = None
             self._rules.clear()
+            self.stalling = False
+            self._short = 0
+
+    def stall_ranged(self) -> None:
+        """Accept ranged GETs and never answer them, until ``allow()``."""
+        with self._lock:
+            self.stalling = True
+
+    def short_ranged(self, n: int | None = None) -> None:
+        """Answer the next ``n`` ranged GETs (all with ``None``) with half the bytes asked for."""
+        with self._lock:
+            self._short = n
+
+    def take_short(self) -> bool:
+        """Tell whether this ranged GET is to be cut short (and count it)."""
+        with self._lock:
+            if self._short is None:
+                return True
+            if self._short > 0:
+                self._short -= 1
+                return True
+            return False
 
     def reset(self) -> None:
         """Allow everything, clear the request log and make sure the service listens."""
@@ -408,6 +440,10 @@ def read_chunked(stream: io.BufferedIOBase) -> Iterator[bytes]:
 class _ProxyHandler(FaultyHandler):
     def serve(self) -> None:
         proxy: Proxy = self.server.owner
+        ranged = self.command == "GET" and "Range" in self.headers
+        while ranged and proxy.stalling and proxy.listener.running:
+            time.sleep(0.05)  # accepted, never answered: the client's own timeouts are all it has
+        self._short = ranged and proxy.take_short()
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         body: Any = None
         if self.is_chunked():
@@ -432,6 +468,9 @@ class _ProxyHandler(FaultyHandler):
             upstream.close()
 
     def _relay(self, response: http.client.HTTPResponse) -> None:
+        if getattr(self, "_short", False) and response.status == 206:
+            self._relay_short(response)
+            return
         # send_response_only: upstream already sent its own Server and Date headers.
         self.send_response_only(response.status, response.reason)
         for key, value in response.getheaders():
@@ -453,6 +492,25 @@ class _ProxyHandler(FaultyHandler):
                 self.wfile.write(data)
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
+
+
+    def _relay_short(self, response: http.client.HTTPResponse) -> None:
+        """Relay a 206 with only the first half of its body, headers made consistent with that."""
+        body = response.read()  # one range of a test object: small enough to hold
+        keep = body[: max(1, len(body) // 2)] if body else body
+        self.send_response_only(206, response.reason)
+        for key, value in response.getheaders():
+            # A checksum header would describe bytes we do not send: a ranged answer carries none.
+            if key.lower() in HOP_BY_HOP or key.lower() in ("content-length", "content-range") or \
+                    key.lower().startswith("x-amz-checksum-"):
+                continue
+            self.send_header(key, value)
+        first, _, total = (response.getheader("Content-Range") or "bytes 0-0/*")[len("bytes "):].partition("/")
+        start = int(first.split("-")[0])
+        self.send_header("Content-Range", f"bytes {start}-{start + len(keep) - 1}/{total}")
+        self.send_header("Content-Length", str(len(keep)))
+        self.end_headers()
+        self.wfile.write(keep)
 
 
 class _LimitedReader:
