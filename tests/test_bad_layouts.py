@@ -151,10 +151,21 @@ MEMORY_SCRIPT = textwrap.dedent("""
     from auditor import completeness, probe  # the imports a scan pulls in, before the baseline
     warm, big = sys.argv[1], sys.argv[2]
     auditor.rescan(warm)  # lazy imports and thread pools, paid before measuring
-    # Current RSS before, peak RSS after: an upper bound on what the scan added.
+    # Current RSS before, peak RSS after: an upper bound on what the scan added. The kernel's peak
+    # is reset first (clear_refs 5), so a transient peak of the imports above does not count.
     before = psutil.Process().memory_info().rss // 1024
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
     result = auditor.rescan(big)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if reset:
+        with open("/proc/self/status") as f:
+            after = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    else:
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"before_kib": before, "peak_kib": after, "summary": result.summary(),
                       "uncovered": sorted(result.uncovered), "exit": result.exit_code(),
                       "verdicts": [(v.url, v.status, v.assurance, sum(v.coverage.values())) for v in result.verdicts],
