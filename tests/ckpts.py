@@ -86,3 +86,13 @@ def truncate(fs: fsspec.AbstractFileSystem, path: str, keep: float = 0.5) -> Non
     """Cut a file short, as a partial write or a failed upload does."""
     data = fs.cat_file(path)
     fs.pipe_file(path, data[: int(len(data) * keep)])
+
+
+class Hostile:
+    """Run a payload when unpickled (tests generate hostile files with it; a canary proves nothing ran)."""
+
+    def __init__(self, reduced: tuple) -> None:
+        self.reduced = reduced
+
+    def __reduce__(self) -> tuple:
+        return self.reduced

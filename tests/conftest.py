@@ -74,3 +74,12 @@ def writer_corpus(tmp_path_factory):
     # xdist gives each worker its own basetemp inside the run's folder; share that parent.
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "writer-corpus"
     return Corpus(root)
+
+
+@pytest.fixture
+def daemons():
+    """Daemon processes a test starts; killed afterwards, whatever the test did."""
+    started: list = []
+    yield started
+    for d in started:
+        d.kill()

@@ -80,3 +80,14 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def seal_run(root: Path, steps: list[int]) -> list[Path]:
+    """Write a run of HF-style checkpoints and seal each."""
+    import auditor
+    from ckpts import write_run
+
+    dirs = write_run(root, steps)
+    for d in dirs:
+        auditor.seal(str(d))
+    return dirs

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from ckpts import flip_bit, write_hf_checkpoint, write_run
-from daemon import DaemonProcess
+from daemon import DaemonProcess, seal_run
 
 import fsspec
 
@@ -19,19 +19,6 @@ import auditor
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
-
-
-def seal_run(root: Path, steps: list[int]) -> list[Path]:
-    dirs = write_run(root, steps)
-    for d in dirs:
-        auditor.seal(str(d))
-    return dirs
 
 
 def failures(d: DaemonProcess, prefix: str) -> float | None:

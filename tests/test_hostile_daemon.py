@@ -22,7 +22,7 @@ import pytest
 import requests
 from ckpts import flip_bit, write_hf_checkpoint, write_run
 from click.testing import CliRunner
-from daemon import DaemonProcess
+from daemon import DaemonProcess, seal_run
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from servers.objectstores import free_port
@@ -40,19 +40,6 @@ from auditor.verify import Scanner, build_options, is_pending, list_prefix
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
-
-
-def seal_run(root: Path, steps: list[int]) -> list[Path]:
-    dirs = write_run(root, steps)
-    for d in dirs:
-        auditor.seal(str(d))
-    return dirs
 
 
 def by_url(d: DaemonProcess, prefix: Path) -> dict[str, dict]:

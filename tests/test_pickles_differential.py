@@ -34,20 +34,11 @@ import numpy as np
 import pytest
 import torch
 
+from ckpts import Hostile
 from auditor.pickles import TORCH_LEGACY_MAGIC, TORCH_LEGACY_PROTOCOL, UnsafePickleError, read_torch_skeleton
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = fsspec.filesystem("file")
-
-
-class Hostile:
-    """Run a payload when unpickled."""
-
-    def __init__(self, reduced: tuple[Any, ...]) -> None:
-        self.reduced = reduced
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return self.reduced
 
 
 def u(text: str) -> bytes:

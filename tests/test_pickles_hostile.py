@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import auditor
+from ckpts import Hostile
 from auditor import pickles
 from auditor.pickles import (
     TORCH_LEGACY_MAGIC,
@@ -43,16 +44,6 @@ from ckpts import MLP, write_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = fsspec.filesystem("file")
-
-
-class Hostile:
-    """Run a payload when unpickled."""
-
-    def __init__(self, reduced: tuple[Any, ...]) -> None:
-        self.reduced = reduced
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return self.reduced
 
 
 def touch(target: Path) -> Hostile:
