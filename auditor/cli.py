@@ -13,7 +13,7 @@ import click
 from auditor import __version__
 from auditor.config import Config, ScanConfig, load_config, parse_duration
 from auditor.errors import AuditorError, UsageError
-from auditor.verify import TIERS, Assurance, ScanResult, Verdict
+from auditor.model import TIERS, Assurance, ScanResult, Verdict
 
 TIER = click.Choice(TIERS)
 ASSURANCE = click.Choice([a.value for a in Assurance if a is not Assurance.NONE])

@@ -19,7 +19,7 @@ from typing import Any
 from auditor import formats, pickles, safejson
 from auditor.layouts import PROBE_SUFFIXES
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, TrainingState
-from auditor.verify import Finding
+from auditor.model import Finding
 
 logger = logging.getLogger(__name__)
 

@@ -533,14 +533,18 @@ class _Walker:
             if ops > self.limits.max_ops:
                 raise _Broken(f"more than {self.limits.max_ops} opcodes (scan limit)")
             name = op.name
-            if name in _RISKY_OPS:
-                self.risky = True
             if self.torch_ops and name not in _TORCH_OPS:
                 self.refuse(f"opcode {name}, which torch's weights_only unpickler does not implement")
             if name == "STOP":
                 self.result = self._pop(name)
                 return self.result
             self._step(name, arg)
+            # Only once it took effect: an import or call whose operands are missing fails in the
+            # unpickler too, before anything runs (random bytes under a .bin are data, not a pickle).
+            # EXT opcodes only exist from protocol 2, which opens with PROTO; before one they are
+            # bytes that happen to decode, resolving nothing in an unpickler's empty registry.
+            if name in _RISKY_OPS and (self.proto_seen or not name.startswith("EXT")):
+                self.risky = True
         raise _Broken("no STOP opcode")  # genops raises first; kept for safety
 
     def _step(self, name: str, arg: Any) -> None:

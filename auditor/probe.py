@@ -41,6 +41,7 @@ from auditor.manifest import (
     ProbeOutputs,
     safe_join,
 )
+from auditor.model import Finding
 from auditor.storage import Reader, is_local
 
 logger = logging.getLogger(__name__)
@@ -727,8 +728,6 @@ def probe_hook(*, timeout: float = 600.0, memory_mb: int = DEFAULT_MEMORY_MB,
     The manifest's factory runs only if `allow_factories` (MODULE:CALLABLE or MODULE:*) or an installed
     entry point allows it; otherwise the probe is skipped with the warning `probe_factory_not_allowed`.
     """
-    from auditor.verify import Finding
-
     try:
         policy = FactoryPolicy.of(allow_factories)
     except ValueError as e:
@@ -756,8 +755,6 @@ def probe_hook(*, timeout: float = 600.0, memory_mb: int = DEFAULT_MEMORY_MB,
 
 def compare(reader: Reader, ck: Checkpoint, manifest: Manifest, result: dict[str, Any], values: bytes | None) -> list:
     """Turn the child's report into findings against the sealed baseline."""
-    from auditor.verify import Finding
-
     probe = manifest.probe
     assert probe is not None
     if "unsafe" in result:

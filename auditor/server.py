@@ -19,7 +19,7 @@ import requests
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from auditor.errors import StorageError, UsageError
-from auditor.verify import ScanResult, result_from_dict
+from auditor.model import ScanResult, result_from_dict
 
 if TYPE_CHECKING:
     from auditor.scheduler import Daemon

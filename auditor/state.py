@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from auditor.errors import StateError
 from auditor.layouts import Checkpoint
 from auditor.manifest import FileEntry
-from auditor.verify import FAILURES, Finding, ScanResult, Verdict
+from auditor.model import FAILURES, Finding, ScanResult, Verdict
 
 logger = logging.getLogger(__name__)
 

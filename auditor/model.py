@@ -1,0 +1,214 @@
+"""The shared vocabulary: tiers, statuses, assurance levels, findings, verdicts and scan results.
+
+Everything above this module speaks these words; nothing here reads storage or formats.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from auditor.errors import UsageError
+from auditor.manifest import FileEntry
+
+TIERS = ("metadata", "content", "probe")
+FAILURES = frozenset({"corrupt", "missing", "drift", "incomplete", "unsafe"})
+
+# Which status a finding of severity "error" implies. Order of STATUS_PRIORITY settles ties.
+STATUS_OF_CODE = {
+    "size_mismatch": "corrupt",
+    "digest_mismatch": "corrupt",
+    "tensor_digest_mismatch": "corrupt",
+    "truncated": "corrupt",
+    "header_invalid": "corrupt",
+    "zip_crc_error": "corrupt",
+    "zip_member_out_of_bounds": "corrupt",
+    # Built, not decayed: bit rot does not aim several directory entries at one member's bytes,
+    # repeat a name, or make deflate inflate beyond 100:1. Refused like a hostile pickle.
+    "zip_overlapping_members": "unsafe",
+    "zip_duplicate_member": "unsafe",
+    "zip_compression_ratio": "unsafe",
+    "index_invalid": "corrupt",
+    "json_invalid": "corrupt",
+    "manifest_invalid": "corrupt",
+    "path_outside_checkpoint": "corrupt",
+    # A FIFO, socket, device or link to a folder in a checkpoint: never opened, never followed.
+    "special_file": "corrupt",
+    # A local path that cannot resolve (link loop, dangling link, a path through a file, name too long).
+    "path_unresolvable": "corrupt",
+    "server_checksum_mismatch": "corrupt",
+    "file_missing": "missing",
+    "probe_mismatch": "drift",
+    "probe_load_mismatch": "drift",
+    "model_state_missing": "incomplete",
+    "optimizer_state_missing": "incomplete",
+    "cold_optimizer_params": "incomplete",
+    "optimizer_shape_mismatch": "incomplete",
+    "param_group_mismatch": "incomplete",
+    "scheduler_state_missing": "incomplete",
+    "rng_state_missing": "incomplete",
+    "scaler_state_missing": "incomplete",
+    "step_missing": "incomplete",
+    "step_mismatch": "incomplete",
+    "unsafe_pickle": "unsafe",
+    "assurance_below_required": "unverifiable",
+    "storage_error": "error",
+    "probe_error": "error",
+    "internal_error": "error",
+}
+# A storage error means the check did not complete: nothing else it found is conclusive.
+STATUS_PRIORITY = ("error", "unsafe", "corrupt", "missing", "drift", "incomplete", "unverifiable")
+
+
+class Assurance(str, Enum):
+    """What an `ok` proved, weakest first: the reference the bytes were compared with."""
+
+    NONE = "none"  # nothing was checked (pending, error)
+    EXISTENCE = "existence"  # listed with the expected size, no comparable checksum
+    STRUCTURAL = "structural"  # format checks only (headers, zip CRCs, JSON syntax, pickle scan)
+    BASELINE = "baseline"  # digests the daemon recorded at first sight
+    SERVER_CHECKSUM = "server-checksum"  # the store's own whole-object checksum matched the sealed one
+    FOREIGN = "foreign"  # digests from another tool's manifest
+    SEALED = "sealed"  # every byte against our manifest's digests
+    SIGNED = "signed"  # sealed, and the manifest's signature verified
+
+    @property
+    def rank(self) -> int:
+        return list(Assurance).index(self)
+
+    @classmethod
+    def parse(cls, value: str) -> Assurance:
+        try:
+            return cls(value)
+        except ValueError:
+            raise UsageError(f"assurance {value!r} is not one of {', '.join(a.value for a in cls)}") from None
+
+
+# Coverage buckets of a scan: how each byte of a checkpoint was checked.
+COVERAGE_OF = {
+    Assurance.SIGNED: "digest", Assurance.SEALED: "digest", Assurance.FOREIGN: "digest",
+    Assurance.BASELINE: "digest", Assurance.SERVER_CHECKSUM: "server-checksum",
+    Assurance.STRUCTURAL: "structure", Assurance.EXISTENCE: "existence", Assurance.NONE: "unchecked",
+}  # fmt: skip
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str  # error | warning | info
+    file: str | None
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Verdict:
+    url: str
+    run: str
+    step: int | None
+    layout: str
+    status: str
+    findings: list[Finding] = field(default_factory=list)
+    bytes_read: int = 0
+    duration_seconds: float = 0.0
+    tier: str = "content"
+    assurance: str = Assurance.NONE.value
+    # bytes of this checkpoint by how they were checked (COVERAGE_OF buckets)
+    coverage: dict[str, int] = field(default_factory=dict)
+    # Digests seen at content tier, for trust-on-first-use baselines: relpath -> FileEntry
+    observed: dict[str, FileEntry] = field(default_factory=dict, repr=False)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in FAILURES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "run": self.run,
+            "step": self.step,
+            "layout": self.layout,
+            "status": self.status,
+            "assurance": self.assurance,
+            "findings": [f.to_dict() for f in self.findings],
+            "coverage": dict(self.coverage),
+            "bytes_read": self.bytes_read,
+            "duration_seconds": round(self.duration_seconds, 6),
+        }
+
+
+def decide(findings: Iterable[Finding], *, structural_only: bool = False, checked_any: bool = True) -> str:
+    """Return the one status that a set of findings implies (SPEC §4)."""
+    implied = {STATUS_OF_CODE.get(f.code, "error") for f in findings if f.severity == "error"}
+    for status in STATUS_PRIORITY:
+        if status in implied:
+            return status
+    if not checked_any:
+        return "unverifiable"
+    return "ok"
+
+
+@dataclass
+class ScanResult:
+    prefix: str
+    tier: str
+    verdicts: list[Verdict]
+    listed: bool = True
+    error: str | None = None
+    duration_seconds: float = 0.0
+    # Files under the prefix that belong to no checkpoint, and run-level tag files: relpath -> size.
+    uncovered: dict[str, int] = field(default_factory=dict)
+    run_files: dict[str, int] = field(default_factory=dict)
+    require_assurance: str | None = None
+
+    def summary(self) -> dict[str, int]:
+        return dict(Counter(v.status for v in self.verdicts))
+
+    def coverage(self) -> dict[str, int]:
+        """Bytes under the prefix by how they were checked; `uncovered` is in no checkpoint."""
+        total: Counter[str] = Counter()
+        for v in self.verdicts:
+            total.update(v.coverage)
+        total["uncovered"] += sum(self.uncovered.values())
+        return {k: n for k, n in total.items() if n or k == "uncovered"}
+
+    def exit_code(self, strict: bool = False) -> int:
+        """Return the SPEC §5 exit code: failures win over incomplete scans."""
+        strict = strict or self.require_assurance is not None
+        failing = FAILURES | ({"unverifiable"} if strict else set())
+        if any(v.status in failing for v in self.verdicts):
+            return 1
+        if not self.listed or any(v.status == "error" for v in self.verdicts):
+            return 3
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "prefix": self.prefix,
+            "tier": self.tier,
+            "checkpoints": [v.to_dict() for v in self.verdicts],
+            "summary": self.summary(),
+            "coverage": self.coverage(),
+            "uncovered": sorted(self.uncovered),
+        }
+        if self.error:
+            doc["error"] = self.error
+        return doc
+
+
+def result_from_dict(doc: dict[str, Any]) -> ScanResult:
+    """Rebuild a ScanResult from its JSON form (a daemon's answer)."""
+    verdicts = [
+        Verdict(c["url"], c["run"], c["step"], c["layout"], c["status"], [Finding(**f) for f in c["findings"]],
+                c.get("bytes_read", 0), c.get("duration_seconds", 0.0), doc.get("tier", "content"),
+                c.get("assurance", Assurance.NONE.value), dict(c.get("coverage") or {}))
+        for c in doc.get("checkpoints", [])
+    ]
+    # A daemon's answer lists uncovered paths without sizes.
+    return ScanResult(doc["prefix"], doc.get("tier", "content"), verdicts, listed=not doc.get("error"),
+                      error=doc.get("error"), uncovered={p: 0 for p in doc.get("uncovered", [])})
