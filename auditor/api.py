@@ -19,7 +19,6 @@ from auditor.verify import (
     Verdict,
     build_options,
     locate,
-    survey_prefix,
     verify_checkpoint,
 )
 
@@ -60,18 +59,16 @@ def verify_url(
     options.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     with Scanner(fs, options, jobs=jobs, file_timeout=scan.file_timeout,
                  checkpoint_timeout=scan.checkpoint_timeout) as scanner:
-        try:
-            found = survey_prefix(scanner.reader, path, url)
-            if not found.checkpoints:
-                found.checkpoints = [locate(scanner.reader, path, url)]
-                found.uncovered = {}
-        except StorageError as e:
-            return ScanResult(url, options.tier, [], listed=False, error=str(e), require_assurance=require_assurance)
-        verdicts = scanner.run(found.checkpoints)
-    return ScanResult(url, options.tier, verdicts, duration_seconds=sum(v.duration_seconds for v in verdicts),
-                      uncovered={r: int(i.get("size") or 0) for r, i in found.uncovered.items()},
-                      run_files={r: int(i.get("size") or 0) for r, i in found.run_files.items()},
-                      require_assurance=require_assurance)
+        result = scanner.scan(path, url)
+        if result.listed and not result.verdicts:
+            # A folder that is no checkpoint by its files is verified as one: nothing in it goes unchecked.
+            try:
+                result.verdicts = scanner.run([locate(scanner.reader, path, url)])
+            except StorageError as e:
+                return ScanResult(url, options.tier, [], listed=False, error=str(e),
+                                  require_assurance=require_assurance)
+            result.uncovered = {}
+    return result
 
 
 def rescan(
@@ -167,13 +164,15 @@ def seal(
         fs, _ = open_checked(url, storage_options)
     if upload_from is not None:
         writer.upload_dir(fs, upload_from, fs._strip_protocol(url))
-    _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs)
+    checked = _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs)
+    # The check already read the step from the files' contents: no second completeness pass.
+    step = step if step is not None else checked.step
     return writer.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
                        git_commit=git_commit, probe=builder, write_options=write_options)
 
 
-def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int) -> None:
-    """Judge the checkpoint as it is, unsealed, and refuse to seal what fails (UsageError naming why)."""
+def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int) -> Verdict:
+    """Judge the checkpoint as it is, unsealed; refuse to seal what fails (UsageError naming why)."""
     with Scanner(fs, build_options("content"), jobs=jobs) as scanner:
         try:
             ck = locate(scanner.reader, fs._strip_protocol(url), url)
@@ -191,6 +190,7 @@ def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_inco
         raise UsageError(f"refusing to seal {url}: incomplete: {why}; --allow-incomplete seals it anyway")
     if verdict.status in ("corrupt", "missing") and not force:
         raise UsageError(f"refusing to seal {url}: {verdict.status}: {why}; --force seals it anyway")
+    return verdict
 
 
 DEEP_TIERS = ("content", "probe")
