@@ -536,7 +536,8 @@ def _scan_files(reader: Any, ck: Any, manifest: Any, ev: Evidence, findings: lis
                 # A single file is a checkpoint because its contents are a torch.save file.
                 step = _scan_pickle(reader, ck, rel, ev, findings, sealed)
             elif rel.endswith(".safetensors") and not rel.endswith(PROBE_SUFFIXES):
-                step = _scan_safetensors(reader, ck, rel, ev)
+                _scan_safetensors(reader, ck, rel, ev)
+                step = None
             elif rel.endswith(".json") and rel != "trainer_state.json" and not rel.endswith(MANIFEST_SUFFIXES):
                 step = _scan_json(reader, ck, rel)
             else:
@@ -598,11 +599,10 @@ def _scan_safetensors(reader: Any, ck: Any, rel: str, ev: Evidence) -> None:
     try:
         header = formats.parse_safetensors_header(reader, path, int(ck.files[rel].get("size") or 0))
     except formats.FormatError:
-        return None  # the structural check reports it
+        return  # the structural check reports it
     ev.parsed.add(rel)
     if header.tensors:
         ev.add("model", rel)
-    return None
 
 
 def _scan_dcp(reader: Any, ck: Any, rel: str, ev: Evidence, findings: list[Finding]) -> int | None:

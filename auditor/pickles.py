@@ -17,6 +17,7 @@ so a scanner bug alone cannot run code. The auditor's own process never loads; i
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -29,10 +30,10 @@ import threading
 import zipfile
 import zlib
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 # pickle.Unpickler renames Python 2 modules with these tables; the scan must name what it imports.
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
@@ -370,7 +371,7 @@ class UnsafePickleError(ValueError):
     why the file could not be parsed completely. `globals` is both, reasons in angle brackets.
     """
 
-    def __init__(self, path: str, unsafe_globals: Sequence[str], reasons: Sequence[str] = (), *,
+    def __init__(self, path: str, unsafe_globals: Iterable[str], reasons: Iterable[str] = (), *,
                  damaged: bool = False) -> None:
         self.path = path
         # A pickle member failed its zip CRC: what was refused may be damage rather than hostility.
@@ -528,7 +529,8 @@ class _Walker:
     def walk(self, reader: IO[bytes] | _BoundedReader) -> Any:
         """Walk to the STOP; return the value. Raise _Broken (or ValueError) when that is impossible."""
         ops = 0
-        for op, arg, _pos in pickletools.genops(reader):
+        # genops only calls read() and tell(), which _BoundedReader provides.
+        for op, arg, _pos in pickletools.genops(cast(IO[bytes], reader)):
             ops += 1
             if ops > self.limits.max_ops:
                 raise _Broken(f"more than {self.limits.max_ops} opcodes (scan limit)")
@@ -1295,7 +1297,7 @@ def pickle_strings(data: bytes, *, max_bytes: int = DEFAULT_MAX_PICKLE_BYTES) ->
         raise ValueError(f"pickle of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     reader = io.BytesIO(data)
     try:
-        return [arg for op, arg, _pos in pickletools.genops(reader) if op.name in _STRING_OPS]
+        return [arg for op, arg, _pos in pickletools.genops(reader) if op.name in _STRING_OPS and isinstance(arg, str)]
     except ValueError as e:
         raise ValueError(f"pickle: malformed pickle at byte {reader.tell()}: {e}") from e
 
@@ -1430,14 +1432,15 @@ def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits
     """A legacy torch.save stream framed exactly as torch._legacy_load reads it (or, when
     `plain_pickle`, a plain-data pickle)."""
     reader = _BoundedReader(f, max_bytes, label)
-    walk = {"allowed": ALLOWED_GLOBALS, "budget": size, "limits": limits, "writer_classes": writer_classes}
+    walk = functools.partial(_walk_one, allowed=ALLOWED_GLOBALS, budget=size, limits=limits,
+                             writer_classes=writer_classes)
     # A plain pickle is judged as pickle.load reads it, any opcode; a torch stream as torch does.
-    first = _walk_one(reader, label, persistent=None, first=True, torch_ops=not plain_pickle, **walk)
+    first = walk(reader, label, persistent=None, first=True, torch_ops=not plain_pickle)
     magic = first.result
     if plain_pickle and type(magic) is int and magic == TORCH_LEGACY_MAGIC:
         f.seek(0)
         reader = _BoundedReader(f, max_bytes, label)
-        first = _walk_one(reader, label, persistent=None, first=True, torch_ops=True, **walk)
+        first = walk(reader, label, persistent=None, first=True, torch_ops=True)
     if not (type(magic) is int and magic == TORCH_LEGACY_MAGIC):
         if first.called:
             # torch compares this value with its magic number: an object built by calls (a numpy
@@ -1453,10 +1456,10 @@ def _legacy_skeleton(f: IO[bytes], label: str, size: int, max_bytes: int, limits
     if first.findings:
         raise UnsafePickleError(label, first.findings)
     findings: set[str] = set()
-    version = _walk_one(reader, label, persistent=None, torch_ops=True, **walk)
-    sys_info = _walk_one(reader, label, persistent=None, torch_ops=True, **walk)
-    body = _walk_one(reader, label, persistent=_legacy_persistent, torch_ops=True, **walk)
-    keys = _walk_one(reader, label, persistent=None, torch_ops=True, **walk)
+    version = walk(reader, label, persistent=None, torch_ops=True)
+    sys_info = walk(reader, label, persistent=None, torch_ops=True)
+    body = walk(reader, label, persistent=_legacy_persistent, torch_ops=True)
+    keys = walk(reader, label, persistent=None, torch_ops=True)
     for part in (version, sys_info, body, keys):
         findings |= part.findings
     if not (type(version.result) is int and version.result == TORCH_LEGACY_PROTOCOL) or version.called:
@@ -1616,7 +1619,7 @@ def read_dcp_checkpoint(
                 # Extensions decode the item before torch.load: not modelled.
                 raise UnsafePickleError(meta_path, [], [f"storage entry for {fqn!r} has transforms"])
             extents[rel] = max(extents.get(rel, 0), offset + length)
-            if keys.get(fqn) != "bytes":
+            if not isinstance(fqn, str) or keys.get(fqn) != "bytes":
                 continue
             byte_items[f"{fqn}@{rel}:{offset}"] = _dcp_byte_item(fs, root, rel, offset, length, max_pickle_bytes,
                                                                   limits)
@@ -1642,7 +1645,7 @@ def _dcp_byte_item(fs: AbstractFileSystem, root: str, rel: str, offset: int, len
 # ---------------------------------------------------------------- loading (child processes, training)
 
 
-def _numpy_safe_globals() -> list[tuple[Any, str]]:
+def _numpy_safe_globals() -> list[Any]:
     """Pair each numpy entry of the allow-list with the object torch should bind it to."""
     try:
         import numpy as np
@@ -1651,7 +1654,7 @@ def _numpy_safe_globals() -> list[tuple[Any, str]]:
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
     # Explicit names bind what either numpy major version wrote to the installed objects, so
     # torch never resolves a module from the file.
     return [

@@ -146,6 +146,13 @@ def db_int(value: int | None) -> int | None:
     return None
 
 
+def _inserted_id(result: sa.CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    if key is None:
+        raise RuntimeError("the database returned no primary key for an insert")
+    return int(key[0])
+
+
 def _step_finding(step: int) -> Finding:
     return Finding("step_out_of_range", "warning", None,
                    f"step {step} does not fit a signed 64-bit integer; recorded without a step")
@@ -235,9 +242,8 @@ class State:
                 values = dict(run=ck.run, step=db_int(ck.step), layout=ck.layout, last_seen=now, fingerprint=fp,
                               sealed=bool(ck.manifest_path), gone=False)
                 if row is None:
-                    cid = conn.execute(checkpoints.insert().values(prefix=prefix, url=ck.url, status="pending",
-                                                                   first_seen=now, suspect=False, **values)
-                                       ).inserted_primary_key[0]
+                    cid = _inserted_id(conn.execute(checkpoints.insert().values(
+                        prefix=prefix, url=ck.url, status="pending", first_seen=now, suspect=False, **values)))
                 else:
                     cid = row["id"]
                     if row["fingerprint"] != fp and row["last_verified"] is not None:
@@ -263,9 +269,9 @@ class State:
             row = conn.execute(sa.select(checkpoints).where(checkpoints.c.prefix == prefix,
                                                             checkpoints.c.url == verdict.url)).mappings().first()
             if row is None:
-                cid = conn.execute(checkpoints.insert().values(
+                cid = _inserted_id(conn.execute(checkpoints.insert().values(
                     prefix=prefix, url=verdict.url, run=verdict.run, step=step, layout=verdict.layout,
-                    status=verdict.status, first_seen=now, last_seen=now)).inserted_primary_key[0]
+                    status=verdict.status, first_seen=now, last_seen=now)))
             else:
                 cid = row["id"]
             conn.execute(history.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
@@ -274,7 +280,7 @@ class State:
             tiers = {r["tier"]: r["status"] for r in conn.execute(
                 sa.select(latest.c.tier, latest.c.status).where(latest.c.checkpoint_id == cid)).mappings()}
             # An outage or an unsettled write says nothing about the bytes: keep what we knew.
-            keeps_known = verdict.status in ("error", "pending") and tiers
+            keeps_known = verdict.status in ("error", "pending") and bool(tiers)
             # A probe pass whose probe did not run (factory not allowed) proves nothing of the probe.
             skipped = verdict.tier == "probe" and any(f.code in PROBE_NOT_RUN for f in verdict.findings)
             keeps_known = keeps_known or (skipped and "probe" in tiers)
@@ -425,7 +431,7 @@ class State:
             per_tier = by_id.get(r["id"], {})
             findings = [f for t in per_tier.values() for f in t["findings"]]
             # The deepest tier that looked says what the checkpoint's current verdict proved.
-            deepest = next((per_tier[t] for t in ("probe", "content", "metadata") if t in per_tier), {})
+            deepest: dict[str, Any] = next((per_tier[t] for t in ("probe", "content", "metadata") if t in per_tier), {})
             out.append({"prefix": r["prefix"], "url": r["url"], "run": r["run"], "step": r["step"],
                         "layout": r["layout"], "status": r["status"], "assurance": deepest.get("assurance") or "none",
                         "sealed": r["sealed"],
