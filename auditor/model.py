@@ -14,56 +14,101 @@ from typing import Any
 from auditor.errors import UsageError
 from auditor.manifest import FileEntry
 
-TIERS = ("metadata", "content", "probe")
-FAILURES = frozenset({"corrupt", "missing", "drift", "incomplete", "unsafe"})
+
+
+class _Word(str, Enum):
+    """A word of the contract: compares, hashes, formats and serialises as its plain string."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class Tier(_Word):
+    """How deep a pass looks (SPEC §4), shallowest first."""
+
+    METADATA = "metadata"
+    CONTENT = "content"
+    PROBE = "probe"
+
+
+class Status(_Word):
+    """A checkpoint's verdict (SPEC §4)."""
+
+    OK = "ok"
+    CORRUPT = "corrupt"
+    MISSING = "missing"
+    DRIFT = "drift"
+    INCOMPLETE = "incomplete"
+    UNSAFE = "unsafe"
+    UNVERIFIABLE = "unverifiable"
+    ERROR = "error"
+    PENDING = "pending"
+
+
+class Severity(_Word):
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+TIERS = Tier.values()
+# Statuses that say the bytes are damaged or the state cannot resume: they page.
+FAILURES = frozenset({Status.CORRUPT, Status.MISSING, Status.DRIFT, Status.INCOMPLETE, Status.UNSAFE})
+# Statuses that say nothing about the bytes: the check did not complete or has not run yet.
+INCONCLUSIVE = frozenset({Status.ERROR, Status.PENDING})
 
 # Which status a finding of severity "error" implies. Order of STATUS_PRIORITY settles ties.
 STATUS_OF_CODE = {
-    "size_mismatch": "corrupt",
-    "digest_mismatch": "corrupt",
-    "tensor_digest_mismatch": "corrupt",
-    "truncated": "corrupt",
-    "header_invalid": "corrupt",
-    "zip_crc_error": "corrupt",
-    "zip_member_out_of_bounds": "corrupt",
+    "size_mismatch": Status.CORRUPT,
+    "digest_mismatch": Status.CORRUPT,
+    "tensor_digest_mismatch": Status.CORRUPT,
+    "truncated": Status.CORRUPT,
+    "header_invalid": Status.CORRUPT,
+    "zip_crc_error": Status.CORRUPT,
+    "zip_member_out_of_bounds": Status.CORRUPT,
     # Built, not decayed: bit rot does not aim several directory entries at one member's bytes,
     # repeat a name, or make deflate inflate beyond 100:1. Refused like a hostile pickle.
-    "zip_overlapping_members": "unsafe",
-    "zip_duplicate_member": "unsafe",
-    "zip_compression_ratio": "unsafe",
-    "index_invalid": "corrupt",
-    "json_invalid": "corrupt",
-    "manifest_invalid": "corrupt",
-    "path_outside_checkpoint": "corrupt",
+    "zip_overlapping_members": Status.UNSAFE,
+    "zip_duplicate_member": Status.UNSAFE,
+    "zip_compression_ratio": Status.UNSAFE,
+    "index_invalid": Status.CORRUPT,
+    "json_invalid": Status.CORRUPT,
+    "manifest_invalid": Status.CORRUPT,
+    "path_outside_checkpoint": Status.CORRUPT,
     # A FIFO, socket, device or link to a folder in a checkpoint: never opened, never followed.
-    "special_file": "corrupt",
+    "special_file": Status.CORRUPT,
     # A local path that cannot resolve (link loop, dangling link, a path through a file, name too long).
-    "path_unresolvable": "corrupt",
-    "server_checksum_mismatch": "corrupt",
-    "file_missing": "missing",
-    "probe_mismatch": "drift",
-    "probe_load_mismatch": "drift",
-    "model_state_missing": "incomplete",
-    "optimizer_state_missing": "incomplete",
-    "cold_optimizer_params": "incomplete",
-    "optimizer_shape_mismatch": "incomplete",
-    "param_group_mismatch": "incomplete",
-    "scheduler_state_missing": "incomplete",
-    "rng_state_missing": "incomplete",
-    "scaler_state_missing": "incomplete",
-    "step_missing": "incomplete",
-    "step_mismatch": "incomplete",
-    "unsafe_pickle": "unsafe",
-    "assurance_below_required": "unverifiable",
-    "storage_error": "error",
-    "probe_error": "error",
-    "internal_error": "error",
+    "path_unresolvable": Status.CORRUPT,
+    "server_checksum_mismatch": Status.CORRUPT,
+    "file_missing": Status.MISSING,
+    "probe_mismatch": Status.DRIFT,
+    "probe_load_mismatch": Status.DRIFT,
+    "model_state_missing": Status.INCOMPLETE,
+    "optimizer_state_missing": Status.INCOMPLETE,
+    "cold_optimizer_params": Status.INCOMPLETE,
+    "optimizer_shape_mismatch": Status.INCOMPLETE,
+    "param_group_mismatch": Status.INCOMPLETE,
+    "scheduler_state_missing": Status.INCOMPLETE,
+    "rng_state_missing": Status.INCOMPLETE,
+    "scaler_state_missing": Status.INCOMPLETE,
+    "step_missing": Status.INCOMPLETE,
+    "step_mismatch": Status.INCOMPLETE,
+    "unsafe_pickle": Status.UNSAFE,
+    "assurance_below_required": Status.UNVERIFIABLE,
+    "storage_error": Status.ERROR,
+    "probe_error": Status.ERROR,
+    "internal_error": Status.ERROR,
 }
 # A storage error means the check did not complete: nothing else it found is conclusive.
-STATUS_PRIORITY = ("error", "unsafe", "corrupt", "missing", "drift", "incomplete", "unverifiable")
+STATUS_PRIORITY = (Status.ERROR, Status.UNSAFE, Status.CORRUPT, Status.MISSING, Status.DRIFT, Status.INCOMPLETE,
+                   Status.UNVERIFIABLE)
 
 
-class Assurance(str, Enum):
+class Assurance(_Word):
     """What an `ok` proved, weakest first: the reference the bytes were compared with."""
 
     NONE = "none"  # nothing was checked (pending, error)
@@ -98,7 +143,7 @@ COVERAGE_OF = {
 @dataclass
 class Finding:
     code: str
-    severity: str  # error | warning | info
+    severity: str  # a Severity
     file: str | None
     detail: str
 
@@ -116,7 +161,7 @@ class Verdict:
     findings: list[Finding] = field(default_factory=list)
     bytes_read: int = 0
     duration_seconds: float = 0.0
-    tier: str = "content"
+    tier: str = Tier.CONTENT
     assurance: str = Assurance.NONE.value
     # bytes of this checkpoint by how they were checked (COVERAGE_OF buckets)
     coverage: dict[str, int] = field(default_factory=dict)
@@ -144,13 +189,13 @@ class Verdict:
 
 def decide(findings: Iterable[Finding], *, structural_only: bool = False, checked_any: bool = True) -> str:
     """Return the one status that a set of findings implies (SPEC §4)."""
-    implied = {STATUS_OF_CODE.get(f.code, "error") for f in findings if f.severity == "error"}
+    implied = {STATUS_OF_CODE.get(f.code, Status.ERROR) for f in findings if f.severity == Severity.ERROR}
     for status in STATUS_PRIORITY:
         if status in implied:
             return status
     if not checked_any:
-        return "unverifiable"
-    return "ok"
+        return Status.UNVERIFIABLE
+    return Status.OK
 
 
 @dataclass
@@ -180,10 +225,10 @@ class ScanResult:
     def exit_code(self, strict: bool = False) -> int:
         """Return the SPEC §5 exit code: failures win over incomplete scans."""
         strict = strict or self.require_assurance is not None
-        failing = FAILURES | ({"unverifiable"} if strict else set())
+        failing = FAILURES | ({Status.UNVERIFIABLE} if strict else set())
         if any(v.status in failing for v in self.verdicts):
             return 1
-        if not self.listed or any(v.status == "error" for v in self.verdicts):
+        if not self.listed or any(v.status == Status.ERROR for v in self.verdicts):
             return 3
         return 0
 
@@ -205,10 +250,10 @@ def result_from_dict(doc: dict[str, Any]) -> ScanResult:
     """Rebuild a ScanResult from its JSON form (a daemon's answer)."""
     verdicts = [
         Verdict(c["url"], c["run"], c["step"], c["layout"], c["status"], [Finding(**f) for f in c["findings"]],
-                c.get("bytes_read", 0), c.get("duration_seconds", 0.0), doc.get("tier", "content"),
+                c.get("bytes_read", 0), c.get("duration_seconds", 0.0), doc.get("tier", Tier.CONTENT),
                 c.get("assurance", Assurance.NONE.value), dict(c.get("coverage") or {}))
         for c in doc.get("checkpoints", [])
     ]
     # A daemon's answer lists uncovered paths without sizes.
-    return ScanResult(doc["prefix"], doc.get("tier", "content"), verdicts, listed=not doc.get("error"),
+    return ScanResult(doc["prefix"], doc.get("tier", Tier.CONTENT), verdicts, listed=not doc.get("error"),
                       error=doc.get("error"), uncovered={p: 0 for p in doc.get("uncovered", [])})
