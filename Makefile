@@ -6,7 +6,7 @@ DEMO := demo
 # Test processes: many tests wait on subprocesses and servers, so more workers than cores pays.
 TEST_WORKERS ?= 3
 
-.PHONY: run test venv system-deps bench clean
+.PHONY: run test lint venv system-deps bench clean
 
 venv: $(VENV)/.installed
 
@@ -26,7 +26,14 @@ run: venv
 	@echo "metrics: http://127.0.0.1:9180/metrics  verdicts: http://127.0.0.1:9180/api/v1/checkpoints  (Ctrl-C stops)"
 	$(VENV)/bin/auditor run --config $(DEMO)/auditor.yaml
 
-test: venv system-deps
+# Style, types and the import layers (the contract is [tool.importlinter] in pyproject.toml).
+lint: venv
+	$(VENV)/bin/ruff check auditor tests benchmarks scripts
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(PY) scripts/import_graph.py --strict > /dev/null
+
+test: venv system-deps lint
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 bench: venv system-deps

@@ -147,6 +147,19 @@ class Finding:
     file: str | None
     detail: str
 
+    @classmethod
+    def error(cls, code: str, file: str | None, detail: str) -> Finding:
+        """A finding that decides the verdict (STATUS_OF_CODE says which)."""
+        return cls(code, Severity.ERROR, file, detail)
+
+    @classmethod
+    def warning(cls, code: str, file: str | None, detail: str) -> Finding:
+        return cls(code, Severity.WARNING, file, detail)
+
+    @classmethod
+    def info(cls, code: str, file: str | None, detail: str) -> Finding:
+        return cls(code, Severity.INFO, file, detail)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
