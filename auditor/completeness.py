@@ -19,7 +19,7 @@ from typing import Any
 from auditor import formats, pickles, safejson
 from auditor.layouts import PROBE_SUFFIXES
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, TrainingState
-from auditor.model import Finding
+from auditor.model import Finding, Severity
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
     for component in COMPONENTS:
         if component in required and not _present(component, ev, declared, ck, step):
             where = CONVENTIONAL_FILE.get((layout, component))
-            findings.append(Finding(_MISSING_CODE[component], "error", where,
+            findings.append(Finding.error(_MISSING_CODE[component], where,
                                     f"no {component} state found in any file"
                                     f"{f' (expected {where})' if where else ''}: {_why(layout, manifest, component)}"))
     if declared is not None:
@@ -425,7 +425,7 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
         _check_optimizer(reader, ck, manifest, ev, opt, findings, rel)
     _check_schedulers(ev, step, findings)
     if ck.kind == "file" and ev.has("optimizer") and not ev.has("rng"):
-        findings.append(Finding("rng_state_not_saved", "info", ck.name,
+        findings.append(Finding.info("rng_state_not_saved", ck.name,
                                 "optimizer state but no RNG state: resumption is not bit-exact"))
     components = {c: sorted(ev.components[c]) for c in COMPONENTS if ev.components[c]}
     findings = _unique(findings)
@@ -439,7 +439,7 @@ def _unique(findings: list[Finding]) -> list[Finding]:
     seen: set[tuple[str, str | None]] = set()
     out = []
     for f in findings:
-        if f.severity == "error" and f.code in _MISSING_CODE.values():
+        if f.severity == Severity.ERROR and f.code in _MISSING_CODE.values():
             if (f.code, f.file) in seen:
                 continue
             seen.add((f.code, f.file))
@@ -508,7 +508,7 @@ def _check_declared(declared: TrainingState, ck: Any, ev: Evidence, findings: li
         files = getattr(declared, component)
         for rel in files if isinstance(files, list) else [files] if files else []:
             if rel in ev.parsed and rel not in ev.components[component] and not rel.endswith(".json"):
-                findings.append(Finding(_MISSING_CODE[component], "error", rel,
+                findings.append(Finding.error(_MISSING_CODE[component], rel,
                                         f"the manifest says it holds {component} state; its contents hold none"))
 
 
@@ -545,7 +545,7 @@ def _scan_files(reader: Any, ck: Any, manifest: Any, ev: Evidence, findings: lis
         except FileNotFoundError:
             continue
         except Exception as e:  # noqa: BLE001 - storage backends raise their own types
-            findings.append(Finding("storage_error", "error", rel, f"{type(e).__name__}: {e}"))
+            findings.append(Finding.error("storage_error", rel, f"{type(e).__name__}: {e}"))
             continue
         if step is not None:
             steps[rel] = step
@@ -560,7 +560,7 @@ def _scan_pickle(reader: Any, ck: Any, rel: str, ev: Evidence, findings: list[Fi
                                                writer_classes=True)
     except pickles.UnknownFormatError as e:
         # Raw data under a torch suffix: nothing in it would be unpickled, and nothing is vouched for.
-        findings.append(Finding("not_a_pickle", "info", rel, f"neither a torch.save zip nor a pickle: {e}"))
+        findings.append(Finding.info("not_a_pickle", rel, f"neither a torch.save zip nor a pickle: {e}"))
         return None
     except pickles.UnsafePickleError as e:
         findings.append(_unsafe_finding(ck, rel, e, sealed))
@@ -571,7 +571,7 @@ def _scan_pickle(reader: Any, ck: Any, rel: str, ev: Evidence, findings: list[Fi
         # legacy stream's tensor bytes follow its pickles with no checksum, so nothing proved them.
         ev.unproven.add(rel)
     if skeleton.writer_classes:
-        findings.append(Finding("writer_classes", "info", rel,
+        findings.append(Finding.info("writer_classes", rel,
                                 f"pickles {', '.join(sorted(skeleton.writer_classes))}, which its writer always "
                                 "saves; read as data, never loaded (torch.load would need weights_only=False)"))
     return recognise(ev, rel, skeleton.value)
@@ -611,7 +611,7 @@ def _scan_dcp(reader: Any, ck: Any, rel: str, ev: Evidence, findings: list[Findi
     try:
         dcp = pickles.read_dcp_checkpoint(reader.fs, folder)
     except pickles.UnknownFormatError as e:
-        findings.append(Finding("not_a_pickle", "info", rel, f"DCP metadata that is not a pickle: {e}"))
+        findings.append(Finding.info("not_a_pickle", rel, f"DCP metadata that is not a pickle: {e}"))
         return None
     except pickles.UnsafePickleError as e:
         # A byte item's label is `<folder>/<file>@<offset>`: name the .distcp file it lives in.
@@ -620,9 +620,9 @@ def _scan_dcp(reader: Any, ck: Any, rel: str, ev: Evidence, findings: list[Findi
         problems = e.names + e.reasons
         if not e.names and e.reasons and all(r.startswith(DAMAGE_REASONS) for r in e.reasons):
             # Cut short: the extents check reports the .distcp file truncated. Still never loaded.
-            findings.append(Finding("pickle_unreadable", "warning", where, f"damaged, not loaded: {problems[0]}"))
+            findings.append(Finding.warning("pickle_unreadable", where, f"damaged, not loaded: {problems[0]}"))
             return None
-        findings.append(Finding("unsafe_pickle", "error", where,
+        findings.append(Finding.error("unsafe_pickle", where,
                                 f"torch.distributed.checkpoint would unpickle {', '.join(problems[:5])[:500]}; "
                                 "refused, never executed"))
         return None
@@ -646,18 +646,18 @@ def _unsafe_finding(ck: Any, rel: str, e: pickles.UnsafePickleError, sealed: dic
         # Cut short since sealing, or a pickle member failing its CRC: the size or CRC check
         # already makes it corrupt, and these oddities are what that damage looks like. A named
         # import is never explained away. Still refused, never loaded.
-        return Finding("pickle_unreadable", "warning", rel, f"damaged, not loaded: {'; '.join(e.globals)[:500]}")
+        return Finding.warning("pickle_unreadable", rel, f"damaged, not loaded: {'; '.join(e.globals)[:500]}")
     if e.reasons:
         seen = f"; before that it imports {', '.join(e.names[:5])}" if e.names else ""
-        return Finding("unsafe_pickle", "error", rel,
+        return Finding.error("unsafe_pickle", rel,
                        f"cannot be parsed completely, so refused, never executed: {'; '.join(e.reasons)[:500]}{seen}")
     bad = e.names
     if rel.rsplit("/", 1)[-1] in TRAINER_ARGS_FILES:
         known = [g for g in bad if g.startswith(TRAINER_ARGS_PREFIXES) and ":" not in g]
         if known and len(known) == len(bad):
-            return Finding("trainer_args_pickle", "info", rel,
+            return Finding.info("trainer_args_pickle", rel,
                            "imports transformers argument classes; never loaded by the auditor")
-    return Finding("unsafe_pickle", "error", rel, f"loading would import {', '.join(bad[:5])}; refused, never executed")
+    return Finding.error("unsafe_pickle", rel, f"loading would import {', '.join(bad[:5])}; refused, never executed")
 
 
 def _trainer_step(reader: Any, ck: Any, ev: Evidence, findings: list[Finding]) -> int | None:
@@ -717,7 +717,7 @@ def _check_steps(ck: Any, manifest: Any, trainer_step: int | None, in_file: dict
         seen["folder name"] = named
     ev.steps = seen
     if len(set(seen.values())) > 1:
-        findings.append(Finding("step_mismatch", "error", None,
+        findings.append(Finding.error("step_mismatch", None,
                                 "steps disagree: " + ", ".join(f"{k} {v}" for k, v in seen.items())))
     if seen:
         return next(iter(seen.values()))
@@ -730,14 +730,14 @@ def _check_schedulers(ev: Evidence, step: int | None, findings: list[Finding]) -
         base = sched.get("base_lrs")
         groups = [len(o.get("param_groups", [])) for o in top]
         if isinstance(base, list) and len(groups) == 1 and groups[0] and len(base) != groups[0]:
-            findings.append(Finding("param_group_mismatch", "error", rel,
+            findings.append(Finding.error("param_group_mismatch", rel,
                                     f"scheduler has {len(base)} param groups, optimizer {groups[0]}"))
         if len(set(sched) & _PLATEAU_FIELDS) >= 4:
             continue  # ReduceLROnPlateau counts metric evaluations: no step to compare with
         counter = sched.get("last_epoch", sched.get("num_steps"))
         if type(counter) is int and step is not None and counter != step:
             # Per-epoch and plateau schedulers, and steps a grad scaler skipped, all disagree legitimately.
-            findings.append(Finding("scheduler_step_differs", "warning", rel,
+            findings.append(Finding.warning("scheduler_step_differs", rel,
                                     f"scheduler counter {counter}, step {step}"))
 
 
@@ -748,7 +748,7 @@ def _check_rng_files(layout: str, ev: Evidence, findings: list[Finding]) -> None
     for rel, kinds in sorted(ev.rng_kinds.items()):
         missing = [k for k in ("python", "numpy", "torch") if k not in kinds]
         if missing:
-            findings.append(Finding("rng_state_missing", "error", rel, f"no {', '.join(missing)} generator state"))
+            findings.append(Finding.error("rng_state_missing", rel, f"no {', '.join(missing)} generator state"))
 
 
 def _param_shapes(reader: Any, ck: Any, ev: Evidence) -> dict[str, tuple[int, ...]]:
@@ -776,12 +776,12 @@ def _check_optimizer(reader: Any, ck: Any, manifest: Any, ev: Evidence, opt: dic
         return  # plain SGD keeps no per-parameter state
     cold = [p for p in ids if p not in per_param]
     if cold and len(cold) == len(ids):
-        findings.append(Finding("optimizer_state_missing", "error", rel,
+        findings.append(Finding.error("optimizer_state_missing", rel,
                                 f"optimizer holds no state for any of its {len(ids)} parameters"))
         return
     if cold:
         shown = [names.get(p, f"param #{p}") for p in cold]
-        findings.append(Finding("cold_optimizer_params", "error", rel,
+        findings.append(Finding.error("cold_optimizer_params", rel,
                                 f"no optimizer state for {len(cold)} parameter(s): {', '.join(map(str, shown[:10]))}"))
     if not names:
         return
@@ -798,7 +798,7 @@ def _check_optimizer(reader: Any, ck: Any, manifest: Any, ev: Evidence, opt: dic
             if t is not None and hasattr(t, "shape") and tuple(t.shape) != tuple(shapes[name]):
                 wrong.append(f"{name}.{key} {list(t.shape)} vs {list(shapes[name])}")
     if wrong:
-        findings.append(Finding("optimizer_shape_mismatch", "error", rel, "; ".join(wrong[:10])))
+        findings.append(Finding.error("optimizer_shape_mismatch", rel, "; ".join(wrong[:10])))
 
 
 def _param_names(groups: list[dict[str, Any]], manifest: Any, count: int) -> dict[Any, str]:

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from auditor.errors import StateError
 from auditor.layouts import Checkpoint
 from auditor.manifest import FileEntry
-from auditor.model import FAILURES, Finding, ScanResult, Verdict
+from auditor.model import FAILURES, INCONCLUSIVE, Finding, ScanResult, Status, Tier, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ SCHEMA_VERSION = 4
 # SQLite and PostgreSQL integers are signed 64-bit; a step or size past this is data, not a crash.
 DB_INT_MAX = 2**63 - 1
 # Which latest status wins when tiers disagree: a failure at any tier stands until that tier passes.
-RANK = ("unsafe", "corrupt", "missing", "drift", "incomplete", "unverifiable", "ok", "pending", "error")
+RANK = (Status.UNSAFE, Status.CORRUPT, Status.MISSING, Status.DRIFT, Status.INCOMPLETE, Status.UNVERIFIABLE, Status.OK,
+        Status.PENDING, Status.ERROR)
 
 metadata = sa.MetaData()
 meta = sa.Table("meta", metadata, sa.Column("key", sa.String(64), primary_key=True), sa.Column("value", sa.Text))
@@ -43,7 +44,7 @@ checkpoints = sa.Table(
     sa.Column("step", sa.Integer),
     sa.Column("layout", sa.String(32)),
     sa.Column("sealed", sa.Boolean, default=False),
-    sa.Column("status", sa.String(16), nullable=False, default="pending"),
+    sa.Column("status", sa.String(16), nullable=False, default=Status.PENDING.value),
     sa.Column("fingerprint", sa.Text),
     sa.Column("first_seen", sa.Float, nullable=False),
     sa.Column("last_seen", sa.Float, nullable=False),
@@ -154,7 +155,7 @@ def _inserted_id(result: sa.CursorResult[Any]) -> int:
 
 
 def _step_finding(step: int) -> Finding:
-    return Finding("step_out_of_range", "warning", None,
+    return Finding.warning("step_out_of_range", None,
                    f"step {step} does not fit a signed 64-bit integer; recorded without a step")
 
 
@@ -243,7 +244,7 @@ class State:
                               sealed=bool(ck.manifest_path), gone=False)
                 if row is None:
                     cid = _inserted_id(conn.execute(checkpoints.insert().values(
-                        prefix=prefix, url=ck.url, status="pending", first_seen=now, suspect=False, **values)))
+                        prefix=prefix, url=ck.url, status=Status.PENDING, first_seen=now, suspect=False, **values)))
                 else:
                     cid = row["id"]
                     if row["fingerprint"] != fp and row["last_verified"] is not None:
@@ -280,19 +281,19 @@ class State:
             tiers = {r["tier"]: r["status"] for r in conn.execute(
                 sa.select(latest.c.tier, latest.c.status).where(latest.c.checkpoint_id == cid)).mappings()}
             # An outage or an unsettled write says nothing about the bytes: keep what we knew.
-            keeps_known = verdict.status in ("error", "pending") and bool(tiers)
+            keeps_known = verdict.status in INCONCLUSIVE and bool(tiers)
             # A probe pass whose probe did not run (factory not allowed) proves nothing of the probe.
-            skipped = verdict.tier == "probe" and any(f.code in PROBE_NOT_RUN for f in verdict.findings)
-            keeps_known = keeps_known or (skipped and "probe" in tiers)
+            skipped = verdict.tier == Tier.PROBE and any(f.code in PROBE_NOT_RUN for f in verdict.findings)
+            keeps_known = keeps_known or (skipped and Tier.PROBE in tiers)
             if not keeps_known:
                 conn.execute(latest.delete().where(latest.c.checkpoint_id == cid, latest.c.tier == verdict.tier))
                 conn.execute(latest.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
                                                     findings=findings, at=now, assurance=verdict.assurance))
                 tiers[verdict.tier] = verdict.status
-                if verdict.status in ("ok", "unverifiable"):
+                if verdict.status in (Status.OK, Status.UNVERIFIABLE):
                     # A newer pass clears what it re-proves: content re-reads every byte, so it
                     # settles byte-level failures found by any tier; only a probe that ran settles drift.
-                    covers = COVERS["content"] if skipped else COVERS[verdict.tier]
+                    covers = COVERS[Tier.CONTENT] if skipped else COVERS[verdict.tier]
                     for other, status in list(tiers.items()):
                         if other != verdict.tier and status in covers:
                             conn.execute(latest.update().where(latest.c.checkpoint_id == cid,
@@ -300,9 +301,9 @@ class State:
                             tiers[other] = verdict.status
             overall = min(tiers.values(), key=RANK.index) if tiers else verdict.status
             values: dict[str, Any] = {"status": overall}
-            if verdict.status not in ("error", "pending"):
+            if verdict.status not in INCONCLUSIVE:
                 values["last_verified"] = now
-                if verdict.tier != "metadata":
+                if verdict.tier != Tier.METADATA:
                     values["suspect"] = overall in FAILURES
             else:
                 values["suspect"] = True
@@ -311,7 +312,7 @@ class State:
             if due_probe is not None:
                 values["due_probe"] = due_probe
             conn.execute(checkpoints.update().where(checkpoints.c.id == cid).values(**values))
-            if verdict.observed and verdict.tier != "metadata":
+            if verdict.observed and verdict.tier != Tier.METADATA:
                 have = conn.execute(sa.select(sa.func.count()).select_from(baselines)
                                     .where(baselines.c.checkpoint_id == cid)).scalar()
                 if not have:  # trust on first use: only the first sight is the baseline
@@ -431,7 +432,7 @@ class State:
             per_tier = by_id.get(r["id"], {})
             findings = [f for t in per_tier.values() for f in t["findings"]]
             # The deepest tier that looked says what the checkpoint's current verdict proved.
-            deepest: dict[str, Any] = next((per_tier[t] for t in ("probe", "content", "metadata") if t in per_tier), {})
+            deepest: dict[str, Any] = next((per_tier[t] for t in reversed(Tier) if t in per_tier), {})
             out.append({"prefix": r["prefix"], "url": r["url"], "run": r["run"], "step": r["step"],
                         "layout": r["layout"], "status": r["status"], "assurance": deepest.get("assurance") or "none",
                         "sealed": r["sealed"],
@@ -446,10 +447,10 @@ class State:
         return [dict(r) for r in rows]
 
 
-_BYTES = frozenset({"corrupt", "missing", "incomplete", "unsafe", "unverifiable"})
+_BYTES = frozenset({Status.CORRUPT, Status.MISSING, Status.INCOMPLETE, Status.UNSAFE, Status.UNVERIFIABLE})
 # Findings of a probe-tier verdict whose probe did not run: it proved no more than the content tier.
 PROBE_NOT_RUN = frozenset({"probe_factory_not_allowed", "no_probe"})
-COVERS = {"metadata": frozenset({"unverifiable"}), "content": _BYTES, "probe": _BYTES | {"drift"}}
+COVERS = {Tier.METADATA: frozenset({Status.UNVERIFIABLE}), Tier.CONTENT: _BYTES, Tier.PROBE: _BYTES | {Status.DRIFT}}
 
 
 def open_state(url: str, *, create: bool = True) -> State:
