@@ -208,10 +208,10 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
 
     def body() -> int:
         if daemon:
-            from auditor import server
+            from auditor import client
 
             _no_remote_allow(allow_factory)
-            result = server.remote_rescan(daemon, prefix, tier)
+            result = client.remote_rescan(daemon, prefix, tier)
             result.require_assurance = require_assurance
             _emit(result, as_json)
             return result.exit_code(strict)
@@ -308,11 +308,11 @@ def run(config_path: str | None) -> None:
     """Run the daemon: scheduled scrubbing, state, /metrics and the HTTP API."""
 
     def body() -> int:
-        from auditor import logs, scheduler
+        from auditor import daemon, logs
 
         cfg = _config(config_path)
         logs.configure(cfg.log.level)
-        return scheduler.serve(cfg)
+        return daemon.serve(cfg)
 
     _run(body)
 
@@ -325,10 +325,10 @@ def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
     """Show each prefix's checkpoints by status and its last completed scan."""
 
     def body() -> int:
-        from auditor import server, state
+        from auditor import client, state
 
         if daemon:
-            doc = server.remote_get(daemon, "/api/v1/status")
+            doc = client.remote_get(daemon, "/api/v1/status")
         else:
             cfg = _config(config_path)
             store = state.open_state(cfg.state.url, create=False)
@@ -369,11 +369,11 @@ def latest(prefix: str, run_name: str | None, config_path: str | None, daemon: s
 
     def body() -> int:
         if daemon:
-            from auditor import server
+            from auditor import client
             from urllib.parse import quote
 
             _no_remote_allow(allow_factory)
-            doc = server.remote_get(daemon, f"/api/v1/checkpoints?prefix={quote(prefix, safe='')}")
+            doc = client.remote_get(daemon, f"/api/v1/checkpoints?prefix={quote(prefix, safe='')}")
             best = api.newest_ok(doc["checkpoints"], run_name)
         else:
             cfg = _config(config_path) if config_path else None

@@ -73,6 +73,11 @@ class Metrics:
             self.checkpoints.labels(prefix=prefix, status=status).set(counts.get(status, 0))
         self.verify_failures.labels(prefix=prefix).set(sum(counts.get(s, 0) for s in FAILURE_STATUSES))
 
+    def scan_up(self) -> dict[str, float]:
+        """Each prefix's ckpt_prefix_scan_up value, read the way a scrape reads it (the collector interface)."""
+        return {sample.labels["prefix"]: sample.value
+                for family in self.prefix_scan_up.collect() for sample in family.samples}
+
 
 def exported_metric_names() -> set[str]:
     """Return every sample name the daemon exposes (used to check dashboards and alerts)."""

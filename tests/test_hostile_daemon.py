@@ -32,8 +32,8 @@ import fsspec
 import auditor
 from auditor.cli import main
 from auditor.config import Config
-from auditor.scheduler import Daemon
-from auditor.server import MAX_BODY, Server
+from auditor.daemon import Daemon
+from auditor.http import MAX_BODY, Server
 from auditor.state import SCHEMA_VERSION, open_state
 from auditor.verify import Scanner, build_options, is_pending, list_prefix
 

@@ -368,7 +368,7 @@ def test_example_config_documents_allow_factories():
 
 
 def test_daemon_pass_skips_what_its_config_does_not_allow_and_runs_what_it_does(tmp_path, monkeypatch):
-    from auditor.scheduler import Daemon
+    from auditor.daemon import Daemon
 
     canary, out = tmp_path / "canary", tmp_path / "ran.json"
     sealed(tmp_path, "subprocess:run", {"args": ["touch", str(canary)]}, name="checkpoint-100")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import posixpath
 import random
+import signal
+import sys
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -18,7 +22,8 @@ from fsspec.implementations.local import LocalFileSystem
 from prometheus_client import CollectorRegistry
 
 from auditor.config import Config, PrefixConfig, ScanConfig
-from auditor.errors import StorageError, UsageError
+from auditor.errors import ConfigError, StorageError, UsageError
+from auditor.http import PrefixSummary, Server
 from auditor.layouts import Checkpoint
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
 from auditor.metrics import Metrics
@@ -71,6 +76,13 @@ def jittered(interval: float, jitter: float, rng: random.Random | None = None) -
     return interval * (1.0 + r.uniform(-jitter, jitter))
 
 
+def scan_options(tier: str | None, scan: ScanConfig) -> Options:
+    """The verification options of one tier (None: content, plus probe where sealed with one) under a scan config."""
+    return build_options(tier, strict=scan.strict, settle_seconds=scan.settle_time, require=scan.require,
+                         probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
+                         allow_factories=scan.allow_factories)
+
+
 @dataclass
 class Job:
     id: str
@@ -99,10 +111,7 @@ class PrefixWorker:
         self.url = pcfg.url
         self.fs, self.root = open_url(pcfg.url, pcfg.storage_options)
         self.lock = threading.Lock()  # a rescan job and a tick never run over one prefix at once
-        base = dict(strict=scan.strict, settle_seconds=scan.settle_time, require=scan.require,
-                    probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
-                    allow_factories=scan.allow_factories)
-        self.options = {tier: build_options(tier, **base) for tier in ("metadata", "content", "probe")}
+        self.options = {tier: scan_options(tier, scan) for tier in ("metadata", "content", "probe")}
         for opts in self.options.values():
             opts.baseline = state.baseline_lookup(self.url)
         self.scanner = Scanner(self.fs, self.options["content"], jobs=scan.jobs, throttle=throttle,
@@ -181,8 +190,6 @@ class Daemon:
         now = time.time()
         for url, worker in self.workers.items():
             interval = worker.scan.shallow_interval
-            from datetime import datetime, timezone
-
             first = datetime.fromtimestamp(now + random.uniform(0, min(5.0, interval * 0.1)), timezone.utc)
             self.scheduler.add_job(self.tick, "interval", args=[url], id=f"tick:{url}", seconds=interval,
                                    jitter=interval * worker.scan.jitter, next_run_time=first)
@@ -292,9 +299,6 @@ class Daemon:
 
     def _freeze_once_torch_loaded(self) -> None:
         """Move torch's 200k long-lived objects out of the collector's view once it is imported."""
-        import gc
-        import sys
-
         if not self._frozen and "torch" in sys.modules:
             gc.collect()
             gc.freeze()
@@ -378,7 +382,8 @@ class Daemon:
         kept = [f for f in verdict.findings if f.code not in noise]
         how = "bytes compared with the digests of its last sealed manifest" if remembered else \
             "its sealed digests were never recorded, so its bytes were not compared with them"
-        kept.insert(0, Finding("file_missing", "error", name, f"sealed at {seal.when()} but its manifest is gone; {how}"))
+        kept.insert(0, Finding("file_missing", "error", name,
+                               f"sealed at {seal.when()} but its manifest is gone; {how}"))
         if remembered:
             kept.append(Finding("remembered_manifest", "info", None,
                                 "compared with the file entries the state database kept from the last sealed manifest"))
@@ -415,6 +420,29 @@ class Daemon:
     def _publish(self, url: str) -> None:
         self.metrics.set_counts(url, self.state.counts(url))
 
+    # ------------------------------------------------------------ what the HTTP API reads (auditor.http.DaemonView)
+
+    def configured_prefix(self, prefix: str) -> str:
+        """The configured prefix that holds `prefix` (itself when configured); UsageError when none does."""
+        return prefix if prefix in self.workers else self.worker_for(prefix).url
+
+    def checkpoints(self, prefix: str | None) -> list[dict[str, Any]]:
+        """Latest verdict of each known checkpoint of a configured prefix (of every prefix when None)."""
+        return self.state.checkpoints(prefix)
+
+    def summaries(self) -> list[PrefixSummary]:
+        """Each configured prefix's counts, last completed scan and whether its last pass could list it."""
+        up = self.metrics.scan_up()
+        out = []
+        for url in self.workers:
+            last = self.state.last_scan(url)
+            out.append(PrefixSummary(url, self.state.counts(url), last["finished"] if last else None,
+                                     up.get(url, 0.0)))
+        return out
+
+    def job(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
     # ------------------------------------------------------------ on-demand rescans
 
     def worker_for(self, prefix: object) -> PrefixWorker:
@@ -450,10 +478,7 @@ class Daemon:
 
     def rescan(self, worker: PrefixWorker, prefix: str, tier: str | None) -> ScanResult:
         """Scan now at `tier` (default: content, plus probe where sealed with one), recording verdicts."""
-        options = build_options(tier, strict=worker.scan.strict, settle_seconds=worker.scan.settle_time,
-                                require=worker.scan.require, probe_timeout=worker.scan.probe_timeout,
-                                probe_memory_mb=worker.scan.probe_memory_mb,
-                                allow_factories=worker.scan.allow_factories)
+        options = scan_options(tier, worker.scan)
         options.baseline = self.state.baseline_lookup(worker.url)
         root = worker.fs._strip_protocol(prefix).rstrip("/") if prefix.rstrip("/") != worker.url.rstrip("/") \
             else worker.root
@@ -475,14 +500,7 @@ class Daemon:
 
 def serve(config: Config) -> int:
     """Run the daemon and its HTTP server until SIGTERM or SIGINT; return the exit code."""
-    import gc
-    import signal
-
-    from auditor.server import Server
-
     if not config.prefixes:
-        from auditor.errors import ConfigError
-
         raise ConfigError("prefixes: no prefix configured; nothing to watch")
     daemon = Daemon(config)
     server = Server(daemon, config.server.listen)
@@ -533,7 +551,5 @@ def _exit_if_stuck(clean: bool) -> None:
 
 
 def _hard_exit(code: int) -> None:
-    import os
-
     logging.shutdown()  # flush the log lines that say why
     os._exit(code)

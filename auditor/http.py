@@ -1,4 +1,4 @@
-"""HTTP on one port (SPEC §7): /metrics, /healthz, /readyz, /api/v1; and the client side of rescans."""
+"""HTTP on one port (SPEC §7): /metrics, /healthz, /readyz, /api/v1, over what a DaemonView shows."""
 
 from __future__ import annotations
 
@@ -11,18 +11,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-import requests
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from auditor.errors import StorageError, UsageError
-from auditor.model import ScanResult, result_from_dict
-
-if TYPE_CHECKING:
-    from auditor.scheduler import Daemon
+from auditor.errors import UsageError
+from auditor.model import FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +38,59 @@ DRAIN_LIMIT = 2**20
 _BODY_SHAPE = 'body must be a JSON object {"prefix": URL, "tier": "metadata" | "content" | "probe"}'
 
 
+@dataclass(frozen=True)
+class PrefixSummary:
+    """One configured prefix as /api/v1/status shows it."""
+
+    prefix: str
+    counts: dict[str, int]  # checkpoints by latest overall status
+    last_success: float | None  # end of the last completed scan, epoch seconds
+    scan_up: float  # ckpt_prefix_scan_up: 1.0 if the last pass could list the prefix
+
+
+class JobView(Protocol):
+    """A rescan job as the API reports it."""
+
+    @property
+    def id(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class DaemonView(Protocol):
+    """Everything the HTTP handler reads from the daemon, and the one thing it asks of it (a rescan).
+
+    The handler knows the daemon only through this: no scheduler, state database or metric objects.
+    """
+
+    @property
+    def registry(self) -> CollectorRegistry: ...  # rendered as /metrics
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    def alive(self) -> bool: ...
+
+    def configured_prefix(self, prefix: str) -> str:
+        """The configured prefix that holds `prefix`; UsageError when none does."""
+        ...
+
+    def checkpoints(self, prefix: str | None) -> list[dict[str, Any]]:
+        """Latest verdict of each known checkpoint of a configured prefix (of all when None)."""
+        ...
+
+    def summaries(self) -> list[PrefixSummary]: ...
+
+    def job(self, job_id: str) -> JobView | None: ...
+
+    def submit_rescan(self, prefix: str, tier: str | None) -> JobView:
+        """Queue a rescan; UsageError for a prefix or tier it will not scan."""
+        ...
+
+
 class BadRequest(ValueError):
     """A request we refuse with `status`; the message names what is wrong."""
 
@@ -50,7 +100,7 @@ class BadRequest(ValueError):
 
 
 class Handler(BaseHTTPRequestHandler):
-    daemon_ref: Daemon
+    daemon_ref: DaemonView
     token: str | None
     _unread = False
     server_version = "ckpt-auditor"
@@ -118,16 +168,16 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200 if d.ready else 503, {"ready": d.ready})
         elif url.path == "/api/v1/checkpoints":
             prefix = parse_qs(url.query).get("prefix", [None])[0]
-            if prefix is not None and prefix not in d.workers:
+            if prefix is not None:
                 try:
-                    prefix = d.worker_for(prefix).url
+                    prefix = d.configured_prefix(prefix)
                 except UsageError as e:
                     return self._json(404, {"error": str(e)})
-            self._json(200, {"prefix": prefix, "checkpoints": d.state.checkpoints(prefix)})
+            self._json(200, {"prefix": prefix, "checkpoints": d.checkpoints(prefix)})
         elif url.path == "/api/v1/status":
             self._json(200, status_doc(d))
         elif url.path.startswith("/api/v1/jobs/"):
-            job = d.jobs.get(url.path.rsplit("/", 1)[-1])
+            job = d.job(url.path.rsplit("/", 1)[-1])
             if job is None:
                 return self._json(404, {"error": "no such job"})
             self._json(200, job.to_dict())
@@ -250,17 +300,11 @@ class Handler(BaseHTTPRequestHandler):
         return None
 
 
-def status_doc(d: Daemon) -> dict[str, Any]:
+def status_doc(d: DaemonView) -> dict[str, Any]:
     """Summarise every configured prefix: counts, failures, last completed scan."""
-    out = []
-    for url in d.workers:
-        counts = d.state.counts(url)
-        last = d.state.last_scan(url)
-        out.append({"prefix": url, "counts": counts,
-                    "failures": sum(n for s, n in counts.items() if s in ("corrupt", "missing", "drift",
-                                                                          "incomplete", "unsafe")),
-                    "last_success": last["finished"] if last else None,
-                    "scan_up": d.metrics.prefix_scan_up.labels(prefix=url)._value.get()})
+    out = [{"prefix": p.prefix, "counts": p.counts,
+            "failures": sum(n for s, n in p.counts.items() if s in FAILURES),
+            "last_success": p.last_success, "scan_up": p.scan_up} for p in d.summaries()]
     return {"prefixes": out, "ready": d.ready, "uptime_seconds": time.time() - d.started_at}
 
 
@@ -302,7 +346,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 class Server:
     """The daemon's HTTP server, on its own threads."""
 
-    def __init__(self, daemon: Daemon, listen: str, token: str | None = None,
+    def __init__(self, daemon: DaemonView, listen: str, token: str | None = None,
                  max_connections: int = MAX_CONNECTIONS) -> None:
         host, _, port = listen.rpartition(":")
         handler = type("BoundHandler", (Handler,), {"daemon_ref": daemon,
@@ -323,46 +367,3 @@ class Server:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def _headers() -> dict[str, str]:
-    token = os.environ.get(TOKEN_ENV)
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def remote_rescan(daemon: str, prefix: str, tier: str | None, *, timeout: float = 24 * 3600,
-                  poll: float = 0.5) -> ScanResult:
-    """Ask a daemon to rescan, wait for the job, and return its result as if scanned here."""
-    base = daemon.rstrip("/")
-    try:
-        r = requests.post(f"{base}/api/v1/rescan", json={"prefix": prefix, "tier": tier}, headers=_headers(), timeout=30)
-    except requests.RequestException as e:
-        raise StorageError(f"cannot reach daemon {daemon}: {e}") from e
-    if r.status_code in (401, 403):
-        raise UsageError(f"daemon {daemon} refused the rescan ({r.status_code}): {r.json().get('error')}")
-    if r.status_code != 202:
-        raise UsageError(f"daemon {daemon} answered {r.status_code}: {r.text[:300]}")
-    job_id = r.json()["id"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            job = requests.get(f"{base}/api/v1/jobs/{job_id}", headers=_headers(), timeout=30).json()
-        except requests.RequestException as e:
-            raise StorageError(f"lost daemon {daemon} while waiting for job {job_id}: {e}") from e
-        if job["state"] == "done":
-            return result_from_dict(job["result"])
-        if job["state"] == "failed":
-            raise StorageError(f"rescan job {job_id} failed on the daemon: {job['error']}")
-        time.sleep(poll)
-    raise StorageError(f"rescan job {job_id} did not finish within {timeout:.0f}s")
-
-
-def remote_get(daemon: str, path: str) -> Any:
-    """GET a JSON document from a daemon."""
-    try:
-        r = requests.get(f"{daemon.rstrip('/')}{path}", headers=_headers(), timeout=30)
-    except requests.RequestException as e:
-        raise StorageError(f"cannot reach daemon {daemon}: {e}") from e
-    if r.status_code != 200:
-        raise UsageError(f"daemon {daemon} answered {r.status_code} for {path}: {r.text[:300]}")
-    return r.json()

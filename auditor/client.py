@@ -1,0 +1,57 @@
+"""The CLI's side of the daemon's HTTP API (auditor.http): ask for a rescan and wait for it, read a document."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import requests
+
+from auditor.errors import StorageError, UsageError
+from auditor.http import TOKEN_ENV
+from auditor.model import ScanResult, result_from_dict
+
+
+def _headers() -> dict[str, str]:
+    token = os.environ.get(TOKEN_ENV)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def remote_rescan(daemon: str, prefix: str, tier: str | None, *, timeout: float = 24 * 3600,
+                  poll: float = 0.5) -> ScanResult:
+    """Ask a daemon to rescan, wait for the job, and return its result as if scanned here."""
+    base = daemon.rstrip("/")
+    try:
+        r = requests.post(f"{base}/api/v1/rescan", json={"prefix": prefix, "tier": tier}, headers=_headers(),
+                          timeout=30)
+    except requests.RequestException as e:
+        raise StorageError(f"cannot reach daemon {daemon}: {e}") from e
+    if r.status_code in (401, 403):
+        raise UsageError(f"daemon {daemon} refused the rescan ({r.status_code}): {r.json().get('error')}")
+    if r.status_code != 202:
+        raise UsageError(f"daemon {daemon} answered {r.status_code}: {r.text[:300]}")
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            job = requests.get(f"{base}/api/v1/jobs/{job_id}", headers=_headers(), timeout=30).json()
+        except requests.RequestException as e:
+            raise StorageError(f"lost daemon {daemon} while waiting for job {job_id}: {e}") from e
+        if job["state"] == "done":
+            return result_from_dict(job["result"])
+        if job["state"] == "failed":
+            raise StorageError(f"rescan job {job_id} failed on the daemon: {job['error']}")
+        time.sleep(poll)
+    raise StorageError(f"rescan job {job_id} did not finish within {timeout:.0f}s")
+
+
+def remote_get(daemon: str, path: str) -> Any:
+    """GET a JSON document from a daemon."""
+    try:
+        r = requests.get(f"{daemon.rstrip('/')}{path}", headers=_headers(), timeout=30)
+    except requests.RequestException as e:
+        raise StorageError(f"cannot reach daemon {daemon}: {e}") from e
+    if r.status_code != 200:
+        raise UsageError(f"daemon {daemon} answered {r.status_code} for {path}: {r.text[:300]}")
+    return r.json()
