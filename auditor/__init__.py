@@ -1,21 +1,11 @@
-"""ckpt-auditor: seal, verify and watch machine-learning training checkpoints."""
+"""ckpt-auditor: seal, verify and watch machine-learning training checkpoints.
+
+The library's entry points are `auditor.api` (seal, verify_url, rescan, latest, retention) and
+`auditor.training` (save_checkpoint, load_checkpoint, trainer hooks). This module imports nothing,
+so `python -m auditor.probe` and every submodule import stay as small as they are.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 __version__ = "0.1.0"
-__all__ = ["__version__", "seal", "verify_url", "rescan", "save_checkpoint", "load_checkpoint"]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so `import auditor` stays cheap and torch loads only when a probe or save needs it.
-    if name in ("seal", "verify_url", "rescan"):
-        from auditor import api
-
-        return getattr(api, name)
-    if name in ("save_checkpoint", "load_checkpoint"):
-        from auditor import training
-
-        return getattr(training, name)
-    raise AttributeError(f"module 'auditor' has no attribute {name!r}")
+__all__ = ["__version__"]

@@ -7,21 +7,24 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import click
+import yaml
+from pydantic import ValidationError
 
-from auditor import __version__
+from auditor import __version__, api, logs, storage
 from auditor.config import Config, ScanConfig, load_config, parse_duration
 from auditor.errors import AuditorError, UsageError
 from auditor.model import TIERS, Assurance, ScanResult, Verdict
+from auditor.probe import parse_allow_pattern
+from auditor.retention import Decision, Plan, RetentionConfig
 
 TIER = click.Choice(TIERS)
 ASSURANCE = click.Choice([a.value for a in Assurance if a is not Assurance.NONE])
 
 
 def _check_factory(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    from auditor.probe import parse_allow_pattern
-
     try:
         return tuple(parse_allow_pattern(v) for v in value)
     except ValueError as e:
@@ -73,7 +76,8 @@ def _table(result: ScanResult) -> str:
         status = v.status if v.assurance == Assurance.NONE.value else f"{v.status} ({v.assurance})"
         rows.append((status, "" if v.step is None else str(v.step), v.layout, v.url, note[:120]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else "") for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + ("  " + r[4] if r[4] else "")
+             for r in rows]
     summary = ", ".join(f"{n} {s}" for s, n in sorted(result.summary().items())) or "no checkpoints"
     lines.append(f"\n{len(result.verdicts)} checkpoint(s) under {result.prefix} at tier {result.tier}: {summary}")
     lines.append(_coverage_line(result))
@@ -147,8 +151,6 @@ def _config(path: str | None) -> Config:
 @click.option("-v", "--verbose", count=True, help="More logs on stderr (JSON lines).")
 def main(verbose: int) -> None:
     """Seal, verify and watch machine-learning training checkpoints."""
-    from auditor import logs, storage
-
     logs.configure("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
     storage.release_large_buffers()
 
@@ -162,7 +164,8 @@ def main(verbose: int) -> None:
 @click.option("--require-assurance", type=ASSURANCE, default=None,
               help="Count an `ok` that proved less than this (e.g. sealed) as a failure.")
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
-@click.option("--file-timeout", default=None, help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
+@click.option("--file-timeout", default=None,
+              help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
 @click.option("--checkpoint-timeout", default=None,
               help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
 @_allow_factory
@@ -170,10 +173,9 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
            require_assurance: str | None, storage_option: tuple[str, ...], file_timeout: str | None,
            checkpoint_timeout: str | None, allow_factory: tuple[str, ...]) -> None:
     """Verify one checkpoint (a folder or a single file); a folder of several verifies each."""
-    from auditor import api
 
     def body() -> int:
-        scan = ScanConfig(settle_time=0, **_deadlines(file_timeout, checkpoint_timeout))
+        scan = ScanConfig.model_validate({"settle_time": 0, **_deadlines(file_timeout, checkpoint_timeout)})
         result = api.verify_url(checkpoint_url, tier=tier, strict=strict, jobs=jobs,
                                 storage_options=_options(storage_option), require_assurance=require_assurance,
                                 scan=scan, allow_factories=allow_factory)
@@ -195,7 +197,8 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
 @click.option("--require-assurance", type=ASSURANCE, default=None,
               help="Count an `ok` that proved less than this (e.g. sealed) as a failure.")
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
-@click.option("--file-timeout", default=None, help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
+@click.option("--file-timeout", default=None,
+              help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
 @click.option("--checkpoint-timeout", default=None,
               help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
 @_allow_factory
@@ -204,10 +207,10 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
            storage_option: tuple[str, ...], file_timeout: str | None, checkpoint_timeout: str | None,
            allow_factory: tuple[str, ...]) -> None:
     """Verify every checkpoint under a prefix now."""
-    from auditor import api
 
     def body() -> int:
         if daemon:
+            # Lazy: requests (~0.1 s) only for the commands that talk to a daemon.
             from auditor import client
 
             _no_remote_allow(allow_factory)
@@ -254,7 +257,6 @@ def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | Non
          step: int | None, run_config: str | None, force: bool, allow_incomplete: bool, upload_from: str | None,
          jobs: int, storage_option: tuple[str, ...], as_json: bool) -> None:
     """Check a checkpoint, then write ckpt-manifest.json beside it, last (a failing one is refused)."""
-    from auditor import api
 
     def body() -> int:
         kwargs: dict[str, Any] = {}
@@ -269,8 +271,6 @@ def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | Non
             raise UsageError("--model and --probe-batch go together")
         cfg = None
         if run_config:
-            import yaml
-
             with open(run_config, encoding="utf-8") as f:
                 cfg = yaml.safe_load(f)
             if not isinstance(cfg, dict):
@@ -290,8 +290,6 @@ def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | Non
 
 
 def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    import yaml
-
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -308,7 +306,9 @@ def run(config_path: str | None) -> None:
     """Run the daemon: scheduled scrubbing, state, /metrics and the HTTP API."""
 
     def body() -> int:
-        from auditor import daemon, logs
+        # Lazy: the daemon brings APScheduler, SQLAlchemy and prometheus_client (~270 modules, ~0.8 s)
+        # that no other command needs.
+        from auditor import daemon
 
         cfg = _config(config_path)
         logs.configure(cfg.log.level)
@@ -325,11 +325,15 @@ def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
     """Show each prefix's checkpoints by status and its last completed scan."""
 
     def body() -> int:
-        from auditor import client, state
-
         if daemon:
+            # Lazy: requests (~0.1 s) only for the commands that talk to a daemon.
+            from auditor import client
+
             doc = client.remote_get(daemon, "/api/v1/status")
         else:
+            # Lazy, as in api.open_store: SQLAlchemy only for the commands that read the state database.
+            from auditor import state
+
             cfg = _config(config_path)
             store = state.open_state(cfg.state.url, create=False)
             try:
@@ -365,12 +369,11 @@ def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
 def latest(prefix: str, run_name: str | None, config_path: str | None, daemon: str | None, as_json: bool,
            storage_option: tuple[str, ...], allow_factory: tuple[str, ...]) -> None:
     """Print the newest checkpoint whose verdict is ok (exit 1 when there is none)."""
-    from auditor import api
 
     def body() -> int:
         if daemon:
+            # Lazy: requests (~0.1 s) only for the commands that talk to a daemon.
             from auditor import client
-            from urllib.parse import quote
 
             _no_remote_allow(allow_factory)
             doc = client.remote_get(daemon, f"/api/v1/checkpoints?prefix={quote(prefix, safe='')}")
@@ -380,8 +383,8 @@ def latest(prefix: str, run_name: str | None, config_path: str | None, daemon: s
             best = api.latest(prefix, run=run_name, config=cfg, storage_options=_options(storage_option),
                               allow_factories=allow_factory)
         if best is None:
-            click.echo(f"auditor: no verified-ok checkpoint under {prefix}" + (f" in run {run_name}" if run_name else ""),
-                       err=True)
+            click.echo(f"auditor: no verified-ok checkpoint under {prefix}"
+                       + (f" in run {run_name}" if run_name else ""), err=True)
             return 1
         click.echo(json.dumps(best, indent=1, default=str) if as_json else best["url"])
         return 0
@@ -414,12 +417,8 @@ def _retention_options(fn: Callable[..., None]) -> Callable[..., None]:
     return fn
 
 
-def _retention_policy(cfg: Config | None, overrides: dict[str, Any]) -> Any:
-    from pydantic import ValidationError
-
-    from auditor.retention import RetentionConfig, policy_from
-
-    base = policy_from(cfg).model_dump()
+def _retention_policy(cfg: Config | None, overrides: dict[str, Any]) -> RetentionConfig:
+    base = api.retention_policy(cfg).model_dump()
     base.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return RetentionConfig.model_validate(base)
@@ -428,12 +427,12 @@ def _retention_policy(cfg: Config | None, overrides: dict[str, Any]) -> Any:
         raise UsageError(f"retention {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
 
 
-def _retention_table(plan: Any) -> str:
+def _retention_table(plan: Plan) -> str:
     rows = [("ACTION", "STEP", "STATUS", "CHECKPOINT", "REASON")]
     for d in plan.decisions:
         rows.append((d.action, "" if d.step is None else str(d.step), d.status, d.url, "; ".join(d.reasons)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
     s = plan.summary()
     lines.append(f"\n{len(plan.decisions)} checkpoint(s) under {plan.prefix}: keep {s['keep']}, delete {s['delete']}")
     return "\n".join(lines)
@@ -450,13 +449,12 @@ def retention_plan(prefix: str, config_path: str | None, head_fraction: float | 
                    stride: int | None, keep_newest_ok: int | None, as_json: bool,
                    storage_option: tuple[str, ...]) -> None:
     """Print every checkpoint with keep or delete and why; delete nothing."""
-    from auditor import retention as policy
 
     def body() -> int:
         cfg = _config(config_path) if config_path else None
         rules = _retention_policy(cfg, {"head_fraction": head_fraction, "tail_fraction": tail_fraction,
                                         "stride": stride, "keep_newest_ok": keep_newest_ok})
-        plan = policy.plan(prefix, policy=rules, config=cfg, storage_options=_options(storage_option))
+        plan = api.retention_plan(prefix, policy=rules, config=cfg, storage_options=_options(storage_option))
         click.echo(json.dumps(plan.to_dict(), indent=1) if as_json else _retention_table(plan))
         return 0
 
@@ -470,7 +468,6 @@ def retention_apply(prefix: str, config_path: str | None, head_fraction: float |
                     stride: int | None, keep_newest_ok: int | None, as_json: bool, storage_option: tuple[str, ...],
                     yes: bool) -> None:
     """Plan again and delete exactly the planned checkpoints (the only command that deletes)."""
-    from auditor import retention as policy
 
     def body() -> int:
         if not yes:
@@ -479,10 +476,10 @@ def retention_apply(prefix: str, config_path: str | None, head_fraction: float |
         rules = _retention_policy(cfg, {"head_fraction": head_fraction, "tail_fraction": tail_fraction,
                                         "stride": stride, "keep_newest_ok": keep_newest_ok})
 
-        def deleted(d: Any) -> None:
+        def deleted(d: Decision) -> None:
             click.echo(f"deleted {d.url} (step {d.step}, {d.status}): {d.reasons[0]}", err=True)
 
-        plan = policy.apply(prefix, policy=rules, config=cfg, storage_options=_options(storage_option),
+        plan = api.retention_apply(prefix, policy=rules, config=cfg, storage_options=_options(storage_option),
                             on_deleted=deleted)
         s = plan.summary()
         click.echo(json.dumps(plan.to_dict(), indent=1) if as_json

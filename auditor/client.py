@@ -8,8 +8,8 @@ from typing import Any
 
 import requests
 
+from auditor.config import TOKEN_ENV
 from auditor.errors import StorageError, UsageError
-from auditor.http import TOKEN_ENV
 from auditor.model import ScanResult, result_from_dict
 
 

@@ -19,6 +19,9 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 
 
+# The admin token for the daemon's rescan endpoint; the server checks it, the CLI's client sends it.
+TOKEN_ENV = "AUDITOR_ADMIN_TOKEN"
+
 def parse_duration(value: Any) -> float:
     """Turn `90`, `"30s"`, `"10m"`, `"1h"`, `"7d"` into seconds."""
     if isinstance(value, bool):

@@ -29,6 +29,7 @@ from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
 from auditor.metrics import Metrics
 from auditor.state import Seal, State, fingerprint, open_state
 from auditor.storage import DeadlineExceeded, Throttle, open_url
+from auditor.api import build_options
 from auditor.verify import (
     FAILURES,
     Finding,
@@ -36,7 +37,6 @@ from auditor.verify import (
     Scanner,
     ScanResult,
     Verdict,
-    build_options,
     decide,
     is_pending,
     list_prefix,

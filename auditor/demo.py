@@ -8,14 +8,14 @@ import random
 import shutil
 from pathlib import Path
 
+from auditor import api
+
 
 def seed(root: Path, *, steps: tuple[int, ...] = (100, 200, 300), runs: tuple[str, ...] = ("run-a", "run-b")) -> Path:
     """Write sealed Hugging Face-style checkpoints under `root`, flip one bit in one; return the damaged file."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
-
-    from auditor import api
 
     if root.exists():
         shutil.rmtree(root)

@@ -18,12 +18,12 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from auditor.config import TOKEN_ENV
 from auditor.errors import UsageError
 from auditor.model import FAILURES
 
 logger = logging.getLogger(__name__)
 
-TOKEN_ENV = "AUDITOR_ADMIN_TOKEN"
 MAX_BODY = 64 * 1024
 # Seconds a client may take per socket read, and for a whole request body: a slow or stalled
 # client costs one thread for this long, not forever.

@@ -16,32 +16,21 @@ The policy, per run (the folder that holds a sequence of checkpoints):
 
 The run's length is its config's total steps (`total_steps`, `max_steps`, ...), else its newest
 step; its save interval is its config's (`save_steps`, ...), else the smallest gap between steps.
+
+This module is the policy only: it decides over `Item`s (a checkpoint's URL, run, step, verdict
+status and run config) and touches no storage or state. `auditor.api.retention_plan` and
+`retention_apply` gather the items and delete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fsspec import AbstractFileSystem
 from pydantic import BaseModel, ConfigDict, Field
-
-from auditor.errors import StorageError, UsageError
-from auditor.layouts import Checkpoint
-from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
-from auditor.storage import Reader, StorageFault, open_url
-
-if TYPE_CHECKING:
-    # Only for annotations: config.py imports RetentionConfig from here for its `retention:` section.
-    from auditor.config import Config
-
-logger = logging.getLogger(__name__)
 
 TOTAL_STEP_KEYS = ("total_steps", "max_steps", "num_training_steps", "train_steps")
 INTERVAL_KEYS = ("save_steps", "save_interval", "checkpoint_interval", "save_every", "every_n_train_steps")
@@ -141,7 +130,7 @@ def save_interval(items: list[Item]) -> int:
     if configured:
         return configured
     steps = sorted({i.step for i in items if i.step is not None})
-    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
     # The smallest gap errs towards narrower buckets, which keep more, never fewer.
     return max(1, min(gaps, default=1))
 
@@ -158,7 +147,7 @@ def _bucket_keepers(items: list[Item], width: int) -> set[str]:
 def _before_changes(items: list[Item]) -> dict[str, int]:
     """Map each checkpoint whose successor has another run config to that successor's step."""
     known = sorted((i for i in items if i.step is not None and i.config_key), key=lambda i: (i.step, i.url))
-    return {a.url: b.step for a, b in zip(known, known[1:]) if a.config_key != b.config_key}  # type: ignore[misc]
+    return {a.url: b.step for a, b in zip(known, known[1:], strict=False) if a.config_key != b.config_key}  # type: ignore[misc]
 
 
 def _percent(fraction: float) -> str:
@@ -227,136 +216,3 @@ def plan_items(prefix: str, items: list[Item], policy: RetentionConfig | None = 
         runs.setdefault(item.run, []).append(item)
     decisions = [d for run in sorted(runs) for d in plan_run(runs[run], policy)]
     return Plan(prefix, policy, decisions, {i.url: i for i in items})
-
-
-# ---------------------------------------------------------------- gathering what is there
-
-
-def _open(prefix: str, config: Config | None, storage_options: dict[str, Any] | None
-          ) -> tuple[AbstractFileSystem, str, dict[str, Any]]:
-    cfg_prefix = config.prefix(prefix) if config else None
-    options = {**(cfg_prefix.storage_options if cfg_prefix else {}), **(storage_options or {})}
-    try:
-        fs, root = open_url(prefix, options)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    return fs, root, options
-
-
-def _statuses(prefix: str, config: Config | None, storage_options: dict[str, Any] | None) -> dict[str, str]:
-    """Latest status per checkpoint URL: from the state database when it knows the prefix, else verified now."""
-    from auditor import api
-
-    cfg_prefix = config.prefix(prefix) if config else None
-    if config is not None and cfg_prefix is not None:
-        from auditor import state
-
-        store = state.open_state(config.state.url)
-        try:
-            records = store.checkpoints(cfg_prefix.url)
-        finally:
-            store.close()
-        if records:
-            logger.info("retention: %d verdicts of %s from the state database", len(records), prefix)
-            # A metadata pass alone proves sizes, not bytes: such an `ok` is not a recovery point yet.
-            return {r["url"]: r["status"] if r["status"] != "ok" or api.content_verified_ok(r) else "unknown"
-                    for r in records}
-    logger.info("retention: verifying %s now", prefix)
-    result = api.rescan(prefix, config=config, storage_options=storage_options)
-    if not result.listed:
-        raise StorageError(result.error or f"cannot list {prefix}")
-    return {v.url: v.status for v in result.verdicts}
-
-
-def _manifest(reader: Reader, ck: Checkpoint) -> Manifest | None:
-    if not ck.manifest_path:
-        return None
-    try:
-        return parse_manifest(reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES))
-    except (ManifestInvalid, FileNotFoundError, ValueError):
-        return None  # its verdict says what is wrong; retention only loses the run config
-    except StorageFault as e:
-        raise StorageError(f"cannot read {ck.manifest_path}: {e}") from e
-
-
-def _item(ck: Checkpoint, status: str, manifest: Manifest | None) -> Item:
-    run_info = manifest.run if manifest else None
-    config = run_info.config if run_info else None
-    root = ck.path.rsplit("/", 1)[0]
-    companions = [f"{root}/{rel}" for rel in sorted(ck.files) if rel != ck.name] if ck.kind == "file" else []
-    if ck.kind == "file" and ck.manifest_path:
-        companions.append(ck.manifest_path)  # the sidecar goes last, as it was written last
-    return Item(url=ck.url, run=ck.run, step=manifest.step if manifest else ck.step, status=status, kind=ck.kind,
-                path=ck.path, companions=companions, config=config,
-                config_key=config_key(config, run_info.config_sha256 if run_info else None))
-
-
-def collect(prefix: str, *, config: Config | None = None, storage_options: dict[str, Any] | None = None,
-            jobs: int = 8) -> tuple[AbstractFileSystem, str, list[Item]]:
-    """List the prefix, get each checkpoint's verdict and run config; return the filesystem, root and items."""
-    from auditor.verify import list_prefix
-
-    fs, root, options = _open(prefix, config, storage_options)
-    reader = Reader(fs)
-    checkpoints = list_prefix(reader, root, prefix)
-    statuses = _statuses(prefix, config, storage_options)
-    with ThreadPoolExecutor(jobs) as pool:
-        manifests = list(pool.map(lambda ck: _manifest(reader, ck), checkpoints))
-    items = [_item(ck, statuses.get(ck.url, "unknown"), m) for ck, m in zip(checkpoints, manifests)]
-    return fs, root, items
-
-
-def plan(prefix: str, *, policy: RetentionConfig | None = None, config: Config | None = None,
-         storage_options: dict[str, Any] | None = None) -> Plan:
-    """Plan retention for every run under `prefix` (nothing is deleted)."""
-    _, _, items = collect(prefix, config=config, storage_options=storage_options)
-    return plan_items(prefix, items, policy or policy_from(config))
-
-
-def policy_from(config: Config | None) -> RetentionConfig:
-    """The config's `retention:` section when it has one, else the defaults."""
-    found = getattr(config, "retention", None)
-    return found if isinstance(found, RetentionConfig) else RetentionConfig()
-
-
-# ---------------------------------------------------------------- deleting
-
-
-def _delete(fs: AbstractFileSystem, root: str, item: Item) -> None:
-    """Delete one checkpoint: a folder recursively; a file, then its probe files, then its sidecar."""
-    targets = [item.path] if item.kind == "dir" else [item.path, *item.companions]
-    for target in targets:
-        if not target.startswith(root.rstrip("/") + "/"):
-            raise UsageError(f"refusing to delete {target}: outside the prefix {root}")
-    if item.kind == "dir":
-        fs.rm(item.path, recursive=True)
-        return
-    for target in targets:
-        try:
-            fs.rm_file(target)
-        except FileNotFoundError:
-            logger.warning("retention: %s was already gone", target)
-
-
-def apply(prefix: str, *, policy: RetentionConfig | None = None, config: Config | None = None,
-          storage_options: dict[str, Any] | None = None,
-          on_deleted: Callable[[Decision], None] | None = None) -> Plan:
-    """Plan again and delete exactly the planned checkpoints, oldest first per run; stop at the first
-    storage error (StorageError, exit 3), leaving every later one untouched."""
-    fs, root, items = collect(prefix, config=config, storage_options=storage_options)
-    result = plan_items(prefix, items, policy or policy_from(config))
-    deletions = result.deletions()
-    for done, decision in enumerate(deletions):
-        try:
-            _delete(fs, root, result.items[decision.url])
-        except FileNotFoundError:
-            logger.warning("retention: %s was already gone", decision.url)
-        except UsageError:
-            raise
-        except Exception as e:  # noqa: BLE001 - every backend raises its own errors
-            raise StorageError(f"deleting {decision.url} failed ({type(e).__name__}: {e}); stopped after "
-                               f"{done} of {len(deletions)} planned deletions, the rest untouched") from e
-        logger.info("retention: deleted %s (step %s): %s", decision.url, decision.step, decision.reasons[0])
-        if on_deleted:
-            on_deleted(decision)
-    return result

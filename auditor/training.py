@@ -577,7 +577,8 @@ def save_checkpoint(
 def _verified(fs: AbstractFileSystem, path: str, url: str, tier: str | None) -> tuple[Manifest, Checkpoint, Reader]:
     """Verify the checkpoint with the scanner's own checks; refuse it unless sealed and `ok`."""
     from auditor.manifest import MAX_MANIFEST_BYTES
-    from auditor.verify import Scanner, build_options, locate
+    from auditor.api import build_options
+    from auditor.verify import Scanner, locate
 
     with Scanner(fs, build_options(tier)) as scanner:
         ck = locate(scanner.reader, path, url)

@@ -9,14 +9,14 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from auditor import completeness, formats, layouts, pickles, probe, safejson
+from auditor import formats, layouts, pickles, safejson
 from auditor.completeness import CompletenessResult
 from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
@@ -903,34 +903,6 @@ def _is_torch_file(reader: Reader, path: str) -> bool:
     except (OSError, ValueError):
         return False  # reported as uncovered; verifying it is not this function's business
     return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-
-
-def build_options(
-    tier: str | None,
-    *,
-    strict: bool = False,
-    settle_seconds: float = 0.0,
-    require: list[str] | None = None,
-    probe_timeout: float = 600.0,
-    probe_memory_mb: int | None = None,
-    allow_factories: Iterable[str] = (),
-) -> Options:
-    """Assemble verification options with every available hook (completeness, probe, server checksums).
-
-    `allow_factories` (MODULE:CALLABLE or MODULE:*) names the probe factories a manifest may ask for,
-    besides installed `ckpt_auditor.models` entry points; UsageError for a badly spelled entry.
-    """
-    return Options(
-        tier=tier or "content",
-        strict=strict,
-        settle_seconds=settle_seconds,
-        probe_auto=tier is None,
-        probe=probe.probe_hook(timeout=probe_timeout,
-                               memory_mb=probe.DEFAULT_MEMORY_MB if probe_memory_mb is None else probe_memory_mb,
-                               allow_factories=allow_factories),
-        completeness=completeness.hook(require),
-        server_checksums=compare_server_checksum,
-    )
 
 
 def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], entry: FileEntry) -> Finding | None:

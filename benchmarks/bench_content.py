@@ -7,7 +7,7 @@ so the verdict is `ok`; warms the page cache, then in this one process times, be
 
   (a) hashlib.sha256 over the same files read in 8 MiB chunks, one thread (the floor), and the same
       with one thread per file on a pool of 2 (the floor for jobs=2);
-  (b) auditor.verify_url(url, tier="content", jobs=1), and jobs=2.
+  (b) auditor.api.verify_url(url, tier="content", jobs=1), and jobs=2.
 
 ratio = auditor_rate / sha256_rate; target >= 0.8 at jobs=1.
 
@@ -129,10 +129,10 @@ def sha256_floor(paths: list[Path], jobs: int) -> tuple[int, float]:
 
 def auditor_run(url: str, jobs: int) -> tuple[int, float, str, float]:
     """Verify at content tier; return (bytes_read, wall seconds, status, verdict seconds)."""
-    import auditor
+    import auditor.api
 
     started = time.perf_counter()
-    result = auditor.verify_url(url, tier="content", jobs=jobs)
+    result = auditor.api.verify_url(url, tier="content", jobs=jobs)
     wall = time.perf_counter() - started
     (v,) = result.verdicts
     if v.status != "ok":
@@ -146,7 +146,7 @@ def profile_once(url: str, top: int = 20) -> list[dict[str, object]]:
     import pstats
     import threading
 
-    import auditor
+    import auditor.api
 
     profiles: list[cProfile.Profile] = []
 
@@ -162,7 +162,7 @@ def profile_once(url: str, top: int = 20) -> list[dict[str, object]]:
     try:
         main_prof.enable()
         started = time.perf_counter()
-        auditor.verify_url(url, tier="content", jobs=1)
+        auditor.api.verify_url(url, tier="content", jobs=1)
         wall = time.perf_counter() - started
         main_prof.disable()
     finally:
@@ -197,7 +197,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also cProfile one jobs=1 verify (stderr)")
     args = p.parse_args()
     drop_logging_noise()
-    import auditor
+    import auditor.api
 
     with workdir(args.workdir, args.keep, "bench-content-") as tmp:
         ck = tmp / "run-a" / "checkpoint-1000"
@@ -206,7 +206,7 @@ def main() -> None:
         gen_s = time.perf_counter() - t0
         data_bytes = sum(f.stat().st_size for f in files)
         t0 = time.perf_counter()
-        manifest = auditor.seal(str(ck), jobs=2)
+        manifest = auditor.api.seal(str(ck), jobs=2)
         seal_s = time.perf_counter() - t0
         manifest_bytes = (ck / "ckpt-manifest.json").stat().st_size
         listed = sorted(ck / e.path for e in manifest.files)

@@ -6,8 +6,8 @@ Writes --count checkpoints as `run-K/checkpoint-N/` folders (100 per run), each 
 the library's Manifest model and digests (sealing one by one would dominate the run). Then, best of
 --repeats, in this one process:
 
-  local:   auditor.rescan(prefix, tier="metadata")   vs   os.walk + os.stat of the same tree
-  memory:  auditor.rescan("memory://...", tier="metadata")   vs   fs.find(withdirs=True, detail=True)
+  local:   auditor.api.rescan(prefix, tier="metadata")   vs   os.walk + os.stat of the same tree
+  memory:  auditor.api.rescan("memory://...", tier="metadata")   vs   fs.find(withdirs=True, detail=True)
 
 and proves the metadata tier read no file contents: the sum of bytes_read over all verdicts must
 equal the sum of the manifests' sizes.
@@ -101,10 +101,10 @@ def walk_stat(root: Path) -> tuple[int, float]:
 
 
 def timed_rescan(prefix: str, jobs: int | None) -> tuple[Any, float]:
-    import auditor
+    import auditor.api
 
     started = time.perf_counter()
-    result = auditor.rescan(prefix, tier="metadata", jobs=jobs)
+    result = auditor.api.rescan(prefix, tier="metadata", jobs=jobs)
     return result, time.perf_counter() - started
 
 

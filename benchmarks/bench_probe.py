@@ -3,7 +3,7 @@
 
 A GPT-2 built from a transformers config (n_layer=9, n_embd=768: ~103 M parameters, float32, random
 weights; nothing downloaded) is saved with safetensors as one file, `model.safetensors`, and sealed
-with a probe (auditor.seal(..., model_factory="bench_probe_model:build", probe_batch=16 x --seq-len
+with a probe (auditor.api.seal(..., model_factory="bench_probe_model:build", probe_batch=16 x --seq-len
 token ids; the outputs are the logits, 16 x seq-len x 50257 float32)). The factory lives in a small module written to the work folder, which is put on
 PYTHONPATH so that the probe child (`python -m auditor.probe`) can import it.
 
@@ -200,7 +200,7 @@ def prepare(folder: Path, kwargs: dict[str, Any], seq_len: int) -> dict[str, Any
     import torch
     from safetensors.torch import save_model
 
-    import auditor
+    import auditor.api
 
     torch.manual_seed(0)
     from bench_probe_model import build
@@ -215,7 +215,7 @@ def prepare(folder: Path, kwargs: dict[str, Any], seq_len: int) -> dict[str, Any
     batch = {"input_ids": torch.randint(0, kwargs.get("vocab_size", 50257), (16, seq_len),
                                         generator=torch.Generator().manual_seed(1))}
     t1 = time.perf_counter()
-    manifest = auditor.seal(str(weights), step=1000, model_factory=FACTORY, model_kwargs=kwargs, probe_batch=batch)
+    manifest = auditor.api.seal(str(weights), step=1000, model_factory=FACTORY, model_kwargs=kwargs, probe_batch=batch)
     sealed = time.perf_counter() - t1
     assert manifest.probe is not None
     return {"parameters": params, "weights_bytes": weights.stat().st_size, "build_save_seconds": round(built, 2),
@@ -229,7 +229,7 @@ def prepare(folder: Path, kwargs: dict[str, Any], seq_len: int) -> dict[str, Any
 def driver(spec: dict[str, Any]) -> dict[str, Any]:
     import subprocess as sp
 
-    import auditor
+    import auditor.api
     from auditor import probe
     from auditor.storage import Reader, open_url
     from auditor.verify import load_manifest, locate
@@ -302,7 +302,7 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
 
     def verify(tier: str) -> float:
         started = time.perf_counter()
-        result = auditor.verify_url(url, tier=tier, allow_factories=[FACTORY])
+        result = auditor.api.verify_url(url, tier=tier, allow_factories=[FACTORY])
         seconds = time.perf_counter() - started
         v = result.verdicts[0]
         if v.status != "ok":

@@ -4,7 +4,7 @@
 Three parts, each against a reference run in the same command:
 
   content   Content-tier verify of a sealed checkpoint of --size bytes of safetensors shards (plus a
-            small resumable training state), uploaded and sealed with auditor.seal(upload_from=...).
+            small resumable training state), uploaded and sealed with auditor.api.seal(upload_from=...).
             `auditor verify s3://... --tier content --json` (a child process) against
             `rclone hashsum sha256 --download` over the same objects, same endpoint (moto direct, no
             proxy), alternating, --repeats rounds, medians. ratio = auditor MB/s / rclone MB/s, target
@@ -307,7 +307,7 @@ def peak_rss(cmd: list[str], tmp: Path, name: str) -> tuple[float, float, float,
 def part_content(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import shutil
 
-    import auditor
+    import auditor.api
 
     backend = s3.new_backend()
     bucket = backend.url[len("s3://"):]
@@ -317,7 +317,7 @@ def part_content(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str,
         local = tmp / f"content-{name}" / "checkpoint-100"
         build_weights_checkpoint(local, size, args.shard_size, block, 100)
         t0 = time.perf_counter()
-        auditor.seal(f"{backend.url}/{name}/checkpoint-100", upload_from=str(local), storage_options=direct)
+        auditor.api.seal(f"{backend.url}/{name}/checkpoint-100", upload_from=str(local), storage_options=direct)
         log(f"content: uploaded and sealed the {name} checkpoint ({human_bytes(size)} of weights) in "
             f"{time.perf_counter() - t0:.1f}s")
         shutil.rmtree(local.parent)
@@ -619,7 +619,7 @@ def part_metadata(s3: Any, args: Any) -> tuple[dict[str, Any], list[dict[str, An
 def part_rss(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import shutil
 
-    import auditor
+    import auditor.api
 
     backend = s3.new_backend()
     bucket = backend.url[len("s3://"):]
@@ -628,7 +628,7 @@ def part_rss(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str, Any
     for name, size in (("big", args.rss_size), ("tiny", 1 * MiB)):
         local = tmp / f"rss-{name}" / "checkpoint-200"
         build_weights_checkpoint(local, size, size, block, 200)  # ONE weights object of `size` bytes
-        auditor.seal(str(local))
+        auditor.api.seal(str(local))
         t0 = time.perf_counter()
         sizes[name] = upload_folder(client, bucket, f"{name}/checkpoint-200", local, multipart_chunk=64 * MiB)
         log(f"rss: sealed locally and uploaded the {name} checkpoint ({human_bytes(size)} weights object, multipart) "

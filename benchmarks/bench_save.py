@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Overhead of auditor.save_checkpoint against a plain torch.save of the same training state.
+"""Overhead of auditor.training.save_checkpoint against a plain torch.save of the same training state.
 
 Builds a ~25M-parameter model (--params) with real AdamW state (one optimizer step, so exp_avg and
 exp_avg_sq exist: about 3x the weights on disk), a LambdaLR scheduler and a CPU GradScaler, then in
@@ -9,7 +9,7 @@ each into a fresh folder on the same disk:
   (a) torch.save({"model", "optimizer", "scheduler", "scaler", "rng", "step"}) to one file: the
       reference, as a training script would write it;
   (b) the same, plus flush and fsync, for context (save_checkpoint makes every file durable);
-  (c) auditor.save_checkpoint(...): safetensors weights, one torch.save file per component, every
+  (c) auditor.training.save_checkpoint(...): safetensors weights, one torch.save file per component, every
       file fsynced, read back and digested (sha256, crc32c, per-tensor), pickles scanned, the
       manifest written last.
 
@@ -104,7 +104,8 @@ def main() -> None:
     drop_logging_noise()
     import torch
 
-    import auditor
+    import auditor.api
+    import auditor.training
 
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     model, opt, sched, scaler = build(args.params)
@@ -120,9 +121,9 @@ def main() -> None:
             best["torch_save_fsync"] = min(best["torch_save_fsync"], timed(
                 lambda: torch_save(synced_path, plain_state(model, opt, sched, scaler), True)))
             best["save_checkpoint"] = min(best["save_checkpoint"], timed(
-                lambda: auditor.save_checkpoint(str(folder), 1, model, opt, sched, scaler, config={"total_steps": 100})))
+                lambda: auditor.training.save_checkpoint(str(folder), 1, model, opt, sched, scaler, config={"total_steps": 100})))
             plain_bytes, ours_bytes = plain_path.stat().st_size, folder_bytes(folder)
-            (verdict,) = auditor.verify_url(str(folder)).verdicts
+            (verdict,) = auditor.api.verify_url(str(folder)).verdicts
             if verdict.status != "ok":
                 raise SystemExit(f"the benchmark's checkpoint does not verify: {verdict.status} {verdict.findings}")
             if not args.keep:

@@ -84,10 +84,10 @@ class DaemonProcess:
 
 def seal_run(root: Path, steps: list[int]) -> list[Path]:
     """Write a run of HF-style checkpoints and seal each."""
-    import auditor
+    import auditor.api
     from ckpts import write_run
 
     dirs = write_run(root, steps)
     for d in dirs:
-        auditor.seal(str(d))
+        auditor.api.seal(str(d))
     return dirs

@@ -1,8 +1,8 @@
-"""The damage matrix: what `auditor.rescan` says about checkpoints written by real libraries, damaged.
+"""The damage matrix: what `auditor.api.rescan` says about checkpoints written by real libraries, damaged.
 
 For every writer of `tests/writers`, every file of every checkpoint it wrote, and each damage
 (truncate to half, flip one bit of the middle byte, delete), on a copy of the run folder that is
-sealed (`auditor.seal` on every checkpoint) and on one that is not, run `auditor.rescan` on the run
+sealed (`auditor.api.seal` on every checkpoint) and on one that is not, run `auditor.api.rescan` on the run
 folder and judge the verdicts against the contract (SPEC §4, §9):
 
 - clean: every checkpoint `ok`, assurance `sealed` / `structural`, nothing uncovered but the files
@@ -40,7 +40,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: make `writers` (beside this file) importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import auditor
+import auditor.api
 from auditor.errors import UsageError
 from auditor.verify import FAILURES, Assurance, ScanResult, Verdict
 from writers import WRITERS, SavedCheckpoint, WriterUnavailable, WrittenCheckpoint
@@ -108,7 +108,7 @@ class Scan:
 def scan(run_dir: Path) -> Scan:
     """Rescan a run folder in-process, as `auditor rescan --prefix RUN_DIR` would."""
     t0 = time.monotonic()
-    result: ScanResult = auditor.rescan(str(run_dir))
+    result: ScanResult = auditor.api.rescan(str(run_dir))
     seconds = time.monotonic() - t0
     if not result.listed:
         raise RuntimeError(f"rescan could not list {run_dir}: {result.error}")
@@ -210,7 +210,7 @@ class SealNote:
     """How sealing one checkpoint went."""
 
     checkpoint: str
-    refused: str | None  # why `auditor.seal(url)` refused, if it did
+    refused: str | None  # why `auditor.api.seal(url)` refused, if it did
     sealed_with_step: int | None  # the writer's step, passed when sealing refused without one
 
 
@@ -238,7 +238,7 @@ def seal_all(written: WrittenCheckpoint) -> list[SealNote]:
     for ck in written.checkpoints:
         rel = ck.path.relative_to(written.run_dir).as_posix()
         try:
-            auditor.seal(str(ck.path))
+            auditor.api.seal(str(ck.path))
             notes.append(SealNote(rel, None, None))
             continue
         except UsageError as e:
@@ -247,7 +247,7 @@ def seal_all(written: WrittenCheckpoint) -> list[SealNote]:
         if ck.step is None or "--step" not in refused:
             notes.append(SealNote(rel, refused, None))
             continue
-        auditor.seal(str(ck.path), step=ck.step)
+        auditor.api.seal(str(ck.path), step=ck.step)
         notes.append(SealNote(rel, refused, ck.step))
     return notes
 

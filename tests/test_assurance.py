@@ -14,7 +14,7 @@ import torch
 from ckpts import flip_bit, write_hf_checkpoint, write_run
 from daemon import DaemonProcess
 
-import auditor
+import auditor.api
 from auditor.state import open_state
 from auditor.verify import Finding, Verdict
 
@@ -32,12 +32,12 @@ def by_url(result) -> dict[str, Verdict]:
 def test_assurance_says_what_each_ok_proved(tmp_path):
     run = tmp_path / "p" / "run"
     unsealed, sealed = write_run(run, [100, 200])
-    auditor.seal(str(sealed))
+    auditor.api.seal(str(sealed))
     _ = unsealed  # left unsealed on purpose
-    content = by_url(auditor.rescan(str(tmp_path / "p")))
+    content = by_url(auditor.api.rescan(str(tmp_path / "p")))
     assert (content["checkpoint-200"].status, content["checkpoint-200"].assurance) == ("ok", "sealed")
     assert (content["checkpoint-100"].status, content["checkpoint-100"].assurance) == ("ok", "structural")
-    meta = by_url(auditor.rescan(str(tmp_path / "p"), tier="metadata"))
+    meta = by_url(auditor.api.rescan(str(tmp_path / "p"), tier="metadata"))
     # Local disk keeps no checksum of its own: sizes match, which proves existence and size only.
     assert meta["checkpoint-200"].assurance == "existence"
     assert meta["checkpoint-100"].assurance == "existence"
@@ -49,22 +49,22 @@ def test_server_checksum_assurance_on_s3(tmp_path, s3_svc):
     local = write_hf_checkpoint(tmp_path / "src/c", step=5)
     other = write_hf_checkpoint(tmp_path / "src/d", step=6)
     # Uploaded with CRC32C: the store's own checksum can stand in for reading the bytes.
-    auditor.seal(backend.path("run/checkpoint-5"), storage_options=opts, upload_from=str(local))
+    auditor.api.seal(backend.path("run/checkpoint-5"), storage_options=opts, upload_from=str(local))
     fs = backend.fs()
     for f in other.iterdir():  # plain PUTs: no whole-object checksum the manifest can compare
         fs.pipe_file(backend.path("run/checkpoint-6", f.name), f.read_bytes())
-    auditor.seal(backend.path("run/checkpoint-6"), storage_options=opts)
-    meta = by_url(auditor.rescan(backend.path("run"), tier="metadata", storage_options=opts))
+    auditor.api.seal(backend.path("run/checkpoint-6"), storage_options=opts)
+    meta = by_url(auditor.api.rescan(backend.path("run"), tier="metadata", storage_options=opts))
     assert (meta["checkpoint-5"].status, meta["checkpoint-5"].assurance) == ("ok", "server-checksum")
     assert (meta["checkpoint-6"].status, meta["checkpoint-6"].assurance) == ("ok", "existence")
-    content = by_url(auditor.rescan(backend.path("run"), storage_options=opts))
+    content = by_url(auditor.api.rescan(backend.path("run"), storage_options=opts))
     assert {v.assurance for v in content.values()} == {"sealed"}
 
 
 def test_table_json_and_coverage_show_assurance_and_uncovered_files(tmp_path):
     prefix = tmp_path / "p"
     [ck] = write_run(prefix / "run", [100])
-    auditor.seal(str(ck))
+    auditor.api.seal(str(ck))
     (prefix / "run" / "notes.txt").write_text("hello")
     (prefix / "events.out.tfevents.1").write_bytes(b"\x00" * 100)
     out = cli("rescan", "--prefix", str(prefix))
@@ -82,7 +82,7 @@ def test_table_json_and_coverage_show_assurance_and_uncovered_files(tmp_path):
 def test_require_assurance_turns_weaker_oks_into_failures(tmp_path):
     prefix = tmp_path / "p"
     unsealed, sealed = write_run(prefix / "run", [100, 200])
-    auditor.seal(str(sealed))
+    auditor.api.seal(str(sealed))
     _ = unsealed
     assert cli("rescan", "--prefix", str(prefix)).returncode == 0
     gated = cli("rescan", "--prefix", str(prefix), "--require-assurance", "sealed", "--json")
@@ -102,7 +102,7 @@ def test_verify_of_a_run_folder_verifies_each_checkpoint(tmp_path):
     run = tmp_path / "run"
     dirs = write_run(run, [100, 200])
     for d in dirs:
-        auditor.seal(str(d))
+        auditor.api.seal(str(d))
     flip_bit(LOCAL, str(dirs[1] / "model.safetensors"))
     out = cli("verify", str(run), "--strict")
     assert out.returncode == 1, out.stdout
@@ -113,7 +113,7 @@ def test_verify_of_a_run_folder_verifies_each_checkpoint(tmp_path):
 
 def test_rescan_of_one_checkpoint_folder_is_one_checkpoint(tmp_path):
     [ck] = write_run(tmp_path / "run", [100])
-    result = auditor.rescan(str(ck))
+    result = auditor.api.rescan(str(ck))
     assert [(v.url, v.layout, v.step) for v in result.verdicts] == [(str(ck), "hf-trainer", 100)]
     assert result.uncovered == {}
 
@@ -121,7 +121,7 @@ def test_rescan_of_one_checkpoint_folder_is_one_checkpoint(tmp_path):
 def test_a_file_every_sibling_holds_is_missing_from_an_unsealed_checkpoint(tmp_path):
     dirs = write_run(tmp_path / "p" / "run", [100, 200, 300])
     (dirs[1] / "rng_state.pth").unlink()
-    verdicts = by_url(auditor.rescan(str(tmp_path / "p")))
+    verdicts = by_url(auditor.api.rescan(str(tmp_path / "p")))
     bad = verdicts["checkpoint-200"]
     assert bad.status == "missing"
     assert any(f.code == "file_missing" and f.file == "rng_state.pth" for f in bad.findings)
@@ -133,12 +133,12 @@ def test_torch_file_with_no_conventional_name_is_a_checkpoint(tmp_path):
     run.mkdir(parents=True)
     torch.save({"state_dict": {"w": torch.ones(3)}, "global_step": 7}, run / "exported_state")
     (run / "README").write_text("not a checkpoint")
-    result = auditor.rescan(str(tmp_path / "p"))
+    result = auditor.api.rescan(str(tmp_path / "p"))
     assert [v.url.rsplit("/", 1)[-1] for v in result.verdicts] == ["exported_state"]
     assert result.verdicts[0].status == "ok"
     assert list(result.uncovered) == ["run/README"]
     # The metadata tier reads no contents: the file stays uncovered there, and the scan says so.
-    assert "run/exported_state" in auditor.rescan(str(tmp_path / "p"), tier="metadata").uncovered
+    assert "run/exported_state" in auditor.api.rescan(str(tmp_path / "p"), tier="metadata").uncovered
 
 
 def test_state_keeps_assurance_and_a_skipped_probe_never_clears_drift(tmp_path):
@@ -165,7 +165,7 @@ def test_state_keeps_assurance_and_a_skipped_probe_never_clears_drift(tmp_path):
 def test_daemon_api_shows_assurance(tmp_path):
     prefix = tmp_path / "ckpts"
     unsealed, sealed = write_run(prefix / "run", [100, 200])
-    auditor.seal(str(sealed))
+    auditor.api.seal(str(sealed))
     _ = unsealed
     d = DaemonProcess(tmp_path, [{"url": str(prefix)}]).start()
     try:

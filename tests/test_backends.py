@@ -11,7 +11,7 @@ import pytest
 from ckpts import flip_bit, tensor_offset, truncate, write_hf_checkpoint
 from stores import Store
 
-import auditor
+import auditor.api
 from auditor.storage import upload_options
 
 pytestmark = pytest.mark.timeout(240)
@@ -59,19 +59,19 @@ def upload(store: Store, local: Path, rel: str) -> str:
 def sealed(store: Store, tmp_path: Path, rel: str = "run/checkpoint-100", step: int = 100) -> str:
     local = write_hf_checkpoint(tmp_path / "src" / rel, step=step)
     path = upload(store, local, rel)
-    auditor.seal(store.url_of(rel), storage_options=store.storage_options)
+    auditor.api.seal(store.url_of(rel), storage_options=store.storage_options)
     return path
 
 
 def verify(store: Store, rel: str = "run/checkpoint-100", tier: str | None = None, allow_factories=()):
-    result = auditor.verify_url(store.url_of(rel), tier=tier, storage_options=store.storage_options,
+    result = auditor.api.verify_url(store.url_of(rel), tier=tier, storage_options=store.storage_options,
                                 allow_factories=allow_factories)
     assert len(result.verdicts) == 1, result.to_dict()
     return result.verdicts[0]
 
 
 def rescan(store: Store, **kw):
-    return auditor.rescan(store.url, storage_options=store.storage_options, **kw)
+    return auditor.api.rescan(store.url, storage_options=store.storage_options, **kw)
 
 
 def codes(v) -> set[str]:
@@ -134,7 +134,7 @@ def test_server_stopped_mid_scan_is_error_not_corrupt(remote, tmp_path):
 
     try:
         started = time.monotonic()
-        result = auditor.rescan(remote.url, storage_options=remote.storage_options, jobs=1, on_verdict=on_verdict)
+        result = auditor.api.rescan(remote.url, storage_options=remote.storage_options, jobs=1, on_verdict=on_verdict)
         took = time.monotonic() - started
     finally:
         remote.faults.start()
@@ -206,8 +206,8 @@ def test_no_comparable_checksum_is_said(s3_svc, tmp_path):
     local = write_hf_checkpoint(tmp_path / "src/c", step=3)
     for f in local.iterdir():  # plain PUTs: botocore adds CRC32, which the manifest does not record
         fs.pipe_file(backend.path("run/checkpoint-3", f.name), f.read_bytes())
-    auditor.seal(backend.path("run/checkpoint-3"), storage_options=backend.storage_options)
-    v = auditor.verify_url(backend.path("run/checkpoint-3"), tier="metadata",
+    auditor.api.seal(backend.path("run/checkpoint-3"), storage_options=backend.storage_options)
+    v = auditor.api.verify_url(backend.path("run/checkpoint-3"), tier="metadata",
                            storage_options=backend.storage_options).verdicts[0]
     assert v.status == "ok"
     (f,) = [f for f in v.findings if f.code == "no_server_checksum"]
@@ -228,7 +228,7 @@ def test_checkpoint_resaved_during_the_check_is_reevaluated(s3_svc, tmp_path):
         if not state["done"] and path.endswith("model.safetensors"):
             state["done"] = True  # the re-save lands between our listing and our read
             upload(store, newer, "run/checkpoint-100")
-            auditor.seal(store.url_of("run/checkpoint-100"), storage_options=store.storage_options, force=True)
+            auditor.api.seal(store.url_of("run/checkpoint-100"), storage_options=store.storage_options, force=True)
         return original(self, path, *a, **kw)
 
     auditor.storage.Reader.iter_chunks = resave_once
@@ -254,7 +254,7 @@ def test_probe_tier_on_remote_storage(remote, tmp_path, monkeypatch):
     upload(remote, local, "run/checkpoint-100")
     torch.manual_seed(1)
     save_file({"x": torch.randn(16, 16)}, str(tmp_path / "batch.safetensors"))
-    auditor.seal(remote.url_of("run/checkpoint-100"), storage_options=remote.storage_options,
+    auditor.api.seal(remote.url_of("run/checkpoint-100"), storage_options=remote.storage_options,
                  model_factory="probe_models:mlp", probe_batch=str(tmp_path / "batch.safetensors"))
     v = verify(remote, tier="probe", allow_factories=["probe_models:mlp"])
     assert v.status == "ok", v.findings

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from ckpts import write_hf_checkpoint, write_run
 
-import auditor
+import auditor.api
 from auditor.verify import FAILURES, ScanResult, Verdict
 
 CLI_TIMEOUT = 300  # a hang guard, not a time bound: a scan that loops forever fails here
@@ -56,7 +56,7 @@ def test_checkpoint_nested_inside_another_is_its_own_checkpoint(tmp_path):
     run = tmp_path / "run"
     outer = write_hf_checkpoint(run / "checkpoint-10", step=10, seed=1)
     inner = write_hf_checkpoint(outer / "checkpoint-5", step=5, seed=2)
-    result = auditor.rescan(str(run))
+    result = auditor.api.rescan(str(run))
     got = by_rel(result, run)
     assert set(got) == {"checkpoint-10", "checkpoint-10/checkpoint-5"}, brief(result)
     assert all(v.status == "ok" and v.assurance == "structural" for v in got.values()), brief(result)
@@ -64,12 +64,12 @@ def test_checkpoint_nested_inside_another_is_its_own_checkpoint(tmp_path):
     # Every byte belongs to exactly one checkpoint: the outer one does not count the inner's files.
     assert sum(sum(v.coverage.values()) for v in got.values()) == sum(files_of(run).values())
 
-    auditor.seal(str(outer))
-    auditor.seal(str(inner))
+    auditor.api.seal(str(outer))
+    auditor.api.seal(str(inner))
     data = bytearray((inner / "model.safetensors").read_bytes())
     data[len(data) - 5] ^= 0x08
     (inner / "model.safetensors").write_bytes(bytes(data))
-    result = auditor.rescan(str(run))
+    result = auditor.api.rescan(str(run))
     got = by_rel(result, run)
     assert got["checkpoint-10/checkpoint-5"].status == "corrupt", brief(result)
     assert any(f.file == "model.safetensors" and f.severity == "error"
@@ -83,7 +83,7 @@ def test_run_mixing_checkpoint_folders_and_loose_pt_files(writer_corpus, tmp_pat
     loose = writer_corpus.get("torch_save_dicts")
     for ck in loose.checkpoints:
         shutil.copy2(ck.path, run / ck.path.name)
-    result = auditor.rescan(str(run))
+    result = auditor.api.rescan(str(run))
     got = by_rel(result, run)
     want = {"checkpoint-2", "checkpoint-4"} | {ck.path.name for ck in loose.checkpoints}
     assert set(got) == want, brief(result)
@@ -102,7 +102,7 @@ def test_truncated_loose_torch_file_is_corrupt_and_local(writer_corpus, tmp_path
         shutil.copy2(ck.path, run / ck.path.name)
     victim = run / loose.checkpoints[0].path.name
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    result = auditor.rescan(str(run))
+    result = auditor.api.rescan(str(run))
     got = by_rel(result, run)
     assert got[victim.name].status == "corrupt", brief(result)
     assert any(f.file == victim.name and f.severity == "error" for f in got[victim.name].findings), brief(result)
@@ -134,7 +134,7 @@ def test_empty_checkpoint_folder_is_missing_its_files(tmp_path):
     run = tmp_path / "run"
     write_run(run, [2, 4])
     (run / "checkpoint-6").mkdir()
-    result = auditor.rescan(str(run))
+    result = auditor.api.rescan(str(run))
     got = by_rel(result, run)
     assert set(got) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}, brief(result)
     assert got["checkpoint-6"].status == "missing", brief(result)
@@ -146,11 +146,11 @@ def test_empty_checkpoint_folder_is_missing_its_files(tmp_path):
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import psutil
-    import auditor
+    import auditor.api
     import torch  # noqa: F401 - the training-state checks may import it: paid before the baseline
     from auditor import completeness, probe  # the imports a scan pulls in, before the baseline
     warm, big = sys.argv[1], sys.argv[2]
-    auditor.rescan(warm)  # lazy imports and thread pools, paid before measuring
+    auditor.api.rescan(warm)  # lazy imports and thread pools, paid before measuring
     # Current RSS before, peak RSS after: an upper bound on what the scan added. The kernel's peak
     # is reset first (clear_refs 5), so a transient peak of the imports above does not count.
     before = psutil.Process().memory_info().rss // 1024
@@ -160,7 +160,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
         reset = True
     except OSError:
         reset = False
-    result = auditor.rescan(big)
+    result = auditor.api.rescan(big)
     if reset:
         with open("/proc/self/status") as f:
             after = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -210,7 +210,7 @@ def test_verify_run_folder_with_one_flipped_sealed_checkpoint_exits_1(tmp_path):
     """`auditor verify RUN_FOLDER`: the flipped checkpoint is `corrupt` (not `ok`), exit 1."""
     run = tmp_path / "run"
     for d in write_run(run, [2, 4, 6]):
-        auditor.seal(str(d))
+        auditor.api.seal(str(d))
     target = run / "checkpoint-4" / "model.safetensors"
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -243,7 +243,7 @@ def test_rescan_prefix_of_one_checkpoint_folder_is_that_checkpoint(writer_corpus
     assert doc["uncovered"] == [], doc
     assert proc.returncode == 0
 
-    result = auditor.rescan(str(one))
+    result = auditor.api.rescan(str(one))
     assert [v.url.rstrip("/") for v in result.verdicts] == [str(one)], brief(result)
     assert sum(result.verdicts[0].coverage.values()) == sum(files_of(one).values())
 
@@ -255,12 +255,12 @@ def test_accelerate_truncated_optimizer_and_deleted_rng_named_both(writer_corpus
     written = writer_corpus.get("accelerate").copy_to(tmp_path / "run")
     if sealed:
         for ck in written.checkpoints:
-            auditor.seal(str(ck.path))
+            auditor.api.seal(str(ck.path))
     victim, other = written.checkpoints[0].path, written.checkpoints[1].path
     opt = victim / "optimizer.bin"
     opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
     (victim / "random_states_0.pkl").unlink()
-    result = auditor.rescan(str(written.run_dir))
+    result = auditor.api.rescan(str(written.run_dir))
     got = by_rel(result, written.run_dir)
     v = got.get(victim.name)
     assert v is not None, brief(result)

@@ -20,7 +20,8 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save_file
 from writers import WRITERS, WrittenCheckpoint, WriterUnavailable
 
-import auditor
+import auditor.api
+import auditor.training
 from auditor import completeness, pickles
 from auditor.storage import Reader
 from auditor.verify import locate
@@ -72,7 +73,7 @@ def only(result):
 @pytest.mark.parametrize("name", sorted(WRITERS))
 def test_clean_corpus_checkpoints_are_ok_with_their_components(writer_corpus, name):
     w = written(writer_corpus, name)
-    verdicts = by_url(auditor.rescan(str(w.run_dir)))
+    verdicts = by_url(auditor.api.rescan(str(w.run_dir)))
     for saved in w.checkpoints:
         v = verdicts[os.path.normpath(str(saved.path))]
         assert v.status == "ok" and not failing(v), (saved.path, v.to_dict())
@@ -93,7 +94,7 @@ def test_clean_corpus_checkpoints_are_ok_with_their_components(writer_corpus, na
 def test_deepspeed_and_megatron_writer_classes_are_info_not_unsafe(writer_corpus):
     for name in ("deepspeed", "megatron_legacy"):
         w = written(writer_corpus, name)
-        for v in auditor.rescan(str(w.run_dir)).verdicts:
+        for v in auditor.api.rescan(str(w.run_dir)).verdicts:
             assert v.status == "ok", v.to_dict()
             assert "writer_classes" in codes(v) and "unsafe_pickle" not in codes(v)
 
@@ -129,7 +130,7 @@ def test_a_writer_class_in_an_unexpected_form_is_unsafe(tmp_path):
     (tmp_path / "run/iter_0000003/mp_rank_00").mkdir(parents=True)
     torch.save({"model": MLP().state_dict(), "args": __import__("argparse").Namespace(a=1), "x": _Canary(canary)},
                tmp_path / "run/iter_0000003/mp_rank_00/model_optim_rng.pt")
-    v = only(auditor.rescan(str(tmp_path / "run")))
+    v = only(auditor.api.rescan(str(tmp_path / "run")))
     assert v.status == "unsafe", v.to_dict()
     (f,) = [f for f in v.findings if f.code == "unsafe_pickle"]
     assert "builtins.exec" in f.detail and "argparse" not in f.detail
@@ -144,11 +145,11 @@ def test_megatron_no_save_optim_args_excuse_the_optimizer(writer_corpus, tmp_pat
     args = argparse.Namespace(no_save_optim=True, no_save_rng=True, iteration=7)
     torch.save({"args": args, "iteration": 7, "model": MLP().state_dict(), "checkpoint_version": 3.0},
                d / "model_optim_rng.pt")
-    v = only(auditor.rescan(str(tmp_path / "run")))
+    v = only(auditor.api.rescan(str(tmp_path / "run")))
     assert v.layout == "megatron" and v.status == "ok" and v.step == 7, v.to_dict()
     torch.save({"args": argparse.Namespace(no_save_optim=False, no_save_rng=False), "iteration": 7,
                 "model": MLP().state_dict()}, d / "model_optim_rng.pt")
-    v = only(auditor.rescan(str(tmp_path / "run")))
+    v = only(auditor.api.rescan(str(tmp_path / "run")))
     assert v.status == "incomplete" and {"optimizer_state_missing", "rng_state_missing"} <= codes(v)
 
 
@@ -157,7 +158,7 @@ def test_megatron_no_save_optim_args_excuse_the_optimizer(writer_corpus, tmp_pat
 
 def test_trainer_reduce_lr_on_plateau_is_ok(writer_corpus):
     w = written(writer_corpus, "hf_trainer_plateau")
-    for v in auditor.rescan(str(w.run_dir)).verdicts:
+    for v in auditor.api.rescan(str(w.run_dir)).verdicts:
         assert v.status == "ok" and not failing(v), v.to_dict()
         assert "scheduler" in recognised(Path(v.url)).components
 
@@ -182,7 +183,7 @@ def test_per_epoch_steplr_hand_loop_in_checkpoint_folder_is_ok_with_a_warning(tm
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()},
                d / "rng_state.pth")
     (d / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
-    v = only(auditor.rescan(str(tmp_path / "run")))
+    v = only(auditor.api.rescan(str(tmp_path / "run")))
     assert v.layout == "hf-trainer" and v.status == "ok" and v.step == 10, v.to_dict()
     (f,) = [f for f in v.findings if f.code == "scheduler_step_differs"]
     assert f.severity == "warning" and f.file == "scheduler.pt" and "2" in f.detail
@@ -190,7 +191,7 @@ def test_per_epoch_steplr_hand_loop_in_checkpoint_folder_is_ok_with_a_warning(tm
 
 def test_hand_loop_corpus_per_epoch_scheduler_is_a_warning(writer_corpus):
     w = written(writer_corpus, "hand_loop")
-    for v in auditor.rescan(str(w.run_dir)).verdicts:
+    for v in auditor.api.rescan(str(w.run_dir)).verdicts:
         assert v.status == "ok", v.to_dict()
         assert all(f.severity == "warning" for f in v.findings if f.code == "scheduler_step_differs")
 
@@ -198,16 +199,16 @@ def test_hand_loop_corpus_per_epoch_scheduler_is_a_warning(writer_corpus):
 def test_our_save_checkpoint_without_scheduler_is_ok(tmp_path):
     model, opt, _ = trained(0, 16, 3)
     url = str(tmp_path / "run/checkpoint-3")
-    manifest = auditor.save_checkpoint(url, 3, model, opt)
+    manifest = auditor.training.save_checkpoint(url, 3, model, opt)
     assert manifest.training_state.scheduler == []
-    v = only(auditor.verify_url(url))
+    v = only(auditor.api.verify_url(url))
     assert v.status == "ok" and not failing(v), v.to_dict()
     assert v.step == 3
 
 
 def test_dcp_model_and_optim_is_ok(writer_corpus, tmp_path):
     w = written(writer_corpus, "dcp_two_rank")
-    for v in auditor.rescan(str(w.run_dir)).verdicts:
+    for v in auditor.api.rescan(str(w.run_dir)).verdicts:
         assert v.status == "ok" and "optimizer_state_missing" not in codes(v), v.to_dict()
         got = recognised(Path(v.url))
         assert {"model", "optimizer"} <= set(got.components) and ".metadata" in got.parsed
@@ -219,7 +220,7 @@ def test_dcp_single_process_model_and_optim(tmp_path):
     model, opt, _ = trained(0, 16, 2)
     d = tmp_path / "run/step-2"
     dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(d))
-    v = only(auditor.rescan(str(tmp_path / "run")))
+    v = only(auditor.api.rescan(str(tmp_path / "run")))
     assert v.layout == "dcp" and v.status == "ok" and v.step == 2, v.to_dict()
     assert {"model", "optimizer"} <= set(recognised(d).components)
 
@@ -227,7 +228,7 @@ def test_dcp_single_process_model_and_optim(tmp_path):
 def test_lightning_style_single_file_with_model_and_step_is_ok(tmp_path):
     (tmp_path / "run").mkdir()
     torch.save({"model": MLP().state_dict(), "step": 1}, tmp_path / "run/epoch=1.ckpt")
-    v = only(auditor.rescan(str(tmp_path / "run")))
+    v = only(auditor.api.rescan(str(tmp_path / "run")))
     assert v.status == "ok" and not failing(v), v.to_dict()
     assert v.step == 1
     assert recognised(tmp_path / "run/epoch=1.ckpt").components.keys() >= {"model"}
@@ -235,7 +236,7 @@ def test_lightning_style_single_file_with_model_and_step_is_ok(tmp_path):
 
 def test_accelerate_auto_naming_step_comes_from_the_files(writer_corpus):
     w = written(writer_corpus, "accelerate_auto")
-    steps = sorted(v.step for v in auditor.rescan(str(w.run_dir)).verdicts)
+    steps = sorted(v.step for v in auditor.api.rescan(str(w.run_dir)).verdicts)
     assert steps == sorted(c.step for c in w.checkpoints) and steps != [0, 1]
 
 
@@ -244,14 +245,14 @@ def test_accelerate_name_without_evidence_is_no_step(writer_corpus, tmp_path):
     for saved in w.checkpoints:
         for custom in saved.root.glob("custom_checkpoint_*.pkl"):
             custom.unlink()
-    for v in auditor.rescan(str(w.run_dir)).verdicts:
+    for v in auditor.api.rescan(str(w.run_dir)).verdicts:
         assert v.status == "ok" and v.step is None, v.to_dict()
 
 
 def test_folder_name_step_disagreeing_with_trainer_state_is_incomplete(tmp_path):
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-100", step=100)
     (d / "trainer_state.json").write_text(json.dumps({"global_step": 90}))
-    v = only(auditor.rescan(str(tmp_path / "run")))
+    v = only(auditor.api.rescan(str(tmp_path / "run")))
     assert v.status == "incomplete" and "step_mismatch" in codes(v)
 
 
@@ -262,7 +263,7 @@ def test_trainer_without_rng_state_fails_naming_it(writer_corpus, tmp_path):
     w = written(writer_corpus, "hf_trainer").copy_to(tmp_path / "t")
     for saved in w.checkpoints:
         (saved.root / "rng_state.pth").unlink()
-    for v in auditor.rescan(str(w.run_dir)).verdicts:
+    for v in auditor.api.rescan(str(w.run_dir)).verdicts:
         assert v.status == "incomplete", v.to_dict()
         assert [f.file for f in v.findings if f.code == "rng_state_missing"] == ["rng_state.pth"]
 
@@ -270,7 +271,7 @@ def test_trainer_without_rng_state_fails_naming_it(writer_corpus, tmp_path):
 def test_trainer_rng_file_without_python_state_fails(tmp_path):
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-5", step=5)
     torch.save({"numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}, d / "rng_state.pth")
-    v = only(auditor.rescan(str(tmp_path / "run")))
+    v = only(auditor.api.rescan(str(tmp_path / "run")))
     assert v.status == "incomplete"
     (f,) = [f for f in v.findings if f.code == "rng_state_missing"]
     assert f.file == "rng_state.pth" and "python" in f.detail
@@ -280,7 +281,7 @@ def test_accelerate_without_random_states_fails_naming_it(writer_corpus, tmp_pat
     w = written(writer_corpus, "accelerate").copy_to(tmp_path / "a")
     for saved in w.checkpoints:
         (saved.root / "random_states_0.pkl").unlink()
-    for v in auditor.rescan(str(w.run_dir)).verdicts:
+    for v in auditor.api.rescan(str(w.run_dir)).verdicts:
         assert v.status == "incomplete", v.to_dict()
         assert [f.file for f in v.findings if f.code == "rng_state_missing"] == ["random_states_0.pkl"]
 
@@ -289,7 +290,7 @@ def test_accelerate_truncated_optimizer_fails_naming_it(writer_corpus, tmp_path)
     w = written(writer_corpus, "accelerate").copy_to(tmp_path / "a")
     target = w.checkpoints[0].root / "optimizer.bin"
     os.truncate(target, target.stat().st_size // 2)
-    v = by_url(auditor.rescan(str(w.run_dir)))[os.path.normpath(str(w.checkpoints[0].path))]
+    v = by_url(auditor.api.rescan(str(w.run_dir)))[os.path.normpath(str(w.checkpoints[0].path))]
     assert v.failed, v.to_dict()
     assert "optimizer.bin" in {f.file for f in failing(v)}
 
@@ -298,21 +299,21 @@ def test_deepspeed_without_model_states_fails(writer_corpus, tmp_path):
     w = written(writer_corpus, "deepspeed").copy_to(tmp_path / "d")
     saved = w.checkpoints[-1]
     (saved.root / "mp_rank_00_model_states.pt").unlink()
-    v = by_url(auditor.rescan(str(w.run_dir)))[os.path.normpath(str(saved.path))]
+    v = by_url(auditor.api.rescan(str(w.run_dir)))[os.path.normpath(str(saved.path))]
     assert v.failed and v.layout == "deepspeed", v.to_dict()
     assert ("model_state_missing", "mp_rank_00_model_states.pt") in {(f.code, f.file) for f in failing(v)}
 
 
 def test_sealed_declared_component_whose_file_holds_none_fails(tmp_path):
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-7", step=7)
-    auditor.seal(str(d))
+    auditor.api.seal(str(d))
     doc = json.loads((d / "ckpt-manifest.json").read_text())
     assert doc["training_state"]["scheduler"] == ["scheduler.pt"]
     # The scheduler file now holds something else: same name, no scheduler inside. Reseal so the
     # digests match: only the contents tell.
     torch.save({"note": 1}, d / "scheduler.pt")
-    auditor.seal(str(d), force=True, allow_incomplete=True)
-    v = only(auditor.verify_url(str(d)))
+    auditor.api.seal(str(d), force=True, allow_incomplete=True)
+    v = only(auditor.api.verify_url(str(d)))
     assert v.status == "incomplete"
     assert [f.file for f in v.findings if f.code == "scheduler_state_missing"] == ["scheduler.pt"]
 

@@ -14,7 +14,7 @@ from daemon import DaemonProcess, seal_run
 
 import fsspec
 
-import auditor
+import auditor.api
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -51,7 +51,7 @@ def test_new_checkpoint_is_pending_then_verified(tmp_path, daemons):
     daemons.append(d)
     time.sleep(5)  # let the first checkpoint settle
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 1, 30, "first ok")
-    auditor.seal(str(write_hf_checkpoint(prefix / "run/checkpoint-200", step=200)))
+    auditor.api.seal(str(write_hf_checkpoint(prefix / "run/checkpoint-200", step=200)))
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="pending") == 1, 30, "pending")
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 2, 30, "verified after settling")
 
@@ -121,7 +121,7 @@ def test_sigterm_mid_scan_exits_cleanly(tmp_path, daemons):
     big = prefix / "run/checkpoint-1"
     write_hf_checkpoint(big, step=1)
     (big / "blob.bin").write_bytes(b"\0" * (256 * 2**20))
-    auditor.seal(str(big))
+    auditor.api.seal(str(big))
     seal_run(prefix / "run", [2, 3, 4])
     # A slow read makes the scan long enough to interrupt.
     d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"max_bytes_per_second": 20 * 2**20, "jobs": 1}).start()

@@ -29,13 +29,14 @@ from servers.objectstores import free_port
 
 import fsspec
 
-import auditor
+import auditor.api
 from auditor.cli import main
 from auditor.config import Config
 from auditor.daemon import Daemon
 from auditor.http import MAX_BODY, Server
 from auditor.state import SCHEMA_VERSION, open_state
-from auditor.verify import Scanner, build_options, is_pending, list_prefix
+from auditor.api import build_options
+from auditor.verify import Scanner, is_pending, list_prefix
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -60,7 +61,7 @@ def test_sealed_checkpoint_that_loses_its_manifest_is_missing_and_its_bytes_stil
     solo = prefix / "solo/step_300.safetensors"
     solo.parent.mkdir()
     solo.write_bytes((old / "model.safetensors").read_bytes())
-    auditor.seal(str(solo))
+    auditor.api.seal(str(solo))
     d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"deep_interval": "2s"}).start()
     daemons.append(d)
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 3, 60, "all ok")

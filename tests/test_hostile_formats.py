@@ -26,7 +26,7 @@ import torch
 from ckpts import write_hf_checkpoint
 from fsspec.implementations.local import LocalFileSystem
 
-import auditor
+import auditor.api
 from auditor import formats, safejson, zipcheck
 from auditor.completeness import step_from_trainer_state
 from auditor.errors import UsageError
@@ -245,11 +245,11 @@ def test_real_torch_save_files_pass(tmp_path):
 def test_hostile_zip_in_a_checkpoint_is_unsafe_and_never_sealed(hostile_zips, tmp_path):
     ck = write_hf_checkpoint(tmp_path / "run1" / "checkpoint-5", step=5)
     (ck / "optimizer.pt").write_bytes(hostile_zips["duplicated_entries"])
-    v = auditor.verify_url(str(ck)).verdicts[0]
+    v = auditor.api.verify_url(str(ck)).verdicts[0]
     mine = [f for f in v.findings if f.code == "zip_duplicate_member"]
     assert v.status == "unsafe" and [f.file for f in mine] == ["optimizer.pt"], v.findings
     with pytest.raises(UsageError, match="optimizer.pt"):
-        auditor.seal(str(ck))
+        auditor.api.seal(str(ck))
     assert not (ck / MANIFEST_NAME).exists()
 
 
@@ -584,8 +584,8 @@ def test_sealing_refuses_a_header_the_library_refuses(tmp_path):
     header, data_len = EDGE_CASES["bool shape"]
     (ck / "model.safetensors").write_bytes(st_file(header, data_len))
     with pytest.raises(UsageError, match="model.safetensors"):
-        auditor.seal(str(ck))
-    v = auditor.verify_url(str(ck)).verdicts[0]
+        auditor.api.seal(str(ck))
+    v = auditor.api.verify_url(str(ck)).verdicts[0]
     assert v.status == "corrupt" and "header_invalid" in {f.code for f in v.findings}, v.findings
 
 
@@ -619,7 +619,7 @@ def test_safejson_refuses_oversized_documents():
 
 def _sealed(tmp_path: Path) -> Path:
     ck = write_hf_checkpoint(tmp_path / "run1" / "checkpoint-100")
-    auditor.seal(str(ck))
+    auditor.api.seal(str(ck))
     return ck
 
 
@@ -646,7 +646,7 @@ def test_verify_reports_bad_manifest_without_traceback(tmp_path, kind):
     ck = _sealed(tmp_path)
     content = _deep_manifest() if kind == "deep" else _empty_manifest(ck)
     (ck / MANIFEST_NAME).write_bytes(content)
-    v = auditor.verify_url(str(ck)).verdicts[0]
+    v = auditor.api.verify_url(str(ck)).verdicts[0]
     assert v.status == "corrupt" and {f.code for f in v.findings} == {"manifest_invalid"}, v.findings
     r = subprocess.run([sys.executable, "-m", "auditor", "verify", str(ck), "--json"], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "PYTHONPATH": str(Path(formats.__file__).parents[1])})
@@ -659,7 +659,7 @@ def test_verify_reports_bad_manifest_without_traceback(tmp_path, kind):
 def test_oversized_manifest_is_refused_before_parsing(tmp_path):
     ck = _sealed(tmp_path)
     (ck / MANIFEST_NAME).write_bytes(b'{"pad": "' + b"x" * (100 * 2**20) + b'"}')
-    v = auditor.verify_url(str(ck)).verdicts[0]
+    v = auditor.api.verify_url(str(ck)).verdicts[0]
     assert v.status == "corrupt" and {f.code for f in v.findings} == {"manifest_invalid"}, v.findings
     assert str(64 * 2**20) in v.findings[0].detail
     # Reading stopped at the limit: the rest of the 100 MiB was neither read nor parsed.
@@ -675,7 +675,7 @@ def test_deep_trainer_state_gives_no_step_not_a_crash():
 def test_deep_json_in_unsealed_checkpoint_is_a_finding(tmp_path, name):
     ck = write_hf_checkpoint(tmp_path / "run1" / "checkpoint-5", step=5)
     (ck / name).write_bytes(b'{"weight_map": ' + DEEP + b"}")
-    v = auditor.verify_url(str(ck)).verdicts[0]
+    v = auditor.api.verify_url(str(ck)).verdicts[0]
     mine = [f for f in v.findings if f.file == name]
     assert v.status == "corrupt", v.findings
     assert mine and mine[0].code in ("json_invalid", "index_invalid") and "deep" in mine[0].detail, v.findings

@@ -20,7 +20,7 @@ import pytest
 from ckpts import flip_bit, tensor_offset, write_hf_checkpoint, write_run
 from daemon import DaemonProcess
 
-import auditor
+import auditor.api
 from auditor.cli import main
 from auditor.verify import STATUS_OF_CODE
 
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 def seal_run(root: Path, steps: list[int]) -> list[Path]:
     dirs = write_run(root, steps)
     for d in dirs:
-        auditor.seal(str(d))
+        auditor.api.seal(str(d))
     return dirs
 
 
@@ -68,7 +68,7 @@ def test_symlink_loop_is_a_finding_and_the_pass_goes_on(tmp_path):
     a, b, c = seal_run(tmp_path / "p/run", [100, 200, 300])
     os.symlink("loop", a / "loop")  # ELOOP on every stat that follows it
     flip_weight(c)
-    result = auditor.rescan(str(tmp_path / "p"), jobs=1)
+    result = auditor.api.rescan(str(tmp_path / "p"), jobs=1)
     v = by_step(result)
     assert set(v) == {100, 200, 300}, result.to_dict()
     assert v[100].status == "corrupt" and [f.file for f in findings(v[100], "path_unresolvable")] == ["loop"]
@@ -85,7 +85,7 @@ def test_manifest_path_through_a_file_is_a_finding_and_the_pass_goes_on(tmp_path
     manifest["files"].append({**manifest["files"][0], "path": "model.safetensors/inner.bin"})  # ENOTDIR
     (a / "ckpt-manifest.json").write_text(json.dumps(manifest))
     flip_weight(c)
-    result = auditor.rescan(str(tmp_path / "p"), jobs=1)
+    result = auditor.api.rescan(str(tmp_path / "p"), jobs=1)
     v = by_step(result)
     assert v[100].status == "corrupt", v[100].findings
     assert [f.file for f in findings(v[100], "path_unresolvable")] == ["model.safetensors/inner.bin"]
@@ -98,7 +98,7 @@ def test_name_too_long_in_manifest_is_a_finding(tmp_path):
     manifest = json.loads((a / "ckpt-manifest.json").read_text())
     manifest["files"].append({**manifest["files"][0], "path": "x" * 300})  # ENAMETOOLONG
     (a / "ckpt-manifest.json").write_text(json.dumps(manifest))
-    v = auditor.verify_url(str(a)).verdicts[0]
+    v = auditor.api.verify_url(str(a)).verdicts[0]
     assert v.status == "corrupt" and findings(v, "path_unresolvable"), v.findings
 
 
@@ -156,9 +156,9 @@ def test_fifo_as_manifest_is_never_opened(tmp_path):
 def test_symlink_inside_the_checkpoint_to_a_regular_file_is_followed(tmp_path):
     ck = write_hf_checkpoint(tmp_path / "p/run/checkpoint-5", step=5)
     os.symlink("config.json", ck / "generation_config.json")
-    manifest = auditor.seal(str(ck))
+    manifest = auditor.api.seal(str(ck))
     assert "generation_config.json" in {f.path for f in manifest.files}
-    v = auditor.verify_url(str(ck)).verdicts[0]
+    v = auditor.api.verify_url(str(ck)).verdicts[0]
     assert v.status == "ok", v.findings
 
 
@@ -170,7 +170,7 @@ def test_symlinked_folder_is_not_followed_by_the_listing(tmp_path):
     os.symlink(".", a / "here")  # a folder link that stays inside: still not followed
     listing = local_find(str(tmp_path / "p"))
     assert not any("/up/" in p or "/here/" in p for p in listing)
-    v = auditor.verify_url(str(a)).verdicts[0]
+    v = auditor.api.verify_url(str(a)).verdicts[0]
     assert v.status == "corrupt"
     assert [f.file for f in findings(v, "path_outside_checkpoint")] == ["up"]
     assert [f.file for f in findings(v, "special_file")] == ["here"]
@@ -224,7 +224,7 @@ def s3_sealed(s3_svc, tmp_path: Path, big: bool = True) -> tuple[object, str]:
     for f in sorted(local.iterdir()):
         fs.pipe_file(backend.path("run/checkpoint-100", f.name), f.read_bytes(), ChecksumAlgorithm="CRC32C")
     url = backend.path("run/checkpoint-100")
-    auditor.seal(url, storage_options=backend.storage_options)
+    auditor.api.seal(url, storage_options=backend.storage_options)
     return backend, url
 
 
@@ -237,7 +237,7 @@ def test_short_206_bodies_are_error_never_truncated(s3_svc, tmp_path):
     backend, url = s3_sealed(s3_svc, tmp_path)
     backend.faults.short_ranged(None)
     try:
-        result = auditor.verify_url(url, storage_options={**backend.storage_options, **S3_FAST})
+        result = auditor.api.verify_url(url, storage_options={**backend.storage_options, **S3_FAST})
     finally:
         backend.faults.allow()
     v = result.verdicts[0]
@@ -250,7 +250,7 @@ def test_short_206_bodies_are_error_never_truncated(s3_svc, tmp_path):
 def test_short_206_for_a_while_is_reread_and_ok(s3_svc, tmp_path):
     backend, url = s3_sealed(s3_svc, tmp_path)
     backend.faults.short_ranged(2)
-    result = auditor.verify_url(url, storage_options={**backend.storage_options, **S3_FAST})
+    result = auditor.api.verify_url(url, storage_options={**backend.storage_options, **S3_FAST})
     v = result.verdicts[0]
     assert v.status == "ok", v.findings
     assert backend.faults.count("GET") > 0
@@ -302,11 +302,11 @@ def test_checkpoint_deadline_bounds_a_rescan_and_frees_the_workers(s3_svc, tmp_p
     fs = backend.fs()
     for f in sorted(local.iterdir()):
         fs.pipe_file(backend.path("run/checkpoint-200", f.name), f.read_bytes())
-    auditor.seal(backend.path("run/checkpoint-200"), storage_options=backend.storage_options)
+    auditor.api.seal(backend.path("run/checkpoint-200"), storage_options=backend.storage_options)
     backend.faults.stall_ranged()
     started = time.monotonic()
     try:
-        result = auditor.rescan(backend.url, storage_options={**backend.storage_options, **S3_FAST}, jobs=1,
+        result = auditor.api.rescan(backend.url, storage_options={**backend.storage_options, **S3_FAST}, jobs=1,
                                 file_timeout=1.5, checkpoint_timeout=4.0)
     finally:
         backend.faults.allow()

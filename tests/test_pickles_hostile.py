@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-import auditor
+import auditor.api
 from ckpts import Hostile
 from auditor import pickles
 from auditor.pickles import (
@@ -51,7 +51,7 @@ def touch(target: Path) -> Hostile:
 
 
 def verdict(run: Path, tier: str = "content") -> Any:
-    result = auditor.rescan(str(run), tier=tier)
+    result = auditor.api.rescan(str(run), tier=tier)
     assert len(result.verdicts) == 1, result.to_dict()
     return result.verdicts[0]
 
@@ -221,7 +221,7 @@ def test_bytearray_bomb_is_refused_without_allocating(tmp_path: Path) -> None:
     # In a child, so its peak memory is its own: on main the check loaded this, 2 GiB.
     out = run_python(
         "import json, resource, sys, auditor\n"
-        "v = auditor.rescan(sys.argv[1], tier='content').verdicts[0]\n"
+        "v = auditor.api.rescan(sys.argv[1], tier='content').verdicts[0]\n"
         "print(json.dumps({'status': v.status, 'codes': [f.code for f in v.findings],"
         " 'detail': [f.detail for f in v.findings], 'torch': 'torch' in sys.modules,"
         # VmHWM is this process's own peak; ru_maxrss keeps the forking parent's across exec.
@@ -503,7 +503,7 @@ def test_content_tier_never_imports_torch(tmp_path: Path) -> None:
     torch.save(sched.state_dict(), folder / "extra_plateau.pt")
     out = run_python(
         "import json, sys, auditor\n"
-        "v = auditor.rescan(sys.argv[1], tier='content').verdicts[0]\n"
+        "v = auditor.api.rescan(sys.argv[1], tier='content').verdicts[0]\n"
         "print(json.dumps({'status': v.status, 'codes': sorted({f.code for f in v.findings}),"
         " 'torch': 'torch' in sys.modules}))",
         str(run),

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import fsspec
 
-import auditor
+import auditor.api
 from auditor.manifest import MANIFEST_NAME
 
 TESTS = str(Path(__file__).parent)
@@ -54,7 +54,7 @@ def status(result) -> str:
 
 def sealed_mlp(tmp_path: Path, factory: str = "probe_models:mlp", kwargs=None) -> Path:
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-100", step=100)
-    auditor.seal(str(d), model_factory=factory, model_kwargs=kwargs or {}, probe_batch=batch(tmp_path))
+    auditor.api.seal(str(d), model_factory=factory, model_kwargs=kwargs or {}, probe_batch=batch(tmp_path))
     return d
 
 
@@ -64,15 +64,15 @@ def test_mlp_probe_ok_and_recorded(tmp_path):
     probe = doc["probe"]
     assert probe["model"]["factory"] == "probe_models:mlp" and probe["outputs"]["shape"] == [16, 4]
     assert (d / probe["batch"]["path"]).exists() and (d / probe["outputs"]["reference"]).exists()
-    r = auditor.verify_url(str(d), allow_factories=ALLOW)
+    r = auditor.api.verify_url(str(d), allow_factories=ALLOW)
     assert status(r) == "ok", r.to_dict()
-    assert status(auditor.verify_url(str(d), tier="probe", allow_factories=ALLOW)) == "ok"
+    assert status(auditor.api.verify_url(str(d), tier="probe", allow_factories=ALLOW)) == "ok"
 
 
 def test_flipped_weight_bit_is_corrupt_naming_the_tensor(tmp_path):
     d = sealed_mlp(tmp_path)
     flip_bit(fsspec.filesystem("file"), str(d / "model.safetensors"), tensor_offset(d / "model.safetensors", "head.weight") + 2)
-    r = auditor.verify_url(str(d), tier="probe")
+    r = auditor.api.verify_url(str(d), tier="probe")
     assert status(r) == "corrupt"
     assert any(f.code == "tensor_digest_mismatch" and "head.weight" in f.detail for f in r.verdicts[0].findings)
 
@@ -114,14 +114,14 @@ def seal_drifty(tmp_path: Path, code: Path) -> Path:
     d.mkdir(parents=True)
     save_file(dict(model.state_dict()), str(d / "model.safetensors"))
     (d / "config.json").write_text("{}")
-    auditor.seal(str(d), step=5, model_factory="drifty:build", probe_batch=batch(tmp_path))
+    auditor.api.seal(str(d), step=5, model_factory="drifty:build", probe_batch=batch(tmp_path))
     return d
 
 
 def test_changed_activation_is_drift(tmp_path, importable_factories):
     d = seal_drifty(tmp_path, importable_factories)
     write_module(importable_factories, forward="self.head(torch.relu(self.body(x @ self.mix)))")
-    r = auditor.verify_url(str(d), tier="probe", scan=None, allow_factories=ALLOW)
+    r = auditor.api.verify_url(str(d), tier="probe", scan=None, allow_factories=ALLOW)
     assert status(r) == "drift", r.to_dict()
     assert "probe_mismatch" in codes(r)
 
@@ -131,14 +131,14 @@ def test_changed_initialisation_order_is_drift(tmp_path, importable_factories):
     # The random, non-persistent buffer now draws from the generator before the layers do.
     write_module(importable_factories, init="self.register_buffer('mix', torch.randn(width, width), persistent=False)\n"
                  "        self.body = torch.nn.Linear(width, width)\n        self.head = torch.nn.Linear(width, 4)")
-    assert status(auditor.verify_url(str(d), tier="probe", allow_factories=ALLOW)) == "drift"
+    assert status(auditor.api.verify_url(str(d), tier="probe", allow_factories=ALLOW)) == "drift"
 
 
 def test_renamed_parameter_is_drift_naming_the_key(tmp_path, importable_factories):
     d = seal_drifty(tmp_path, importable_factories)
     write_module(importable_factories,
                  init=BASE["init"].replace("self.head", "self.out"), forward=BASE["forward"].replace("self.head", "self.out"))
-    r = auditor.verify_url(str(d), tier="probe", allow_factories=ALLOW)
+    r = auditor.api.verify_url(str(d), tier="probe", allow_factories=ALLOW)
     assert status(r) == "drift"
     (f,) = [f for f in r.verdicts[0].findings if f.code == "probe_load_mismatch"]
     assert "out.weight" in f.detail and "head.weight" in f.detail
@@ -147,7 +147,7 @@ def test_renamed_parameter_is_drift_naming_the_key(tmp_path, importable_factorie
 def test_tolerated_numeric_drift_is_a_warning(tmp_path, importable_factories):
     d = seal_drifty(tmp_path, importable_factories)
     write_module(importable_factories, forward=BASE["forward"] + " + 1e-7")
-    r = auditor.verify_url(str(d), tier="probe", allow_factories=ALLOW)
+    r = auditor.api.verify_url(str(d), tier="probe", allow_factories=ALLOW)
     assert status(r) == "ok" and "probe_numeric_drift" in codes(r), r.to_dict()
 
 
@@ -175,7 +175,7 @@ def test_hostile_optimizer_pickle_is_unsafe_and_never_run(tmp_path):
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-100", step=100)
     target = tmp_path / "pwned"
     hostile_torch_file(d / "optimizer.pt", target)
-    r = auditor.rescan(str(tmp_path / "run"))
+    r = auditor.api.rescan(str(tmp_path / "run"))
     assert status(r) == "unsafe"
     (f,) = [f for f in r.verdicts[0].findings if f.code == "unsafe_pickle"]
     assert f.file == "optimizer.pt" and "io.open" in f.detail
@@ -190,10 +190,10 @@ def test_hostile_weights_pickle_is_refused_by_the_probe(tmp_path):
     hostile_torch_file(d / "pytorch_model.bin", target)
     # The probe child scans before it loads: sealing a probe baseline from it is refused.
     with pytest.raises(auditor.errors.UsageError, match="unsafe"):
-        auditor.seal(str(d), step=1, model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
+        auditor.api.seal(str(d), step=1, model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
     assert not target.exists()
     assert not (d / MANIFEST_NAME).exists()
-    r = auditor.verify_url(str(d))
+    r = auditor.api.verify_url(str(d))
     assert status(r) == "unsafe" and "unsafe_pickle" in codes(r)
     assert not target.exists()
 
@@ -225,9 +225,9 @@ def test_tiny_transformer_probe(tmp_path):
     d.mkdir(parents=True)
     save_file(dict(TinyTransformer().state_dict()), str(d / "model.safetensors"))
     (d / "config.json").write_text("{}")
-    auditor.seal(str(d), step=2, model_factory="probe_models:tiny_transformer",
+    auditor.api.seal(str(d), step=2, model_factory="probe_models:tiny_transformer",
                  probe_batch=batch(tmp_path, (16, 12), "input_ids", ints=64))
-    assert status(auditor.verify_url(str(d), tier="probe", allow_factories=ALLOW)) == "ok"
+    assert status(auditor.api.verify_url(str(d), tier="probe", allow_factories=ALLOW)) == "ok"
 
 
 def test_optimizer_without_state_for_one_parameter_is_incomplete(tmp_path):
@@ -241,8 +241,8 @@ def test_optimizer_without_state_for_one_parameter_is_incomplete(tmp_path):
     cold = names.index("layers.1.bias")
     del sd["state"][sd["param_groups"][0]["params"][cold]]
     torch.save(sd, d / "optimizer.pt")
-    auditor.seal(str(d), allow_incomplete=True)  # sealed as it is, to be judged at verify
-    r = auditor.verify_url(str(d))
+    auditor.api.seal(str(d), allow_incomplete=True)  # sealed as it is, to be judged at verify
+    r = auditor.api.verify_url(str(d))
     assert status(r) == "incomplete"
     (f,) = [f for f in r.verdicts[0].findings if f.code == "cold_optimizer_params"]
     assert "layers.1.bias" in f.detail
@@ -250,21 +250,21 @@ def test_optimizer_without_state_for_one_parameter_is_incomplete(tmp_path):
 
 def test_missing_rng_is_incomplete(tmp_path):
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-100", step=100, rng=False)
-    auditor.seal(str(d), allow_incomplete=True)  # sealed as it is, to be judged at verify
-    r = auditor.verify_url(str(d))
+    auditor.api.seal(str(d), allow_incomplete=True)  # sealed as it is, to be judged at verify
+    r = auditor.api.verify_url(str(d))
     assert status(r) == "incomplete" and "rng_state_missing" in codes(r)
 
 
 def test_weights_only_checkpoint_is_incomplete(tmp_path):
     write_hf_checkpoint(tmp_path / "run/checkpoint-100", step=100, optimizer=False)
-    r = auditor.rescan(str(tmp_path / "run"))
+    r = auditor.api.rescan(str(tmp_path / "run"))
     assert status(r) == "incomplete" and "optimizer_state_missing" in codes(r)
 
 
 def test_step_disagreement_is_incomplete(tmp_path):
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-100", step=100)
     (d / "trainer_state.json").write_text(json.dumps({"global_step": 90}))
-    r = auditor.rescan(str(tmp_path / "run"))
+    r = auditor.api.rescan(str(tmp_path / "run"))
     assert status(r) == "incomplete" and "step_mismatch" in codes(r)
 
 
@@ -275,7 +275,7 @@ def test_require_is_configurable(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(f"state: {{url: 'sqlite:///{tmp_path}/s.db'}}\nscan: {{require: [model, step], settle_time: 0}}\n"
                         f"prefixes: [{{url: '{tmp_path}/run'}}]\n")
-    r = auditor.rescan(str(tmp_path / "run"), config=load_config(str(cfg_file), env={}))
+    r = auditor.api.rescan(str(tmp_path / "run"), config=load_config(str(cfg_file), env={}))
     assert status(r) == "ok", r.to_dict()
 
 
@@ -292,11 +292,11 @@ def test_hf_trainer_folder_with_transformers_model(tmp_path):
     torch.save({"python": __import__("random").getstate(), "numpy": __import__("numpy").random.get_state(),
                 "cpu": torch.random.get_rng_state()}, d / "rng_state.pth")
     (d / "trainer_state.json").write_text(json.dumps({"global_step": 300}))
-    auditor.seal(str(d), model_factory="hf-auto", probe_batch=batch(tmp_path, (16, 8), "input_ids", ints=128))
-    r = auditor.verify_url(str(d))
+    auditor.api.seal(str(d), model_factory="hf-auto", probe_batch=batch(tmp_path, (16, 8), "input_ids", ints=128))
+    r = auditor.api.verify_url(str(d))
     assert status(r) == "ok", r.to_dict()
     flip_bit(fsspec.filesystem("file"), str(d / "model.safetensors"))
-    assert status(auditor.verify_url(str(d))) == "corrupt"
+    assert status(auditor.api.verify_url(str(d))) == "corrupt"
 
 
 def test_trainer_training_args_is_not_unsafe(tmp_path):
@@ -304,7 +304,7 @@ def test_trainer_training_args_is_not_unsafe(tmp_path):
     pytest.importorskip("accelerate")
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-100", step=100)
     torch.save(transformers.TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[]), d / "training_args.bin")
-    r = auditor.rescan(str(tmp_path / "run"))
+    r = auditor.api.rescan(str(tmp_path / "run"))
     assert status(r) == "ok", r.to_dict()
     assert "trainer_args_pickle" in codes(r)
 
@@ -316,10 +316,10 @@ def test_torch_distributed_checkpoint_folder_probe(tmp_path):
     model = MLP()
     d = tmp_path / "run/step-40"
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(d), no_dist=True)
-    auditor.seal(str(d), step=40, model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
+    auditor.api.seal(str(d), step=40, model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
     from auditor.config import ScanConfig
 
-    r = auditor.verify_url(str(d), tier="probe", scan=ScanConfig(settle_time=0, require=["model", "step"]),
+    r = auditor.api.verify_url(str(d), tier="probe", scan=ScanConfig(settle_time=0, require=["model", "step"]),
                            allow_factories=ALLOW)
     assert status(r) == "ok", r.to_dict()
     assert r.verdicts[0].layout == "dcp"

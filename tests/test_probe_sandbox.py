@@ -24,7 +24,7 @@ from ckpts import write_hf_checkpoint
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import auditor
+import auditor.api
 from auditor import probe
 from auditor.cli import main
 from auditor.config import ScanConfig, load_config
@@ -64,7 +64,7 @@ def batch(tmp_path: Path) -> Path:
 def sealed(tmp_path: Path, factory: str, kwargs: dict | None = None, name: str = "checkpoint-100") -> Path:
     """Seal with the operator's factory, then let the manifest name another one (as a hostile writer would)."""
     d = write_hf_checkpoint(tmp_path / "ckpts/run" / name, step=int(name.rsplit("-", 1)[1]))
-    auditor.seal(str(d), model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
+    auditor.api.seal(str(d), model_factory="probe_models:mlp", probe_batch=batch(tmp_path))
     doc = json.loads((d / MANIFEST_NAME).read_text())
     doc["probe"]["model"] = {"factory": factory, "kwargs": kwargs or {}}
     (d / MANIFEST_NAME).write_text(json.dumps(doc))
@@ -115,7 +115,7 @@ def test_manifest_named_callable_never_runs(tmp_path, index):
 def test_not_allowed_detail_says_how_to_allow(tmp_path):
     out = tmp_path / "ran.json"
     d = sealed(tmp_path, "probe_models:env_dump", {"path": str(out)})
-    r = auditor.verify_url(str(d))
+    r = auditor.api.verify_url(str(d))
     assert r.verdicts[0].status == "ok" and r.exit_code() == 0
     (f,) = findings(r, "probe_factory_not_allowed")
     assert "--allow-factory probe_models:env_dump" in f.detail and "scan.allow_factories" in f.detail
@@ -127,7 +127,7 @@ def test_refused_name_is_never_imported(tmp_path, code):
     canary = tmp_path / "canary"
     (code / "sideeffect.py").write_text(f"open({str(canary)!r}, 'w').close()\ndef build():\n    pass\n")
     d = sealed(tmp_path, "sideeffect:build")
-    r = auditor.verify_url(str(d), tier="probe", allow_factories=["sideeffects:*", "sideeffect.sub:*"])
+    r = auditor.api.verify_url(str(d), tier="probe", allow_factories=["sideeffects:*", "sideeffect.sub:*"])
     assert findings(r, "probe_factory_not_allowed") and not findings(r, "probe_error")
     assert not canary.exists()
     assert "sideeffect" not in sys.modules
@@ -140,7 +140,7 @@ def test_refused_name_is_never_imported(tmp_path, code):
 def test_odd_spellings_are_refused_before_anything_runs(tmp_path, spelling):
     out = tmp_path / "ran.json"
     d = sealed(tmp_path, spelling, {"path": str(out)})
-    r = auditor.verify_url(str(d), tier="probe", allow_factories=["probe_models:*"])
+    r = auditor.api.verify_url(str(d), tier="probe", allow_factories=["probe_models:*"])
     assert r.verdicts[0].status == "ok", r.to_dict()
     assert findings(r, "probe_factory_not_allowed") and not findings(r, "probe_error")
 
@@ -149,7 +149,7 @@ def test_wildcard_allows_only_what_the_module_defines(tmp_path, code):
     canary = tmp_path / "canary"
     (code / "reexport.py").write_text("from subprocess import run\n\ndef build():\n    pass\n")
     d = sealed(tmp_path, "reexport:run", {"args": ["touch", str(canary)]})
-    r = auditor.verify_url(str(d), tier="probe", allow_factories=["reexport:*"])
+    r = auditor.api.verify_url(str(d), tier="probe", allow_factories=["reexport:*"])
     assert not canary.exists()
     assert r.verdicts[0].status == "ok", r.to_dict()
     (f,) = findings(r, "probe_factory_not_allowed")
@@ -261,10 +261,10 @@ def test_allowed_by_installed_entry_point(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sandbox-models\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[ckpt_auditor.models]\nsandbox-env = probe_models:env_dump\n")
     d = sealed(tmp_path, "sandbox-env", {"path": str(out)})
-    r = auditor.verify_url(str(d), tier="probe")
+    r = auditor.api.verify_url(str(d), tier="probe")
     assert findings(r, "probe_factory_not_allowed") and not out.exists()  # not installed yet
     monkeypatch.syspath_prepend(str(site))  # now it is: an installed distribution registers it
-    r = auditor.verify_url(str(d), tier="probe")
+    r = auditor.api.verify_url(str(d), tier="probe")
     assert r.verdicts[0].status == "ok" and not r.verdicts[0].findings, r.to_dict()
     ran(out)
 
@@ -308,7 +308,7 @@ def test_forking_hanging_factory_dies_with_its_whole_tree_at_the_timeout(tmp_pat
     d = sealed(tmp_path, "probe_models:spawner", {"pid_dir": str(pids)})
     timeout = 30
     started = time.monotonic()
-    r = auditor.verify_url(str(d), tier="probe", allow_factories=["probe_models:spawner"],
+    r = auditor.api.verify_url(str(d), tier="probe", allow_factories=["probe_models:spawner"],
                            scan=ScanConfig(settle_time=0, probe_timeout=timeout))
     elapsed = time.monotonic() - started
     v = r.verdicts[0]

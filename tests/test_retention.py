@@ -212,7 +212,7 @@ def invoke(*args: str) -> Any:
 
 
 def test_plan_and_apply_on_s3_delete_exactly_the_plan(s3, tmp_path):
-    import auditor
+    import auditor.training
 
     backend = s3.new_backend()
     fs = backend.fs()
@@ -225,7 +225,7 @@ def test_plan_and_apply_on_s3_delete_exactly_the_plan(s3, tmp_path):
     model(torch.ones(1, 2)).sum().backward()
     opt.step()
     for s in range(1, 13):
-        auditor.save_checkpoint(backend.path(f"run-b/step-{s:03d}"), s, model, opt,
+        auditor.training.save_checkpoint(backend.path(f"run-b/step-{s:03d}"), s, model, opt,
                                 config={"total_steps": 12, "save_steps": 1}, storage_options=backend.storage_options)
     config = s3_config(tmp_path, backend)
     scanned = invoke("rescan", "--prefix", backend.url, "--config", str(config), "--json")
@@ -278,7 +278,7 @@ def test_apply_stops_at_the_first_storage_error_and_touches_nothing_after(s3, tm
 
 
 def test_local_plan_verifies_on_the_spot_and_apply_needs_yes(tmp_path):
-    import auditor
+    import auditor.training
 
     prefix = tmp_path / "prefix"
     fs = fsspec.filesystem("file", auto_mkdir=True)
@@ -286,7 +286,7 @@ def test_local_plan_verifies_on_the_spot_and_apply_needs_yes(tmp_path):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for s in range(1, 31):
-        auditor.save_checkpoint(str(prefix / "folders" / f"step-{s:03d}"), s, model, opt)
+        auditor.training.save_checkpoint(str(prefix / "folders" / f"step-{s:03d}"), s, model, opt)
     # 1..30: head <= 6, tail >= 25.5, stride keeps 10 and 20; deletes 7..9, 11..19, 21..25.
     expect_deleted = [s for s in range(7, 26) if s not in (10, 20)]
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from ckpts import write_hf_checkpoint
 
-import auditor
+import auditor.api
 from auditor.errors import UsageError
 from auditor.manifest import MANIFEST_NAME
 
@@ -43,17 +43,17 @@ def test_unsafe_checkpoint_is_never_sealed(tmp_path):
 def test_incomplete_checkpoint_is_sealed_only_when_asked(tmp_path):
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-3", step=3, rng=False)
     with pytest.raises(UsageError, match="incomplete.*rng_state_missing.*--allow-incomplete"):
-        auditor.seal(str(d))
+        auditor.api.seal(str(d))
     assert not (d / MANIFEST_NAME).exists()
     r = seal_cli(str(d), "--allow-incomplete")
     assert r.returncode == 0, r.stderr
     assert (d / MANIFEST_NAME).exists()
     # Sealed as it was: verification still says what is missing.
-    assert auditor.verify_url(str(d)).verdicts[0].status == "incomplete"
+    assert auditor.api.verify_url(str(d)).verdicts[0].status == "incomplete"
 
 
 def test_complete_checkpoint_seals_as_before(tmp_path):
     d = write_hf_checkpoint(tmp_path / "run/checkpoint-3", step=3)
-    manifest = auditor.seal(str(d))
+    manifest = auditor.api.seal(str(d))
     assert manifest.step == 3 and (d / MANIFEST_NAME).exists()
-    assert auditor.verify_url(str(d)).verdicts[0].status == "ok"
+    assert auditor.api.verify_url(str(d)).verdicts[0].status == "ok"

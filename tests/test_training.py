@@ -131,7 +131,8 @@ def probe_batch() -> dict[str, torch.Tensor]:
 
 def job_reference(folder: str) -> dict[str, Any]:
     """2N steps straight; then N, save (in full and with parts left out), N more."""
-    import auditor
+    import auditor.api
+    import auditor.training
 
     data = dataset()
     seed_all(RUN_SEED)
@@ -142,20 +143,21 @@ def job_reference(folder: str) -> dict[str, Any]:
     first = train(job, N, data)
     common = {"config": {"optimizer": "adamw", "lr": 1e-2, "batch_size": 8, "amp": "bf16", "total_steps": 2 * N},
               "extra_state": {"cursor": dict(job.cursor)}}
-    auditor.save_checkpoint(f"{folder}/full", N, job.model, job.opt, job.sched, job.scaler, **common,
+    auditor.training.save_checkpoint(f"{folder}/full", N, job.model, job.opt, job.sched, job.scaler, **common,
                             probe_batch=probe_batch(), model_factory="test_training:tiny_net")
-    auditor.save_checkpoint(f"{folder}/no-scheduler", N, job.model, job.opt, None, job.scaler, **common)
+    auditor.training.save_checkpoint(f"{folder}/no-scheduler", N, job.model, job.opt, None, job.scaler, **common)
     # With "amp" in the run config the verifier demands the scaler; without it, leaving it out is legal.
-    auditor.save_checkpoint(f"{folder}/no-scaler-amp", N, job.model, job.opt, job.sched, None, **common)
+    auditor.training.save_checkpoint(f"{folder}/no-scaler-amp", N, job.model, job.opt, job.sched, None, **common)
     no_amp = {**common, "config": {k: v for k, v in common["config"].items() if k != "amp"}}
-    auditor.save_checkpoint(f"{folder}/no-scaler", N, job.model, job.opt, job.sched, None, **no_amp)
+    auditor.training.save_checkpoint(f"{folder}/no-scaler", N, job.model, job.opt, job.sched, None, **no_amp)
     with_saves = fingerprint(job, first + train(job, N, data))
     return {"straight": straight, "with_saves": with_saves}
 
 
 def job_resume(folder: str) -> dict[str, Any]:
     """From each saved variant, in this fresh process: load, then train N steps."""
-    import auditor
+    import auditor.api
+    import auditor.training
 
     data = dataset()
     out = {}
@@ -163,7 +165,7 @@ def job_resume(folder: str) -> dict[str, Any]:
         seed_all(999)  # whatever the checkpoint does not restore comes out different
         job = build(1)
         source = "full" if variant == "no-rng" else variant
-        restored = auditor.load_checkpoint(f"{folder}/{source}", job.model, job.opt,
+        restored = auditor.training.load_checkpoint(f"{folder}/{source}", job.model, job.opt,
                                            None if variant == "no-scheduler" else job.sched,
                                            None if variant == "no-scaler" else job.scaler)
         assert restored.step == N
@@ -176,7 +178,8 @@ def job_resume(folder: str) -> dict[str, Any]:
 
 def job_crash(url: str, event: str, prior: str, options: str) -> None:
     """Optionally save a clean checkpoint at `prior`, then die (os._exit) at `event` of a save at step 10."""
-    import auditor
+    import auditor.api
+    import auditor.training
     from auditor import training
 
     storage_options = json.loads(options)
@@ -184,14 +187,14 @@ def job_crash(url: str, event: str, prior: str, options: str) -> None:
     job = build(0)
     train(job, 2, dataset())
     if prior:
-        auditor.save_checkpoint(prior, 5, job.model, job.opt, job.sched, storage_options=storage_options)
+        auditor.training.save_checkpoint(prior, 5, job.model, job.opt, job.sched, storage_options=storage_options)
 
     def die(reached: str) -> None:
         if reached == event:
             os._exit(17)
 
     training._after_step = die
-    auditor.save_checkpoint(url, 10, job.model, job.opt, job.sched, storage_options=storage_options)
+    auditor.training.save_checkpoint(url, 10, job.model, job.opt, job.sched, storage_options=storage_options)
     raise SystemExit(f"the save finished without reaching {event!r}")
 
 
@@ -261,14 +264,15 @@ def test_resume_without_a_component_diverges(resumed, variant, differs):
 
 
 def test_mixed_precision_checkpoint_without_scaler_is_incomplete_and_refused(resumed):
-    import auditor
+    import auditor.api
+    import auditor.training
     from auditor.errors import CheckpointRefused
 
-    (v,) = auditor.verify_url(str(resumed["folder"] / "no-scaler-amp")).verdicts
+    (v,) = auditor.api.verify_url(str(resumed["folder"] / "no-scaler-amp")).verdicts
     assert v.status == "incomplete" and {f.code for f in v.findings} >= {"scaler_state_missing"}
     job = build(1)
     with pytest.raises(CheckpointRefused, match="scaler_state_missing"):
-        auditor.load_checkpoint(str(resumed["folder"] / "no-scaler-amp"), job.model, job.opt, job.sched)
+        auditor.training.load_checkpoint(str(resumed["folder"] / "no-scaler-amp"), job.model, job.opt, job.sched)
 
 
 def test_saved_files_are_safe_plain_and_sealed(resumed, monkeypatch):
@@ -277,7 +281,8 @@ def test_saved_files_are_safe_plain_and_sealed(resumed, monkeypatch):
     from auditor import pickles
     from auditor.manifest import MANIFEST_NAME, parse_manifest
 
-    import auditor
+    import auditor.api
+    import auditor.training
 
     folder = resumed["folder"] / "full"
     manifest = parse_manifest((folder / MANIFEST_NAME).read_bytes())
@@ -300,7 +305,7 @@ def test_saved_files_are_safe_plain_and_sealed(resumed, monkeypatch):
     assert not list(folder.parent.glob(".*"))  # no staging folder left behind
     # The probe child imports the factory from this file.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    (v,) = auditor.verify_url(str(folder), allow_factories=["test_training:tiny_net"]).verdicts  # content + probe
+    (v,) = auditor.api.verify_url(str(folder), allow_factories=["test_training:tiny_net"]).verdicts  # content + probe
     assert v.status == "ok", v.findings
     assert not any(f.code == "no_probe" for f in v.findings)
 
@@ -310,7 +315,8 @@ def test_load_refuses_a_flipped_bit_and_restores_nothing(resumed, tmp_path):
 
     from ckpts import flip_bit, tensor_offset
 
-    import auditor
+    import auditor.api
+    import auditor.training
     from auditor.errors import CheckpointRefused
 
     folder = tmp_path / "full"
@@ -321,7 +327,7 @@ def test_load_refuses_a_flipped_bit_and_restores_nothing(resumed, tmp_path):
     before = {k: v.clone() for k, v in job.model.state_dict().items()}
     rng_before = torch.get_rng_state()
     with pytest.raises(CheckpointRefused) as refused:
-        auditor.load_checkpoint(str(folder), job.model, job.opt, job.sched, job.scaler)
+        auditor.training.load_checkpoint(str(folder), job.model, job.opt, job.sched, job.scaler)
     message = str(refused.value)
     assert "corrupt" in message and "tensor_digest_mismatch" in message and "body.3.weight" in message
     assert refused.value.exit_code == 1 and refused.value.verdict.status == "corrupt"
@@ -332,7 +338,8 @@ def test_load_refuses_a_flipped_bit_and_restores_nothing(resumed, tmp_path):
 def test_load_refuses_missing_rng_state_and_unsealed_folders(resumed, tmp_path):
     import shutil
 
-    import auditor
+    import auditor.api
+    import auditor.training
     from auditor.errors import CheckpointRefused
     from auditor.manifest import MANIFEST_NAME
 
@@ -341,10 +348,10 @@ def test_load_refuses_missing_rng_state_and_unsealed_folders(resumed, tmp_path):
     (folder / "rng_state.pth").unlink()
     job = build(1)
     with pytest.raises(CheckpointRefused, match="missing: file_missing in rng_state.pth"):
-        auditor.load_checkpoint(str(folder), job.model, job.opt)
+        auditor.training.load_checkpoint(str(folder), job.model, job.opt)
     (folder / MANIFEST_NAME).unlink()
     with pytest.raises(CheckpointRefused, match="not sealed"):
-        auditor.load_checkpoint(str(folder), job.model, job.opt)
+        auditor.training.load_checkpoint(str(folder), job.model, job.opt)
 
 
 # ---------------------------------------------------------------- other stores, refusals
@@ -365,7 +372,8 @@ def store(request, memfs) -> Any:
 
 
 def test_save_and_load_with_tied_weights_on_other_stores(store):
-    import auditor
+    import auditor.api
+    import auditor.training
 
     prefix, options, fs = store
 
@@ -382,28 +390,29 @@ def test_save_and_load_with_tied_weights_on_other_stores(store):
     model.head(model.embed(torch.tensor([1, 2]))).sum().backward()
     opt.step()
     url = f"{prefix}/run/step-1"
-    manifest = auditor.save_checkpoint(url, 1, model, opt, extra_state={"note": "tied"}, storage_options=options)
+    manifest = auditor.training.save_checkpoint(url, 1, model, opt, extra_state={"note": "tied"}, storage_options=options)
     assert list(manifest.tensors["model.safetensors"]) == ["embed.weight"]  # the twin is stored once
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{prefix}/run", detail=False)) == ["step-1"]
     assert not fs.exists(f"{url}/ckpt-saving.json")
-    (v,) = auditor.verify_url(url, storage_options=options).verdicts
+    (v,) = auditor.api.verify_url(url, storage_options=options).verdicts
     assert v.status == "ok", v.findings
     torch.manual_seed(5)
     fresh = Tied()
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
-    restored = auditor.load_checkpoint(url, fresh, fresh_opt, storage_options=options)
+    restored = auditor.training.load_checkpoint(url, fresh, fresh_opt, storage_options=options)
     assert restored.step == 1 and restored.extra_state == {"note": "tied"}
     assert torch.equal(fresh.embed.weight, model.embed.weight) and fresh.head.weight is fresh.embed.weight
     assert fresh_opt.state_dict()["state"][0]["momentum_buffer"].equal(opt.state_dict()["state"][0]["momentum_buffer"])
 
 
 def test_save_refuses_state_that_would_not_load_safely_and_leaves_nothing(tmp_path):
-    import auditor
+    import auditor.api
+    import auditor.training
     from auditor.errors import UsageError
 
     job = build(0)
     with pytest.raises(UsageError, match="extra_state would import"):
-        auditor.save_checkpoint(str(tmp_path / "run/step-1"), 1, job.model, job.opt,
+        auditor.training.save_checkpoint(str(tmp_path / "run/step-1"), 1, job.model, job.opt,
                                 extra_state={"path": Path("/tmp")})
     assert list((tmp_path / "run").iterdir()) == []
 
@@ -411,7 +420,8 @@ def test_save_refuses_state_that_would_not_load_safely_and_leaves_nothing(tmp_pa
 @pytest.mark.parametrize("where, event", [("local", "wrote:optimizer.pt"), ("local", "moved"),
                                           ("memory", "wrote:model.safetensors"), ("memory", "sealed")])
 def test_a_save_that_fails_midway_removes_what_it_wrote(tmp_path, memfs, monkeypatch, where, event):
-    import auditor
+    import auditor.api
+    import auditor.training
     from auditor import training
 
     fs, root = memfs
@@ -426,19 +436,20 @@ def test_a_save_that_fails_midway_removes_what_it_wrote(tmp_path, memfs, monkeyp
     monkeypatch.setattr(training, "_after_step", fail)
     job = build(0)
     with pytest.raises(OSError, match="injected"):
-        auditor.save_checkpoint(f"{prefix}/run/step-1", 1, job.model, job.opt)
+        auditor.training.save_checkpoint(f"{prefix}/run/step-1", 1, job.model, job.opt)
     leftovers = fs.ls(f"{prefix}/run", detail=False) if fs.exists(f"{prefix}/run") else []
     assert leftovers == []
 
 
 def test_save_refuses_to_overwrite_a_sealed_checkpoint(tmp_path):
-    import auditor
+    import auditor.api
+    import auditor.training
     from auditor.errors import UsageError
 
     job = build(0)
-    auditor.save_checkpoint(str(tmp_path / "step-1"), 1, job.model, job.opt)
+    auditor.training.save_checkpoint(str(tmp_path / "step-1"), 1, job.model, job.opt)
     with pytest.raises(UsageError, match="already holds a sealed checkpoint"):
-        auditor.save_checkpoint(str(tmp_path / "step-1"), 1, job.model, job.opt)
+        auditor.training.save_checkpoint(str(tmp_path / "step-1"), 1, job.model, job.opt)
 
 
 # ---------------------------------------------------------------- crash safety
@@ -503,7 +514,8 @@ def test_killed_first_save_on_s3_leaves_nothing_latest_picks(s3):
 
 
 def test_unfinished_save_is_replaced_by_the_next_save_to_the_same_path(s3):
-    import auditor
+    import auditor.api
+    import auditor.training
 
     backend = s3.new_backend()
     fs = backend.fs()
@@ -511,9 +523,9 @@ def test_unfinished_save_is_replaced_by_the_next_save_to_the_same_path(s3):
     fs.pipe_file(backend.path("run/step-10/model.safetensors"), b"half")
     job = build(0)
     train(job, 2, dataset())
-    auditor.save_checkpoint(backend.path("run/step-10"), 10, job.model, job.opt, job.sched,
+    auditor.training.save_checkpoint(backend.path("run/step-10"), 10, job.model, job.opt, job.sched,
                             storage_options=backend.storage_options)
-    (v,) = auditor.verify_url(backend.path("run/step-10"), storage_options=backend.storage_options).verdicts
+    (v,) = auditor.api.verify_url(backend.path("run/step-10"), storage_options=backend.storage_options).verdicts
     assert v.status == "ok", v.findings
     assert not fs.exists(backend.path("run/step-10/ckpt-saving.json"))
 
@@ -524,7 +536,8 @@ def test_unfinished_save_is_replaced_by_the_next_save_to_the_same_path(s3):
 def test_hugging_face_trainer_checkpoints_are_sealed_and_verify_ok(tmp_path):
     transformers = pytest.importorskip("transformers")
 
-    import auditor
+    import auditor.api
+    import auditor.training
     from auditor.manifest import MANIFEST_NAME, parse_manifest
     from auditor.training import SealCallback
 
@@ -550,7 +563,7 @@ def test_hugging_face_trainer_checkpoints_are_sealed_and_verify_ok(tmp_path):
         manifest = parse_manifest((folder / MANIFEST_NAME).read_bytes())
         assert manifest.step == int(folder.name.split("-")[1])
         assert manifest.run.config["max_steps"] == 4 and manifest.run.config["data"] == "tokens-v1"
-        (v,) = auditor.verify_url(str(folder)).verdicts
+        (v,) = auditor.api.verify_url(str(folder)).verdicts
         assert v.status == "ok", v.findings
     code, out = latest_cli(str(tmp_path / "out"))
     assert code == 0 and out.strip() == str(tmp_path / "out/checkpoint-4")
@@ -559,7 +572,8 @@ def test_hugging_face_trainer_checkpoints_are_sealed_and_verify_ok(tmp_path):
 def test_lightning_checkpoints_are_sealed_verify_ok_and_removed_with_their_file(tmp_path):
     L = pytest.importorskip("lightning.pytorch")
 
-    import auditor
+    import auditor.api
+    import auditor.training
     from auditor.manifest import SIDECAR_SUFFIX, parse_manifest
     from auditor.training import SealingModelCheckpoint
 
@@ -589,13 +603,13 @@ def test_lightning_checkpoints_are_sealed_verify_ok_and_removed_with_their_file(
     for path in ckpts:
         manifest = parse_manifest(Path(f"{path}{SIDECAR_SUFFIX}").read_bytes())
         assert manifest.step == int(path.stem.rsplit("=", 1)[1]) and manifest.run.config["max_steps"] == 6
-        (v,) = auditor.verify_url(str(path)).verdicts
+        (v,) = auditor.api.verify_url(str(path)).verdicts
         assert v.status == "ok", v.findings
     # save_top_k=1 removed the older files; their sidecars went with them, and last.ckpt was resealed.
     assert sorted(p.name for p in (tmp_path / "newest").iterdir()) == [
         "epoch=0-step=6.ckpt", f"epoch=0-step=6.ckpt{SIDECAR_SUFFIX}", "last.ckpt", f"last.ckpt{SIDECAR_SUFFIX}"]
     for name in ("epoch=0-step=6.ckpt", "last.ckpt"):
-        (v,) = auditor.verify_url(str(tmp_path / "newest" / name)).verdicts
+        (v,) = auditor.api.verify_url(str(tmp_path / "newest" / name)).verdicts
         assert v.status == "ok" and v.step == 6, v.findings
 
 

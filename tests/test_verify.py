@@ -12,7 +12,7 @@ import pytest
 from ckpts import flip_bit, tensor_offset, truncate, write_hf_checkpoint
 from stores import Store
 
-import auditor
+import auditor.api
 from auditor.manifest import MANIFEST_NAME
 
 
@@ -31,7 +31,7 @@ def store(request, tmp_path, memfs) -> Store:
 def sealed(store: Store, tmp_path: Path, rel: str = "run1/checkpoint-100", step: int = 100, **kw) -> str:
     local = write_hf_checkpoint(tmp_path / "src" / rel, step=step, **kw)
     store.put_dir(local, rel)
-    auditor.seal(store.url_of(rel), fs=store.fs)
+    auditor.api.seal(store.url_of(rel), fs=store.fs)
     return store.path(rel)
 
 
@@ -46,7 +46,7 @@ def codes(verdict) -> set[str]:
 
 def test_clean_checkpoint_is_ok(store, tmp_path):
     sealed(store, tmp_path)
-    v = only(auditor.verify_url(store.url_of("run1/checkpoint-100")))
+    v = only(auditor.api.verify_url(store.url_of("run1/checkpoint-100")))
     assert v.status == "ok", v.findings
     assert v.step == 100 and v.layout == "hf-trainer"
     assert v.bytes_read > 10_000
@@ -56,7 +56,7 @@ def test_flipped_bit_names_the_tensor(store, tmp_path):
     path = sealed(store, tmp_path)
     src = tmp_path / "src/run1/checkpoint-100/model.safetensors"
     flip_bit(store.fs, f"{path}/model.safetensors", tensor_offset(src, "layers.1.weight") + 5)
-    v = only(auditor.verify_url(store.url_of("run1/checkpoint-100")))
+    v = only(auditor.api.verify_url(store.url_of("run1/checkpoint-100")))
     assert v.status == "corrupt"
     tensor = [f for f in v.findings if f.code == "tensor_digest_mismatch"]
     assert len(tensor) == 1 and "layers.1.weight" in tensor[0].detail, v.findings
@@ -66,14 +66,14 @@ def test_flipped_bit_names_the_tensor(store, tmp_path):
 def test_truncated_file_is_corrupt(store, tmp_path):
     path = sealed(store, tmp_path)
     truncate(store.fs, f"{path}/optimizer.pt")
-    v = only(auditor.verify_url(store.url_of("run1/checkpoint-100")))
+    v = only(auditor.api.verify_url(store.url_of("run1/checkpoint-100")))
     assert v.status == "corrupt" and "truncated" in codes(v)
 
 
 def test_deleted_file_is_missing(store, tmp_path):
     path = sealed(store, tmp_path)
     store.fs.rm(f"{path}/rng_state.pth")
-    v = only(auditor.verify_url(store.url_of("run1/checkpoint-100")))
+    v = only(auditor.api.verify_url(store.url_of("run1/checkpoint-100")))
     assert v.status == "missing"
     assert [f.file for f in v.findings if f.code == "file_missing"] == ["rng_state.pth"]
 
@@ -81,7 +81,7 @@ def test_deleted_file_is_missing(store, tmp_path):
 def test_extra_file_is_a_warning_only(store, tmp_path):
     path = sealed(store, tmp_path)
     store.fs.pipe_file(f"{path}/notes.txt", b"hello")
-    v = only(auditor.verify_url(store.url_of("run1/checkpoint-100")))
+    v = only(auditor.api.verify_url(store.url_of("run1/checkpoint-100")))
     assert v.status == "ok"
     assert [(f.code, f.severity, f.file) for f in v.findings] == [("unlisted_file", "warning", "notes.txt")]
 
@@ -92,7 +92,7 @@ def test_extra_file_is_a_warning_only(store, tmp_path):
 def test_invalid_manifest_is_corrupt(store, tmp_path, content):
     path = sealed(store, tmp_path)
     store.fs.pipe_file(f"{path}/{MANIFEST_NAME}", content)
-    v = only(auditor.verify_url(store.url_of("run1/checkpoint-100")))
+    v = only(auditor.api.verify_url(store.url_of("run1/checkpoint-100")))
     assert v.status == "corrupt" and codes(v) == {"manifest_invalid"}, v.findings
 
 
@@ -104,7 +104,7 @@ def test_path_outside_checkpoint_is_refused_and_never_read(store, tmp_path, bad)
     doc = json.loads(store.fs.cat_file(f"{path}/{MANIFEST_NAME}"))
     doc["files"].append({"path": bad, "size": 3_000_000, "sha256": "0" * 64, "crc32c": "00000000"})
     store.fs.pipe_file(f"{path}/{MANIFEST_NAME}", json.dumps(doc).encode())
-    v = only(auditor.verify_url(store.url_of("run1/checkpoint-100")))
+    v = only(auditor.api.verify_url(store.url_of("run1/checkpoint-100")))
     assert v.status == "corrupt"
     assert [f.file for f in v.findings if f.code == "path_outside_checkpoint"] == [bad]
     assert v.bytes_read < 1_000_000
@@ -119,7 +119,7 @@ def test_huge_safetensors_header_is_refused_fast(store, tmp_path):
     # Unsealed: only the structural check stands between us and a 2^60-byte allocation.
     _huge_header_file(store.fs, store.path("run1/checkpoint-5/model.safetensors"))
     started = time.monotonic()
-    v = only(auditor.rescan(store.url))
+    v = only(auditor.api.rescan(store.url))
     assert time.monotonic() - started < 10
     assert v.status == "corrupt" and "header_invalid" in codes(v), v.findings
 
@@ -131,25 +131,25 @@ def test_huge_header_in_sealed_checkpoint_is_named(store, tmp_path):
     data[:8] = struct.pack("<Q", 2**60)
     store.fs.pipe_file(f"{path}/model.safetensors", bytes(data))
     assert store.fs.info(f"{path}/model.safetensors")["size"] == size
-    v = only(auditor.verify_url(store.url_of("run1/checkpoint-100")))
+    v = only(auditor.api.verify_url(store.url_of("run1/checkpoint-100")))
     assert v.status == "corrupt" and {"digest_mismatch", "header_invalid"} <= codes(v)
 
 
 def test_metadata_tier_reads_only_the_manifest(store, tmp_path):
     path = sealed(store, tmp_path)
     manifest_size = store.fs.info(f"{path}/{MANIFEST_NAME}")["size"]
-    v = only(auditor.verify_url(store.url_of("run1/checkpoint-100"), tier="metadata"))
+    v = only(auditor.api.verify_url(store.url_of("run1/checkpoint-100"), tier="metadata"))
     assert v.status == "ok" and v.bytes_read == manifest_size
     flip_bit(store.fs, f"{path}/model.safetensors")
-    assert only(auditor.verify_url(store.url_of("run1/checkpoint-100"), tier="metadata")).status == "ok"
+    assert only(auditor.api.verify_url(store.url_of("run1/checkpoint-100"), tier="metadata")).status == "ok"
     truncate(store.fs, f"{path}/model.safetensors")
-    assert only(auditor.verify_url(store.url_of("run1/checkpoint-100"), tier="metadata")).status == "corrupt"
+    assert only(auditor.api.verify_url(store.url_of("run1/checkpoint-100"), tier="metadata")).status == "corrupt"
 
 
 def test_rescan_finds_nested_runs(store, tmp_path):
     for rel in ("team-a/run1/checkpoint-100", "team-a/run1/checkpoint-200", "team-b/exp/run2/checkpoint-7"):
         sealed(store, tmp_path, rel, step=int(rel.rsplit("-", 1)[1]))
-    result = auditor.rescan(store.url)
+    result = auditor.api.rescan(store.url)
     assert sorted((v.run, v.step, v.status) for v in result.verdicts) == [
         ("team-a/run1", 100, "ok"), ("team-a/run1", 200, "ok"), ("team-b/exp/run2", 7, "ok")]
     assert result.exit_code() == 0
@@ -157,17 +157,17 @@ def test_rescan_finds_nested_runs(store, tmp_path):
 
 def test_unsealed_checkpoint_is_checked_structurally(store, tmp_path):
     store.put_dir(write_hf_checkpoint(tmp_path / "src/c"), "run/checkpoint-100")
-    v = only(auditor.rescan(store.url))
+    v = only(auditor.api.rescan(store.url))
     assert v.status == "ok" and "structural_only" in codes(v)
     flip_bit(store.fs, store.path("run/checkpoint-100/optimizer.pt"), 200)
-    v = only(auditor.rescan(store.url))
+    v = only(auditor.api.rescan(store.url))
     assert v.status == "corrupt" and "zip_crc_error" in codes(v), v.findings
 
 
 def test_unsealed_truncated_safetensors(store, tmp_path):
     store.put_dir(write_hf_checkpoint(tmp_path / "src/c"), "run/checkpoint-100")
     truncate(store.fs, store.path("run/checkpoint-100/model.safetensors"), keep=0.9)
-    v = only(auditor.rescan(store.url))
+    v = only(auditor.api.rescan(store.url))
     assert v.status == "corrupt" and "truncated" in codes(v)
 
 
@@ -180,7 +180,7 @@ def test_nothing_applies_is_unverifiable(store, tmp_path):
     buf = io.BytesIO()
     torch.save({"w": torch.ones(3)}, buf, _use_new_zipfile_serialization=False)
     store.fs.pipe_file(store.path("run/export.pt"), buf.getvalue())
-    result = auditor.rescan(store.url)
+    result = auditor.api.rescan(store.url)
     assert only(result).status == "unverifiable"
     assert result.exit_code() == 0 and result.exit_code(strict=True) == 1
 
@@ -196,55 +196,55 @@ def test_sharded_index_names_missing_shard(store, tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     store.put_dir(d, "run/exported-model")
-    assert only(auditor.rescan(store.url)).status == "ok"
+    assert only(auditor.api.rescan(store.url)).status == "ok"
     store.fs.rm(store.path("run/exported-model/model-00002-of-00002.safetensors"))
-    v = only(auditor.rescan(store.url))
+    v = only(auditor.api.rescan(store.url))
     assert v.status == "missing" and "model-00002-of-00002.safetensors" in {f.file for f in v.findings}
 
 
 def test_single_file_checkpoint_with_sidecar(store, tmp_path):
     src = write_hf_checkpoint(tmp_path / "src/c")
     store.put_file(src / "model.safetensors", "run/step_300.safetensors")
-    auditor.seal(store.url_of("run/step_300.safetensors"), fs=store.fs)
+    auditor.api.seal(store.url_of("run/step_300.safetensors"), fs=store.fs)
     assert store.fs.exists(store.path("run/step_300.safetensors.manifest.json"))
-    v = only(auditor.rescan(store.url))
+    v = only(auditor.api.rescan(store.url))
     assert (v.status, v.step, v.layout) == ("ok", 300, "single-file")
     flip_bit(store.fs, store.path("run/step_300.safetensors"))
-    assert only(auditor.rescan(store.url)).status == "corrupt"
+    assert only(auditor.api.rescan(store.url)).status == "corrupt"
 
 
 def test_dcp_folder_is_recognised(store, tmp_path):
     store.fs.pipe_file(store.path("run/step-40/.metadata"), b"x")
     store.fs.pipe_file(store.path("run/step-40/__0_0.distcp"), b"y" * 10)
-    v = only(auditor.rescan(store.url, tier="metadata"))
+    v = only(auditor.api.rescan(store.url, tier="metadata"))
     assert v.layout == "dcp" and v.step == 40
 
 
 def test_newest_unsealed_sibling_is_pending(store, tmp_path):
     sealed(store, tmp_path, "run/checkpoint-100", step=100)
     store.put_dir(write_hf_checkpoint(tmp_path / "src/c2", step=200), "run/checkpoint-200")
-    by_step = {v.step: v.status for v in auditor.rescan(store.url).verdicts}
+    by_step = {v.step: v.status for v in auditor.api.rescan(store.url).verdicts}
     assert by_step == {100: "ok", 200: "pending"}
 
 
 def test_settle_time_makes_fresh_checkpoints_pending(store, tmp_path):
     sealed(store, tmp_path)
-    assert only(auditor.rescan(store.url, settle_seconds=3600)).status == "pending"
-    assert only(auditor.rescan(store.url, settle_seconds=0)).status == "ok"
+    assert only(auditor.api.rescan(store.url, settle_seconds=3600)).status == "pending"
+    assert only(auditor.api.rescan(store.url, settle_seconds=0)).status == "ok"
 
 
 def test_seal_refuses_to_overwrite(store, tmp_path):
     sealed(store, tmp_path)
     with pytest.raises(auditor.errors.UsageError, match="--force"):
-        auditor.seal(store.url_of("run1/checkpoint-100"), fs=store.fs)
-    auditor.seal(store.url_of("run1/checkpoint-100"), fs=store.fs, force=True)
+        auditor.api.seal(store.url_of("run1/checkpoint-100"), fs=store.fs)
+    auditor.api.seal(store.url_of("run1/checkpoint-100"), fs=store.fs, force=True)
 
 
 def test_seal_refuses_damaged_file(store, tmp_path):
     store.put_dir(write_hf_checkpoint(tmp_path / "src/c"), "run/checkpoint-1")
     truncate(store.fs, store.path("run/checkpoint-1/model.safetensors"))
     with pytest.raises(auditor.errors.UsageError, match="model.safetensors"):
-        auditor.seal(store.url_of("run/checkpoint-1"), fs=store.fs)
+        auditor.api.seal(store.url_of("run/checkpoint-1"), fs=store.fs)
     assert not store.fs.exists(store.path(f"run/checkpoint-1/{MANIFEST_NAME}"))
 
 
