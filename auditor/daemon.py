@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from fsspec.implementations.local import LocalFileSystem
 from prometheus_client import CollectorRegistry
 
+from auditor.backends import backend_for
 from auditor.config import Config, PrefixConfig, ScanConfig
 from auditor.errors import ConfigError, StorageError, UsageError
 from auditor.http import PrefixSummary, Server
@@ -129,7 +129,7 @@ class PrefixWorker:
         return self._really_inside(self.fs._strip_protocol(prefix))
 
     def _really_inside(self, path: str) -> bool:
-        if not isinstance(self.fs, LocalFileSystem):
+        if not backend_for(self.fs).is_local:
             return True  # object stores and HDFS have no symlinks to follow
         real_base = os.path.realpath(self.root)
         real = os.path.realpath(path)

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import posixpath
 import queue
-import stat
 import threading
 import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
+from functools import partial
 from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
-from fsspec.implementations.local import LocalFileSystem
+
+from auditor.backends import Backend, PathHazard, backend_class, backend_for
 
 logger = logging.getLogger(__name__)
 
@@ -41,27 +41,9 @@ class ShortRead(StorageFault):
     """The store answered with fewer bytes than asked for while still listing the full size."""
 
 
-class PathHazard(OSError):
-    """A local path that is never opened or followed: a loop, a special file, a link out of the tree.
-
-    Not a StorageFault: it is a finding on the checkpoint that holds it, never an outage.
-    `code` is the finding code.
-    """
-
-    def __init__(self, code: str, path: str, detail: str) -> None:
-        super().__init__(f"{path}: {detail}")
-        self.code = code
-        self.path = path
-        self.detail = detail
-
-
 # Deadlines of one file's check and of one checkpoint's (scan.file_timeout, scan.checkpoint_timeout).
 FILE_TIMEOUT = 30 * 60.0
 CHECKPOINT_TIMEOUT = 4 * 3600.0
-# errno values that say "this local path cannot be resolved", not "the disk is unreachable".
-UNRESOLVABLE_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR, errno.ENAMETOOLONG})
-
-HTTP_TIMEOUT = 60.0
 # Ranges of one remote file fetched ahead of the digest: latency hides behind hashing. At most
 # READAHEAD per file and RANGE_BUDGET across all files of a reader are in memory at once.
 READAHEAD = 4
@@ -73,67 +55,10 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[A
     options = dict(storage_options or {})
     try:
         protocol, _ = fsspec.core.split_protocol(url)
-        if protocol in ("webhdfs", "webHDFS"):
-            cls = checked_webhdfs()
-            kwargs = {**cls._get_kwargs_from_urls(url), **options}
-            return cls(**kwargs), cls._strip_protocol(url).rstrip("/") or "/"
-        fs, path = fsspec.core.url_to_fs(url, **options)
+        fs, path = backend_class(protocol).open_url(url, options)
     except (ImportError, ValueError, TypeError) as e:
         raise ValueError(f"cannot open {url!r}: {e}") from e
     return fs, path.rstrip("/") or path
-
-
-def checked_webhdfs() -> type:
-    """Return fsspec's WebHDFS with what a scrubber needs: datanode errors raised, short reads refused,
-    and a timeout on every request (fsspec's has none and would hand back an error page as data)."""
-    from functools import partial
-
-    from fsspec.implementations.webhdfs import WebHDFile, WebHDFS
-
-    class CheckedWebHDFile(WebHDFile):
-        def _fetch_range(self, start: int, end: int) -> bytes:
-            start, end = max(start, 0), min(self.size, end)
-            if start >= end:
-                return b""
-            out = self.fs._call("OPEN", path=self.path, offset=start, length=end - start, redirect=False)
-            if "Location" in out.headers:
-                out = self.fs.session.get(self.fs._apply_proxy(out.headers["Location"]))
-                if out.status_code == 404:
-                    raise FileNotFoundError(self.path)
-                if out.status_code in (401, 403):
-                    raise PermissionError(f"datanode refused {self.path}: {out.status_code}")
-                out.raise_for_status()
-            data = out.content
-            if len(data) != end - start:
-                raise OSError(f"short read of {self.path}: {len(data)} of {end - start} bytes at {start}")
-            return data
-
-    class CheckedWebHDFS(WebHDFS):
-        timeout = HTTP_TIMEOUT
-
-        def _connect(self) -> None:
-            super()._connect()
-            self.session.request = partial(self.session.request, timeout=self.timeout)  # type: ignore[method-assign]
-
-        def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
-                  replication: int | None = None, permissions: int | None = None, **kwargs: Any) -> Any:
-            if mode != "rb":
-                return super()._open(path, mode, block_size, autocommit, replication, permissions, **kwargs)
-            return CheckedWebHDFile(self, path, mode=mode, block_size=block_size or self.blocksize,
-                                    tempdir=self.tempdir, autocommit=autocommit, replication=replication,
-                                    permissions=permissions)
-
-    return CheckedWebHDFS
-
-
-def is_local(fs: AbstractFileSystem) -> bool:
-    """Tell whether paths of `fs` are local files (so renames are atomic)."""
-    return "file" in _protocols(fs) or "local" in _protocols(fs)
-
-
-def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
-    proto = fs.protocol
-    return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
 def join_url(base: str, rel: str) -> str:
@@ -149,158 +74,6 @@ def relpath(path: str, root: str) -> str:
     if path == root:
         return "."
     return posixpath.relpath(path, root) if root else path
-
-
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
-def _stat_info(path: str, st: os.stat_result, kind: str, **extra: Any) -> dict[str, Any]:
-    """An info dict shaped like fsspec's LocalFileSystem.info, from a stat we already have."""
-    out: dict[str, Any] = {"name": path, "size": st.st_size, "type": kind, "created": st.st_ctime,
-                           "islink": False, "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid,
-                           "mtime": st.st_mtime, "ino": st.st_ino, "nlink": st.st_nlink}
-    out.update(extra)
-    return out
-
-
-def _hazard(path: str, st: os.stat_result, code: str, detail: str, **extra: Any) -> dict[str, Any]:
-    # Listed as "other" with size 0: nothing downstream may take it for a file to read.
-    return {**_stat_info(path, st, "other", **extra), "size": 0, "hazard": code, "hazard_detail": detail}
-
-
-def local_entry(path: str, lst: os.stat_result | None = None) -> dict[str, Any]:
-    """Describe one local path from lstat, never opening it; a symlink is resolved but not followed further.
-
-    Regular files and folders get fsspec-shaped info; a symlink to a regular file gets its target's
-    size and `target` (the resolved path, to be checked against the checkpoint); anything else is
-    listed with a `hazard` code: `special_file` (FIFO, socket, device, link to a folder) or
-    `path_unresolvable` (a link loop, a dangling link, a name too long).
-    """
-    lst = lst if lst is not None else os.lstat(path)
-    if stat.S_ISREG(lst.st_mode):
-        return _stat_info(path, lst, "file")
-    if stat.S_ISDIR(lst.st_mode):
-        return _stat_info(path, lst, "directory")
-    if not stat.S_ISLNK(lst.st_mode):
-        return _hazard(path, lst, "special_file", f"{_kind(lst.st_mode)}; never opened")
-    link = {"islink": True, "destination": _readlink(path)}
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        why = "a symbolic link loop" if e.errno == errno.ELOOP else \
-            "a dangling symbolic link" if e.errno == errno.ENOENT else f"an unresolvable symbolic link ({e.strerror})"
-        return _hazard(path, lst, "path_unresolvable", f"{why} to {link['destination']!r}; not followed", **link)
-    target = os.path.realpath(path)
-    if not stat.S_ISREG(st.st_mode):
-        return _hazard(path, lst, "special_file",
-                       f"a symbolic link to {target!r}, {_kind(st.st_mode)}; not followed", **link, target=target)
-    return {**_stat_info(path, st, "file"), **link, "target": target}
-
-
-def _readlink(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return "?"
-
-
-def local_info(path: str) -> dict[str, Any]:
-    """Stat one local path without following anything odd; PathHazard for a path that cannot resolve."""
-    try:
-        return local_entry(path)
-    except OSError as e:
-        if e.errno in UNRESOLVABLE_ERRNOS:
-            raise PathHazard("path_unresolvable", path, f"cannot be resolved: {e.strerror}") from e
-        raise
-
-
-def local_find(root: str) -> dict[str, dict[str, Any]]:
-    """List a local tree as fsspec's find(withdirs=True, detail=True) would, from lstat alone.
-
-    Symlinked folders are never entered, special files never opened; a subfolder that cannot be
-    read is one hazard entry, not a failed listing: it is a finding on its checkpoint, not an outage.
-    """
-    top = local_info(root)
-    out = {root: top}
-    if top["type"] != "directory":
-        return out
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError as e:
-            if folder == root:
-                raise
-            st = os.lstat(folder)
-            out[folder] = _hazard(folder, st, "storage_error", f"folder cannot be listed: {e.strerror}")
-            continue
-        for entry in entries:
-            path = posixpath.join(folder, entry.name)
-            try:
-                info = local_entry(path, entry.stat(follow_symlinks=False))
-            except FileNotFoundError:
-                continue  # removed since the folder was read
-            out[path] = info
-            if info["type"] == "directory":
-                stack.append(path)
-    return out
-
-
-def local_ls(folder: str) -> dict[str, dict[str, Any]]:
-    """List one local folder from lstat alone, keyed by path."""
-    out = {}
-    for entry in os.scandir(folder):
-        path = posixpath.join(folder, entry.name)
-        try:
-            out[path] = local_entry(path, entry.stat(follow_symlinks=False))
-        except FileNotFoundError:
-            continue
-    return out
-
-
-def open_local_regular(path: str) -> Any:
-    """Open a local file for reading only if it is a regular file, without ever blocking on open.
-
-    O_NONBLOCK makes opening a FIFO return at once (a plain open waits for a writer forever);
-    fstat then refuses anything that is not a regular file before one byte is read.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        if e.errno in UNRESOLVABLE_ERRNOS:
-            raise PathHazard("path_unresolvable", path, f"cannot be resolved: {e.strerror}") from e
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise PathHazard("special_file", path, f"{_kind(mode)}; never read")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-class GuardedLocalFileSystem(LocalFileSystem):
-    """LocalFileSystem whose reads open regular files only: never a FIFO, a socket or a device."""
-
-    def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kwargs: Any) -> Any:
-        if mode == "rb":
-            return open_local_regular(self._strip_protocol(path))
-        return super()._open(path, mode=mode, block_size=block_size, **kwargs)
-
-
-def guarded_local(fs: AbstractFileSystem) -> AbstractFileSystem:
-    """Return a local filesystem whose reads refuse special files (`fs` itself if it already does)."""
-    if isinstance(fs, GuardedLocalFileSystem) or not isinstance(fs, LocalFileSystem):
-        return fs
-    return GuardedLocalFileSystem(auto_mkdir=getattr(fs, "auto_mkdir", False))
 
 
 def classify(exc: BaseException, what: str) -> BaseException:
@@ -380,9 +153,10 @@ class Reader:
         stat_slots: threading.Semaphore | None = None,
         range_budget: threading.Semaphore | None = None,
     ) -> None:
-        self.local = is_local(fs)
         # Whatever opens files through this reader's fs (zip checks, the pickle scan) gets the same guard.
-        self.fs = guarded_local(fs) if self.local else fs
+        self.backend: Backend = backend_for(fs).guarded()
+        self.fs = self.backend.fs
+        self.local = self.backend.is_local
         self.stop = stop
         # Listing and stat calls have their own limit, so metadata work never waits behind data reads.
         self.stat_slots = stat_slots or threading.BoundedSemaphore(8)
@@ -498,40 +272,27 @@ class Reader:
         raise AssertionError("unreachable")
 
     def _classify(self, exc: BaseException, what: str) -> BaseException:
-        # On local disk a loop or a path through a file is the checkpoint's problem, not the disk's.
-        if self.local and isinstance(exc, OSError) and exc.errno in UNRESOLVABLE_ERRNOS:
-            return PathHazard("path_unresolvable", what.split(" ", 1)[-1], f"cannot be resolved: {exc.strerror}")
-        return classify(exc, what)
+        hazard = self.backend.unresolvable(exc, what.split(" ", 1)[-1])
+        return hazard if hazard is not None else classify(exc, what)
 
     def info(self, path: str) -> dict[str, Any]:
         """Stat one path, with retries, asking the store rather than a listing cache."""
         self._check(path)
         if self.local:
-            return self._retrying(f"stat {path}", lambda: local_info(path))
-        self.fs.invalidate_cache(path)
+            # A local stat is one lstat: it takes no stat slot.
+            return self._retrying(f"stat {path}", lambda: self.backend.info(path))
         with self.stat_slot():
-            return self._retrying(f"stat {path}", lambda: self.fs.info(path))
+            return self._retrying(f"stat {path}", lambda: self.backend.info(path))
 
     def find(self, path: str) -> dict[str, dict[str, Any]]:
         """List every file and folder under `path` recursively, with details, never from a cache."""
-        if self.local:
-            # fsspec's local find follows symlinks and stats through them (and fails on a loop).
-            with self.stat_slot():
-                return self._retrying(f"list {path}", lambda: local_find(path))
-        # s3fs and gcsfs keep listings for the life of the filesystem; a scrubber must see today's.
-        self.fs.invalidate_cache(path)
         with self.stat_slot():
-            return self._retrying(f"list {path}", lambda: self.fs.find(path, withdirs=True, detail=True))
+            return self._retrying(f"list {path}", lambda: self.backend.find(path))
 
     def ls(self, path: str) -> dict[str, dict[str, Any]]:
         """List one folder, with details, keyed by protocol-less path."""
-        if self.local:
-            with self.stat_slot():
-                return self._retrying(f"list {path}", lambda: local_ls(path or "."))
-        self.fs.invalidate_cache(path)
         with self.stat_slot():
-            entries = self._retrying(f"list {path}", lambda: self.fs.ls(path, detail=True))
-        return {e["name"].rstrip("/"): e for e in entries}
+            return self._retrying(f"list {path}", lambda: self.backend.ls(path))
 
     def iter_chunks(self, path: str, start: int = 0, end: int | None = None, *, size: int | None = None,
                     **open_kw: Any) -> Iterator[bytes]:
@@ -614,8 +375,7 @@ class Reader:
                     if budget is None:
                         break
                     lo, hi = ranges[nxt]
-                    pending.append((fetcher._spawn(lambda lo=lo, hi=hi: fetcher._fetch_exact(path, lo, hi, **kw)),
-                                    budget))
+                    pending.append((fetcher._spawn(partial(fetcher._fetch_exact, path, lo, hi, **kw)), budget))
                     nxt += 1
                 fut, budget = pending.pop(0)
                 try:
@@ -638,9 +398,7 @@ class Reader:
                 slot.release()
 
     def _open(self, path: str, **open_kw: Any) -> Any:
-        if self.local:
-            return open_local_regular(path)
-        return self.fs.open(path, "rb", block_size=self.chunk_size, cache_type="none", **open_kw)
+        return self.backend.open_read(path, self.chunk_size, **open_kw)
 
     def _stream(self, path: str, start: int = 0, end: int | None = None, **open_kw: Any) -> Iterator[bytes]:
         pos = start
@@ -855,63 +613,6 @@ def _permanent(exc: BaseException) -> bool:
     return isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError, ValueError))
 
 
-def local_path(fs: AbstractFileSystem, path: str) -> str | None:
-    """Return an OS path when `fs` is local, for mmap and atomic rename."""
-    return os.path.abspath(path) if is_local(fs) else None
-
-
-def _b64_to_hex(value: str) -> str | None:
-    import base64
-    import binascii
-
-    try:
-        return base64.b64decode(value, validate=True).hex()
-    except (binascii.Error, ValueError):
-        return None
-
-
-def server_checksum(fs: AbstractFileSystem, path: str, info: dict[str, Any]) -> tuple[str, str] | None:
-    """Return a whole-object checksum the store computed, as (algorithm, hex), when one is comparable.
-
-    S3: full-object CRC32C or SHA256 from HeadObject(ChecksumMode=ENABLED); a multipart composite
-    ("…-N") is not a whole-object checksum. The ETag is never used: it is an MD5 only for single-part,
-    non-KMS uploads, and the manifest records no MD5 anyway. GCS: the object's crc32c (whole-object,
-    composites included). WebHDFS: GETFILECHECKSUM when the cluster answers COMPOSITE-CRC32C; the
-    default MD5-of-MD5-of-CRC depends on block and chunk sizes and compares with nothing we record.
-    """
-    protos = _protocols(fs)
-    if "s3" in protos or "s3a" in protos:
-        bucket, key, version = fs.split_path(path)
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}
-        if version:
-            kwargs["VersionId"] = version
-        head = fs.call_s3("head_object", **kwargs)
-        if head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
-            return None
-        for field, algo in (("ChecksumCRC32C", "crc32c"), ("ChecksumSHA256", "sha256")):
-            value = head.get(field)
-            if value and "-" not in value:
-                hexed = _b64_to_hex(value)
-                if hexed:
-                    return algo, hexed
-        return None
-    if "gs" in protos or "gcs" in protos:
-        value = info.get("crc32c")
-        hexed = _b64_to_hex(value) if isinstance(value, str) else None
-        return ("crc32c", hexed) if hexed else None
-    if "webhdfs" in protos or "webHDFS" in protos:
-        checksum = fs.ukey(path)
-        if isinstance(checksum, dict) and checksum.get("algorithm") == "COMPOSITE-CRC32C":
-            return "crc32c", str(checksum.get("bytes", ""))[-8:].lower()
-        return None
-    return None
-
-
-def has_server_checksums(fs: AbstractFileSystem) -> bool:
-    """Tell whether the store may report whole-object checksums at all (object stores, HDFS)."""
-    return bool(set(_protocols(fs)) & {"s3", "s3a", "gs", "gcs", "webhdfs", "webHDFS"})
-
-
 def object_version(info: dict[str, Any]) -> str | None:
     """Return the version of an object as listed (S3 VersionId, GCS generation, else ETag)."""
     for key in ("VersionId", "generation", "ETag", "etag"):
@@ -921,30 +622,43 @@ def object_version(info: dict[str, Any]) -> str | None:
     return None
 
 
+# One-line delegations for modules that still call the old functions (writer, training, probe, tests);
+# new code calls backend_for(fs) directly.
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    """Tell whether paths of `fs` are local files."""
+    return backend_for(fs).is_local
+
+
+def local_path(fs: AbstractFileSystem, path: str) -> str | None:
+    """Return an OS path when `fs` is local, for mmap and atomic rename."""
+    return backend_for(fs).local_path(path)
+
+
+def server_checksum(fs: AbstractFileSystem, path: str, info: dict[str, Any]) -> tuple[str, str] | None:
+    """Return a whole-object checksum the store computed, as (algorithm, hex), when one is comparable."""
+    return backend_for(fs).server_checksum(path, info)
+
+
+def has_server_checksums(fs: AbstractFileSystem) -> bool:
+    """Tell whether the store may report whole-object checksums at all (object stores, HDFS)."""
+    return backend_for(fs).has_server_checksums
+
+
 def upload_options(fs: AbstractFileSystem) -> dict[str, Any]:
     """Keyword arguments that make the store compute and keep a comparable checksum on upload."""
-    protos = _protocols(fs)
-    if "s3" in protos or "s3a" in protos:
-        return {"ChecksumAlgorithm": "CRC32C"}
-    return {}  # GCS computes crc32c itself; HDFS depends on the cluster's combine mode
+    return backend_for(fs).upload_options()
 
 
 def pinned_read_options(fs: AbstractFileSystem, info: dict[str, Any]) -> dict[str, Any]:
     """Return read options that pin the object version listed in `info`, where the store allows it."""
-    protos = _protocols(fs)
-    if ("s3" in protos or "s3a" in protos) and info.get("VersionId") and getattr(fs, "version_aware", False):
-        return {"version_id": info["VersionId"]}
-    return {}
+    return backend_for(fs).pinned_read_options(info)
 
 
 def own_retries(fs: AbstractFileSystem) -> int:
     """How often our reader retries on top of the backend: s3fs and gcsfs already retry with backoff."""
-    protos = set(_protocols(fs))
-    if protos & {"gs", "gcs"}:
-        return 0  # gcsfs: 6 attempts, ~30 s of backoff
-    if protos & {"s3", "s3a"}:
-        return 1  # botocore: 5 attempts
-    return 4
+    return backend_for(fs).own_retries
 
 
 def release_large_buffers() -> None:

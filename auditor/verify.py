@@ -17,6 +17,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from auditor import formats, layouts, pickles, safejson
+from auditor.backends import backend_for
 from auditor.completeness import CompletenessResult
 from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
@@ -53,10 +54,7 @@ from auditor.storage import (
     ShortRead,
     StorageFault,
     Throttle,
-    has_server_checksums,
     object_version,
-    own_retries,
-    pinned_read_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -273,7 +271,7 @@ def _assure(verdict: Verdict, ck: Checkpoint, reader: Reader, ctx: Context, prov
             findings: list[Finding]) -> None:
     """Record what the check compared the checkpoint's files with, and how many bytes each way."""
     if ctx.options.tier == "metadata" and level in (Assurance.SEALED, Assurance.BASELINE):
-        compared = ctx.options.server_checksums is not None and has_server_checksums(reader.fs)
+        compared = ctx.options.server_checksums is not None and reader.backend.has_server_checksums
         uncompared = any(f.code == "no_server_checksum" for f in findings)
         level = Assurance.SERVER_CHECKSUM if compared and not uncompared else Assurance.EXISTENCE
     verdict.assurance = level.value
@@ -468,7 +466,7 @@ def _digest_one(reader: Reader, entry: FileEntry, path: str, manifest: Manifest 
     # versions; an object rewritten since listing is judged by what it is now.
     listed = object_version(info or {})
     now = reader.info(path)
-    pin = pinned_read_options(reader.fs, now) if listed and object_version(now) == listed else {}
+    pin = reader.backend.pinned_read_options(now) if listed and object_version(now) == listed else {}
     note = [] if not listed or object_version(now) == listed else [
         Finding("object_rewritten", "warning", entry.path, f"rewritten since listing ({listed} -> {object_version(now)})")]
     again = digest_chunks(reader.iter_chunks(path, size=int(now.get("size") or size), **pin))
@@ -733,7 +731,8 @@ class Scanner:
         self.file_timeout = file_timeout
         self.checkpoint_timeout = checkpoint_timeout
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
-                             stop=stop, retries=own_retries(fs), stat_slots=threading.BoundedSemaphore(list_jobs))
+                             stop=stop, retries=backend_for(fs).own_retries,
+                             stat_slots=threading.BoundedSemaphore(list_jobs))
         # Set by the first storage error of a pass that a fresh stat confirms (the store itself is
         # unreachable): the rest of the pass is reported, not attempted, so an outage costs one
         # backend timeout instead of one per file. One unreadable checkpoint never sets it.
@@ -907,12 +906,10 @@ def _is_torch_file(reader: Reader, path: str) -> bool:
 
 def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], entry: FileEntry) -> Finding | None:
     """Compare the store's own whole-object checksum with the sealed one, without downloading."""
-    from auditor.storage import has_server_checksums, server_checksum
-
-    if not has_server_checksums(reader.fs):
+    if not reader.backend.has_server_checksums:
         return None
     with reader.stat_slot():
-        got = reader._retrying(f"checksum {path}", lambda: server_checksum(reader.fs, path, info))
+        got = reader._retrying(f"checksum {path}", lambda: reader.backend.server_checksum(path, info))
     if got is None:
         return Finding("no_server_checksum", "info", entry.path, "no comparable server-side checksum")
     algo, value = got

@@ -163,7 +163,7 @@ def test_symlink_inside_the_checkpoint_to_a_regular_file_is_followed(tmp_path):
 
 
 def test_symlinked_folder_is_not_followed_by_the_listing(tmp_path):
-    from auditor.storage import local_find
+    from auditor.backends.local import local_find
 
     (a,) = seal_run(tmp_path / "p/run", [100])
     os.symlink(str(tmp_path), a / "up")  # a loop through the tree, were it followed

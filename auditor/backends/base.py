@@ -1,0 +1,121 @@
+"""What a storage backend does, with protocol-neutral defaults, and the error backends raise.
+
+A backend wraps one fsspec filesystem and answers the questions whose answer depends on the
+protocol: does the store keep a whole-object checksum, can a re-read be pinned to a version, what
+makes an upload keep a checksum, are renames atomic, how is a path listed and opened. Subclasses
+override only what differs; `auditor.backends.backend_for` picks one by `fs.protocol`.
+
+Nothing here imports `auditor.storage`: storage (Reader, open_url) imports the backends, never the
+reverse.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+from typing import Any, ClassVar
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+# errno values that say "this local path cannot be resolved", not "the disk is unreachable".
+UNRESOLVABLE_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR, errno.ENAMETOOLONG})
+
+
+class PathHazard(OSError):
+    """A local path that is never opened or followed: a loop, a special file, a link out of the tree.
+
+    Not a StorageFault: it is a finding on the checkpoint that holds it, never an outage.
+    `code` is the finding code.
+    """
+
+    def __init__(self, code: str, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.code = code
+        self.path = path
+        self.detail = detail
+
+
+def protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    """The protocol names of `fs` (fsspec gives one string or a tuple)."""
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def b64_to_hex(value: str) -> str | None:
+    """Hex of a base64 checksum as stores report them, or None if it is not valid base64."""
+    try:
+        return base64.b64decode(value, validate=True).hex()
+    except (binascii.Error, ValueError):
+        return None
+
+
+class Backend:
+    """A store that keeps no checksum, pins no version, renames non-atomically and retries nothing itself."""
+
+    protocols: ClassVar[tuple[str, ...]] = ()
+    # Paths are OS paths (mmap, os.replace, lstat listing).
+    is_local: ClassVar[bool] = False
+    # A rename (fs.mv) is one atomic step, so a staged checkpoint appears whole or not at all.
+    renames_atomically: ClassVar[bool] = False
+    # The store may report whole-object checksums at all (server_checksum may still say None).
+    has_server_checksums: ClassVar[bool] = False
+    # How often our reader retries on top of the backend's own retries.
+    own_retries: ClassVar[int] = 4
+
+    def __init__(self, fs: AbstractFileSystem) -> None:
+        self.fs = fs
+
+    @classmethod
+    def open_url(cls, url: str, options: dict[str, Any]) -> tuple[AbstractFileSystem, str]:
+        """Return the filesystem and protocol-less path of `url` (fsspec's own resolution)."""
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        return fs, path
+
+    def guarded(self) -> Backend:
+        """This backend with reads that refuse what must never be opened (itself where nothing needs refusing)."""
+        return self
+
+    def server_checksum(self, path: str, info: dict[str, Any]) -> tuple[str, str] | None:
+        """A whole-object checksum the store computed, as (algorithm, hex), when one is comparable."""
+        return None
+
+    def upload_options(self) -> dict[str, Any]:
+        """Keyword arguments that make the store compute and keep a comparable checksum on upload."""
+        return {}
+
+    def pinned_read_options(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Open options that pin the object version listed in `info`, where the store allows it."""
+        return {}
+
+    def local_path(self, path: str) -> str | None:
+        """An OS path for `path` when the store is local (for mmap and atomic rename), else None."""
+        return None
+
+    def info(self, path: str) -> dict[str, Any]:
+        """Stat one path, asking the store rather than a listing cache."""
+        # s3fs and gcsfs keep listings for the life of the filesystem; a scrubber must see today's.
+        self.fs.invalidate_cache(path)
+        out: dict[str, Any] = self.fs.info(path)
+        return out
+
+    def find(self, path: str) -> dict[str, dict[str, Any]]:
+        """Every file and folder under `path`, recursively, with details, keyed by path."""
+        self.fs.invalidate_cache(path)
+        out: dict[str, dict[str, Any]] = self.fs.find(path, withdirs=True, detail=True)
+        return out
+
+    def ls(self, path: str) -> dict[str, dict[str, Any]]:
+        """One folder's entries, with details, keyed by protocol-less path."""
+        self.fs.invalidate_cache(path)
+        entries = self.fs.ls(path, detail=True)
+        return {e["name"].rstrip("/"): e for e in entries}
+
+    def open_read(self, path: str, block_size: int, **open_kw: Any) -> Any:
+        """Open `path` for an unbuffered sequential read (the reader does its own chunking)."""
+        return self.fs.open(path, "rb", block_size=block_size, cache_type="none", **open_kw)
+
+    def unresolvable(self, exc: BaseException, path: str) -> PathHazard | None:
+        """The PathHazard an error means on this store (a loop, a path through a file), or None."""
+        return None
