@@ -37,7 +37,7 @@ def _resolve(module: str, node: ast.ImportFrom | ast.Import, is_pkg: bool) -> li
     return [f"{target}.{a.name}" for a in node.names] + [target]
 
 
-def scan(root: Path) -> tuple[dict[str, set[str]], list[tuple[str, int, str, bool]], dict[str, int]]:
+def scan(root: Path, type_checking_edges: bool = False) -> tuple[dict[str, set[str]], list[tuple[str, int, str, bool]], dict[str, int]]:
     modules = {
         _module_name(p, root): p for p in sorted((root / PACKAGE).rglob("*.py"))
     }
@@ -60,17 +60,21 @@ def scan(root: Path) -> tuple[dict[str, set[str]], list[tuple[str, int, str, boo
                 for sub in ast.walk(node):
                     in_function.add(id(sub))
         for node in ast.walk(tree):
-            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in type_checking:
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if id(node) in type_checking and not type_checking_edges:
                 continue
             targets = [t for t in _resolve(mod, node, is_pkg) if t in modules and t != mod]
             if not targets:
                 continue
-            target = max(targets, key=len)
-            graph[mod].add(target)
-            if id(node) in in_function:
-                line = node.lineno
-                commented = "#" in lines[line - 1] or (line >= 2 and lines[line - 2].strip().startswith("#"))
-                local.append((mod, line, target, commented))
+            # `from auditor import a, b` imports the modules a and b, not the package.
+            named = [t for t in targets[:-1] if t in modules] if isinstance(node, ast.ImportFrom) else targets
+            for target in named or targets:
+                graph[mod].add(target)
+                if id(node) in in_function:
+                    line = node.lineno
+                    commented = "#" in lines[line - 1] or (line >= 2 and lines[line - 2].strip().startswith("#"))
+                    local.append((mod, line, target, commented))
     return graph, local, sizes
 
 
@@ -113,8 +117,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--strict", action="store_true")
+    parser.add_argument("--type-checking", action="store_true",
+                        help="count imports under `if TYPE_CHECKING:` as edges too (cycles a type checker sees)")
     args = parser.parse_args()
-    graph, local, sizes = scan(args.root)
+    graph, local, sizes = scan(args.root, args.type_checking)
     found = cycles(graph)
     edges = {(m, t) for m, _, t, _ in local}
     bare = [x for x in local if not x[3]]
