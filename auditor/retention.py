@@ -20,8 +20,6 @@ step; its save interval is its config's (`save_steps`, ...), else the smallest g
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from fsspec import AbstractFileSystem
 from pydantic import BaseModel, ConfigDict, Field
 
+from auditor.digests import run_config_sha256
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
@@ -116,7 +115,7 @@ def config_key(config: dict[str, Any] | None, sha: str | None = None) -> str | N
         return sha
     if config is None:
         return None
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return run_config_sha256(config)
 
 
 def _newest_config_value(items: list[Item], keys: tuple[str, ...]) -> int | None:
