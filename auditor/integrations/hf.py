@@ -18,7 +18,7 @@ from auditor.manifest import MANIFEST_NAME
 logger = logging.getLogger(__name__)
 
 
-class SealCallback(TrainerCallback):  # type: ignore[misc]
+class SealCallback(TrainerCallback):
     """Seal `output_dir/checkpoint-<step>` after the Hugging Face Trainer writes it (main process only)."""
 
     def __init__(self, *, run_config: dict[str, Any] | None = None, probe_batch: Any = None,

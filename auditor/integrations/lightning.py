@@ -24,7 +24,7 @@ def remove_sidecar(filepath: str, storage_options: dict[str, Any] | None = None)
             fs.rm_file(companion)
 
 
-class SealingModelCheckpoint(ModelCheckpoint):  # type: ignore[misc]
+class SealingModelCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that seals every `.ckpt` it writes (sidecar manifest) and removes the
     sidecar with the file. Lightning calls `_save_checkpoint` once the file is written;
     an AsyncCheckpointIO plugin would break that, so it is refused."""
