@@ -85,7 +85,8 @@ def test_one_spelling_of_the_torch_file_suffixes():
 
 def test_save_checkpoint_and_seal_by_url_record_the_same_run_config_digest(tmp_path):
     torch = pytest.importorskip("torch")
-    import auditor
+    import auditor.api
+    import auditor.training
     from auditor import retention
     from auditor.digests import run_config_sha256
     from auditor.manifest import MANIFEST_NAME, TrainingState, parse_manifest
@@ -95,12 +96,12 @@ def test_save_checkpoint_and_seal_by_url_record_the_same_run_config_digest(tmp_p
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
-    saved = auditor.save_checkpoint(str(tmp_path / "saved"), 3, model, opt, config=config)
+    saved = auditor.training.save_checkpoint(str(tmp_path / "saved"), 3, model, opt, config=config)
 
     copy = tmp_path / "copy" / "step-3"
     shutil.copytree(tmp_path / "saved", copy)
     (copy / MANIFEST_NAME).unlink()
-    sealed = auditor.seal(str(copy), run_config=config)
+    sealed = auditor.api.seal(str(copy), run_config=config)
 
     digest = run_config_sha256(config)
     assert saved.run is not None and sealed.run is not None
@@ -115,7 +116,7 @@ def test_save_checkpoint_and_seal_by_url_record_the_same_run_config_digest(tmp_p
 
 def test_a_run_config_that_is_not_json_is_a_usage_error_and_nothing_is_written(tmp_path):
     torch = pytest.importorskip("torch")
-    import auditor
+    import auditor.training
     from auditor import sealing
     from auditor.errors import UsageError
 
@@ -123,6 +124,6 @@ def test_a_run_config_that_is_not_json_is_a_usage_error_and_nothing_is_written(t
         sealing.run_info({"when": object()}, None, None)
     model = torch.nn.Linear(2, 2)
     with pytest.raises(UsageError, match="JSON-serialisable"):
-        auditor.save_checkpoint(str(tmp_path / "ck"), 1, model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                config={"when": object()})
+        auditor.training.save_checkpoint(str(tmp_path / "ck"), 1, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                         config={"when": object()})
     assert not (tmp_path / "ck").exists()
