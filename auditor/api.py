@@ -10,11 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec import AbstractFileSystem
 
-from auditor import (
-    completeness,
-    probe,  # becomes the auditor/probe/ package
-    writer,  # replaced by auditor.seal
-)
+from auditor import completeness, probe, sealing
 from auditor.config import Config, ScanConfig
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
@@ -209,12 +205,12 @@ def seal(
     if fs is None:
         fs, _ = open_checked(url, storage_options)
     if upload_from is not None:
-        writer.upload_dir(fs, upload_from, fs._strip_protocol(url))
+        sealing.upload_dir(fs, upload_from, fs._strip_protocol(url))
     checked = _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs)
     # The check already read the step from the files' contents: no second completeness pass.
     step = step if step is not None else checked.step
-    return writer.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
-                       git_commit=git_commit, probe=builder, write_options=write_options)
+    return sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
+                        git_commit=git_commit, probe=builder, write_options=write_options)
 
 
 def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int) -> Verdict:

@@ -79,7 +79,7 @@ TRAINER_ARGS_PREFIXES = (
 )
 # Every file torch.load or pickle.load would be pointed at: decided by content, not by this list,
 # which only says which files to look at.
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (*pickles.TORCH_SUFFIXES, ".pkl")
 DCP_METADATA = ".metadata"
 MAX_JSON_BYTES = 64 * 2**20
 MAX_STEP_JSON_BYTES = 2**20

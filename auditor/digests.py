@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import google_crc32c
 
@@ -77,3 +79,12 @@ def digest_chunks(chunks: Iterable[bytes], spans: Sequence[Span] = ()) -> FileDi
 def digest_bytes(data: bytes) -> FileDigest:
     """Hash an in-memory blob."""
     return digest_chunks([data])
+
+
+def run_config_sha256(config: dict[str, Any]) -> str:
+    """Identify a run config by the sha256 of its canonical JSON (sorted keys), as `run.config_sha256`.
+
+    Sealing by URL, save_checkpoint and retention all use this, so that they agree on which
+    checkpoints share a config. TypeError if the config is not JSON-serialisable.
+    """
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()

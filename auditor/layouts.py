@@ -18,8 +18,9 @@ from datetime import datetime
 from typing import Any
 
 from auditor.manifest import MANIFEST_NAME, SAVING_MARKER, SIDECAR_SUFFIX
+from auditor.pickles import TORCH_SUFFIXES
 
-SINGLE_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors", ".bin")
+SINGLE_FILE_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")
 # Files the probe stores beside a single-file checkpoint: part of it, not checkpoints themselves.
 PROBE_SUFFIXES = ("ckpt-probe-batch.safetensors", "ckpt-probe-reference.safetensors")
 # Files a writer keeps in the run folder, naming its newest checkpoint.

@@ -103,6 +103,9 @@ class TrainingState(_Model):
     scaler: str | None = None
     step: int | None = None
     world_size: int = Field(default=1, ge=1)
+    # The optimizer's parameters by name, in state_dict order (save_checkpoint writes it), so that
+    # completeness can name a parameter the optimizer holds no state for.
+    param_names: list[str] | None = None
 
 
 class ProbeBatch(_Model):

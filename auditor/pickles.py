@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_MAX_PICKLE_BYTES",
     "NUMPY_RNG_GLOBALS",
     "TORCHSCRIPT_ARCHIVE",
+    "TORCH_SUFFIXES",
     "UNRESOLVED_STACK_GLOBAL",
     "DcpCheckpoint",
     "GlobalRef",
@@ -74,6 +75,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PICKLE_BYTES = 256 * 2**20
+# The names torch.save files go by (a zip archive, or a legacy pickle): the one spelling of them.
+# Which files are looked at only; what a file is, is decided by its content.
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 # Findings that are not `module.name` globals.
 UNRESOLVED_STACK_GLOBAL = "<unresolved STACK_GLOBAL>"

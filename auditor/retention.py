@@ -24,13 +24,13 @@ status and run config) and touches no storage or state. `auditor.api.retention_p
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from auditor.digests import run_config_sha256
 
 TOTAL_STEP_KEYS = ("total_steps", "max_steps", "num_training_steps", "train_steps")
 INTERVAL_KEYS = ("save_steps", "save_interval", "checkpoint_interval", "save_every", "every_n_train_steps")
@@ -105,7 +105,7 @@ def config_key(config: dict[str, Any] | None, sha: str | None = None) -> str | N
         return sha
     if config is None:
         return None
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return run_config_sha256(config)
 
 
 def _newest_config_value(items: list[Item], keys: tuple[str, ...]) -> int | None:

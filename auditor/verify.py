@@ -44,6 +44,7 @@ from auditor.manifest import (
     parse_manifest,
     safe_join,
 )
+from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import (
     CHECKPOINT_TIMEOUT,
     FILE_TIMEOUT,
@@ -58,8 +59,6 @@ from auditor.storage import (
 )
 
 logger = logging.getLogger(__name__)
-
-ZIP_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 @dataclass
 class Options:
@@ -578,7 +577,7 @@ def _structural_one(reader: Reader, path: str, size: int) -> tuple[bool, formats
         if formats.is_zip(reader, path, size):
             formats.check_zip(reader, path)
             return True, None, None
-        if path.endswith(ZIP_SUFFIXES) and size == 0:
+        if path.endswith(TORCH_SUFFIXES) and size == 0:
             return True, None, Finding("truncated", "error", rel, "empty file")
     except formats.FormatError as e:
         return True, None, Finding(e.code, "error", rel, str(e))

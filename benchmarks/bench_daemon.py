@@ -101,7 +101,7 @@ def build_prefixes(root: Path, count: int, prefixes: int) -> tuple[list[Path], i
     from auditor import completeness
     from auditor.digests import digest_bytes
     from auditor.manifest import SCHEMA, FileEntry, Manifest, now_utc
-    from auditor.writer import environment
+    from auditor.sealing import environment
 
     env, created, common = environment(), now_utc(), template_files()
     digests = {name: digest_bytes(data) for name, data in common.items()}

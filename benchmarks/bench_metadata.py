@@ -64,7 +64,7 @@ def build_tree(count: int) -> list[tuple[str, bytes]]:
     from auditor import completeness
     from auditor.digests import digest_bytes
     from auditor.manifest import SCHEMA, FileEntry, Manifest, now_utc
-    from auditor.writer import environment
+    from auditor.sealing import environment
 
     env = environment()
     created = now_utc()

@@ -469,7 +469,7 @@ def build_tree(count: int) -> list[tuple[str, bytes]]:
     from auditor import completeness
     from auditor.digests import digest_bytes
     from auditor.manifest import SCHEMA, FileEntry, Manifest, now_utc
-    from auditor.writer import environment
+    from auditor.sealing import environment
 
     env, created, common = environment(), now_utc(), tiny_files()
     digests = {name: digest_bytes(data) for name, data in common.items()}

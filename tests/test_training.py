@@ -180,7 +180,7 @@ def job_crash(url: str, event: str, prior: str, options: str) -> None:
     """Optionally save a clean checkpoint at `prior`, then die (os._exit) at `event` of a save at step 10."""
     import auditor.api
     import auditor.training
-    from auditor import training
+    from auditor.training import commit as training
 
     storage_options = json.loads(options)
     seed_all(RUN_SEED)
@@ -422,7 +422,7 @@ def test_save_refuses_state_that_would_not_load_safely_and_leaves_nothing(tmp_pa
 def test_a_save_that_fails_midway_removes_what_it_wrote(tmp_path, memfs, monkeypatch, where, event):
     import auditor.api
     import auditor.training
-    from auditor import training
+    from auditor.training import commit as training
 
     fs, root = memfs
     prefix = str(tmp_path) if where == "local" else f"memory://{root}"
@@ -538,8 +538,8 @@ def test_hugging_face_trainer_checkpoints_are_sealed_and_verify_ok(tmp_path):
 
     import auditor.api
     import auditor.training
+    from auditor.integrations.hf import SealCallback
     from auditor.manifest import MANIFEST_NAME, parse_manifest
-    from auditor.training import SealCallback
 
     class Tokens(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -574,8 +574,8 @@ def test_lightning_checkpoints_are_sealed_verify_ok_and_removed_with_their_file(
 
     import auditor.api
     import auditor.training
+    from auditor.integrations.lightning import SealingModelCheckpoint
     from auditor.manifest import SIDECAR_SUFFIX, parse_manifest
-    from auditor.training import SealingModelCheckpoint
 
     class Module(L.LightningModule):
         def __init__(self) -> None:

@@ -1,4 +1,13 @@
-"""Seal a checkpoint: digest every file, inventory the training state, write the manifest last."""
+"""The one sealing pipeline: digest every file, inventory the training state, write the manifest last.
+
+Used by `auditor.api.seal` (seal a checkpoint that is already written, by URL) and by
+`auditor.training.save_checkpoint` (digest each file as it is written, seal before the commit).
+Both record the same environment, the same per-file and per-tensor digests and the same run-config
+digest, so a manifest says the same things whichever way it was made.
+
+Named `sealing`, not `seal`: a submodule `auditor.seal` would replace the `auditor.seal()` function
+(the package's lazy front door) as an attribute of the package once imported.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +17,15 @@ import os
 import platform
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from fsspec import AbstractFileSystem
 
 from auditor import completeness, formats
-from auditor.digests import FileDigest, digest_chunks
-from auditor.errors import UsageError
+from auditor.digests import digest_chunks, run_config_sha256
+from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import (
     MANIFEST_NAME,
@@ -30,8 +40,9 @@ from auditor.manifest import (
     TrainingState,
     now_utc,
 )
-from auditor.storage import Reader, is_local, open_url
-from auditor.verify import ZIP_SUFFIXES, locate, sanitise
+from auditor.pickles import TORCH_SUFFIXES
+from auditor.storage import Reader, is_local, open_url, upload_options
+from auditor.verify import locate, sanitise
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +51,11 @@ LIBRARIES = ("torch", "safetensors", "numpy", "transformers", "lightning", "acce
 NUMERIC_CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "sve", "asimd")
 
 ProbeBuilder = Callable[[Reader, Checkpoint, dict[str, FileEntry]], tuple[Probe, dict[str, FileEntry]]]
+# One file's digest: its manifest entry, and its tensors' entries when it is a safetensors file.
+Digested = tuple[FileEntry, dict[str, TensorEntry] | None]
+
+
+# ---------------------------------------------------------------- environment
 
 
 def environment() -> Environment:
@@ -81,43 +97,127 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+# ---------------------------------------------------------------- digesting
 
-def _digest_file(reader: Reader, path: str, size: int) -> tuple[FileDigest, formats.SafetensorsHeader | None]:
+
+def digest_file(reader: Reader, rel: str, path: str, size: int) -> Digested:
+    """Digest one file, checking its structure on the way; formats.FormatError if it is damaged.
+
+    `rel` is the file's name in the checkpoint (which says what format to check), `path` where it
+    is read from now (a staged file may sit under another name).
+    """
     header = None
-    if path.endswith(".safetensors"):
+    if rel.endswith(".safetensors"):
         header = formats.parse_safetensors_header(reader, path, size)
-    elif path.endswith(ZIP_SUFFIXES) and formats.is_zip(reader, path, size):
+    elif rel.endswith(TORCH_SUFFIXES) and formats.is_zip(reader, path, size):
         formats.check_zip(reader, path)
     digest = digest_chunks(reader.iter_chunks(path), header.spans() if header else ())
-    return digest, header
+    entry = FileEntry(path=rel, size=digest.size, sha256=digest.sha256, crc32c=digest.crc32c)
+    tensors = None
+    if header is not None:
+        tensors = {t.name: TensorEntry(dtype=t.dtype, shape=list(t.shape), sha256=digest.tensors[t.name])
+                   for t in header.tensors}
+    return entry, tensors
+
+
+def _digest_whole(reader: Reader, rel: str, path: str) -> Digested:
+    digest = digest_chunks(reader.iter_chunks(path))
+    return FileEntry(path=rel, size=digest.size, sha256=digest.sha256, crc32c=digest.crc32c), None
 
 
 def digest_files(reader: Reader, ck: Checkpoint, jobs: int = 4, force: bool = False
                  ) -> tuple[dict[str, FileEntry], dict[str, dict[str, TensorEntry]]]:
     """Digest every file of a checkpoint; refuse structurally broken ones unless `force`."""
     root = ck.root
-    entries: dict[str, FileEntry] = {}
-    tensors: dict[str, dict[str, TensorEntry]] = {}
+    results: dict[str, Digested] = {}
     with ThreadPoolExecutor(jobs) as pool:
         futures = {
-            rel: pool.submit(_digest_file, reader, f"{root}/{rel}", int(info.get("size") or 0))
+            rel: pool.submit(digest_file, reader, rel, f"{root}/{rel}", int(info.get("size") or 0))
             for rel, info in sorted(ck.files.items())
         }
         for rel, fut in futures.items():
             try:
-                digest, header = fut.result()
+                results[rel] = fut.result()
             except formats.FormatError as e:
                 if not force:
-                    raise UsageError(f"refusing to seal {ck.url}: {rel} is damaged ({e}); --force seals it anyway") from e
+                    raise UsageError(f"refusing to seal {ck.url}: {rel} is damaged ({e}); "
+                                     "--force seals it anyway") from e
                 logger.warning("sealing damaged file %s: %s", rel, e)
-                digest, header = digest_chunks(reader.iter_chunks(f"{root}/{rel}")), None
-            entries[rel] = FileEntry(path=rel, size=digest.size, sha256=digest.sha256, crc32c=digest.crc32c)
-            if header is not None:
-                tensors[rel] = {
-                    t.name: TensorEntry(dtype=t.dtype, shape=list(t.shape), sha256=digest.tensors[t.name])
-                    for t in header.tensors
-                }
+                results[rel] = _digest_whole(reader, rel, f"{root}/{rel}")
+    return split_digests(results)
+
+
+def split_digests(results: dict[str, Digested]) -> tuple[dict[str, FileEntry], dict[str, dict[str, TensorEntry]]]:
+    """Separate per-file digests into the manifest's file entries and its per-tensor table."""
+    entries = {rel: entry for rel, (entry, _) in results.items()}
+    tensors = {rel: t for rel, (_, t) in results.items() if t is not None}
     return entries, tensors
+
+
+def digest_written(reader: Reader, rel: str, path: str) -> Digested:
+    """Digest a file this process has just written, read back from storage; refuse it if damaged."""
+    size = int(reader.info(path).get("size") or 0)
+    try:
+        entry, tensors = digest_file(reader, rel, path, size)
+    except formats.FormatError as e:
+        raise UsageError(f"{rel} reads back damaged ({e}); not sealing it") from e
+    if entry.size != size:
+        raise StorageError(f"{rel} changed size while being sealed ({size} then {entry.size} bytes)")
+    return entry, tensors
+
+
+class Digester:
+    """Digest each file as soon as it is written, while the next one is being written."""
+
+    def __init__(self, fs: AbstractFileSystem, jobs: int = 2) -> None:
+        self.reader = Reader(fs)
+        self.pool = ThreadPoolExecutor(jobs, thread_name_prefix="auditor-save-digest")
+        self.futures: dict[str, Future[Digested]] = {}
+
+    def submit(self, rel: str, path: str) -> None:
+        """Start digesting `path`, the file named `rel` in the checkpoint."""
+        self.futures[rel] = self.pool.submit(digest_written, self.reader, rel, path)
+
+    def results(self) -> dict[str, Digested]:
+        """Wait for every digest; the first failure is raised."""
+        return {rel: self.futures[rel].result() for rel in sorted(self.futures)}
+
+    def close(self) -> None:
+        """Stop: cancel what has not started and wait for what has (no reader left inside the files)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+def run_info(run_config: dict[str, Any] | None, run_id: str | None, git_commit: str | None) -> RunInfo | None:
+    """The manifest's `run` record, or None when nothing about the run was given."""
+    if run_config is None and not run_id and not git_commit:
+        return None
+    try:
+        config_sha = run_config_sha256(run_config) if run_config else None
+    except TypeError as e:
+        raise UsageError(f"the run config must be JSON-serialisable (it is recorded in the manifest): {e}") from e
+    return RunInfo(id=run_id, git_commit=git_commit, config_sha256=config_sha, config=run_config)
+
+
+def build_manifest(step: int, entries: dict[str, FileEntry], tensors: dict[str, dict[str, TensorEntry]],
+                   state: TrainingState, probe: Probe | None, run: RunInfo | None) -> Manifest:
+    """Assemble a manifest from what sealing measured, with this process's environment."""
+    return Manifest(
+        schema=SCHEMA,  # type: ignore[arg-type]  # SCHEMA is that Literal; manifest.py types it `str`
+        step=step,
+        created_at=now_utc(),
+        files=[entries[k] for k in sorted(entries)],
+        tensors=tensors or None,
+        training_state=state,
+        probe=probe,
+        run=run,
+        environment=environment(),
+    )
+
+
+# ---------------------------------------------------------------- sealing a written checkpoint
 
 
 def seal(
@@ -134,14 +234,15 @@ def seal(
     jobs: int = 4,
     write_options: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Seal the checkpoint at `url` and return its manifest, written last beside it."""
+    """Seal the checkpoint at `url` and return its manifest, written last beside it.
+
+    This is the pipeline only: `auditor.api.seal` first judges the checkpoint and refuses a failing one.
+    """
     if fs is None:
         fs, path = open_url(url, storage_options)
     else:
         path = fs._strip_protocol(url)
     reader = Reader(fs)
-    from auditor.errors import StorageError
-
     try:
         ck = locate(reader, path, url)
     except StorageError as e:
@@ -162,13 +263,7 @@ def seal(
     if probe is not None:
         probe_record, extra = probe(reader, ck, entries)
         entries.update(extra)
-    run = None
-    if run_config is not None or run_id or git_commit:
-        import hashlib
-        import json
-
-        config_sha = hashlib.sha256(json.dumps(run_config, sort_keys=True).encode()).hexdigest() if run_config else None
-        run = RunInfo(id=run_id, git_commit=git_commit, config_sha256=config_sha, config=run_config)
+    run = run_info(run_config, run_id, git_commit)
     manifest = build_manifest(step, entries, tensors, state, probe_record, run)
     target = f"{ck.path}{SIDECAR_SUFFIX}" if ck.kind == "file" else f"{ck.path}/{MANIFEST_NAME}"
     write_atomic(fs, target, manifest.to_json(), **(write_options or {}))
@@ -189,22 +284,6 @@ def _refuse_hazards(ck: Checkpoint) -> None:
         raise UsageError(f"refusing to seal {ck.url}: {named}")
 
 
-def build_manifest(step: int, entries: dict[str, FileEntry], tensors: dict[str, dict[str, TensorEntry]],
-                   state: TrainingState, probe: Probe | None, run: RunInfo | None) -> Manifest:
-    """Assemble a manifest from what sealing measured, with this process's environment."""
-    return Manifest(
-        schema=SCHEMA,
-        step=step,
-        created_at=now_utc(),
-        files=[entries[k] for k in sorted(entries)],
-        tensors=tensors or None,
-        training_state=state,
-        probe=probe,
-        run=run,
-        environment=environment(),
-    )
-
-
 def _step(reader: Reader, ck: Checkpoint, step: int | None) -> int:
     if step is not None:
         return step
@@ -216,12 +295,11 @@ def _step(reader: Reader, ck: Checkpoint, step: int | None) -> int:
     raise UsageError(f"cannot tell the training step of {ck.url} from its name or files; pass --step N")
 
 
+# ---------------------------------------------------------------- writing
+
+
 def upload_dir(fs: AbstractFileSystem, local: str, path: str) -> int:
     """Upload a local checkpoint folder (or file) with server-side checksums where the store offers them."""
-    from pathlib import Path
-
-    from auditor.storage import upload_options
-
     src = Path(local)
     kwargs = upload_options(fs)
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
@@ -251,5 +329,3 @@ def write_atomic(fs: AbstractFileSystem, path: str, data: bytes, **kwargs: Any) 
         return
     # Object stores publish a PUT atomically; HDFS CREATE is visible only once closed.
     fs.pipe_file(path, data, **kwargs)
-
-
