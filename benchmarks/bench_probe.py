@@ -230,7 +230,7 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
     import subprocess as sp
 
     import auditor
-    from auditor.probe import runner as probe  # the module whose `subprocess` is replaced below
+    from auditor import probe
     from auditor.storage import Reader, open_url
     from auditor.verify import load_manifest, locate
 
@@ -257,7 +257,7 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
             last["request"], last["env"] = Path(cmd[-1]).read_text(), kw.get("env")
             return sp.Popen(launched(list(cmd), "probe"), **kw)
 
-    probe.subprocess = Subprocess  # type: ignore[attr-defined, assignment]
+    probe.runner.subprocess = Subprocess  # type: ignore[attr-defined, assignment]
 
     def usage() -> dict[str, Any]:
         return json.loads(Path(last.pop("usage")).read_text())
