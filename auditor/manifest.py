@@ -131,6 +131,7 @@ class Probe(_Model):
     batch: ProbeBatch
     model: ProbeModel
     outputs: ProbeOutputs
+    threads: int | None = None  # torch threads the baseline ran with; verification runs with as many
 
 
 class RunInfo(_Model):

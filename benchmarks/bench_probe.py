@@ -5,7 +5,7 @@ A GPT-2 built from a transformers config (n_layer=9, n_embd=768: ~103 M paramete
 weights; nothing downloaded) is saved with safetensors as one file, `model.safetensors`, and sealed
 with a probe (auditor.api.seal(..., model_factory="bench_probe_model:build", probe_batch=16 x --seq-len
 token ids; the outputs are the logits, 16 x seq-len x 50257 float32)). The factory lives in a small module written to the work folder, which is put on
-PYTHONPATH so that the probe child (`python -m auditor.probe`) can import it.
+PYTHONPATH so that the probe child (`python -m auditor.probe.child`) can import it.
 
 Then, in a driver process that never imports torch, --repeats alternating rounds of:
 
@@ -110,7 +110,7 @@ print(json.dumps({"shape": list(logits.shape), "seconds": time.perf_counter() - 
 
 # The probe child's own code, run once more with marks at its steps (time, VmRSS, VmHWM, anonymous
 # and file-backed resident memory) to say where its time and memory go. Diagnostic only: it wraps
-# auditor.probe internals and reports nothing if they moved.
+# auditor.probe.child internals and reports nothing if they moved.
 BREAKDOWN = r'''
 import json, sys, time
 started = time.perf_counter()
@@ -122,10 +122,10 @@ def mark(label):
                   "hwm_mib": mib("VmHWM"), "anon_mib": mib("RssAnon"), "file_mib": mib("RssFile")})
 req = json.loads(sys.stdin.read())
 import hashlib
-import auditor.probe as P
+import auditor.probe.child as P
 import safetensors.torch as st
 import torch
-mark("imports (torch, auditor.probe)")
+mark("imports (torch, auditor.probe.child)")
 resolve = P.resolve_factory
 def resolve_factory(spec, allowed):
     factory = resolve(spec, allowed)
@@ -245,7 +245,7 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
         return [sys.executable, "-S", "-c", LAUNCHER, str(usage), *cmd]
 
     class Subprocess:
-        """auditor.probe's view of `subprocess`: the same run(), with the child started by the launcher."""
+        """auditor.probe.runner's view of `subprocess`: the same run(), with the child started by the launcher."""
 
         TimeoutExpired = sp.TimeoutExpired
         CalledProcessError = sp.CalledProcessError
@@ -257,7 +257,7 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
             last["request"], last["env"] = Path(cmd[-1]).read_text(), kw.get("env")
             return sp.Popen(launched(list(cmd), "probe"), **kw)
 
-    probe.subprocess = Subprocess  # type: ignore[attr-defined, assignment]
+    probe.runner.subprocess = Subprocess  # type: ignore[attr-defined, assignment]
 
     def usage() -> dict[str, Any]:
         return json.loads(Path(last.pop("usage")).read_text())
@@ -333,8 +333,8 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
             + (f" | reference at {os.cpu_count()} threads {row['reference_cores']['seconds']:.2f}s"
                if "reference_cores" in row else ""))
     # The import floor: what the child holds before any model exists (interpreter, torch, transformers'
-    # GPT-2 classes, auditor.probe). Peak minus floor is what the probe itself adds.
-    floor_code = ("import torch, auditor.probe, bench_probe_model; "
+    # GPT-2 classes, auditor.probe.child). Peak minus floor is what the probe itself adds.
+    floor_code = ("import torch, auditor.probe.child, bench_probe_model; "
                   "from transformers import GPT2Config, GPT2LMHeadModel")
     proc = sp.run(launched([sys.executable, "-c", floor_code], "floor"), env=last["env"], capture_output=True,
                   text=True, check=False)
@@ -466,9 +466,9 @@ def main() -> None:
         f"{'OK' if rss_ratio <= TARGET_RSS_RATIO else 'MISSED'}; reference {ref_rss:.0f} MiB = "
         f"{ref_rss / weights_mib:.2f} x weights"
         + (f"\n  above the import floor ({doc['import_floor_rss_mib']:.0f} MiB: python, torch, transformers' GPT-2, "
-           f"auditor.probe): probe {doc['ratio_probe_rss_above_floor_vs_weights']:.2f} x weights, reference "
+           f"auditor.probe.child): probe {doc['ratio_probe_rss_above_floor_vs_weights']:.2f} x weights, reference "
            f"{doc['ratio_reference_rss_above_floor_vs_weights']:.2f} x" if doc.get("import_floor_rss_mib") else ""))
-    for title, steps in (("probe child (python -m auditor.probe), instrumented run", doc["probe_child_steps"]),
+    for title, steps in (("probe child (python -m auditor.probe.child), instrumented run", doc["probe_child_steps"]),
                          ("reference", doc["reference_steps"])):
         if not steps:
             continue

@@ -368,7 +368,7 @@ def test_hostile_dcp_metadata_is_unsafe_at_the_content_tier(tmp_path: Path) -> N
 def test_hostile_dcp_byte_item_is_refused_by_scan_and_probe(tmp_path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
-    from auditor.probe import _dcp_into
+    from auditor.probe.child import _dcp_into
 
     torch.manual_seed(0)
     model = MLP()

@@ -396,7 +396,7 @@ def test_process_limit_applies_when_not_root(tmp_path):
     """RLIMIT_NPROC binds an unprivileged child (root is exempt; there the group kill is the bound)."""
     code = textwrap.dedent(f"""
         import os, resource, sys, time
-        from auditor import probe  # imported first: the interpreter's files may be root's alone
+        from auditor.probe import child as probe  # imported first: the interpreter's files may be root's alone
         if os.getuid() == 0:
             os.setgid(65534); os.setuid(65534)  # as the pod runs: not root
         probe._apply_limits(512, 60)
