@@ -104,7 +104,7 @@ def _load_weights(root: str, model_files: list[str]) -> Weights:
             f = safe_open(path, framework="pt")
             for key in f.keys():
                 weights.add(key, tuple(f.get_slice(key).get_shape()), functools.partial(f.get_tensor, key))
-        elif rel.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        elif rel.endswith(pickles.TORCH_SUFFIXES):
             obj = pickles.safe_torch_load(local, path)
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
                 obj = obj["state_dict"]
