@@ -10,24 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec import AbstractFileSystem
 
-from auditor import completeness, probe, sealing
+from auditor import probe, sealing
 from auditor.config import Config, ScanConfig
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
-from auditor.retention import Decision, Item, Plan, RetentionConfig, config_key, plan_items
+from auditor.model import Assurance, ScanResult, Severity, Status, Tier, Verdict
+from auditor.retention import UNKNOWN, Decision, Item, Plan, RetentionConfig, config_key, plan_items
 from auditor.storage import Reader, StorageFault, Throttle, open_url
-from auditor.verify import (
-    Assurance,
-    Options,
-    Scanner,
-    ScanResult,
-    Verdict,
-    compare_server_checksum,
-    list_prefix,
-    locate,
-    verify_checkpoint,
-)
+from auditor.verify import Options, Scanner, list_prefix, locate, verify_checkpoint
 
 if TYPE_CHECKING:
     from auditor.state import State
@@ -54,21 +45,19 @@ def build_options(
     probe_memory_mb: int | None = None,
     allow_factories: Iterable[str] = (),
 ) -> Options:
-    """Assemble verification options with every available hook (completeness, probe, server checksums).
+    """Assemble verification options: tier, strictness, required components and the probe's policy.
 
     `allow_factories` (MODULE:CALLABLE or MODULE:*) names the probe factories a manifest may ask for,
     besides installed `ckpt_auditor.models` entry points; UsageError for a badly spelled entry.
     """
     return Options(
-        tier=tier or "content",
+        tier=tier or Tier.CONTENT,
         strict=strict,
         settle_seconds=settle_seconds,
         probe_auto=tier is None,
-        probe=probe.probe_hook(timeout=probe_timeout,
-                               memory_mb=probe.DEFAULT_MEMORY_MB if probe_memory_mb is None else probe_memory_mb,
-                               allow_factories=allow_factories),
-        completeness=completeness.hook(require),
-        server_checksums=compare_server_checksum,
+        prober=probe.Prober.allowing(allow_factories, timeout=probe_timeout,
+                                     memory_mb=probe.DEFAULT_MEMORY_MB if probe_memory_mb is None else probe_memory_mb),
+        require=require,
     )
 
 
@@ -215,7 +204,7 @@ def seal(
 
 def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int) -> Verdict:
     """Judge the checkpoint as it is, unsealed; refuse to seal what fails (UsageError naming why)."""
-    with Scanner(fs, build_options("content"), jobs=jobs) as scanner:
+    with Scanner(fs, build_options(Tier.CONTENT), jobs=jobs) as scanner:
         try:
             ck = locate(scanner.reader, fs._strip_protocol(url), url)
         except StorageError as e:
@@ -223,30 +212,30 @@ def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_inco
         ck.manifest_path = None  # what is there now, not what an older manifest said
         verdict = verify_checkpoint(ck, scanner.context())
     why = "; ".join(f"{f.code}{' in ' + f.file if f.file else ''}: {f.detail}"
-                    for f in verdict.findings if f.severity == "error")[:2000]
-    if verdict.status == "error":
+                    for f in verdict.findings if f.severity == Severity.ERROR)[:2000]
+    if verdict.status == Status.ERROR:
         raise StorageError(f"cannot check {url} before sealing: {why}")
-    if verdict.status == "unsafe":
+    if verdict.status == Status.UNSAFE:
         raise UsageError(f"refusing to seal {url}: unsafe: {why}")
-    if verdict.status == "incomplete" and not allow_incomplete:
+    if verdict.status == Status.INCOMPLETE and not allow_incomplete:
         raise UsageError(f"refusing to seal {url}: incomplete: {why}; --allow-incomplete seals it anyway")
-    if verdict.status in ("corrupt", "missing") and not force:
+    if verdict.status in (Status.CORRUPT, Status.MISSING) and not force:
         raise UsageError(f"refusing to seal {url}: {verdict.status}: {why}; --force seals it anyway")
     return verdict
 
 
-DEEP_TIERS = ("content", "probe")
+DEEP_TIERS = (Tier.CONTENT, Tier.PROBE)
 
 
 def content_verified_ok(record: dict[str, Any]) -> bool:
     """Tell whether a checkpoint record is `ok` and its last content or probe verdict is `ok`:
     a metadata pass (sizes, existence) alone never makes a checkpoint safe to resume from."""
-    if record.get("status") != "ok":
+    if record.get("status") != Status.OK:
         return False
     tiers = record.get("tiers")
     if tiers is None:  # one verdict, not a state record: its own tier says how deep it looked
         return record.get("tier") in DEEP_TIERS
-    return any(tiers.get(t) == "ok" for t in DEEP_TIERS)
+    return any(tiers.get(t) == Status.OK for t in DEEP_TIERS)
 
 
 def newest_ok(records: list[dict[str, Any]], run: str | None = None) -> dict[str, Any] | None:
@@ -311,7 +300,7 @@ def _retention_statuses(prefix: str, config: Config | None, storage_options: dic
         if records:
             logger.info("retention: %d verdicts of %s from the state database", len(records), prefix)
             # A metadata pass alone proves sizes, not bytes: such an `ok` is not a recovery point yet.
-            return {r["url"]: r["status"] if r["status"] != "ok" or content_verified_ok(r) else "unknown"
+            return {r["url"]: r["status"] if r["status"] != Status.OK or content_verified_ok(r) else UNKNOWN
                     for r in records}
     logger.info("retention: verifying %s now", prefix)
     result = rescan(prefix, config=config, storage_options=storage_options)
@@ -354,7 +343,7 @@ def retention_items(prefix: str, *, config: Config | None = None, storage_option
     statuses = _retention_statuses(prefix, config, storage_options)
     with ThreadPoolExecutor(jobs) as pool:
         manifests = list(pool.map(lambda ck: _run_manifest(reader, ck), checkpoints))
-    items = [_retention_item(ck, statuses.get(ck.url, "unknown"), m)
+    items = [_retention_item(ck, statuses.get(ck.url, UNKNOWN), m)
              for ck, m in zip(checkpoints, manifests, strict=True)]
     return fs, root, items
 

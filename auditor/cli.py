@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from auditor import __version__, api, logs, storage
 from auditor.config import Config, ScanConfig, load_config, parse_duration
 from auditor.errors import AuditorError, UsageError
-from auditor.model import TIERS, Assurance, ScanResult, Verdict
+from auditor.model import FAILURES, TIERS, Assurance, ScanResult, Severity, Verdict
 from auditor.probe import parse_allow_pattern
 from auditor.retention import Decision, Plan, RetentionConfig
 
@@ -69,8 +69,8 @@ class Progress:
 def _table(result: ScanResult) -> str:
     rows = [("STATUS", "STEP", "LAYOUT", "CHECKPOINT", "FINDING")]
     for v in result.verdicts:
-        main = next((f for f in v.findings if f.severity == "error"), None) or next(
-            (f for f in v.findings if f.severity == "warning"), None
+        main = next((f for f in v.findings if f.severity == Severity.ERROR), None) or next(
+            (f for f in v.findings if f.severity == Severity.WARNING), None
         )
         note = f"{main.code}: {main.file + ': ' if main.file else ''}{main.detail}" if main else ""
         status = v.status if v.assurance == Assurance.NONE.value else f"{v.status} ({v.assurance})"
@@ -350,8 +350,7 @@ def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p["last_success"])) + "Z" \
                     if p.get("last_success") else "never"
                 click.echo(f"{p['prefix']}: {counts}; last completed scan {when}")
-        failing = any(s in ("corrupt", "missing", "drift", "incomplete", "unsafe")
-                      for p in doc["prefixes"] for s in p["counts"])
+        failing = any(s in FAILURES for p in doc["prefixes"] for s in p["counts"])
         return 1 if failing else 0
 
     _run(body)

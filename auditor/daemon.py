@@ -20,6 +20,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
+from auditor.api import build_options
 from auditor.backends import backend_for
 from auditor.config import Config, PrefixConfig, ScanConfig
 from auditor.errors import ConfigError, StorageError, UsageError
@@ -27,21 +28,10 @@ from auditor.http import PrefixSummary, Server
 from auditor.layouts import Checkpoint
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
 from auditor.metrics import Metrics
+from auditor.model import FAILURES, TIERS, Finding, ScanResult, Severity, Status, Tier, Verdict, decide
 from auditor.state import Seal, State, fingerprint, open_state
 from auditor.storage import DeadlineExceeded, Throttle, open_url
-from auditor.api import build_options
-from auditor.verify import (
-    FAILURES,
-    Finding,
-    Options,
-    Scanner,
-    ScanResult,
-    Verdict,
-    decide,
-    is_pending,
-    list_prefix,
-    load_manifest,
-)
+from auditor.verify import Options, Scanner, is_pending, list_prefix, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +101,10 @@ class PrefixWorker:
         self.url = pcfg.url
         self.fs, self.root = open_url(pcfg.url, pcfg.storage_options)
         self.lock = threading.Lock()  # a rescan job and a tick never run over one prefix at once
-        self.options = {tier: scan_options(tier, scan) for tier in ("metadata", "content", "probe")}
+        self.options: dict[str, Options] = {tier: scan_options(tier, scan) for tier in Tier}
         for opts in self.options.values():
             opts.baseline = state.baseline_lookup(self.url)
-        self.scanner = Scanner(self.fs, self.options["content"], jobs=scan.jobs, throttle=throttle,
+        self.scanner = Scanner(self.fs, self.options[Tier.CONTENT], jobs=scan.jobs, throttle=throttle,
                                on_bytes=on_bytes, stop=stop, list_jobs=scan.list_jobs,
                                file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout)
         # Checkpoints of the current pass that were sealed once and have lost their manifest.
@@ -247,7 +237,7 @@ class Daemon:
         """Make a pass that died visible: scan_up 0 and an error counted, not yesterday's green gauges."""
         self.metrics.scan_failed(url)
         try:
-            self.state.record_scan_end(url, "metadata", started, False, f"pass failed: {type(e).__name__}: {e}", {})
+            self.state.record_scan_end(url, Tier.METADATA, started, False, f"pass failed: {type(e).__name__}: {e}", {})
         except Exception:  # noqa: BLE001 - the database may be what failed; the metrics already say so
             logger.warning("could not record the failed pass over %s", url, exc_info=True)
 
@@ -258,7 +248,7 @@ class Daemon:
             found = worker.inside(list_prefix(worker.scanner.reader, worker.root, url))
         except StorageError as e:
             self.metrics.scan_failed(url)
-            self.state.record_scan_end(url, "metadata", started, False, str(e), {})
+            self.state.record_scan_end(url, Tier.METADATA, started, False, str(e), {})
             logger.warning("cannot list %s: %s", url, e, extra={"event": "scan", "prefix": url, "status": "error"})
             return
         known = self.state.observe(url, found, now=started)
@@ -266,7 +256,7 @@ class Daemon:
         self.metrics.prefix_scan_up.labels(prefix=url).set(1)
         errors = 0
         # Metadata for everything: cheap (list, stat, manifest), and it notices changes early.
-        meta = worker.scanner.run(found, options_for=lambda ck: worker.options["metadata"], stop=self.stop_event)
+        meta = worker.scanner.run(found, options_for=lambda ck: worker.options[Tier.METADATA], stop=self.stop_event)
         for v in meta:
             errors += self._record(worker, v)
         # Deep work by due date; suspects (failed, errored, rewritten, never verified) first.
@@ -291,7 +281,7 @@ class Daemon:
         if completed:
             self.metrics.last_success.labels(prefix=url).set(finished)
             self.metrics.scan_duration.labels(prefix=url).set(finished - started)
-        self.state.record_scan_end(url, "metadata" if not due else "content", started, True,
+        self.state.record_scan_end(url, Tier.METADATA if not due else Tier.CONTENT, started, True,
                                    None if completed else f"{errors} storage error(s)", summary)
         logger.info("pass over %s: %d checkpoints, %d deep checks, %.1fs", url, len(found), len(due),
                     finished - started, extra={"event": "scan", "prefix": url, "checkpoints": len(found),
@@ -312,12 +302,12 @@ class Daemon:
             if k is None or is_pending(ck, worker.scan.settle_time, now):
                 continue
             never = k.due_content is None
-            suspect = k.suspect or k.status in FAILURES or k.status == "error"
+            suspect = k.suspect or k.status in FAILURES or k.status == Status.ERROR
             if never or suspect or k.due_content <= now:
-                tier = "probe" if ck.manifest_path and (k.due_probe is None or k.due_probe <= now) else "content"
+                tier = Tier.PROBE if ck.manifest_path and (k.due_probe is None or k.due_probe <= now) else Tier.CONTENT
                 due.append((0 if suspect else 1, k.due_content or 0.0, ck, tier))
             elif ck.manifest_path and k.due_probe is not None and k.due_probe <= now:
-                due.append((1, k.due_probe, ck, "probe"))
+                due.append((1, k.due_probe, ck, Tier.PROBE))
         due.sort(key=lambda d: (d[0], d[1]))
         return [(ck, tier) for _, _, ck, tier in due]
 
@@ -372,7 +362,7 @@ class Daemon:
     def _lost_manifest(verdict: Verdict, seal: Seal) -> None:
         """Judge a checkpoint that was sealed and has lost its manifest: `missing`, with the bytes
         compared with the remembered entries where the state database has them."""
-        if verdict.status in ("error", "pending"):
+        if verdict.status in (Status.ERROR, Status.PENDING):
             return
         # The baseline hook hands out the remembered entries first, so a baseline was those.
         remembered = seal.has_files and any(f.code == "baseline_first_sight" for f in verdict.findings)
@@ -382,10 +372,10 @@ class Daemon:
         kept = [f for f in verdict.findings if f.code not in noise]
         how = "bytes compared with the digests of its last sealed manifest" if remembered else \
             "its sealed digests were never recorded, so its bytes were not compared with them"
-        kept.insert(0, Finding("file_missing", "error", name,
+        kept.insert(0, Finding.error("file_missing", name,
                                f"sealed at {seal.when()} but its manifest is gone; {how}"))
         if remembered:
-            kept.append(Finding("remembered_manifest", "info", None,
+            kept.append(Finding.info("remembered_manifest", None,
                                 "compared with the file entries the state database kept from the last sealed manifest"))
         verdict.findings[:] = kept
         verdict.status = decide(kept)
@@ -393,16 +383,16 @@ class Daemon:
     def _record(self, worker: PrefixWorker, verdict: Verdict) -> int:
         """Store one verdict with its next due dates; return 1 if it was a storage error."""
         url, scan = worker.url, worker.scan
-        if verdict.status == "error" and self.stop_event.is_set():
+        if verdict.status == Status.ERROR and self.stop_event.is_set():
             return 0  # abandoned at shutdown: not a storage error, nothing learned
         seal = worker.lost_seals.get(verdict.url)
         if seal is not None:
             self._lost_manifest(verdict, seal)
         now = time.time()
         due_content = due_probe = None
-        if verdict.tier != "metadata" and verdict.status not in ("error", "pending"):
+        if verdict.tier != Tier.METADATA and verdict.status not in (Status.ERROR, Status.PENDING):
             due_content = now + jittered(scan.deep_interval, scan.jitter)
-            if verdict.tier == "probe":
+            if verdict.tier == Tier.PROBE:
                 due_probe = now + jittered(scan.probe_interval, scan.jitter)
         overall = self.state.record(url, verdict, due_content=due_content, due_probe=due_probe, now=now)
         self.metrics.verifications.labels(prefix=url, tier=verdict.tier, result=verdict.status).inc()
@@ -411,8 +401,8 @@ class Daemon:
                    extra={"event": "verdict", "prefix": url, "checkpoint": verdict.url, "tier": verdict.tier,
                           "status": verdict.status, "overall": overall,
                           "duration_seconds": round(verdict.duration_seconds, 3),
-                          "findings": [f.code for f in verdict.findings if f.severity != "info"]})
-        if verdict.status == "error":
+                          "findings": [f.code for f in verdict.findings if f.severity != Severity.INFO]})
+        if verdict.status == Status.ERROR:
             self.metrics.scan_errors.labels(prefix=url).inc()
             return 1
         return 0
@@ -455,7 +445,7 @@ class Daemon:
 
     def submit_rescan(self, prefix: object, tier: str | None) -> Job:
         """Queue a rescan of a configured prefix (or a folder under it); return its job."""
-        if tier is not None and tier not in ("metadata", "content", "probe"):
+        if tier is not None and tier not in TIERS:
             raise UsageError(f"tier {tier!r} is not one of metadata, content, probe")
         worker = self.worker_for(prefix)
         job = Job(uuid.uuid4().hex[:12], normalise_prefix(prefix), tier)

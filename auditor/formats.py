@@ -19,6 +19,7 @@ from auditor import safejson, zipcheck
 from auditor.digests import Span
 from auditor.manifest import PathOutsideCheckpoint, check_relpath
 from auditor.storage import Reader
+from auditor.zipcheck import ZIP_MAGIC
 
 # The safetensors library's own limits (MAX_HEADER_SIZE, and serde_json's recursion limit of 128
 # nested values: 127 levels of arrays/objects parse, the 128th is refused).
@@ -89,7 +90,7 @@ def parse_safetensors_header(reader: Reader, path: str, size: int) -> Safetensor
     return _validate_header(path, metadata, specs, 8 + n, size)
 
 
-class _Object(list):  # type: ignore[type-arg]
+class _Object(list[tuple[str, Any]]):
     """A JSON object as its (key, value) pairs in order, duplicates kept (serde sees them all)."""
 
 
@@ -292,7 +293,7 @@ def check_zip(reader: Reader, path: str) -> list[str]:
 
 def is_zip(reader: Reader, path: str, size: int) -> bool:
     """Tell whether a file starts like a zip archive (torch.save's default format)."""
-    return size >= 4 and reader.read(path, 0, 4) == b"PK\x03\x04"
+    return size >= 4 and reader.read(path, 0, len(ZIP_MAGIC)) == ZIP_MAGIC
 
 
 def parse_index(reader: Reader, path: str) -> dict[str, str]:

@@ -7,10 +7,9 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
 from auditor import __version__
+from auditor.model import FAILURES, TIERS, Status
 
-FAILURE_STATUSES = frozenset({"corrupt", "missing", "drift", "incomplete", "unsafe"})
-STATUSES = ("ok", "corrupt", "missing", "drift", "incomplete", "unsafe", "unverifiable", "pending", "error")
-TIERS = ("metadata", "content", "probe")
+STATUSES = Status.values()
 
 
 class Metrics:
@@ -71,7 +70,7 @@ class Metrics:
         """Publish the latest-status counts of one prefix."""
         for status in STATUSES:
             self.checkpoints.labels(prefix=prefix, status=status).set(counts.get(status, 0))
-        self.verify_failures.labels(prefix=prefix).set(sum(counts.get(s, 0) for s in FAILURE_STATUSES))
+        self.verify_failures.labels(prefix=prefix).set(sum(counts.get(s, 0) for s in FAILURES))
 
     def scan_up(self) -> dict[str, float]:
         """Each prefix's ckpt_prefix_scan_up value, read the way a scrape reads it (the collector interface)."""

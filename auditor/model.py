@@ -15,12 +15,14 @@ from auditor.errors import UsageError
 from auditor.manifest import FileEntry
 
 
-
 class _Word(str, Enum):
     """A word of the contract: compares, hashes, formats and serialises as its plain string."""
 
-    __str__ = str.__str__
-    __format__ = str.__format__
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
     @classmethod
     def values(cls) -> tuple[str, ...]:

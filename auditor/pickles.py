@@ -29,14 +29,16 @@ import tarfile
 import threading
 import zipfile
 import zlib
+
+# pickle.Unpickler renames Python 2 modules with these tables; the scan must name what it imports.
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, cast
 
-# pickle.Unpickler renames Python 2 modules with these tables; the scan must name what it imports.
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from auditor.zipcheck import ZIP_MAGIC
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +88,6 @@ TORCHSCRIPT_ARCHIVE = "<TorchScript archive>"
 # torch.serialization.MAGIC_NUMBER and PROTOCOL_VERSION: the first two pickles of a legacy stream.
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 TORCH_LEGACY_PROTOCOL = 1001
-_ZIP_MAGIC = b"PK\x03\x04"
 _TAR_BLOCK = 512
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
@@ -1346,7 +1347,7 @@ def _read_member(f: IO[bytes], member: _Member, label: str, size: int, max_bytes
         raise UnsafePickleError(where, [], [f"{member.size} bytes exceeds the {max_bytes}-byte limit"])
     f.seek(member.offset)
     header = f.read(_LOCAL_HEADER.size)
-    if len(header) != _LOCAL_HEADER.size or header[:4] != _ZIP_MAGIC:
+    if len(header) != _LOCAL_HEADER.size or header[:4] != ZIP_MAGIC:
         raise UnsafePickleError(where, [], ["no local file header at the member's offset"])
     fields = _LOCAL_HEADER.unpack(header)
     start = member.offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
@@ -1523,7 +1524,7 @@ def read_torch_skeleton_from(
     if not head:
         raise UnknownFormatError(f"{label}: empty file")
     # torch.load decides zip or legacy by these first bytes alone (torch.serialization._is_zipfile).
-    if head.startswith(_ZIP_MAGIC):
+    if head.startswith(ZIP_MAGIC):
         return _zip_skeleton(f, label, size, max_pickle_bytes, limits, writer_classes)
     if len(head) == _TAR_BLOCK and _is_tar(head):
         # torch.load would unpickle members of this pre-1.0 format without weights_only.

@@ -31,9 +31,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from auditor.digests import run_config_sha256
+from auditor.model import Status
 
 TOTAL_STEP_KEYS = ("total_steps", "max_steps", "num_training_steps", "train_steps")
 INTERVAL_KEYS = ("save_steps", "save_interval", "checkpoint_interval", "save_every", "every_n_train_steps")
+# The status of a checkpoint no verification has judged yet (not a verdict: nothing looked).
+UNKNOWN = "unknown"
 KEEP = "keep"
 DELETE = "delete"
 
@@ -141,7 +144,7 @@ def _bucket_keepers(items: list[Item], width: int) -> set[str]:
     for item in items:
         if item.step is not None:
             buckets.setdefault(item.step // width, []).append(item)
-    return {min(members, key=lambda i: (i.status != "ok", i.step, i.url)).url for members in buckets.values()}
+    return {min(members, key=lambda i: (i.status != Status.OK, i.step, i.url)).url for members in buckets.values()}
 
 
 def _before_changes(items: list[Item]) -> dict[str, int]:
@@ -157,7 +160,7 @@ def _percent(fraction: float) -> str:
 def plan_run(items: list[Item], policy: RetentionConfig) -> list[Decision]:
     """Decide keep or delete for every checkpoint of one run, with every reason that applies."""
     ordered = sorted(items, key=lambda i: (i.step is None, i.step or 0, i.url))
-    ok = [i for i in ordered if i.status == "ok" and i.step is not None]
+    ok = [i for i in ordered if i.status == Status.OK and i.step is not None]
     newest_ok = ok[-1].step if ok else None
     protected_ok = {i.url for i in ok[-policy.keep_newest_ok:]}
     length = run_length(items)
@@ -194,10 +197,10 @@ def _protections(item: Item, newest_ok: int | None, protected_ok: set[str], poli
     reasons = []
     if item.step is None:
         reasons.append("step unknown: cannot place it in the run")
-    if item.status == "pending":
+    if item.status == Status.PENDING:
         reasons.append("pending: not committed yet")
-    elif item.status in ("error", "unknown"):
-        reasons.append("not verified yet: its verification could not complete" if item.status == "error"
+    elif item.status in (Status.ERROR, UNKNOWN):
+        reasons.append("not verified yet: its verification could not complete" if item.status == Status.ERROR
                        else "not verified yet")
     if newest_ok is None:
         reasons.append("the run has no verified-ok checkpoint: nothing is deleted until it has a recovery point")

@@ -26,6 +26,7 @@ from fsspec import AbstractFileSystem
 from auditor import completeness, formats
 from auditor.digests import digest_chunks, run_config_sha256
 from auditor.errors import StorageError, UsageError
+from auditor.integrity import sanitise
 from auditor.layouts import Checkpoint
 from auditor.manifest import (
     MANIFEST_NAME,
@@ -42,7 +43,7 @@ from auditor.manifest import (
 )
 from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import Reader, is_local, open_url, upload_options
-from auditor.verify import locate, sanitise
+from auditor.verify import locate
 
 logger = logging.getLogger(__name__)
 

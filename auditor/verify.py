@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import struct
 import threading
 import time
@@ -16,25 +15,11 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from auditor import formats, layouts, pickles, safejson
+from auditor import completeness, formats, integrity, layouts
 from auditor.backends import backend_for
-from auditor.completeness import CompletenessResult
 from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
-from auditor.model import (  # noqa: F401 - re-exported: callers still import the vocabulary from here
-    COVERAGE_OF,
-    FAILURES,
-    STATUS_OF_CODE,
-    STATUS_PRIORITY,
-    TIERS,
-    Assurance,
-    Finding,
-    ScanResult,
-    Verdict,
-    decide,
-    result_from_dict,
-)
 from auditor.manifest import (
     MAX_MANIFEST_BYTES,
     FileEntry,
@@ -44,7 +29,20 @@ from auditor.manifest import (
     parse_manifest,
     safe_join,
 )
-from auditor.pickles import TORCH_SUFFIXES
+from auditor.model import (
+    COVERAGE_OF,
+    STATUS_OF_CODE,
+    TIERS,
+    Assurance,
+    Finding,
+    ScanResult,
+    Severity,
+    Status,
+    Tier,
+    Verdict,
+    decide,
+)
+from auditor.probe import Prober
 from auditor.storage import (
     CHECKPOINT_TIMEOUT,
     FILE_TIMEOUT,
@@ -55,8 +53,8 @@ from auditor.storage import (
     ShortRead,
     StorageFault,
     Throttle,
-    object_version,
 )
+from auditor.zipcheck import ZIP_MAGIC
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +62,16 @@ logger = logging.getLogger(__name__)
 class Options:
     """How deep and how strictly to verify."""
 
-    tier: str = "content"
+    tier: str = Tier.CONTENT
     strict: bool = False
     settle_seconds: float = 0.0
     probe_auto: bool = True  # run the probe tier too where the manifest has a probe
-    # hooks filled in by other modules; each returns findings
-    probe: Callable[[Reader, Checkpoint, Manifest], list[Finding]] | None = None
-    # returns a CompletenessResult (findings, files parsed completely, step found); a plain list of
-    # findings is accepted too
-    completeness: Callable[[Reader, Checkpoint, Manifest | None, str], CompletenessResult | list[Finding]] | None = None
-    server_checksums: Callable[[Reader, str, dict[str, Any], FileEntry], Finding | None] | None = None
+    # Runs a manifest's probe under the operator's factory policy; None: the probe tier checks nothing.
+    prober: Prober | None = None
+    # Training-state components every checkpoint must hold, beyond what its writer provably wrote.
+    require: list[str] | None = None
+    # The daemon's trust-on-first-use digests for a checkpoint without a manifest: the engine does
+    # not read the state database, the daemon passes its lookup in.
     baseline: Callable[[Checkpoint], dict[str, FileEntry] | None] | None = None
     # A verdict that proved less than this is `unverifiable` (a failure for CI gates).
     require_assurance: Assurance | None = None
@@ -114,13 +112,13 @@ class Context:
                 try:
                     out.append((rel, task.result(self.until)))
                 except PathHazard as e:
-                    out.append((rel, Finding(e.code, "error", rel, e.detail)))
+                    out.append((rel, Finding.error(e.code, rel, e.detail)))
                 except (DeadlineExceeded, ShortRead) as e:
                     # This one object hangs or answers short; the others may be fine: go on with them.
-                    out.append((rel, Finding("storage_error", "error", rel, str(e))))
+                    out.append((rel, Finding.error("storage_error", rel, str(e))))
                 except struct.error as e:
                     # A read that came back short after the store confirmed the object shrank.
-                    out.append((rel, Finding("truncated", "error", rel, f"ends early: {e}")))
+                    out.append((rel, Finding.error("truncated", rel, f"ends early: {e}")))
         except BaseException:
             # Any other storage fault ends the checkpoint's check at once, as an outage would: one
             # backend timeout per checkpoint, not one per file (Scanner._guarded then asks the store).
@@ -128,7 +126,6 @@ class Context:
                 kid.abort("checkpoint check ended early")
             raise
         return out
-
 
 
 def load_manifest(reader: Reader, ck: Checkpoint) -> Manifest:
@@ -146,28 +143,28 @@ def verify_checkpoint(ck: Checkpoint, ctx: Context) -> Verdict:
     started = time.monotonic()
     reader = ctx.reader.child()
     findings: list[Finding] = []
-    verdict = Verdict(ck.url, ck.run, ck.step, ck.layout, "ok", findings, tier=ctx.options.tier)
+    verdict = Verdict(ck.url, ck.run, ck.step, ck.layout, Status.OK, findings, tier=ctx.options.tier)
     try:
         checked_any = _verify(ck, reader, ctx, findings, verdict)
-        if any(f.code == "object_rewritten" for f in findings) and any(f.severity == "error" for f in findings):
+        if any(f.code == "object_rewritten" for f in findings) and any(f.severity == Severity.ERROR for f in findings):
             # Rewritten while we read it (a re-save in progress): judge the checkpoint as it is now,
             # manifest included, once, rather than the mix of old listing and new bytes.
             fresh = locate(reader, ck.path, ck.url)
             findings.clear()
-            findings.append(Finding("checkpoint_rewritten", "warning", None, "rewritten during the check; re-verified"))
+            findings.append(Finding.warning("checkpoint_rewritten", None, "rewritten during the check; re-verified"))
             checked_any = _verify(fresh, reader, ctx, findings, verdict)
         verdict.status = decide(findings, checked_any=checked_any)
         _require(verdict, ctx.options.require_assurance)
-        if verdict.status == "unverifiable" and ctx.options.strict:
-            findings.append(Finding("unverifiable", "info", None, "--strict counts unverifiable as a failure"))
+        if verdict.status == Status.UNVERIFIABLE and ctx.options.strict:
+            findings.append(Finding.info("unverifiable", None, "--strict counts unverifiable as a failure"))
     except PathHazard as e:
-        finding = Finding(e.code, "error", _rel_to(ck, e.path), e.detail)
+        finding = Finding.error(e.code, _rel_to(ck, e.path), e.detail)
         if not any(f.code == finding.code and f.file == finding.file for f in findings):
             findings.append(finding)
         verdict.status = decide(findings)
     except (StorageFault, StorageError) as e:
-        findings.append(Finding("storage_error", "error", None, str(e)))
-        verdict.status = "error"
+        findings.append(Finding.error("storage_error", None, str(e)))
+        verdict.status = Status.ERROR
         verdict.assurance = Assurance.NONE.value
     verdict.bytes_read = reader.bytes_read
     verdict.duration_seconds = time.monotonic() - started
@@ -183,7 +180,7 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     """Append findings; return whether any check with a reference applied."""
     tier = ctx.options.tier
     manifest: Manifest | None = None
-    ck, hazards = sanitise(ck)
+    ck, hazards = integrity.sanitise(ck)
     findings += hazards
     if ck.manifest_path:
         try:
@@ -194,31 +191,31 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
                 return True
             manifest = got
         except FileNotFoundError:
-            findings.append(Finding("file_missing", "error", _name(ck.manifest_path), "manifest vanished"))
+            findings.append(Finding.error("file_missing", _name(ck.manifest_path), "manifest vanished"))
             return True
         except PathHazard as e:
-            findings.append(Finding(e.code, "error", _name(ck.manifest_path), f"manifest: {e.detail}"))
+            findings.append(Finding.error(e.code, _name(ck.manifest_path), f"manifest: {e.detail}"))
             return True
         except ManifestInvalid as e:
-            findings.append(Finding("manifest_invalid", "error", _name(ck.manifest_path), str(e)))
+            findings.append(Finding.error("manifest_invalid", _name(ck.manifest_path), str(e)))
             return True
         if manifest.step is not None:
             verdict.step = manifest.step
     if manifest is None:
         for rel, why in ck.expected_absent.items():
-            findings.append(Finding("file_missing", "error", rel, why))
+            findings.append(Finding.error("file_missing", rel, why))
         baseline = ctx.options.baseline(ck) if ctx.options.baseline else None
         if baseline is not None:
             entries = list(baseline.values())
-            findings.append(Finding("baseline_first_sight", "info", None,
+            findings.append(Finding.info("baseline_first_sight", None,
                                     "compared with digests recorded at first sight, not with a sealed manifest"))
             _check_listed(ck, reader, ctx, entries, None, findings, verdict)
             _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.BASELINE, findings)
-            if tier != "metadata":
+            if tier != Tier.METADATA:
                 _completeness(ck, reader, ctx, None, findings, verdict)
             return True
-        if tier == "metadata":
-            findings.append(Finding("no_manifest", "info", None,
+        if tier == Tier.METADATA:
+            findings.append(Finding.info("no_manifest", None,
                                     "no manifest: the metadata tier proves existence only"))
             _assure(verdict, ck, reader, ctx, set(), Assurance.EXISTENCE, findings)
             return False
@@ -230,37 +227,33 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
                 findings)
         _digest_unsealed(ck, reader, ctx, verdict)
         if checked:
-            findings.append(Finding("structural_only", "info", None,
+            findings.append(Finding.info("structural_only", None,
                                     "no manifest: checked structurally only (formats, indexes), not against digests"))
         return checked
 
     bad = manifest.unsafe_paths()
     for path in bad:
-        findings.append(Finding("path_outside_checkpoint", "error", path, f"manifest path {path!r} leaves the checkpoint"))
+        findings.append(Finding.error("path_outside_checkpoint", path, f"manifest path {path!r} leaves the checkpoint"))
     entries = [f for f in manifest.files if f.path not in bad]
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
     _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
-    if tier != "metadata":
+    if tier != Tier.METADATA:
         _completeness(ck, reader, ctx, manifest, findings, verdict)
-    wants_probe = tier == "probe" or (ctx.options.probe_auto and tier == "content" and manifest.probe is not None)
-    if wants_probe and manifest.probe is not None and ctx.options.probe and not _blocking(findings):
-        findings += ctx.options.probe(reader, ck, manifest)
-    elif tier == "probe" and manifest.probe is None:
-        findings.append(Finding("no_probe", "info", None, "the manifest records no probe; probe tier skipped"))
+    wants_probe = tier == Tier.PROBE or (ctx.options.probe_auto and tier == Tier.CONTENT and manifest.probe is not None)
+    if wants_probe and manifest.probe is not None and ctx.options.prober and not _blocking(findings):
+        findings += ctx.options.prober.check(reader, ck, manifest)
+    elif tier == Tier.PROBE and manifest.probe is None:
+        findings.append(Finding.info("no_probe", None, "the manifest records no probe; probe tier skipped"))
     return True
 
 
 def _completeness(ck: Checkpoint, reader: Reader, ctx: Context, manifest: Manifest | None, findings: list[Finding],
                   verdict: Verdict) -> set[str]:
-    """Run the completeness hook; take its step as the verdict's; return the files it parsed completely."""
-    hook = ctx.options.completeness
+    """Check training-state completeness; take its step as the verdict's; return the files it parsed completely."""
     # Completeness opens files by name: not once a hazard (FIFO, link out) is known to be there.
-    if hook is None or _hazardous(findings):
+    if integrity.hazardous(findings):
         return set()
-    result = hook(reader, ck, manifest, ctx.options.tier)
-    if isinstance(result, list):
-        findings += result
-        return set()
+    result = completeness.check_checkpoint(reader, ck, manifest, require=ctx.options.require)
     findings += result.findings
     verdict.step = result.step
     return {rel for rel in result.parsed if rel in ck.files}
@@ -269,8 +262,8 @@ def _completeness(ck: Checkpoint, reader: Reader, ctx: Context, manifest: Manife
 def _assure(verdict: Verdict, ck: Checkpoint, reader: Reader, ctx: Context, proven: set[str], level: Assurance,
             findings: list[Finding]) -> None:
     """Record what the check compared the checkpoint's files with, and how many bytes each way."""
-    if ctx.options.tier == "metadata" and level in (Assurance.SEALED, Assurance.BASELINE):
-        compared = ctx.options.server_checksums is not None and reader.backend.has_server_checksums
+    if ctx.options.tier == Tier.METADATA and level in (Assurance.SEALED, Assurance.BASELINE):
+        compared = reader.backend.has_server_checksums
         uncompared = any(f.code == "no_server_checksum" for f in findings)
         level = Assurance.SERVER_CHECKSUM if compared and not uncompared else Assurance.EXISTENCE
     verdict.assurance = level.value
@@ -283,70 +276,17 @@ def _assure(verdict: Verdict, ck: Checkpoint, reader: Reader, ctx: Context, prov
 
 def _require(verdict: Verdict, required: Assurance | None) -> None:
     """Turn an `ok` that proved less than required into `unverifiable`, naming both levels."""
-    if required is None or verdict.status not in ("ok", "unverifiable"):
+    if required is None or verdict.status not in (Status.OK, Status.UNVERIFIABLE):
         return
     if Assurance(verdict.assurance).rank < required.rank:
-        verdict.findings.append(Finding("assurance_below_required", "error", None,
+        verdict.findings.append(Finding.error("assurance_below_required", None,
                                         f"checked at assurance {verdict.assurance}, {required.value} required"))
-        verdict.status = "unverifiable"
-
-
-def sanitise(ck: Checkpoint) -> tuple[Checkpoint, list[Finding]]:
-    """Take the files that must never be opened out of a checkpoint; return it and their findings.
-
-    The local listing marks FIFOs, sockets, devices, links to folders and unresolvable links with a
-    `hazard`; a symlink to a regular file is followed only if its target stays inside the checkpoint.
-    """
-    findings: list[Finding] = []
-    clean: dict[str, dict[str, Any]] = {}
-    inside: str | None = None
-    for rel, info in ck.files.items():
-        target = info.get("target")
-        if target is not None:
-            # Leaving the checkpoint is named first: a link to /dev/zero is an escape before it is a device.
-            inside = inside or os.path.realpath(ck.root)
-            if not _within(str(target), inside):
-                findings.append(Finding("path_outside_checkpoint", "error", rel,
-                                        f"a symbolic link to {target!r}, outside the checkpoint; not followed"))
-                continue
-        code = info.get("hazard")
-        if code:
-            findings.append(Finding(str(code), "error", rel, str(info.get("hazard_detail") or code)))
-            continue
-        clean[rel] = info
-    if not findings:
-        return ck, []
-    return dataclasses.replace(ck, files=clean), findings
-
-
-HAZARDS = frozenset({"special_file", "path_unresolvable", "path_outside_checkpoint"})
-
-
-def _hazardous(findings: list[Finding]) -> bool:
-    # Completeness opens the files the manifest names by name: not once one of them must not be opened.
-    return any(f.code in HAZARDS and f.severity == "error" for f in findings)
-
-
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
+        verdict.status = Status.UNVERIFIABLE
 
 
 def _read_manifest(reader: Reader, ck: Checkpoint) -> Manifest:
-    _refuse_odd_manifest(reader, ck)
+    integrity.refuse_odd_manifest(reader, ck)
     return load_manifest(reader, ck)
-
-
-def _refuse_odd_manifest(reader: Reader, ck: Checkpoint) -> None:
-    """On local disk, refuse a manifest that is a special file or a link out of the checkpoint."""
-    if not reader.local or not ck.manifest_path:
-        return
-    info = reader.info(ck.manifest_path)
-    if info.get("hazard"):
-        raise PathHazard(str(info["hazard"]), ck.manifest_path, str(info.get("hazard_detail")))
-    target = info.get("target")
-    if target is not None and not _within(str(target), os.path.realpath(ck.root)):
-        raise PathHazard("path_outside_checkpoint", ck.manifest_path,
-                         f"a symbolic link to {target!r}, outside the checkpoint; not followed")
 
 
 def _rel_to(ck: Checkpoint, path: str) -> str:
@@ -356,7 +296,7 @@ def _rel_to(ck: Checkpoint, path: str) -> str:
 
 def _blocking(findings: list[Finding]) -> bool:
     # The probe loads weights: pointless, and possibly unsafe, once bytes are known bad.
-    return any(f.severity == "error" and STATUS_OF_CODE.get(f.code) in ("corrupt", "missing", "unsafe", "error")
+    return any(f.severity == Severity.ERROR and STATUS_OF_CODE.get(f.code) in (Status.CORRUPT, Status.MISSING, Status.UNSAFE, Status.ERROR)
                for f in findings)
 
 
@@ -378,16 +318,16 @@ def _check_listed(
     listed = {f"{root}/{rel}": info for rel, info in ck.files.items()}
     expected = {e.path for e in entries}
     if ck.kind == "dir":
-        extra = sorted(set(ck.files) - expected - _probe_paths(manifest))
+        extra = sorted(set(ck.files) - expected - integrity.probe_paths(manifest))
         for rel in extra:
-            findings.append(Finding("unlisted_file", "warning", rel, "file present but not in the manifest"))
+            findings.append(Finding.warning("unlisted_file", rel, "file present but not in the manifest"))
     to_digest: list[tuple[FileEntry, str, dict[str, Any]]] = []
     uncompared: list[str] = []
     for entry in entries:
         try:
             path = safe_join(root, entry.path)
         except PathOutsideCheckpoint:
-            findings.append(Finding("path_outside_checkpoint", "error", entry.path, "path leaves the checkpoint"))
+            findings.append(Finding.error("path_outside_checkpoint", entry.path, "path leaves the checkpoint"))
             continue
         info = listed.get(path)
         if info is None:
@@ -395,34 +335,34 @@ def _check_listed(
             try:
                 info = reader.info(path)
             except FileNotFoundError:
-                findings.append(Finding("file_missing", "error", entry.path, "listed in the manifest but absent"))
+                findings.append(Finding.error("file_missing", entry.path, "listed in the manifest but absent"))
                 continue
             except PathHazard as e:
-                findings.append(Finding(e.code, "error", entry.path, e.detail))
+                findings.append(Finding.error(e.code, entry.path, e.detail))
                 continue
-            fresh, odd = sanitise(dataclasses.replace(ck, files={entry.path: info}))
+            fresh, odd = integrity.sanitise(dataclasses.replace(ck, files={entry.path: info}))
             if odd:
                 findings += odd
                 continue
         size = int(info.get("size") or 0)
         if size < entry.size:
-            findings.append(Finding("truncated", "error", entry.path, f"{size} bytes, sealed with {entry.size}"))
+            findings.append(Finding.error("truncated", entry.path, f"{size} bytes, sealed with {entry.size}"))
             continue
         if size > entry.size:
-            findings.append(Finding("size_mismatch", "error", entry.path, f"{size} bytes, sealed with {entry.size}"))
+            findings.append(Finding.error("size_mismatch", entry.path, f"{size} bytes, sealed with {entry.size}"))
             continue
-        if ctx.options.server_checksums and ctx.options.tier == "metadata":
-            finding = ctx.options.server_checksums(reader, path, info, entry)
+        if ctx.options.tier == Tier.METADATA:
+            finding = integrity.compare_server_checksum(reader, path, info, entry)
             if finding is not None and finding.code == "no_server_checksum":
                 uncompared.append(entry.path)
             elif finding is not None:
                 findings.append(finding)
-                if finding.severity == "error":
+                if finding.severity == Severity.ERROR:
                     continue
-        if ctx.options.tier != "metadata":
+        if ctx.options.tier != Tier.METADATA:
             to_digest.append((entry, path, info))
     if uncompared:
-        findings.append(Finding("no_server_checksum", "info", None,
+        findings.append(Finding.info("no_server_checksum", None,
                                 f"{len(uncompared)} of {len(entries)} file(s) have no comparable server-side checksum: "
                                 "the metadata tier proves their existence and size only"))
     work = [(entry.path, _bind_digest(entry, path, manifest, info)) for entry, path, info in to_digest]
@@ -435,74 +375,7 @@ def _check_listed(
 
 def _bind_digest(entry: FileEntry, path: str, manifest: Manifest | None, info: dict[str, Any]
                  ) -> Callable[[Reader], list[Finding]]:
-    return lambda reader: _digest_one(reader, entry, path, manifest, info)
-
-
-def _probe_paths(manifest: Manifest | None) -> set[str]:
-    if manifest is None or manifest.probe is None:
-        return set()
-    return {manifest.probe.batch.path, manifest.probe.outputs.reference}
-
-
-def _digest_one(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | None,
-                info: dict[str, Any] | None = None) -> list[Finding]:
-    """Digest one file against its entry; narrow a mismatch down to tensors or zip members."""
-    size = int((info or {}).get("size") or entry.size)
-    try:
-        got = digest_chunks(reader.iter_chunks(path, size=size))
-    except FileNotFoundError:
-        # Gone between listing and reading: ask again before saying so.
-        try:
-            reader.info(path)
-        except FileNotFoundError:
-            return [Finding("file_missing", "error", entry.path, "vanished between listing and reading")]
-        got = digest_chunks(reader.iter_chunks(path))
-    if got.size == entry.size and got.sha256 == entry.sha256 and got.crc32c == entry.crc32c:
-        return []
-    if got.size < entry.size:
-        return [Finding("truncated", "error", entry.path, f"read {got.size} bytes, sealed with {entry.size}")]
-    # Read once more before calling it corrupt, pinned to the version listed where the store has
-    # versions; an object rewritten since listing is judged by what it is now.
-    listed = object_version(info or {})
-    now = reader.info(path)
-    pin = reader.backend.pinned_read_options(now) if listed and object_version(now) == listed else {}
-    note = [] if not listed or object_version(now) == listed else [
-        Finding("object_rewritten", "warning", entry.path, f"rewritten since listing ({listed} -> {object_version(now)})")]
-    again = digest_chunks(reader.iter_chunks(path, size=int(now.get("size") or size), **pin))
-    if again.sha256 == entry.sha256 and again.size == entry.size:
-        logger.warning("digest of %s matched on re-read; first read was inconsistent", path)
-        return note + [Finding("reread_matched", "warning", entry.path, "first read mismatched, second matched")]
-    # The narrowed findings come first: they name what changed.
-    return note + _narrow(reader, entry, path, manifest, again.size) + [
-        Finding("digest_mismatch", "error", entry.path, f"sha256 {again.sha256}, sealed {entry.sha256}")
-    ]
-
-
-def _narrow(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | None, size: int) -> list[Finding]:
-    """Name the tensors (safetensors) or members (zip) that changed."""
-    if path.endswith(".safetensors"):
-        try:
-            header = formats.parse_safetensors_header(reader, path, size)
-        except formats.FormatError as e:
-            return [Finding(e.code, "error", entry.path, str(e))]
-        sealed = (manifest.tensors or {}).get(entry.path) if manifest else None
-        if not sealed:
-            return []
-        got = digest_chunks(reader.iter_chunks(path), header.spans()).tensors
-        out = []
-        for name, t in sorted(sealed.items()):
-            if name not in got:
-                out.append(Finding("tensor_digest_mismatch", "error", entry.path, f"tensor {name!r} is gone from the header"))
-            elif got[name] != t.sha256:
-                out.append(Finding("tensor_digest_mismatch", "error", entry.path,
-                                   f"tensor {name!r} ({t.dtype}{t.shape}) differs from what was sealed"))
-        return out
-    if formats.is_zip(reader, path, size):
-        try:
-            formats.check_zip(reader, path)
-        except formats.FormatError as e:
-            return [Finding(e.code, "error", entry.path, str(e))]
-    return []
+    return lambda reader: integrity.digest_file(reader, entry, path, manifest, info)
 
 
 def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding]) -> set[str]:
@@ -529,61 +402,18 @@ def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Fin
         try:
             weight_map = formats.parse_index(reader, f"{root}/{index_rel}")
             for code, shard, detail in formats.iter_index_problems(weight_map, headers, set(ck.files)):
-                findings.append(Finding(code, "error", shard, detail))
+                findings.append(Finding.error(code, shard, detail))
         except formats.FormatError as e:
-            findings.append(Finding(e.code, "error", index_rel, str(e)))
+            findings.append(Finding.error(e.code, index_rel, str(e)))
     for meta_rel in [r for r in ck.files if r == ".metadata" or r.endswith("/.metadata")]:
-        checked |= _dcp_extents(ck, reader, meta_rel, findings)
+        checked |= integrity.dcp_extents(ck, reader, meta_rel, findings)
     if not ck.files:
-        findings.append(Finding("file_missing", "error", None, "the checkpoint holds no files"))
+        findings.append(Finding.error("file_missing", None, "the checkpoint holds no files"))
     return checked
 
 
 def _bind_structural(path: str, size: int) -> Callable[[Reader], Any]:
-    return lambda reader: _structural_one(reader, path, size)
-
-
-def _dcp_extents(ck: Checkpoint, reader: Reader, meta_rel: str, findings: list[Finding]) -> set[str]:
-    """Check that every .distcp file a DCP `.metadata` places items in exists and reaches their end."""
-    folder = meta_rel[: -len(".metadata")]
-    try:
-        dcp = pickles.read_dcp_checkpoint(reader.fs, f"{ck.root}/{folder}".rstrip("/"))
-    except (ValueError, OSError):
-        return set()  # the pickle checks report a metadata file they cannot read
-    checked = {meta_rel}
-    for rel, end in sorted(dcp.extents.items()):
-        full = folder + rel
-        info = ck.files.get(full)
-        if info is None:
-            findings.append(Finding("file_missing", "error", full, f"{meta_rel} places data in it up to byte {end}"))
-            continue
-        checked.add(full)
-        size = int(info.get("size") or 0)
-        if size < end:
-            findings.append(Finding("truncated", "error", full, f"{size} bytes, {meta_rel} places data up to byte {end}"))
-    return checked
-
-
-def _structural_one(reader: Reader, path: str, size: int) -> tuple[bool, formats.SafetensorsHeader | None, Finding | None]:
-    rel = path.rsplit("/", 1)[-1]
-    try:
-        if path.endswith(".safetensors"):
-            return True, formats.parse_safetensors_header(reader, path, size), None
-        if path.endswith(".json") and not path.endswith(".manifest.json"):
-            safejson.loads(reader.read(path, limit=MAX_MANIFEST_BYTES), max_bytes=MAX_MANIFEST_BYTES)
-            return True, None, None
-        # A zip is a zip whatever its name (accelerate's .pkl, an export without a suffix): its
-        # CRCs are the one checksum an unsealed file carries.
-        if formats.is_zip(reader, path, size):
-            formats.check_zip(reader, path)
-            return True, None, None
-        if path.endswith(TORCH_SUFFIXES) and size == 0:
-            return True, None, Finding("truncated", "error", rel, "empty file")
-    except formats.FormatError as e:
-        return True, None, Finding(e.code, "error", rel, str(e))
-    except ValueError as e:
-        return True, None, Finding("json_invalid", "error", rel, f"not valid JSON: {e}")
-    return False, None, None
+    return lambda reader: integrity.structural_file(reader, path, size)
 
 
 def _digest_unsealed(ck: Checkpoint, reader: Reader, ctx: Context, verdict: Verdict) -> None:
@@ -705,7 +535,7 @@ def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) 
 
 def pending_verdict(ck: Checkpoint, reason: str, tier: str) -> Verdict:
     """Build the verdict of a checkpoint that is not committed yet."""
-    return Verdict(ck.url, ck.run, ck.step, ck.layout, "pending", [Finding("pending", "info", None, reason)], tier=tier)
+    return Verdict(ck.url, ck.run, ck.step, ck.layout, Status.PENDING, [Finding.info("pending", None, reason)], tier=tier)
 
 
 class Scanner:
@@ -789,7 +619,7 @@ class Scanner:
         except StorageError as e:
             return ScanResult(prefix_url, self.options.tier, [], listed=False, error=str(e),
                               duration_seconds=time.monotonic() - started, require_assurance=required)
-        if self.options.tier != "metadata":
+        if self.options.tier != Tier.METADATA:
             self._adopt_by_content(found, root, prefix_url)
         verdicts = self.run(found.checkpoints, on_verdict=on_verdict, stop=stop)
         sizes = {rel: int(i.get("size") or 0) for rel, i in found.uncovered.items()}
@@ -799,14 +629,14 @@ class Scanner:
 
     def _adopt_by_content(self, found: layouts.Survey, root: str, prefix_url: str) -> None:
         """Check files no name claimed: a torch.save file is a checkpoint whatever it is called."""
-        candidates = sorted(r for r, i in found.uncovered.items() if int(i.get("size") or 0) >= len(_ZIP_MAGIC))
-        if len(candidates) > MAX_SNIFFED:
-            logger.info("%d unclaimed files under %s: sniffing the first %d", len(candidates), prefix_url, MAX_SNIFFED)
+        candidates = sorted(r for r, i in found.uncovered.items() if int(i.get("size") or 0) >= len(ZIP_MAGIC))
+        if len(candidates) > integrity.MAX_SNIFFED:
+            logger.info("%d unclaimed files under %s: sniffing the first %d", len(candidates), prefix_url, integrity.MAX_SNIFFED)
         base = root.rstrip("/")
         tasks = []
-        for rel in candidates[:MAX_SNIFFED]:
+        for rel in candidates[:integrity.MAX_SNIFFED]:
             kid = self.reader.child()
-            tasks.append((rel, self._files.submit(_is_torch_file, kid, f"{base}/{rel}", what=f"reading {rel}",
+            tasks.append((rel, self._files.submit(integrity.is_torch_file, kid, f"{base}/{rel}", what=f"reading {rel}",
                                                   timeout=self.file_timeout, on_timeout=kid.abort,
                                                   deadline_name=FILE_DEADLINE)))
         hits = []
@@ -859,7 +689,7 @@ class Scanner:
         if self.outage:
             return _error_verdict(ck, tier, "storage_error", f"not attempted: {self.outage}")
         verdict = self._verify_now(ck, stop, options, reader)
-        if verdict.status == "error" and any(f.code == "storage_error" for f in verdict.findings) \
+        if verdict.status == Status.ERROR and any(f.code == "storage_error" for f in verdict.findings) \
                 and not self._reachable(ck):
             self.outage = next(f.detail for f in verdict.findings if f.code == "storage_error")
         return verdict
@@ -886,34 +716,6 @@ class Scanner:
 
 
 def _error_verdict(ck: Checkpoint, tier: str, code: str, detail: str) -> Verdict:
-    return Verdict(ck.url, ck.run, ck.step, ck.layout, "error", [Finding(code, "error", None, detail)], tier=tier)
+    return Verdict(ck.url, ck.run, ck.step, ck.layout, Status.ERROR, [Finding.error(code, None, detail)], tier=tier)
 
 
-# Unclaimed files read (8 bytes each) to find torch.save files with unconventional names.
-MAX_SNIFFED = 1000
-_ZIP_MAGIC = b"PK\x03\x04"
-
-
-def _is_torch_file(reader: Reader, path: str) -> bool:
-    """Tell from its first bytes whether a file is a torch.save zip or a pickle (protocol 2+)."""
-    try:
-        head = reader.read(path, 0, 4, limit=4)
-    except (OSError, ValueError):
-        return False  # reported as uncovered; verifying it is not this function's business
-    return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-
-
-def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], entry: FileEntry) -> Finding | None:
-    """Compare the store's own whole-object checksum with the sealed one, without downloading."""
-    if not reader.backend.has_server_checksums:
-        return None
-    with reader.stat_slot():
-        got = reader._retrying(f"checksum {path}", lambda: reader.backend.server_checksum(path, info))
-    if got is None:
-        return Finding("no_server_checksum", "info", entry.path, "no comparable server-side checksum")
-    algo, value = got
-    sealed = entry.crc32c if algo == "crc32c" else entry.sha256
-    if value != sealed:
-        return Finding("server_checksum_mismatch", "error", entry.path,
-                       f"the store's {algo} is {value}, sealed {sealed}: the object's bytes changed")
-    return None

@@ -27,7 +27,8 @@ RATIO_EXEMPT_BYTES = 1 * 2**20
 # Local file header (APPNOTE 4.3.7): signature, version, flags, method, time, date, crc32,
 # compressed size, uncompressed size, name length, extra length.
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
-_LOCAL_MAGIC = b"PK\x03\x04"
+# A zip local file header: how torch.save's zip format, and any zip, begins.
+ZIP_MAGIC = b"PK\x03\x04"
 # A data descriptor follows the data when flag bit 3 is set: at least crc32 + two 4-byte sizes.
 _MIN_DESCRIPTOR = 12
 _SUPPORTED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # all torch's miniz reader knows
@@ -98,7 +99,7 @@ def _member_range(zf: zipfile.ZipFile, info: zipfile.ZipInfo, end_of_data: int) 
     assert fp is not None
     fp.seek(start)
     head = fp.read(_LOCAL_HEADER.size)
-    if len(head) != _LOCAL_HEADER.size or head[:4] != _LOCAL_MAGIC:
+    if len(head) != _LOCAL_HEADER.size or head[:4] != ZIP_MAGIC:
         raise ZipRefused("header_invalid", f"member {info.filename!r}: no local file header at offset {start}")
     *_, name_len, extra_len = _LOCAL_HEADER.unpack(head)
     end = start + _LOCAL_HEADER.size + name_len + extra_len + info.compress_size

@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import statistics
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor

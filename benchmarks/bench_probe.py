@@ -9,7 +9,7 @@ PYTHONPATH so that the probe child (`python -m auditor.probe.child`) can import 
 
 Then, in a driver process that never imports torch, --repeats alternating rounds of:
 
-  probe      auditor.probe.probe_hook()(reader, checkpoint, manifest): the probe step alone (no digests):
+  probe      auditor.probe.Prober(...).check(reader, checkpoint, manifest): the probe step alone (no digests):
              start the child, build, load strictly, run the batch, digest and sample the outputs, compare.
   reference  a fresh interpreter started the same way as the child (same environment: no GPU,
              OMP_NUM_THREADS and torch.set_num_threads = the probe's thread count, deterministic
@@ -268,7 +268,7 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
     manifest = load_manifest(reader, ck)
     assert manifest.probe is not None
     threads = int(getattr(manifest.probe, "threads", None) or probe.DEFAULT_THREADS)
-    hook = probe.probe_hook(allow_factories=[manifest.probe.model.factory])  # the benchmark's own factory
+    hook = probe.Prober.allowing([manifest.probe.model.factory]).check  # the benchmark's own factory
     root = os.path.dirname(path)
     request = json.dumps({"factory": manifest.probe.model.factory, "kwargs": manifest.probe.model.kwargs,
                           "weights": os.path.join(root, ck.name), "threads": threads,

@@ -84,8 +84,9 @@ class DaemonProcess:
 
 def seal_run(root: Path, steps: list[int]) -> list[Path]:
     """Write a run of HF-style checkpoints and seal each."""
-    import auditor.api
     from ckpts import write_run
+
+    import auditor.api
 
     dirs = write_run(root, steps)
     for d in dirs:

@@ -40,11 +40,12 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: make `writers` (beside this file) importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import auditor.api
-from auditor.errors import UsageError
-from auditor.verify import FAILURES, Assurance, ScanResult, Verdict
 from writers import WRITERS, SavedCheckpoint, WriterUnavailable, WrittenCheckpoint
 from writers.corpus import Corpus
+
+import auditor.api
+from auditor.errors import UsageError
+from auditor.model import FAILURES, Assurance, ScanResult, Verdict
 
 log = logging.getLogger(__name__)
 

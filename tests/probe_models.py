@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from ckpts import MLP
 
 

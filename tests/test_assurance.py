@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import fsspec
 import pytest
@@ -15,8 +14,8 @@ from ckpts import flip_bit, write_hf_checkpoint, write_run
 from daemon import DaemonProcess
 
 import auditor.api
+from auditor.model import Finding, Verdict
 from auditor.state import open_state
-from auditor.verify import Finding, Verdict
 
 LOCAL = fsspec.filesystem("file")
 

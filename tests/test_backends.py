@@ -245,8 +245,8 @@ def test_probe_tier_on_remote_storage(remote, tmp_path, monkeypatch):
     """Seal with a probe where the checkpoint lives, then run the probe from there."""
     import os
 
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     tests_dir = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))

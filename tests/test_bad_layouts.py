@@ -19,7 +19,7 @@ import pytest
 from ckpts import write_hf_checkpoint, write_run
 
 import auditor.api
-from auditor.verify import FAILURES, ScanResult, Verdict
+from auditor.model import FAILURES, ScanResult, Verdict
 
 CLI_TIMEOUT = 300  # a hang guard, not a time bound: a scan that loops forever fails here
 

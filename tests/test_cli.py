@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import pytest
 from ckpts import flip_bit, write_run
 from click.testing import CliRunner
-
-import fsspec
 
 from auditor.cli import main
 

@@ -18,7 +18,7 @@ import torch
 from ckpts import MLP, trained, write_hf_checkpoint
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save_file
-from writers import WRITERS, WrittenCheckpoint, WriterUnavailable
+from writers import WRITERS, WriterUnavailable, WrittenCheckpoint
 
 import auditor.api
 import auditor.training

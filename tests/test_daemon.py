@@ -8,11 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from ckpts import flip_bit, write_hf_checkpoint, write_run
-from daemon import DaemonProcess, seal_run
-
 import fsspec
+import pytest
+from ckpts import flip_bit, write_hf_checkpoint
+from daemon import DaemonProcess, seal_run
 
 import auditor.api
 

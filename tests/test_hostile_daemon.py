@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import pytest
 import requests
 from ckpts import flip_bit, write_hf_checkpoint, write_run
@@ -27,15 +28,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from servers.objectstores import free_port
 
-import fsspec
-
 import auditor.api
+from auditor.api import build_options
 from auditor.cli import main
 from auditor.config import Config
 from auditor.daemon import Daemon
 from auditor.http import MAX_BODY, Server
 from auditor.state import SCHEMA_VERSION, open_state
-from auditor.api import build_options
 from auditor.verify import Scanner, is_pending, list_prefix
 
 pytestmark = pytest.mark.timeout(180)

@@ -31,8 +31,8 @@ from auditor import formats, safejson, zipcheck
 from auditor.completeness import step_from_trainer_state
 from auditor.errors import UsageError
 from auditor.manifest import MANIFEST_NAME, ManifestInvalid, parse_manifest
+from auditor.model import STATUS_OF_CODE
 from auditor.storage import Reader
-from auditor.verify import STATUS_OF_CODE
 
 # ---------------------------------------------------------------- zip archives, byte by byte
 

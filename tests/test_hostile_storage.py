@@ -22,7 +22,7 @@ from daemon import DaemonProcess
 
 import auditor.api
 from auditor.cli import main
-from auditor.verify import STATUS_OF_CODE
+from auditor.model import STATUS_OF_CODE
 
 pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parent.parent

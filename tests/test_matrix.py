@@ -14,9 +14,8 @@ import time
 import zipfile
 from collections.abc import Callable
 
-import pytest
-
 import matrix
+import pytest
 from writers import WRITERS, WriterUnavailable
 
 NAMES = sorted(WRITERS)

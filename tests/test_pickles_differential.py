@@ -33,8 +33,8 @@ import fsspec
 import numpy as np
 import pytest
 import torch
-
 from ckpts import Hostile
+
 from auditor.pickles import TORCH_LEGACY_MAGIC, TORCH_LEGACY_PROTOCOL, UnsafePickleError, read_torch_skeleton
 
 ROOT = Path(__file__).resolve().parents[1]

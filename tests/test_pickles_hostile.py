@@ -23,9 +23,9 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+from ckpts import MLP, Hostile, write_hf_checkpoint
 
 import auditor.api
-from ckpts import Hostile
 from auditor import pickles
 from auditor.pickles import (
     TORCH_LEGACY_MAGIC,
@@ -40,7 +40,6 @@ from auditor.pickles import (
     read_torch_skeleton,
     scan_torch_file,
 )
-from ckpts import MLP, write_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = fsspec.filesystem("file")
@@ -220,7 +219,7 @@ def test_bytearray_bomb_is_refused_without_allocating(tmp_path: Path) -> None:
     (folder / "rng_state.pth").write_bytes(bomb)
     # In a child, so its peak memory is its own: on main the check loaded this, 2 GiB.
     out = run_python(
-        "import json, resource, sys, auditor\n"
+        "import json, resource, sys, auditor.api\n"
         "v = auditor.api.rescan(sys.argv[1], tier='content').verdicts[0]\n"
         "print(json.dumps({'status': v.status, 'codes': [f.code for f in v.findings],"
         " 'detail': [f.detail for f in v.findings], 'torch': 'torch' in sys.modules,"

@@ -10,12 +10,11 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 from ckpts import MLP, flip_bit, tensor_offset, trained, write_hf_checkpoint
 from safetensors.torch import save_file
-
-import fsspec
 
 import auditor.api
 from auditor.manifest import MANIFEST_NAME
@@ -202,10 +201,10 @@ def test_child_over_memory_limit_is_error_and_parent_survives(tmp_path):
     d = sealed_mlp(tmp_path)
     doc = json.loads((d / MANIFEST_NAME).read_text())
     # Only the recorded factory changes behaviour: it now allocates far beyond the limit.
+    import probe_models
+
     from auditor.api import verify_url
     from auditor.config import ScanConfig
-
-    import probe_models
 
     assert probe_models.hog  # the hostile factory exists
     doc["probe"]["model"]["factory"] = "probe_models:hog"

@@ -80,7 +80,7 @@ def test_child_runs_as_its_own_module_once_and_refuses_what_it_was_not_handed(tm
 def test_entry_point_target_and_callers_names_resolve():
     assert factories.resolve_factory("auditor.probe:hf_from_config",
                                      ["auditor.probe:hf_from_config"]) is factories.hf_from_config
-    for name in ("probe_hook", "seal_builder", "run_child", "parse_allow_pattern", "DEFAULT_MEMORY_MB",
+    for name in ("Prober", "seal_builder", "run_child", "parse_allow_pattern", "DEFAULT_MEMORY_MB",
                  "DEFAULT_THREADS", "SANDBOX_MARKER", "CHILD_MAX_FILE_BYTES", "CHILD_MAX_OPEN_FILES",
                  "CHILD_MAX_NEW_TASKS", "hf_from_config", "FactoryPolicy", "ProbeError"):
         assert name in probe.__all__ and hasattr(probe, name), name

@@ -278,11 +278,10 @@ def test_mixed_precision_checkpoint_without_scaler_is_incomplete_and_refused(res
 def test_saved_files_are_safe_plain_and_sealed(resumed, monkeypatch):
     from fsspec.implementations.local import LocalFileSystem
 
-    from auditor import pickles
-    from auditor.manifest import MANIFEST_NAME, parse_manifest
-
     import auditor.api
     import auditor.training
+    from auditor import pickles
+    from auditor.manifest import MANIFEST_NAME, parse_manifest
 
     folder = resumed["folder"] / "full"
     manifest = parse_manifest((folder / MANIFEST_NAME).read_bytes())

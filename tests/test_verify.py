@@ -186,8 +186,8 @@ def test_nothing_applies_is_unverifiable(store, tmp_path):
 
 
 def test_sharded_index_names_missing_shard(store, tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     d = tmp_path / "src/sharded"
     d.mkdir(parents=True)

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from writers import COMPONENTS, WRITERS, WrittenCheckpoint, WriterUnavailable, files_under
+from writers import COMPONENTS, WRITERS, WriterUnavailable, WrittenCheckpoint, files_under
 
 TESTS = Path(__file__).resolve().parent
 

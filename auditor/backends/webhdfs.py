@@ -43,7 +43,7 @@ def checked_webhdfs() -> type[AbstractFileSystem]:
 
         def _connect(self) -> None:
             super()._connect()
-            self.session.request = partial(self.session.request, timeout=self.timeout)  # type: ignore[method-assign]
+            self.session.request = partial(self.session.request, timeout=self.timeout)
 
         def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
                   replication: int | None = None, permissions: int | None = None, **kwargs: Any) -> Any:

@@ -39,7 +39,7 @@ from auditor.probe.limits import (
     DEFAULT_MEMORY_MB,
     DEFAULT_THREADS,
 )
-from auditor.probe.runner import CHILD_MODULE, SANDBOX_MARKER, probe_hook, run_child, sandbox_env, seal_builder
+from auditor.probe.runner import CHILD_MODULE, SANDBOX_MARKER, Prober, run_child, sandbox_env, seal_builder
 
 __all__ = [
     "BATCH_NAME",
@@ -67,7 +67,7 @@ __all__ = [
     "operator_grant",
     "parse_allow_pattern",
     "parse_factory_spec",
-    "probe_hook",
+    "Prober",
     "resolve_factory",
     "run_child",
     "sandbox_env",

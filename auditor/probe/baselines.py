@@ -97,13 +97,13 @@ def compare(reader: Reader, ck: Checkpoint, manifest: Manifest, result: dict[str
     assert probe is not None
     if "unsafe" in result:
         u = result["unsafe"]
-        return [Finding("unsafe_pickle", "error", u["path"], f"refused to load: globals {', '.join(u['globals'])}")]
+        return [Finding.error("unsafe_pickle", u["path"], f"refused to load: globals {', '.join(u['globals'])}")]
     if "load_mismatch" in result:
         return [_load_mismatch(probe, result["load_mismatch"])]
     if result["sha256"] == probe.outputs.sha256:
         return []
     if list(result["shape"]) != list(probe.outputs.shape):
-        return [Finding("probe_mismatch", "error", None,
+        return [Finding.error("probe_mismatch", None,
                         f"outputs have shape {result['shape']}, baseline {probe.outputs.shape}")]
     return _compare_values(reader, ck, probe, values)
 
@@ -112,7 +112,7 @@ def _load_mismatch(probe: Probe, m: dict[str, list[str]]) -> Finding:
     parts = [f"{kind} keys: {', '.join(keys[:_KEYS_SHOWN])}{' …' if len(keys) > _KEYS_SHOWN else ''}"
              for kind, keys in (("missing", m["missing"]), ("unexpected", m["unexpected"]), ("shape", m["shape"]))
              if keys]
-    return Finding("probe_load_mismatch", "error", None,
+    return Finding.error("probe_load_mismatch", None,
                    f"weights do not fit the model built by {probe.model.factory}: {'; '.join(parts)}")
 
 
@@ -125,14 +125,14 @@ def _compare_values(reader: Reader, ck: Checkpoint, probe: Probe, values: bytes 
     reference = np_load(reader.read(safe_join(ck.root, probe.outputs.reference), limit=_MAX_REFERENCE_BYTES))["values"]
     got = np_load(values)["values"] if values else np.zeros(0, np.float32)
     if got.shape != reference.shape:
-        return [Finding("probe_mismatch", "error", None, "reference and outputs were reduced differently")]
+        return [Finding.error("probe_mismatch", None, "reference and outputs were reduced differently")]
     diff = np.abs(got.astype(np.float64) - reference.astype(np.float64))
     max_abs = float(diff.max()) if diff.size else 0.0
     if np.allclose(got, reference, atol=probe.outputs.atol, rtol=probe.outputs.rtol):
-        return [Finding("probe_numeric_drift", "warning", None,
+        return [Finding.warning("probe_numeric_drift", None,
                         f"outputs differ bitwise but within atol={probe.outputs.atol:g} rtol={probe.outputs.rtol:g} "
                         f"(max abs diff {max_abs:.3g})")]
     bad = int((diff > probe.outputs.atol + probe.outputs.rtol * np.abs(reference)).sum())
-    return [Finding("probe_mismatch", "error", None,
+    return [Finding.error("probe_mismatch", None,
                     f"{bad} of {reference.size} reference outputs outside tolerance (max abs diff {max_abs:.3g}): "
                     "the same bytes now compute something else")]

@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -280,37 +281,47 @@ def _run(reader: Reader, ck: Checkpoint, model_files: list[str], batch_rel: str,
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def probe_hook(*, timeout: float = 600.0, memory_mb: int = DEFAULT_MEMORY_MB,
-               allow_factories: Iterable[str] = ()) -> Callable[[Reader, Checkpoint, Manifest], list[Finding]]:
-    """Return the verify hook that runs the probe and compares with the sealed baseline.
+@dataclass(frozen=True)
+class Prober:
+    """How verification runs a manifest's probe: which factories may run, and the child's limits.
 
-    The manifest's factory runs only if `allow_factories` (MODULE:CALLABLE or MODULE:*) or an installed
-    entry point allows it; otherwise the probe is skipped with the warning `probe_factory_not_allowed`.
+    The manifest's factory runs only if the operator's policy (`--allow-factory`, `scan.allow_factories`)
+    or an installed `ckpt_auditor.models` entry point allows it; otherwise the probe is skipped with
+    the warning `probe_factory_not_allowed`.
     """
-    try:
-        policy = FactoryPolicy.of(allow_factories)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
 
-    def check(reader: Reader, ck: Checkpoint, manifest: Manifest) -> list[Finding]:
-        probe = manifest.probe
-        assert probe is not None
+    policy: FactoryPolicy
+    timeout: float = 600.0
+    memory_mb: int = DEFAULT_MEMORY_MB
+
+    @classmethod
+    def allowing(cls, allow_factories: Iterable[str] = (), *, timeout: float = 600.0,
+                 memory_mb: int = DEFAULT_MEMORY_MB) -> Prober:
+        """A prober for MODULE:CALLABLE / MODULE:* patterns; UsageError for a badly spelled one."""
         try:
-            grant = policy.grant(probe.model.factory)  # decided before anything is staged or imported
+            policy = FactoryPolicy.of(allow_factories)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        return cls(policy, timeout, memory_mb)
+
+    def check(self, reader: Reader, ck: Checkpoint, manifest: Manifest) -> list[Finding]:
+        """Run the probe and compare its outputs with the sealed baseline."""
+        probe = manifest.probe
+        if probe is None:
+            raise ValueError(f"{ck.url}: the manifest records no probe")
+        try:
+            grant = self.policy.grant(probe.model.factory)  # decided before anything is staged or imported
         except FactoryNotAllowed as e:
-            return [Finding("probe_factory_not_allowed", "warning", None, str(e))]
+            return [Finding.warning("probe_factory_not_allowed", None, str(e))]
         threads = probe.threads or DEFAULT_THREADS
         try:
             result, values = _run(reader, ck, _model_files(ck, manifest), probe.batch.path, grant,
-                                  probe.model.kwargs, threads, timeout, memory_mb)
+                                  probe.model.kwargs, threads, self.timeout, self.memory_mb)
         except ProbeError as e:
-            return [Finding("probe_error", "error", None, str(e))]
+            return [Finding.error("probe_error", None, str(e))]
         if "refused" in result:
-            return [Finding("probe_factory_not_allowed", "warning", None,
-                            f"{result['refused']}; the probe was skipped")]
+            return [Finding.warning("probe_factory_not_allowed", None, f"{result['refused']}; the probe was skipped")]
         return baselines.compare(reader, ck, manifest, result, values)
-
-    return check
 
 
 def seal_builder(factory: str, kwargs: dict[str, Any], batch: Any, *, atol: float = DEFAULT_ATOL,

@@ -18,6 +18,7 @@ from auditor.api import build_options, open_checked
 from auditor.errors import CheckpointRefused, StorageError, UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, safe_join
+from auditor.model import Severity, Status, Tier
 from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import Reader, is_local
 from auditor.training.rng import restore_rng
@@ -67,12 +68,12 @@ def _verified(fs: AbstractFileSystem, path: str, url: str, tier: str | None) -> 
             raise CheckpointRefused(f"refusing to load {url}: it is not sealed (no manifest), so nothing proves "
                                     "it is complete; only sealed checkpoints are loaded")
         verdict = scanner.verify(ck)
-    if verdict.status == "error":
-        detail = "; ".join(f.detail for f in verdict.findings if f.severity == "error")
+    if verdict.status == Status.ERROR:
+        detail = "; ".join(f.detail for f in verdict.findings if f.severity == Severity.ERROR)
         raise StorageError(f"cannot verify {url}: {detail}")
-    if verdict.status != "ok":
+    if verdict.status != Status.OK:
         why = "; ".join(f"{f.code}{' in ' + f.file if f.file else ''}: {f.detail}"
-                        for f in verdict.findings if f.severity == "error")
+                        for f in verdict.findings if f.severity == Severity.ERROR)
         raise CheckpointRefused(f"refusing to load {url}: {verdict.status}: {why}", verdict=verdict)
     reader = Reader(fs)
     try:
@@ -116,7 +117,7 @@ def load_checkpoint(
     scheduler: Any = None,
     scaler: Any = None,
     *,
-    tier: str | None = "content",
+    tier: str | None = Tier.CONTENT,
     storage_options: dict[str, Any] | None = None,
 ) -> Restored:
     """Verify the checkpoint at `url` and restore model, optimizer, scheduler, scaler and every generator.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from . import WRITERS, WrittenCheckpoint, WriterUnavailable, dump_description, get_writer
+from . import WRITERS, WriterUnavailable, WrittenCheckpoint, dump_description, get_writer
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import SavedCheckpoint, WrittenCheckpoint, WriterUnavailable, common_components, saved
+from . import SavedCheckpoint, WriterUnavailable, WrittenCheckpoint, common_components, saved
 
 STEPS, SAVE_EVERY = 4, 2
 MODEL_STATES = "mp_rank_00_model_states.pt"

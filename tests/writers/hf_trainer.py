@@ -25,8 +25,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import SavedCheckpoint, WrittenCheckpoint, WriterUnavailable, common_components, saved
-
+from . import SavedCheckpoint, WriterUnavailable, WrittenCheckpoint, common_components, saved
 
 STEPS, SAVE_EVERY = 4, 2  # two checkpoints: checkpoint-2 and checkpoint-4
 VERSION = transformers.__version__

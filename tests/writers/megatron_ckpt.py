@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import SavedCheckpoint, WrittenCheckpoint, WriterUnavailable, common_components, files_under, saved
+from . import SavedCheckpoint, WriterUnavailable, WrittenCheckpoint, common_components, files_under, saved
 
 ITERATIONS = (2, 4)
 TRACKER = "latest_checkpointed_iteration.txt"
