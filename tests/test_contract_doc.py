@@ -9,8 +9,8 @@ from auditor.model import STATUS_OF_CODE, Assurance
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = (ROOT / "docs" / "contract.md").read_text(encoding="utf-8")
-# Finding("code", …), FormatError("code", …), ZipRefused("code", …) and the like, as written in the source.
-EMITTED = re.compile(r'(?:Finding|FormatError|ZipRefused|Hazard)\(\s*"([a-z_]+)"')
+# Finding.error("code", …), FormatError("code", …), ZipRefused("code", …) and the like, as written in the source.
+EMITTED = re.compile(r'(?:Finding(?:\.error|\.warning|\.info)?|FormatError|ZipRefused|Hazard)\(\s*"([a-z_]+)"')
 
 
 def emitted_codes() -> set[str]:

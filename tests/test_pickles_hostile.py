@@ -501,7 +501,7 @@ def test_content_tier_never_imports_torch(tmp_path: Path) -> None:
     sched.step(1.0)
     torch.save(sched.state_dict(), folder / "extra_plateau.pt")
     out = run_python(
-        "import json, sys, auditor\n"
+        "import json, sys, auditor.api\n"
         "v = auditor.api.rescan(sys.argv[1], tier='content').verdicts[0]\n"
         "print(json.dumps({'status': v.status, 'codes': sorted({f.code for f in v.findings}),"
         " 'torch': 'torch' in sys.modules}))",
