@@ -24,6 +24,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from auditor import completeness, formats
+from auditor.backends import backend_for
 from auditor.digests import digest_chunks, run_config_sha256
 from auditor.errors import StorageError, UsageError
 from auditor.integrity import sanitise
@@ -42,7 +43,7 @@ from auditor.manifest import (
     now_utc,
 )
 from auditor.pickles import TORCH_SUFFIXES
-from auditor.storage import Reader, is_local, open_url, upload_options
+from auditor.storage import Reader, open_url
 from auditor.verify import locate
 
 logger = logging.getLogger(__name__)
@@ -302,13 +303,13 @@ def _step(reader: Reader, ck: Checkpoint, step: int | None) -> int:
 def upload_dir(fs: AbstractFileSystem, local: str, path: str) -> int:
     """Upload a local checkpoint folder (or file) with server-side checksums where the store offers them."""
     src = Path(local)
-    kwargs = upload_options(fs)
+    kwargs = backend_for(fs).upload_options()
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
     if not files:
         raise UsageError(f"--upload-from {local}: no files to upload")
     for f in files:
         dest = path if src.is_file() else f"{path.rstrip('/')}/{f.relative_to(src).as_posix()}"
-        if is_local(fs):
+        if backend_for(fs).is_local:
             fs.makedirs(os.path.dirname(dest), exist_ok=True)
             fs.put_file(str(f), dest)
         else:
@@ -320,7 +321,7 @@ def upload_dir(fs: AbstractFileSystem, local: str, path: str) -> int:
 
 def write_atomic(fs: AbstractFileSystem, path: str, data: bytes, **kwargs: Any) -> None:
     """Write a small file so that readers see all of it or none of it."""
-    if is_local(fs):
+    if backend_for(fs).is_local:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)

@@ -607,7 +607,6 @@ class DeadlinePool:
             self._queue.put(None)
 
 
-
 def _permanent(exc: BaseException) -> bool:
     """Tell whether retrying cannot help (denied, bad request)."""
     return isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError, ValueError))
@@ -624,41 +623,6 @@ def object_version(info: dict[str, Any]) -> str | None:
 
 # One-line delegations for modules that still call the old functions (writer, training, probe, tests);
 # new code calls backend_for(fs) directly.
-
-
-def is_local(fs: AbstractFileSystem) -> bool:
-    """Tell whether paths of `fs` are local files."""
-    return backend_for(fs).is_local
-
-
-def local_path(fs: AbstractFileSystem, path: str) -> str | None:
-    """Return an OS path when `fs` is local, for mmap and atomic rename."""
-    return backend_for(fs).local_path(path)
-
-
-def server_checksum(fs: AbstractFileSystem, path: str, info: dict[str, Any]) -> tuple[str, str] | None:
-    """Return a whole-object checksum the store computed, as (algorithm, hex), when one is comparable."""
-    return backend_for(fs).server_checksum(path, info)
-
-
-def has_server_checksums(fs: AbstractFileSystem) -> bool:
-    """Tell whether the store may report whole-object checksums at all (object stores, HDFS)."""
-    return backend_for(fs).has_server_checksums
-
-
-def upload_options(fs: AbstractFileSystem) -> dict[str, Any]:
-    """Keyword arguments that make the store compute and keep a comparable checksum on upload."""
-    return backend_for(fs).upload_options()
-
-
-def pinned_read_options(fs: AbstractFileSystem, info: dict[str, Any]) -> dict[str, Any]:
-    """Return read options that pin the object version listed in `info`, where the store allows it."""
-    return backend_for(fs).pinned_read_options(info)
-
-
-def own_retries(fs: AbstractFileSystem) -> int:
-    """How often our reader retries on top of the backend: s3fs and gcsfs already retry with backoff."""
-    return backend_for(fs).own_retries
 
 
 def release_large_buffers() -> None:

@@ -26,7 +26,7 @@ from auditor.storage import Reader, open_url
 pytestmark = pytest.mark.timeout(240)
 
 PACKAGE = Path(auditor.backends.__file__).parent
-# The protocols whose rename is atomic, as auditor/training.py's RENAMING_PROTOCOLS lists them.
+# The protocols whose rename of a folder is atomic: the training side's commit protocol relies on it.
 RENAMING = {"file", "local", "webhdfs", "swebhdfs", "hdfs", "arrow_hdfs"}
 PROTOCOL_NAMES = {p for cls in BACKENDS.values() for p in cls.protocols}
 
@@ -118,10 +118,11 @@ def test_webhdfs_urls_open_the_checked_filesystem(webhdfs_svc):
     assert b"".join(Reader(fs).iter_chunks(f"{root}/a.bin")) == b"x" * 1000
 
 
-@pytest.mark.parametrize("name", ["is_local", "has_server_checksums", "own_retries"])
-def test_storage_delegations_agree_with_the_backend(name, tmp_path, memfs):
-    for fs in (open_url(str(tmp_path))[0], memfs[0]):
-        assert getattr(auditor.storage, name)(fs) == getattr(backend_for(fs), name)
+def test_storage_keeps_no_per_protocol_helper():
+    # Per-protocol knowledge lives in the backends only: callers ask backend_for(fs).
+    for name in ("is_local", "local_path", "server_checksum", "has_server_checksums", "upload_options",
+                 "pinned_read_options", "own_retries"):
+        assert not hasattr(auditor.storage, name), name
 
 
 def _string_constants(path: Path) -> set[str]:

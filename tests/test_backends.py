@@ -12,7 +12,7 @@ from ckpts import flip_bit, tensor_offset, truncate, write_hf_checkpoint
 from stores import Store
 
 import auditor.api
-from auditor.storage import upload_options
+from auditor.backends import backend_for
 
 pytestmark = pytest.mark.timeout(240)
 REMOTE = ["s3", "gcs", "webhdfs"]
@@ -50,7 +50,7 @@ def make_store(kind: str, request, tmp_path: Path, memfs) -> Store:
 
 def upload(store: Store, local: Path, rel: str) -> str:
     """Upload a checkpoint the way a careful trainer does: with server-side checksums where offered."""
-    kw = upload_options(store.fs)
+    kw = backend_for(store.fs).upload_options()
     for f in sorted(p for p in local.rglob("*") if p.is_file()):
         store.fs.pipe_file(f"{store.path(rel)}/{f.relative_to(local).as_posix()}", f.read_bytes(), **kw)
     return store.path(rel)
@@ -101,7 +101,7 @@ def test_server_checksums_catch_bit_rot_without_download(remote, tmp_path):
     path = sealed(remote, tmp_path)
     data = bytearray(remote.fs.cat_file(f"{path}/model.safetensors"))
     data[-5] ^= 1
-    remote.fs.pipe_file(f"{path}/model.safetensors", bytes(data), **upload_options(remote.fs))
+    remote.fs.pipe_file(f"{path}/model.safetensors", bytes(data), **backend_for(remote.fs).upload_options())
     v = verify(remote, tier="metadata")
     assert v.status == "corrupt" and "server_checksum_mismatch" in codes(v), v.findings
     manifest_size = remote.fs.info(f"{path}/ckpt-manifest.json")["size"]

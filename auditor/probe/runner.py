@@ -33,7 +33,7 @@ from auditor.probe import baselines
 from auditor.probe.baselines import DEFAULT_ATOL, DEFAULT_RTOL
 from auditor.probe.factories import FactoryGrant, FactoryNotAllowed, FactoryPolicy, ProbeError, operator_grant
 from auditor.probe.limits import DEFAULT_MEMORY_MB, DEFAULT_THREADS
-from auditor.storage import Reader, is_local
+from auditor.storage import Reader
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class Staged:
     def __init__(self, reader: Reader, ck: Checkpoint, rels: list[str]) -> None:
         root = ck.root
         self._tmp: str | None = None
-        if is_local(reader.fs):
+        if reader.backend.is_local:
             self.root = os.path.abspath(root)
             return
         self._tmp = tempfile.mkdtemp(prefix="auditor-probe-")

@@ -24,27 +24,20 @@ from typing import IO
 from fsspec import AbstractFileSystem
 
 from auditor import __version__
+from auditor.backends import backend_for
 from auditor.errors import UsageError
 from auditor.manifest import MANIFEST_NAME, SAVING_MARKER, Manifest, now_utc, safe_join
 from auditor.sealing import write_atomic
-from auditor.storage import is_local
 
 logger = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
 STAGING_INFIX = ".saving-"
 # moves to backends: which filesystems rename a folder atomically, so a save is published in one step.
-RENAMING_PROTOCOLS = frozenset({"file", "local", "webhdfs", "swebhdfs", "hdfs", "arrow_hdfs"})
 
 # Crash-injection point for tests: called with an event name ("wrote:<file>", "sealed", "renamed",
 # "moved") after each step of a save. None in production.
 _after_step: Callable[[str], None] | None = None
-
-
-def renames_atomically(fs: AbstractFileSystem) -> bool:  # moves to backends
-    """Tell whether `fs` renames a folder in one atomic step."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return bool(RENAMING_PROTOCOLS & set(protocols))
 
 
 def fsync_dir(path: str) -> None:
@@ -69,8 +62,8 @@ class Staging:
         self.fs = fs
         self.final = final
         self.url = url
-        self.local = is_local(fs)
-        self.renames = renames_atomically(fs)
+        self.local = backend_for(fs).is_local
+        self.renames = backend_for(fs).renames_atomically
         parent, name = posixpath.split(final)
         self.parent = parent
         self.root = f"{parent}/.{name}{STAGING_INFIX}{uuid.uuid4().hex[:8]}" if self.renames else final

@@ -20,7 +20,7 @@ from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, safe_join
 from auditor.model import Severity, Status, Tier
 from auditor.pickles import TORCH_SUFFIXES
-from auditor.storage import Reader, is_local
+from auditor.storage import Reader
 from auditor.training.rng import restore_rng
 from auditor.training.save import STATE_FILE, alias_key
 from auditor.verify import Scanner, locate
@@ -106,7 +106,7 @@ def _load_weights(reader: Reader, root: str, files: list[str], url: str) -> dict
     state: dict[str, Any] = {}
     for rel in weights:
         path = safe_join(root, rel)
-        state.update(load_file(path) if is_local(reader.fs) else load(reader.read(path)))
+        state.update(load_file(path) if reader.backend.is_local else load(reader.read(path)))
     return state
 
 
