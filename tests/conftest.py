@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tests never reach real clouds; keep clients from probing instance metadata.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# After the two lines above: tests/ must be on sys.path, and gcsfs must see the variable when imported.
+from stores import STORE_KINDS, Store, make_store  # noqa: E402
 
 
 @pytest.fixture
@@ -22,6 +24,16 @@ def memfs():
     yield fs, root
     if fs.exists(root):
         fs.rm(root, recursive=True)
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """A fresh, empty prefix on each store: local path, memory://, S3 (moto), GCS (emulator), WebHDFS.
+
+    The servers are the session ones below; each test gets its own bucket or folder. A test module
+    may define its own `store` (test_verify.py's adds file:// URLs); this one is the shared default.
+    """
+    return make_store(request.param, request, tmp_path)
 
 
 @pytest.fixture
