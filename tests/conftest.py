@@ -26,13 +26,23 @@ def memfs():
         fs.rm(root, recursive=True)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "stores_without(reason, *kinds): the shared `store` fixture skips these "
+                            "store kinds, with the reason (why the case cannot exist there)")
+
+
 @pytest.fixture(params=STORE_KINDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """A fresh, empty prefix on each store: local path, memory://, S3 (moto), GCS (emulator), WebHDFS.
 
     The servers are the session ones below; each test gets its own bucket or folder. A test module
     may define its own `store` (test_verify.py's adds file:// URLs); this one is the shared default.
+    `@pytest.mark.stores_without(reason, kind, ...)` skips kinds where a case cannot exist, before
+    any bucket is made.
     """
+    for mark in request.node.iter_markers("stores_without"):
+        if request.param in mark.args[1:]:
+            pytest.skip(f"{request.param}: {mark.args[0]}")
     return make_store(request.param, request, tmp_path)
 
 

@@ -4,8 +4,9 @@ Every test takes the shared `store` fixture (tests/conftest.py): a fresh, empty 
 path, memory://, S3 (moto), GCS (gcp-storage-emulator) and WebHDFS (tests/servers). Everything goes
 through the public API (`auditor.api`) by URL, as a user's code does. Bad input — damaged bytes,
 malformed or hostile manifests, escaping paths, hostile pickles — is a finding on its checkpoint,
-never a traceback. Cases that cannot exist on a store (FIFOs, symlinks, POSIX name limits) run on
-the local path only and say why elsewhere.
+never a traceback. A case that cannot exist on a store (FIFOs and symlinks off a local disk) is
+skipped there by `@pytest.mark.stores_without(reason, kinds...)`, the reason in the skip message.
+Known gaps are strict xfails naming the bug, so fixing it turns them into failures to remove.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
 import torch
-from ckpts import Hostile, flip_bit, tensor_offset, truncate, write_hf_checkpoint
+from ckpts import Hostile, flip_bit, tensor_offset, truncate, write_hf_checkpoint, write_run
 from stores import Store
 
 from auditor import api
@@ -33,12 +38,32 @@ CKPT = "run1/checkpoint-100"
 # ---------------------------------------------------------------- helpers
 
 
-def sealed(store: Store, tmp_path: Path, rel: str = CKPT, step: int = 100) -> str:
-    """Write a real HF-style checkpoint, upload it to `rel` and seal it there; return its store path."""
-    local = write_hf_checkpoint(tmp_path / "src" / rel, step=step)
-    store.put_dir(local, rel)
-    api.seal(store.url_of(rel), storage_options=store.storage_options)
+@pytest.fixture(scope="session")
+def sealed_src(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """`sealed_src(step)`: a local HF-style checkpoint sealed once per session (a manifest names no
+    location, so one sealed copy serves every store); tests upload it and damage their own copy."""
+    built: dict[int, Path] = {}
+
+    def get(step: int) -> Path:
+        if step not in built:
+            folder = write_hf_checkpoint(tmp_path_factory.mktemp("sealed") / f"checkpoint-{step}", step=step)
+            api.seal(str(folder))
+            built[step] = folder
+        return built[step]
+
+    return get
+
+
+def upload_sealed(store: Store, src: Path, rel: str) -> str:
+    """Upload a sealed folder to `rel`, manifest last as a sealer writes it; return its store path."""
+    for file in sorted(src.iterdir(), key=lambda p: p.name == MANIFEST):
+        store.put_file(file, f"{rel}/{file.name}")
     return store.path(rel)
+
+
+def sealed(store: Store, sealed_src: Callable[[int], Path], rel: str = CKPT, step: int = 100) -> str:
+    """A sealed checkpoint at `rel` on the store; return its store path."""
+    return upload_sealed(store, sealed_src(step), rel)
 
 
 def verify(store: Store, rel: str = CKPT, tier: str | None = None) -> Any:
@@ -75,7 +100,9 @@ def rewrite_manifest(store: Store, path: str, change: Any) -> None:
 
 
 def test_sealed_clean_checkpoint_is_ok_with_sealed_assurance(store, tmp_path):
-    sealed(store, tmp_path)
+    # Sealed where it lives, through the store: the other tests upload a copy sealed once locally.
+    store.put_dir(write_hf_checkpoint(tmp_path / "src" / CKPT, step=100), CKPT)
+    api.seal(store.url_of(CKPT), storage_options=store.storage_options)
     assert store.fs.exists(store.path(f"{CKPT}/{MANIFEST}"))
     v = verify(store)
     assert (v.status, v.assurance) == ("ok", "sealed"), v.findings
@@ -90,9 +117,9 @@ def test_sealed_clean_checkpoint_is_ok_with_sealed_assurance(store, tmp_path):
     assert [v.status for v in result.verdicts] == ["ok"] and result.exit_code() == 0
 
 
-def test_flipped_bit_is_corrupt_naming_the_file_and_tensor(store, tmp_path):
-    path = sealed(store, tmp_path)
-    src = tmp_path / "src" / CKPT / "model.safetensors"
+def test_flipped_bit_is_corrupt_naming_the_file_and_tensor(store, sealed_src):
+    path = sealed(store, sealed_src)
+    src = sealed_src(100) / "model.safetensors"
     flip_bit(store.fs, f"{path}/model.safetensors", tensor_offset(src, "layers.1.weight") + 5)
     v = verify(store)
     assert v.status == "corrupt"
@@ -101,8 +128,8 @@ def test_flipped_bit_is_corrupt_naming_the_file_and_tensor(store, tmp_path):
     assert [f.file for f in findings(v, "digest_mismatch")] == ["model.safetensors"], v.findings
 
 
-def test_truncated_file_is_corrupt(store, tmp_path):
-    path = sealed(store, tmp_path)
+def test_truncated_file_is_corrupt(store, sealed_src):
+    path = sealed(store, sealed_src)
     truncate(store.fs, f"{path}/optimizer.pt")
     v = verify(store)
     assert v.status == "corrupt" and "truncated" in codes(v), v.findings
@@ -110,24 +137,24 @@ def test_truncated_file_is_corrupt(store, tmp_path):
     assert verify(store, tier="metadata").status == "corrupt"
 
 
-def test_deleted_file_is_missing(store, tmp_path):
-    path = sealed(store, tmp_path)
+def test_deleted_file_is_missing(store, sealed_src):
+    path = sealed(store, sealed_src)
     store.fs.rm(f"{path}/rng_state.pth")
     v = verify(store)
     assert v.status == "missing"
     assert [f.file for f in findings(v, "file_missing")] == ["rng_state.pth"]
 
 
-def test_extra_unlisted_file_is_a_warning_only(store, tmp_path):
-    path = sealed(store, tmp_path)
+def test_extra_unlisted_file_is_a_warning_only(store, sealed_src):
+    path = sealed(store, sealed_src)
     store.fs.pipe_file(f"{path}/notes.txt", b"hello")
     v = verify(store)
     assert v.status == "ok"
     assert [(f.code, f.severity, f.file) for f in v.findings] == [("unlisted_file", "warning", "notes.txt")]
 
 
-def test_huge_header_in_sealed_checkpoint_is_named(store, tmp_path):
-    path = sealed(store, tmp_path)
+def test_huge_header_in_sealed_checkpoint_is_named(store, sealed_src):
+    path = sealed(store, sealed_src)
     size = store.fs.info(f"{path}/model.safetensors")["size"]
     data = bytearray(store.fs.cat_file(f"{path}/model.safetensors"))
     data[:8] = struct.pack("<Q", 2**60)
@@ -203,8 +230,8 @@ BAD_MANIFESTS = {
 }
 
 
-def test_invalid_manifest_is_corrupt_not_a_traceback(store, tmp_path):
-    path = sealed(store, tmp_path)
+def test_invalid_manifest_is_corrupt_not_a_traceback(store, sealed_src):
+    path = sealed(store, sealed_src)
     rel = f"{CKPT}/{MANIFEST}"
     for name, content in BAD_MANIFESTS.items():
         store.put_bytes(rel, content)
@@ -214,8 +241,8 @@ def test_invalid_manifest_is_corrupt_not_a_traceback(store, tmp_path):
     assert store.fs.info(f"{path}/{MANIFEST}")["size"] == len(content)
 
 
-def test_huge_manifest_is_refused(store, tmp_path):
-    sealed(store, tmp_path)
+def test_huge_manifest_is_refused(store, sealed_src):
+    sealed(store, sealed_src)
     # Valid JSON, one byte over the 64 MiB limit: refused by size, never parsed.
     body = b'{"schema": "ckpt-auditor/manifest/v1", "pad": "' + b"x" * (64 * 2**20) + b'"}'
     store.put_bytes(f"{CKPT}/{MANIFEST}", body)
@@ -227,26 +254,24 @@ def test_huge_manifest_is_refused(store, tmp_path):
 ESCAPING = ["../../x", "/etc/passwd", "a/../../x", "C:/x", "a//b", "s3://b/x", "a\\..\\..\\x", "a\x00b", "./x"]
 
 
-def test_path_outside_checkpoint_is_refused_and_never_read(store, tmp_path):
-    path = sealed(store, tmp_path)
+def test_path_outside_checkpoint_is_refused_and_never_read(store, sealed_src):
+    path = sealed(store, sealed_src)
     # A large file where "../../x" would land: reading it would show in bytes_read.
     store.put_bytes("x", b"\0" * 3_000_000)
-    original = store.fs.cat_file(f"{path}/{MANIFEST}")
-    for bad in ESCAPING:
-        rewrite_manifest(store, path, lambda doc, bad=bad: doc["files"].append(
-            {"path": bad, "size": 3_000_000, "sha256": "0" * 64, "crc32c": "00000000"}))
-        v = verify(store)
-        assert v.status == "corrupt", (bad, v.findings)
-        assert [f.file for f in findings(v, "path_outside_checkpoint")] == [bad], (bad, v.findings)
-        assert v.bytes_read < 1_000_000, bad
-        store.put_bytes(f"{CKPT}/{MANIFEST}", original)
+    # One manifest naming every escape: each is refused on its own, none is read.
+    rewrite_manifest(store, path, lambda doc: doc["files"].extend(
+        {"path": bad, "size": 3_000_000, "sha256": "0" * 64, "crc32c": "00000000"} for bad in ESCAPING))
+    v = verify(store)
+    assert v.status == "corrupt", v.findings
+    assert sorted(f.file for f in findings(v, "path_outside_checkpoint")) == sorted(ESCAPING), v.findings
+    assert v.bytes_read < 1_000_000
 
 
 @pytest.mark.xfail(strict=True, reason=(
     "known gap: manifest.check_relpath accepts a lone surrogate; local and memory:// then report "
     "file_missing (missing), S3/GCS/WebHDFS raise UnicodeEncodeError -> storage_error -> status error (exit 3)"))
-def test_non_utf8_path_name_in_manifest_is_refused(store, tmp_path):
-    path = sealed(store, tmp_path)
+def test_non_utf8_path_name_in_manifest_is_refused(store, sealed_src):
+    path = sealed(store, sealed_src)
     # JSON carries a lone surrogate (what os.fsdecode makes of a non-UTF-8 byte); no store can name it.
     bad = "model\udcff.bin"
     rewrite_manifest(store, path, lambda doc: doc["files"].append(
@@ -292,11 +317,160 @@ def test_empty_prefix_lists_no_checkpoints(store):
     assert api.latest(store.url, storage_options=store.storage_options) is None
 
 
-def test_latest_picks_the_newest_ok(store, tmp_path):
-    sealed(store, tmp_path, "run/checkpoint-100", 100)
-    newest = sealed(store, tmp_path, "run/checkpoint-200", 200)
+def test_latest_picks_the_newest_ok(store, sealed_src):
+    sealed(store, sealed_src, "run/checkpoint-100", 100)
+    newest = sealed(store, sealed_src, "run/checkpoint-200", 200)
     got = api.latest(store.url, storage_options=store.storage_options)
     assert got is not None and (got["step"], got["status"]) == (200, "ok"), got
     flip_bit(store.fs, f"{newest}/model.safetensors")
     got = api.latest(store.url, storage_options=store.storage_options)
     assert got is not None and got["step"] == 100 and got["url"].endswith("run/checkpoint-100"), got
+
+
+# ---------------------------------------------------------------- odd paths: one odd entry, the pass goes on
+
+NO_LINKS = "object stores and WebHDFS (through its REST API) have no symlinks or FIFOs"
+OBJECT_STORES = ("memory", "s3", "gcs", "webhdfs")
+
+
+def by_step(result: Any) -> dict[int, Any]:
+    return {v.step: v for v in result.verdicts}
+
+
+def flip_weight(store: Store, ckpt: str, src: Path) -> None:
+    flip_bit(store.fs, f"{ckpt}/model.safetensors", tensor_offset(src / "model.safetensors", "layers.0.weight") + 3)
+
+
+def test_manifest_path_through_a_file_is_a_finding_and_the_pass_goes_on(store, sealed_src):
+    a, _, c = (sealed(store, sealed_src, f"run/checkpoint-{s}", s) for s in (100, 200, 300))
+    bad = "model.safetensors/inner.bin"  # ENOTDIR on a filesystem; a key nobody wrote on an object store
+    rewrite_manifest(store, a, lambda doc: doc["files"].append({**doc["files"][0], "path": bad}))
+    flip_weight(store, c, sealed_src(300))
+    result = rescan(store, jobs=1)
+    v = by_step(result)
+    if store.name == "local":
+        assert v[100].status == "corrupt", v[100].findings
+        assert [f.file for f in findings(v[100], "path_unresolvable")] == [bad]
+    else:  # keys are flat: a "folder" under a file's name is just absent
+        assert v[100].status == "missing", v[100].findings
+        assert [f.file for f in findings(v[100], "file_missing")] == [bad]
+    assert v[200].status == "ok" and v[300].status == "corrupt", result.to_dict()
+    assert "tensor_digest_mismatch" in codes(v[300]), v[300].findings
+    assert "not attempted" not in json.dumps(result.to_dict())
+
+
+@pytest.mark.stores_without("the test WebHDFS server keeps files on a POSIX disk and drops the connection on "
+                            "ENAMETOOLONG; real HDFS enforces its component limit on create only", "webhdfs")
+def test_name_too_long_in_manifest_is_a_finding(store, sealed_src):
+    a = sealed(store, sealed_src)
+    long_name = "x" * 300  # over NAME_MAX (255) on a filesystem; a valid key on an object store
+    rewrite_manifest(store, a, lambda doc: doc["files"].append({**doc["files"][0], "path": long_name}))
+    v = verify(store)
+    if store.name == "local":
+        assert v.status == "corrupt" and findings(v, "path_unresolvable"), v.findings
+    else:
+        assert v.status == "missing" and [f.file for f in findings(v, "file_missing")] == [long_name], v.findings
+
+
+# ---------------------------------------------------------------- local filesystem only: symlinks and FIFOs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the real `auditor` command; a hang is a test failure, not a stuck suite."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "auditor", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def seal_run(root: Path, steps: list[int]) -> list[Path]:
+    dirs = write_run(root, steps)
+    for d in dirs:
+        api.seal(str(d))
+    return dirs
+
+
+def flip_local_weight(ckpt: Path) -> None:
+    path = ckpt / "model.safetensors"
+    flip_bit(fsspec.filesystem("file"), str(path), tensor_offset(path, "layers.0.weight") + 3)
+
+
+@pytest.mark.stores_without(NO_LINKS, *OBJECT_STORES)
+def test_symlink_loop_is_a_finding_and_the_pass_goes_on(store):
+    root = Path(store.root)
+    a, b, c = seal_run(root / "run", [100, 200, 300])
+    os.symlink("loop", a / "loop")  # ELOOP on every stat that follows it
+    flip_local_weight(c)
+    result = api.rescan(str(root), jobs=1)
+    v = by_step(result)
+    assert set(v) == {100, 200, 300}, result.to_dict()
+    assert v[100].status == "corrupt" and [f.file for f in findings(v[100], "path_unresolvable")] == ["loop"]
+    assert v[200].status == "ok", v[200].findings
+    # The real damage elsewhere is still reported: no circuit breaker, nothing "not attempted".
+    assert v[300].status == "corrupt" and "tensor_digest_mismatch" in codes(v[300]), v[300].findings
+    assert "not attempted" not in json.dumps(result.to_dict())
+    assert result.exit_code() == 1
+
+
+@pytest.mark.stores_without(NO_LINKS, *OBJECT_STORES)
+def test_fifo_and_device_link_are_findings_never_opened(store):
+    root = Path(store.root)
+    a, b, c = seal_run(root / "run", [100, 200, 300])
+    os.mkfifo(a / "pipe.bin")
+    os.symlink("/dev/zero", b / "zeros.safetensors")
+    flip_local_weight(c)
+    # An unsealed checkpoint too: the structural checks must not open the FIFO either.
+    loose = write_hf_checkpoint(root / "other/checkpoint-7", step=7)
+    os.mkfifo(loose / "config-pipe.json")
+    started = time.monotonic()
+    r = cli("rescan", "--prefix", str(root), "--json", timeout=120)
+    assert time.monotonic() - started < 120
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    v = {(c_["run"], c_["step"]): c_ for c_ in doc["checkpoints"]}
+    fifo = v[("run", 100)]
+    assert fifo["status"] == "corrupt"
+    assert [(f["code"], f["file"]) for f in fifo["findings"] if f["severity"] == "error"] == \
+        [("special_file", "pipe.bin")]
+    link = v[("run", 200)]
+    assert link["status"] == "corrupt"
+    assert [(f["code"], f["file"]) for f in link["findings"] if f["severity"] == "error"] == \
+        [("path_outside_checkpoint", "zeros.safetensors")]
+    assert v[("run", 300)]["status"] == "corrupt"
+    unsealed = v[("other", 7)]
+    assert unsealed["status"] == "corrupt"
+    assert ("special_file", "config-pipe.json") in [(f["code"], f["file"]) for f in unsealed["findings"]]
+
+
+@pytest.mark.stores_without(NO_LINKS, *OBJECT_STORES)
+def test_sealed_file_replaced_by_a_fifo_is_special_file(store):
+    (a,) = seal_run(Path(store.root) / "run", [100])
+    (a / "optimizer.pt").unlink()
+    os.mkfifo(a / "optimizer.pt")
+    r = cli("verify", str(a), "--json")
+    assert r.returncode == 1, r.stderr
+    v = json.loads(r.stdout)["checkpoints"][0]
+    assert v["status"] == "corrupt"
+    assert ("special_file", "optimizer.pt") in [(f["code"], f["file"]) for f in v["findings"]]
+
+
+@pytest.mark.stores_without(NO_LINKS, *OBJECT_STORES)
+def test_fifo_as_manifest_is_never_opened(store):
+    (a,) = seal_run(Path(store.root) / "run", [100])
+    (a / MANIFEST).unlink()
+    os.mkfifo(a / MANIFEST)
+    r = cli("verify", str(a), "--json")
+    assert r.returncode == 1, r.stderr
+    v = json.loads(r.stdout)["checkpoints"][0]
+    assert ("special_file", MANIFEST) in [(f["code"], f["file"]) for f in v["findings"]], v
+
+
+@pytest.mark.stores_without(NO_LINKS, *OBJECT_STORES)
+def test_symlink_inside_the_checkpoint_to_a_regular_file_is_followed(store):
+    ck = write_hf_checkpoint(Path(store.root) / "run/checkpoint-5", step=5)
+    os.symlink("config.json", ck / "generation_config.json")
+    manifest = api.seal(str(ck))
+    assert "generation_config.json" in {f.path for f in manifest.files}
+    v = api.verify_url(str(ck)).verdicts[0]
+    assert v.status == "ok", v.findings
