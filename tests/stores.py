@@ -36,11 +36,6 @@ class Store:
     # as a careful trainer uploads; GCS and HDFS compute theirs unasked.
     upload_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def is_object_store(self) -> bool:
-        """Keys, not files: no directories of their own, no symlinks, no FIFOs."""
-        return self.name in ("memory", "s3", "gcs")
-
     def path(self, rel: str = "") -> str:
         return posixpath.join(self.root, rel) if rel else self.root
 
