@@ -3,6 +3,7 @@
 Rule 3 of the product: one odd file is a finding on its checkpoint, never an outage that hides
 damage elsewhere; a storage fault is `error`, never `corrupt`; every read has a deadline.
 Everything hostile is made inside the test: FIFOs, symlinks, a proxy that cuts or stalls ranged GETs.
+The odd-path cases that are findings on every store live in tests/test_store_contract.py.
 """
 
 from __future__ import annotations
@@ -61,10 +62,9 @@ def flip_weight(ckpt: Path) -> None:
     flip_bit(fsspec.filesystem("file"), str(path), tensor_offset(path, "layers.0.weight") + 3)
 
 
-# ---------------------------------------------------------------- row 4: local path errors are findings
-
-
-# ---------------------------------------------------------------- row 7: special files never opened
+# ---------------------------------------------------------------- rows 4 and 7: local path errors, special files
+# Symlink loops, paths through a file, over-long names, FIFOs and device links run in
+# tests/test_store_contract.py on the shared `store` fixture (local-only where they cannot exist elsewhere).
 
 
 def test_symlinked_folder_is_not_followed_by_the_listing(tmp_path):
