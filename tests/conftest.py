@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tests never reach real clouds; keep clients from probing instance metadata.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# After the two lines above: tests/ must be on sys.path, and gcsfs must see the variable when imported.
+from stores import STORE_KINDS, Store, make_store  # noqa: E402
 
 
 @pytest.fixture
@@ -22,6 +24,26 @@ def memfs():
     yield fs, root
     if fs.exists(root):
         fs.rm(root, recursive=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "stores_without(reason, *kinds): the shared `store` fixture skips these "
+                            "store kinds, with the reason (why the case cannot exist there)")
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """A fresh, empty prefix on each store: local path, memory://, S3 (moto), GCS (emulator), WebHDFS.
+
+    The servers are the session ones below; each test gets its own bucket or folder. A test module
+    may define its own `store` (test_verify.py's adds file:// URLs); this one is the shared default.
+    `@pytest.mark.stores_without(reason, kind, ...)` skips kinds where a case cannot exist, before
+    any bucket is made.
+    """
+    for mark in request.node.iter_markers("stores_without"):
+        if request.param in mark.args[1:]:
+            pytest.skip(f"{request.param}: {mark.args[0]}")
+    return make_store(request.param, request, tmp_path)
 
 
 @pytest.fixture

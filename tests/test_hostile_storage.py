@@ -3,6 +3,7 @@
 Rule 3 of the product: one odd file is a finding on its checkpoint, never an outage that hides
 damage elsewhere; a storage fault is `error`, never `corrupt`; every read has a deadline.
 Everything hostile is made inside the test: FIFOs, symlinks, a proxy that cuts or stalls ranged GETs.
+The odd-path cases that are findings on every store live in tests/test_store_contract.py.
 """
 
 from __future__ import annotations
@@ -61,105 +62,9 @@ def flip_weight(ckpt: Path) -> None:
     flip_bit(fsspec.filesystem("file"), str(path), tensor_offset(path, "layers.0.weight") + 3)
 
 
-# ---------------------------------------------------------------- row 4: local path errors are findings
-
-
-def test_symlink_loop_is_a_finding_and_the_pass_goes_on(tmp_path):
-    a, b, c = seal_run(tmp_path / "p/run", [100, 200, 300])
-    os.symlink("loop", a / "loop")  # ELOOP on every stat that follows it
-    flip_weight(c)
-    result = auditor.api.rescan(str(tmp_path / "p"), jobs=1)
-    v = by_step(result)
-    assert set(v) == {100, 200, 300}, result.to_dict()
-    assert v[100].status == "corrupt" and [f.file for f in findings(v[100], "path_unresolvable")] == ["loop"]
-    assert v[200].status == "ok", v[200].findings
-    # The real damage elsewhere is still reported: no circuit breaker, nothing "not attempted".
-    assert v[300].status == "corrupt" and "tensor_digest_mismatch" in codes(v[300]), v[300].findings
-    assert "not attempted" not in json.dumps(result.to_dict())
-    assert result.exit_code() == 1
-
-
-def test_manifest_path_through_a_file_is_a_finding_and_the_pass_goes_on(tmp_path):
-    a, b, c = seal_run(tmp_path / "p/run", [100, 200, 300])
-    manifest = json.loads((a / "ckpt-manifest.json").read_text())
-    manifest["files"].append({**manifest["files"][0], "path": "model.safetensors/inner.bin"})  # ENOTDIR
-    (a / "ckpt-manifest.json").write_text(json.dumps(manifest))
-    flip_weight(c)
-    result = auditor.api.rescan(str(tmp_path / "p"), jobs=1)
-    v = by_step(result)
-    assert v[100].status == "corrupt", v[100].findings
-    assert [f.file for f in findings(v[100], "path_unresolvable")] == ["model.safetensors/inner.bin"]
-    assert v[200].status == "ok" and v[300].status == "corrupt", result.to_dict()
-    assert "not attempted" not in json.dumps(result.to_dict())
-
-
-def test_name_too_long_in_manifest_is_a_finding(tmp_path):
-    (a,) = seal_run(tmp_path / "p/run", [100])
-    manifest = json.loads((a / "ckpt-manifest.json").read_text())
-    manifest["files"].append({**manifest["files"][0], "path": "x" * 300})  # ENAMETOOLONG
-    (a / "ckpt-manifest.json").write_text(json.dumps(manifest))
-    v = auditor.api.verify_url(str(a)).verdicts[0]
-    assert v.status == "corrupt" and findings(v, "path_unresolvable"), v.findings
-
-
-# ---------------------------------------------------------------- row 7: special files never opened
-
-
-def test_fifo_and_device_link_are_findings_never_opened(tmp_path):
-    a, b, c = seal_run(tmp_path / "p/run", [100, 200, 300])
-    os.mkfifo(a / "pipe.bin")
-    os.symlink("/dev/zero", b / "zeros.safetensors")
-    flip_weight(c)
-    # An unsealed checkpoint too: the structural checks must not open the FIFO either.
-    loose = write_hf_checkpoint(tmp_path / "p/other/checkpoint-7", step=7)
-    os.mkfifo(loose / "config-pipe.json")
-    started = time.monotonic()
-    r = cli("rescan", "--prefix", str(tmp_path / "p"), "--json", timeout=120)
-    assert time.monotonic() - started < 120
-    assert r.returncode == 1, r.stderr
-    doc = json.loads(r.stdout)
-    v = {(c_["run"], c_["step"]): c_ for c_ in doc["checkpoints"]}
-    fifo = v[("run", 100)]
-    assert fifo["status"] == "corrupt"
-    assert [(f["code"], f["file"]) for f in fifo["findings"] if f["severity"] == "error"] == [("special_file", "pipe.bin")]
-    link = v[("run", 200)]
-    assert link["status"] == "corrupt"
-    assert [(f["code"], f["file"]) for f in link["findings"] if f["severity"] == "error"] == \
-        [("path_outside_checkpoint", "zeros.safetensors")]
-    assert v[("run", 300)]["status"] == "corrupt"
-    unsealed = v[("other", 7)]
-    assert unsealed["status"] == "corrupt"
-    assert ("special_file", "config-pipe.json") in [(f["code"], f["file"]) for f in unsealed["findings"]]
-
-
-def test_sealed_file_replaced_by_a_fifo_is_special_file(tmp_path):
-    (a,) = seal_run(tmp_path / "p/run", [100])
-    (a / "optimizer.pt").unlink()
-    os.mkfifo(a / "optimizer.pt")
-    r = cli("verify", str(a), "--json")
-    assert r.returncode == 1, r.stderr
-    v = json.loads(r.stdout)["checkpoints"][0]
-    assert v["status"] == "corrupt"
-    assert ("special_file", "optimizer.pt") in [(f["code"], f["file"]) for f in v["findings"]]
-
-
-def test_fifo_as_manifest_is_never_opened(tmp_path):
-    (a,) = seal_run(tmp_path / "p/run", [100])
-    (a / "ckpt-manifest.json").unlink()
-    os.mkfifo(a / "ckpt-manifest.json")
-    r = cli("verify", str(a), "--json")
-    assert r.returncode == 1, r.stderr
-    v = json.loads(r.stdout)["checkpoints"][0]
-    assert ("special_file", "ckpt-manifest.json") in [(f["code"], f["file"]) for f in v["findings"]], v
-
-
-def test_symlink_inside_the_checkpoint_to_a_regular_file_is_followed(tmp_path):
-    ck = write_hf_checkpoint(tmp_path / "p/run/checkpoint-5", step=5)
-    os.symlink("config.json", ck / "generation_config.json")
-    manifest = auditor.api.seal(str(ck))
-    assert "generation_config.json" in {f.path for f in manifest.files}
-    v = auditor.api.verify_url(str(ck)).verdicts[0]
-    assert v.status == "ok", v.findings
+# ---------------------------------------------------------------- rows 4 and 7: local path errors, special files
+# Symlink loops, paths through a file, over-long names, FIFOs and device links run in
+# tests/test_store_contract.py on the shared `store` fixture (local-only where they cannot exist elsewhere).
 
 
 def test_symlinked_folder_is_not_followed_by_the_listing(tmp_path):
