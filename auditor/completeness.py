@@ -265,7 +265,8 @@ def rng_kind(value: Any) -> str | None:
         if (len(value) == 5 and value[0] == "MT19937" and isinstance(value[1], pickles.Opaque)
                 and value[1].name == "numpy.ndarray"):
             return "numpy"
-    if isinstance(value, Mapping) and value.get("bit_generator") == "MT19937" and isinstance(value.get("state"), Mapping):
+    if (isinstance(value, Mapping) and value.get("bit_generator") == "MT19937"
+            and isinstance(value.get("state"), Mapping)):
         return "numpy"
     if (isinstance(value, list) and value and all(isinstance(t, pickles.TensorRef) and t.dtype == "uint8"
                                                  and len(t.shape) == 1 for t in value)):
@@ -314,7 +315,10 @@ _MODEL = re.compile(
     r"^(model|pytorch_model|adapter_model|consolidated|diffusion_pytorch_model)([-_.].*)?\.(safetensors|bin|pt|pth)$"
     r"|^model\.safetensors\.index\.json$|^mp_rank_\d+(_\d+)?/model_optim_rng\.pt$|^__\d+_\d+\.distcp$"
 )
-_OPTIMIZER = re.compile(r"(^|/)(optimizer|optim)([-_.].*)?\.(pt|pth|bin|safetensors)$|^global_step\d+/.*optim_states\.pt$")
+_OPTIMIZER = re.compile(
+    r"(^|/)(optimizer|optim)([-_.].*)?\.(pt|pth|bin|safetensors)$"
+    r"|^global_step\d+/.*optim_states\.pt$"
+)
 _SCHEDULER = re.compile(r"(^|/)(scheduler|lr_scheduler)([-_.].*)?\.(pt|pth|bin|json)$")
 _RNG = re.compile(r"(^|/)rng_state(_\d+)?\.(pth|pt|json)$|(^|/)rng(_\d+)?\.(pt|pth|json)$"
                   r"|(^|/)random_states_\d+\.pkl$")
@@ -806,9 +810,9 @@ def _param_names(groups: list[dict[str, Any]], manifest: Any, count: int) -> dic
     names: dict[Any, str] = {}
     for g in groups:
         if isinstance(g.get("param_names"), list) and len(g["param_names"]) == len(g.get("params", [])):
-            names.update(zip(g["params"], g["param_names"]))
+            names.update(zip(g["params"], g["param_names"], strict=True))
     recorded = getattr(manifest.training_state, "param_names", None) if manifest else None
     if not names and isinstance(recorded, list) and len(recorded) == count:
         ids = [p for g in groups for p in g.get("params", [])]
-        names = dict(zip(ids, recorded))
+        names = dict(zip(ids, recorded, strict=False))  # both lengths checked against `count`
     return names

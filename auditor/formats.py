@@ -249,7 +249,8 @@ def _validate_header(path: str, metadata: dict[str, str], specs: dict[str, _Spec
         if nbits % 8 or nbits // 8 != end - start:
             raise FormatError(
                 "header_invalid",
-                f"{path}: tensor {name!r} is {spec.dtype}{list(spec.shape)} = {nbits / 8:g} bytes but spans {end - start}",
+                f"{path}: tensor {name!r} is {spec.dtype}{list(spec.shape)} = {nbits / 8:g} bytes "
+                f"but spans {end - start}",
             )
         tensors.append(TensorInfo(name, spec.dtype, spec.shape, data_start + start, data_start + end))
     if data_start + pos > size:

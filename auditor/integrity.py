@@ -130,7 +130,8 @@ def narrow(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | Non
         out = []
         for name, t in sorted(sealed.items()):
             if name not in got:
-                out.append(Finding.error("tensor_digest_mismatch", entry.path, f"tensor {name!r} is gone from the header"))
+                out.append(Finding.error("tensor_digest_mismatch", entry.path,
+                                         f"tensor {name!r} is gone from the header"))
             elif got[name] != t.sha256:
                 out.append(Finding.error("tensor_digest_mismatch", entry.path,
                                    f"tensor {name!r} ({t.dtype}{t.shape}) differs from what was sealed"))
@@ -164,7 +165,8 @@ def dcp_extents(ck: Checkpoint, reader: Reader, meta_rel: str, findings: list[Fi
     return checked
 
 
-def structural_file(reader: Reader, path: str, size: int) -> tuple[bool, formats.SafetensorsHeader | None, Finding | None]:
+def structural_file(reader: Reader, path: str, size: int
+                    ) -> tuple[bool, formats.SafetensorsHeader | None, Finding | None]:
     rel = path.rsplit("/", 1)[-1]
     try:
         if path.endswith(".safetensors"):

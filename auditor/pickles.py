@@ -159,7 +159,8 @@ _TORCH_STORAGES: dict[str, str] = {
 
 # torch.serialization._get_layout looks these up by name (torch 2.13's torch.layout values).
 _LAYOUTS = frozenset(f"torch.{name}" for name in
-                     ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged"))
+                     ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn",
+                      "jagged"))
 
 _QSCHEMES = (
     "per_tensor_affine",
@@ -898,7 +899,7 @@ def _tensor(w: _Walker, storage: Any, offset: Any, size: Any, stride: Any, dtype
     numel = math.prod(size)
     if numel:
         # torch's set_() checks the same bound: the furthest element must lie in the storage.
-        extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
+        extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
         available = ref.nbytes // _ELEMENT_SIZES[dtype]
         if extent > available:
             w.refuse(f"tensor view of {extent} elements on a storage of {available}")
@@ -1330,7 +1331,8 @@ def _zip_members(f: IO[bytes], label: str, size: int) -> list[_Member]:
     members = []
     for info in infos:
         if not 0 <= info.header_offset < size:
-            raise UnsafePickleError(label, [], [f"{info.filename}: member offset {info.header_offset} outside the file"])
+            raise UnsafePickleError(label, [],
+                                    [f"{info.filename}: member offset {info.header_offset} outside the file"])
         members.append(_Member(info.filename, info.header_offset, info.compress_size, info.file_size,
                                info.compress_type, info.flag_bits, info.CRC))
     return members
@@ -1619,7 +1621,8 @@ def read_dcp_checkpoint(
             offset, length = item.get("offset"), item.get("length")
             if not (type(rel) is str and re.fullmatch(r"[\w.-]+", rel) and rel not in (".", "..")
                     and type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
-                raise UnsafePickleError(meta_path, [], [f"storage entry for {fqn!r} names {rel!r} at {offset}+{length}"])
+                raise UnsafePickleError(meta_path, [],
+                                        [f"storage entry for {fqn!r} names {rel!r} at {offset}+{length}"])
             if item.get("transform_descriptors"):
                 # Extensions decode the item before torch.load: not modelled.
                 raise UnsafePickleError(meta_path, [], [f"storage entry for {fqn!r} has transforms"])

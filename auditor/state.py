@@ -450,7 +450,9 @@ class State:
 _BYTES = frozenset({Status.CORRUPT, Status.MISSING, Status.INCOMPLETE, Status.UNSAFE, Status.UNVERIFIABLE})
 # Findings of a probe-tier verdict whose probe did not run: it proved no more than the content tier.
 PROBE_NOT_RUN = frozenset({"probe_factory_not_allowed", "no_probe"})
-COVERS: dict[str, frozenset[str]] = {Tier.METADATA: frozenset({Status.UNVERIFIABLE}), Tier.CONTENT: _BYTES, Tier.PROBE: _BYTES | {Status.DRIFT}}
+COVERS: dict[str, frozenset[str]] = {
+    Tier.METADATA: frozenset({Status.UNVERIFIABLE}), Tier.CONTENT: _BYTES, Tier.PROBE: _BYTES | {Status.DRIFT},
+}
 
 
 def open_state(url: str, *, create: bool = True) -> State:

@@ -294,10 +294,12 @@ def _rel_to(ck: Checkpoint, path: str) -> str:
     return path[len(root) + 1:] if path.startswith(root + "/") else _name(path)
 
 
+# The probe loads weights: pointless, and possibly unsafe, once bytes are known bad.
+_BLOCKING = frozenset({Status.CORRUPT, Status.MISSING, Status.UNSAFE, Status.ERROR})
+
+
 def _blocking(findings: list[Finding]) -> bool:
-    # The probe loads weights: pointless, and possibly unsafe, once bytes are known bad.
-    return any(f.severity == Severity.ERROR and STATUS_OF_CODE.get(f.code) in (Status.CORRUPT, Status.MISSING, Status.UNSAFE, Status.ERROR)
-               for f in findings)
+    return any(f.severity == Severity.ERROR and STATUS_OF_CODE.get(f.code) in _BLOCKING for f in findings)
 
 
 def _name(path: str) -> str:
@@ -383,7 +385,8 @@ def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Fin
     root = ck.root
     checked: set[str] = set()
     headers: dict[str, formats.SafetensorsHeader] = {}
-    work = [(rel, _bind_structural(f"{root}/{rel}", int(info.get("size") or 0))) for rel, info in sorted(ck.files.items())]
+    work = [(rel, _bind_structural(f"{root}/{rel}", int(info.get("size") or 0)))
+            for rel, info in sorted(ck.files.items())]
     for rel, got in ctx.run_files(reader, work):
         if isinstance(got, Finding):
             findings.append(got)
@@ -535,7 +538,8 @@ def is_pending(ck: Checkpoint, settle_seconds: float, now: float | None = None) 
 
 def pending_verdict(ck: Checkpoint, reason: str, tier: str) -> Verdict:
     """Build the verdict of a checkpoint that is not committed yet."""
-    return Verdict(ck.url, ck.run, ck.step, ck.layout, Status.PENDING, [Finding.info("pending", None, reason)], tier=tier)
+    return Verdict(ck.url, ck.run, ck.step, ck.layout, Status.PENDING, [Finding.info("pending", None, reason)],
+                   tier=tier)
 
 
 class Scanner:
@@ -549,7 +553,8 @@ class Scanner:
     def __init__(self, fs: AbstractFileSystem, options: Options, *, jobs: int = 4,
                  throttle: Throttle | None = None, on_bytes: Callable[[int], None] | None = None,
                  stop: threading.Event | None = None, list_jobs: int = 8,
-                 file_timeout: float | None = FILE_TIMEOUT, checkpoint_timeout: float | None = CHECKPOINT_TIMEOUT) -> None:
+                 file_timeout: float | None = FILE_TIMEOUT,
+                 checkpoint_timeout: float | None = CHECKPOINT_TIMEOUT) -> None:
         if jobs < 1:
             raise UsageError(f"jobs must be at least 1, got {jobs}")
         for name, value in (("file_timeout", file_timeout), ("checkpoint_timeout", checkpoint_timeout)):
@@ -631,7 +636,8 @@ class Scanner:
         """Check files no name claimed: a torch.save file is a checkpoint whatever it is called."""
         candidates = sorted(r for r, i in found.uncovered.items() if int(i.get("size") or 0) >= len(ZIP_MAGIC))
         if len(candidates) > integrity.MAX_SNIFFED:
-            logger.info("%d unclaimed files under %s: sniffing the first %d", len(candidates), prefix_url, integrity.MAX_SNIFFED)
+            logger.info("%d unclaimed files under %s: sniffing the first %d", len(candidates), prefix_url,
+                        integrity.MAX_SNIFFED)
         base = root.rstrip("/")
         tasks = []
         for rel in candidates[:integrity.MAX_SNIFFED]:

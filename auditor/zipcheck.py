@@ -56,7 +56,7 @@ def checked_infolist(zf: zipfile.ZipFile, size: int) -> list[zipfile.ZipInfo]:
     # zipfile records where the central directory starts; member data must end before it.
     end_of_data = min(size, int(getattr(zf, "start_dir", size)))
     ranges = sorted((*_member_range(zf, info, end_of_data), info.filename) for info in infos)
-    for (_, prev_end, prev), (start, _, name) in zip(ranges, ranges[1:]):
+    for (_, prev_end, prev), (start, _, name) in zip(ranges, ranges[1:], strict=False):
         if start < prev_end:
             raise ZipRefused(
                 "zip_overlapping_members",
@@ -94,7 +94,8 @@ def _member_range(zf: zipfile.ZipFile, info: zipfile.ZipInfo, end_of_data: int) 
     start = info.header_offset
     if not 0 <= start <= end_of_data - _LOCAL_HEADER.size:
         raise ZipRefused("zip_member_out_of_bounds",
-                         f"member {info.filename!r} starts at offset {start}, outside the data area of {end_of_data} bytes")
+                         f"member {info.filename!r} starts at offset {start}, "
+                         f"outside the data area of {end_of_data} bytes")
     fp = zf.fp  # the file the archive was opened on; no member is open while we read it
     assert fp is not None
     fp.seek(start)
@@ -107,7 +108,8 @@ def _member_range(zf: zipfile.ZipFile, info: zipfile.ZipInfo, end_of_data: int) 
         end += _MIN_DESCRIPTOR
     if end > end_of_data:
         raise ZipRefused("zip_member_out_of_bounds",
-                         f"member {info.filename!r} spans bytes {start}-{end}, past the data area's end at {end_of_data}")
+                         f"member {info.filename!r} spans bytes {start}-{end}, "
+                         f"past the data area's end at {end_of_data}")
     return start, end
 
 
