@@ -51,6 +51,11 @@ def check_relpath(path: str) -> str:
     parts = path.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise PathOutsideCheckpoint(path)
+    try:
+        # A lone surrogate (what os.fsdecode makes of a non-UTF-8 byte) names no object on any store.
+        path.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PathOutsideCheckpoint(path) from e
     return path
 
 

@@ -6,7 +6,6 @@ through the public API (`auditor.api`) by URL, as a user's code does. Bad input 
 malformed or hostile manifests, escaping paths, hostile pickles — is a finding on its checkpoint,
 never a traceback. A case that cannot exist on a store (FIFOs and symlinks off a local disk) is
 skipped there by `@pytest.mark.stores_without(reason, kinds...)`, the reason in the skip message.
-Known gaps are strict xfails naming the bug, so fixing it turns them into failures to remove.
 """
 
 from __future__ import annotations
@@ -182,14 +181,8 @@ def test_unsealed_damaged_zip_is_corrupt(store, tmp_path):
     assert "optimizer.pt" in {f.file for f in findings(v, "zip_crc_error")}
 
 
-def test_a_second_scan_sees_todays_bytes(store, tmp_path, request):
+def test_a_second_scan_sees_todays_bytes(store, tmp_path):
     """Scan, rewrite a file, scan again in the same process (the daemon's case): the new bytes are judged."""
-    if store.name == "s3":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "known bug: Reader.find calls s3fs invalidate_cache(prefix), which drops the prefix and its parents "
-            "but not the folder listings the first scan cached under it; find() returns the new ETag, open() "
-            "uses the cached old one -> FileExpired -> "
-            "storage_error, status error instead of corrupt")))
     store.put_dir(write_hf_checkpoint(tmp_path / "src/c"), "run/checkpoint-100")
     assert only(rescan(store)).status == "ok"
     flip_bit(store.fs, store.path("run/checkpoint-100/optimizer.pt"), 200)
@@ -268,9 +261,6 @@ def test_path_outside_checkpoint_is_refused_and_never_read(store, sealed_src):
     assert v.bytes_read < 1_000_000
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: manifest.check_relpath accepts a lone surrogate; local and memory:// then report "
-    "file_missing (missing), S3/GCS/WebHDFS raise UnicodeEncodeError -> storage_error -> status error (exit 3)"))
 def test_non_utf8_path_name_in_manifest_is_refused(store, sealed_src):
     path = sealed(store, sealed_src)
     # JSON carries a lone surrogate (what os.fsdecode makes of a non-UTF-8 byte); no store can name it.

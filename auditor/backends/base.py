@@ -93,22 +93,37 @@ class Backend:
         """An OS path for `path` when the store is local (for mmap and atomic rename), else None."""
         return None
 
+    def forget(self, path: str) -> None:
+        """Drop what the filesystem cached of `path`, its parents and everything under it.
+
+        s3fs and gcsfs keep listings for the life of the filesystem, and a scrubber must see today's.
+        `invalidate_cache` drops a path and its parents only: the listings a previous scan cached
+        below it would still hand open() yesterday's ETag, and a rewritten object would fail to
+        open (FileExpired, an `error`) instead of being judged by its bytes.
+        """
+        self.fs.invalidate_cache(path)
+        cache = getattr(self.fs, "dircache", None)
+        if not cache:
+            return
+        below = self.fs._strip_protocol(path).rstrip("/") + "/"
+        for key in [k for k in list(cache) if isinstance(k, str) and k.startswith(below)]:
+            cache.pop(key, None)
+
     def info(self, path: str) -> dict[str, Any]:
         """Stat one path, asking the store rather than a listing cache."""
-        # s3fs and gcsfs keep listings for the life of the filesystem; a scrubber must see today's.
-        self.fs.invalidate_cache(path)
+        self.forget(path)
         out: dict[str, Any] = self.fs.info(path)
         return out
 
     def find(self, path: str) -> dict[str, dict[str, Any]]:
         """Every file and folder under `path`, recursively, with details, keyed by path."""
-        self.fs.invalidate_cache(path)
+        self.forget(path)
         out: dict[str, dict[str, Any]] = self.fs.find(path, withdirs=True, detail=True)
         return out
 
     def ls(self, path: str) -> dict[str, dict[str, Any]]:
         """One folder's entries, with details, keyed by protocol-less path."""
-        self.fs.invalidate_cache(path)
+        self.forget(path)
         entries = self.fs.ls(path, detail=True)
         return {e["name"].rstrip("/"): e for e in entries}
 
