@@ -408,7 +408,7 @@ def test_grafana_alert_rule_provisioning():
 
 
 # ------------------------------------------------------------------------------ Kubernetes
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render_text(directory: Path) -> str:
     proc = run([tool("kubectl"), "kustomize", str(directory)])
     assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"

@@ -278,7 +278,7 @@ def test_scan_limits_bound_time_and_memory(limit: str) -> None:
     data = pickle.dumps([[i] for i in range(2000)], protocol=2)
     with pytest.raises(UnsafePickleError, match="scan limit"):
         read_skeleton(data, limits=ScanLimits(**{limit: 500}))
-    deep = b"\x80\x02" + b"(" * 600 + b"N." 
+    deep = b"\x80\x02" + b"(" * 600 + b"N."
     with pytest.raises(UnsafePickleError, match="scan limit"):
         read_skeleton(deep, limits=ScanLimits(max_stack=500))
 
