@@ -275,7 +275,8 @@ def state_breakdown(state_path: Path, prefix: str, repeats: int = 3) -> dict[str
         decode_mine_ms, _ = best(lambda: [json.loads(r["findings"]) for r in mine])
         store.close()
         return {"prefix_checkpoints": len(rows), "latest_rows_all": len(every), "latest_rows_prefix": len(mine),
-                "response_bytes": len(body), "state_checkpoints_ms": round(api_ms, 1), "json_dumps_ms": round(dumps_ms, 1),
+                "response_bytes": len(body),
+                "state_checkpoints_ms": round(api_ms, 1), "json_dumps_ms": round(dumps_ms, 1),
                 "sql_prefix_rows_ms": round(rows_ms, 1), "sql_latest_all_ms": round(all_ms, 1),
                 "sql_latest_prefix_only_ms": round(mine_ms, 1), "json_loads_findings_all_ms": round(decode_all_ms, 1),
                 "json_loads_findings_prefix_only_ms": round(decode_mine_ms, 1), "cprofile_top_own": profile_top}
@@ -439,11 +440,10 @@ def run_daemon(name: str, tmp: Path, prefixes: list[Path], state: Path, args: An
             f"\n  own time:\n" + "\n".join(f"    {share:6.1%}  {fn}" for share, fn in prof["own"][:15])
             + "\n  inclusive, auditor functions:\n"
             + "\n".join(f"    {share:6.1%}  {fn}" for share, fn in prof["inclusive_auditor"][:20]))
-    l = lat
-    during = (f"  during the passes ({rate:g} requests/s): /metrics p50 {l['metrics_during']['p50_ms']} ms p99 "
-              f"{l['metrics_during']['p99_ms']} ms (n={l['metrics_during']['n']}); /api/v1/checkpoints?prefix= p50 "
-              f"{l['checkpoints_during']['p50_ms']} ms p99 {l['checkpoints_during']['p99_ms']} ms "
-              f"(n={l['checkpoints_during']['n']}, {human_bytes(l['response_bytes']['checkpoints'])})\n"
+    during = (f"  during the passes ({rate:g} requests/s): /metrics p50 {lat['metrics_during']['p50_ms']} ms p99 "
+              f"{lat['metrics_during']['p99_ms']} ms (n={lat['metrics_during']['n']}); /api/v1/checkpoints?prefix= p50 "
+              f"{lat['checkpoints_during']['p50_ms']} ms p99 {lat['checkpoints_during']['p99_ms']} ms "
+              f"(n={lat['checkpoints_during']['n']}, {human_bytes(lat['response_bytes']['checkpoints'])})\n"
               if rate > 0 else "  no requests during the passes (the pass time is the daemon's alone)\n")
     log(f"{name}: {checkpoints} checkpoints in {len(urls)} passes, {result['passes_wall_seconds']:.1f}s from the first "
         f"start to the last end, {busy:.1f}s with a pass running "
@@ -451,9 +451,10 @@ def run_daemon(name: str, tmp: Path, prefixes: list[Path], state: Path, args: An
         f"{result['checkpoints_per_s']:.0f} checkpoints/s; {deep} deep checks); statuses {summaries}\n"
         f"  peak RSS {result['peak_rss_mib']:.0f} MiB (VmHWM; polled {result['polled_peak_rss_mib']:.0f} MiB)\n"
         + during +
-        f"  after the passes: /metrics p99 {l['metrics_idle']['p99_ms']} ms, /api/v1/checkpoints?prefix= p99 "
-        f"{l['checkpoints_idle']['p99_ms']} ms, unfiltered /api/v1/checkpoints p50 {l['checkpoints_all_idle']['p50_ms']} "
-        f"ms ({human_bytes(l['response_bytes']['checkpoints_all'])}); stopped with exit {code} in {stop_s:.1f}s")
+        f"  after the passes: /metrics p99 {lat['metrics_idle']['p99_ms']} ms, /api/v1/checkpoints?prefix= p99 "
+        f"{lat['checkpoints_idle']['p99_ms']} ms, unfiltered /api/v1/checkpoints p50 "
+        f"{lat['checkpoints_all_idle']['p50_ms']} ms ({human_bytes(lat['response_bytes']['checkpoints_all'])}); "
+        f"stopped with exit {code} in {stop_s:.1f}s")
     return result
 
 
@@ -492,13 +493,16 @@ def main() -> None:
             b = breakdown
             log(f"GET /api/v1/checkpoints?prefix= ({b['prefix_checkpoints']} checkpoints, "
                 f"{human_bytes(b['response_bytes'])}), timed in this process on the state database, best of 3, idle:\n"
-                f"  State.checkpoints(prefix) {b['state_checkpoints_ms']:.0f} ms + json.dumps {b['json_dumps_ms']:.0f} ms\n"
-                f"  of which SQL: the prefix's checkpoint rows {b['sql_prefix_rows_ms']:.0f} ms; ALL {b['latest_rows_all']} "
-                f"rows of `latest` {b['sql_latest_all_ms']:.0f} ms + json.loads of their findings "
-                f"{b['json_loads_findings_all_ms']:.0f} ms, where the prefix's {b['latest_rows_prefix']} rows would take "
+                f"  State.checkpoints(prefix) {b['state_checkpoints_ms']:.0f} ms "
+                f"+ json.dumps {b['json_dumps_ms']:.0f} ms\n"
+                f"  of which SQL: the prefix's checkpoint rows {b['sql_prefix_rows_ms']:.0f} ms; "
+                f"ALL {b['latest_rows_all']} rows of `latest` {b['sql_latest_all_ms']:.0f} ms "
+                f"+ json.loads of their findings {b['json_loads_findings_all_ms']:.0f} ms, "
+                f"where the prefix's {b['latest_rows_prefix']} rows would take "
                 f"{b['sql_latest_prefix_only_ms']:.0f} ms + {b['json_loads_findings_prefix_only_ms']:.0f} ms\n"
                 f"  cProfile of one State.checkpoints(prefix), own time (profiler overhead included):\n"
-                + "\n".join(f"    {r['own_ms']:8.1f} ms {r['calls']:>8} calls  {r['function']}" for r in b["cprofile_top_own"]))
+                + "\n".join(f"    {r['own_ms']:8.1f} ms {r['calls']:>8} calls  {r['function']}"
+                            for r in b["cprofile_top_own"]))
     main_run = runs.get("metadata_quiet") or runs["first_sight"]
     worst_rss = max(r["peak_rss_mib"] for r in runs.values())
 

@@ -4,8 +4,9 @@
 A GPT-2 built from a transformers config (n_layer=9, n_embd=768: ~103 M parameters, float32, random
 weights; nothing downloaded) is saved with safetensors as one file, `model.safetensors`, and sealed
 with a probe (auditor.api.seal(..., model_factory="bench_probe_model:build", probe_batch=16 x --seq-len
-token ids; the outputs are the logits, 16 x seq-len x 50257 float32)). The factory lives in a small module written to the work folder, which is put on
-PYTHONPATH so that the probe child (`python -m auditor.probe.child`) can import it.
+token ids; the outputs are the logits, 16 x seq-len x 50257 float32)). The factory lives in a small
+module written to the work folder, which is put on PYTHONPATH so that the probe child
+(`python -m auditor.probe.child`) can import it.
 
 Then, in a driver process that never imports torch, --repeats alternating rounds of:
 
@@ -475,7 +476,8 @@ def main() -> None:
         rows = [f"  where the {title}'s time and memory go (MiB; hwm = peak so far; anon / file-backed resident):"]
         prev = 0.0
         for m in steps:
-            rows.append(f"    {m['t']:7.2f}s (+{m['t'] - prev:5.2f}s)  rss {m['rss_mib']:7.0f}  hwm {m['hwm_mib']:7.0f}  "
+            rows.append(f"    {m['t']:7.2f}s (+{m['t'] - prev:5.2f}s)  "
+                        f"rss {m['rss_mib']:7.0f}  hwm {m['hwm_mib']:7.0f}  "
                         f"anon {m['anon_mib']:7.0f}  file {m['file_mib']:6.0f}  {m['step']}")
             prev = m["t"]
         log("\n".join(rows))

@@ -259,7 +259,8 @@ def main() -> None:
             f"  {runs[f'verify_{layout}']['wall_seconds']:.2f}s",
             f"    ... --jobs 1                                {runs[f'verify_{layout}_j1']['peak_rss_mib']:7.1f} MiB"
             f"  {runs[f'verify_{layout}_j1']['wall_seconds']:.2f}s",
-            f"    ... through dir:// (non-local filesystem)   {runs[f'verify_{layout}_remote']['peak_rss_mib']:7.1f} MiB"
+            f"    ... through dir:// (non-local filesystem)   "
+            f"{runs[f'verify_{layout}_remote']['peak_rss_mib']:7.1f} MiB"
             f"  {runs[f'verify_{layout}_remote']['wall_seconds']:.2f}s",
             f"    auditor seal                                {runs[f'seal_{layout}']['peak_rss_mib']:7.1f} MiB"
             f"  {runs[f'seal_{layout}']['wall_seconds']:.2f}s",

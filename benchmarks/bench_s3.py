@@ -109,7 +109,9 @@ def rclone_env(endpoint: str) -> dict[str, str]:
             "RCLONE_CONFIG": "/dev/null"}
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 3600) -> tuple[float, subprocess.CompletedProcess[str]]:
+def timed(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 3600,
+) -> tuple[float, subprocess.CompletedProcess[str]]:
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env or child_env(), timeout=timeout,
                           stdin=subprocess.DEVNULL, check=False)
@@ -674,8 +676,9 @@ def part_rss(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str, Any
         f"  {human_bytes(args.rss_size)} weights object: {', '.join(f'{x:.1f}' for x in peaks['big'])} MiB -> worst "
         f"{worst:.1f} MiB (target < {TARGET_RSS_MIB:.0f}) {'OK' if ok else 'MISSED'}, median {median:.1f}, "
         f"{seconds:.1f}s per verify\n"
-        f"  1 MiB checkpoint, same layout:  {', '.join(f'{x:.1f}' for x in peaks['tiny'])} MiB (the floor: interpreter, "
-        f"s3fs, and torch for the training-state checks) -> worst growth {out['rss_growth_mib']:.1f} MiB")
+        f"  1 MiB checkpoint, same layout:  {', '.join(f'{x:.1f}' for x in peaks['tiny'])} MiB "
+        f"(the floor: interpreter, s3fs, and torch for the training-state checks) "
+        f"-> worst growth {out['rss_growth_mib']:.1f} MiB")
     checks = [check(f"S3 verify peak RSS, {human_bytes(args.rss_size)} object (worst of {args.rss_repeats})", worst,
                     "<", TARGET_RSS_MIB, unit="MiB")]
     return out, checks

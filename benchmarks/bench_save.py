@@ -116,12 +116,14 @@ def main() -> None:
         # Interleaved, so that a slow patch of the disk does not favour one variant.
         for i in range(args.repeats):
             plain_path, synced_path, folder = root / f"plain-{i}.pt", root / f"synced-{i}.pt", root / f"rep{i}/step-1"
+            # timed() runs each lambda before the loop moves on; the defaults make that binding explicit.
             best["torch_save"] = min(best["torch_save"], timed(
-                lambda: torch_save(plain_path, plain_state(model, opt, sched, scaler), False)))
+                lambda path=plain_path: torch_save(path, plain_state(model, opt, sched, scaler), False)))
             best["torch_save_fsync"] = min(best["torch_save_fsync"], timed(
-                lambda: torch_save(synced_path, plain_state(model, opt, sched, scaler), True)))
+                lambda path=synced_path: torch_save(path, plain_state(model, opt, sched, scaler), True)))
             best["save_checkpoint"] = min(best["save_checkpoint"], timed(
-                lambda: auditor.training.save_checkpoint(str(folder), 1, model, opt, sched, scaler, config={"total_steps": 100})))
+                lambda path=folder: auditor.training.save_checkpoint(
+                    str(path), 1, model, opt, sched, scaler, config={"total_steps": 100})))
             plain_bytes, ours_bytes = plain_path.stat().st_size, folder_bytes(folder)
             (verdict,) = auditor.api.verify_url(str(folder)).verdicts
             if verdict.status != "ok":

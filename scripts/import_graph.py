@@ -37,7 +37,9 @@ def _resolve(module: str, node: ast.ImportFrom | ast.Import, is_pkg: bool) -> li
     return [f"{target}.{a.name}" for a in node.names] + [target]
 
 
-def scan(root: Path, type_checking_edges: bool = False) -> tuple[dict[str, set[str]], list[tuple[str, int, str, bool]], dict[str, int]]:
+def scan(
+    root: Path, type_checking_edges: bool = False,
+) -> tuple[dict[str, set[str]], list[tuple[str, int, str, bool]], dict[str, int]]:
     modules = {
         _module_name(p, root): p for p in sorted((root / PACKAGE).rglob("*.py"))
     }

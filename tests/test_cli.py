@@ -43,7 +43,7 @@ def test_damaged_checkpoint_exits_1_and_table_names_it(prefix):
     flip_bit(fsspec.filesystem("file"), str(prefix / "run1/checkpoint-200/model.safetensors"))
     r = CliRunner().invoke(main, ["rescan", "--prefix", str(prefix)])
     assert r.exit_code == 1
-    line = next(l for l in r.stdout.splitlines() if "checkpoint-200" in l)
+    line = next(row for row in r.stdout.splitlines() if "checkpoint-200" in row)
     assert line.startswith("corrupt") and "digest_mismatch" in line
 
 

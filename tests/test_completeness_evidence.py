@@ -171,7 +171,7 @@ def test_per_epoch_steplr_hand_loop_in_checkpoint_folder_is_ok_with_a_warning(tm
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
-    for epoch in range(2):
+    for _epoch in range(2):
         for _ in range(5):
             opt.zero_grad()
             model(torch.randn(2, 16)).sum().backward()

@@ -383,7 +383,8 @@ def test_trickling_client_is_cut_off_at_the_request_deadline(inproc):
 def test_connections_beyond_the_limit_get_503_not_a_thread_each(tmp_path):
     prefix = tmp_path / "ckpts"
     prefix.mkdir()
-    cfg = Config.model_validate({"state": {"url": f"sqlite:///{tmp_path}/state.db"}, "prefixes": [{"url": str(prefix)}]})
+    cfg = Config.model_validate({"state": {"url": f"sqlite:///{tmp_path}/state.db"},
+                                 "prefixes": [{"url": str(prefix)}]})
     daemon = Daemon(cfg, CollectorRegistry())
     server = Server(daemon, f"127.0.0.1:{free_port()}", token="", max_connections=3)
     server.start()
@@ -438,7 +439,7 @@ def test_bearer_token_required_whatever_x_forwarded_for_says(tmp_path):
         daemon.shutdown(grace=5)
 
 
-# ---------------------------------------------------------------- row 17: a step-less unsealed folder beside sealed ones
+# --------------------------------------------------------------- row 17: a step-less unsealed folder beside sealed ones
 
 
 def _export(folder: Path, mtime: float) -> Path:

@@ -304,7 +304,8 @@ def benign_corpus() -> dict[str, bytes]:
         "values": lambda: {"size": torch.Size([2, 3]), "device": torch.device("cpu"), "dtype": torch.bfloat16,
                            "set": {1, 2}, "bytes": b"\x00\xff", "bytearray": bytearray(b"ab"), "complex": 1 + 2j,
                            "nested": [(1, "x"), {"k": None}], "big": 2**70, "float": float("inf")},
-        "v3_dtypes": lambda: {"u16": torch.arange(4, dtype=torch.int32).to(torch.uint16), "f8": torch.zeros(4).to(torch.float8_e4m3fn)},
+        "v3_dtypes": lambda: {"u16": torch.arange(4, dtype=torch.int32).to(torch.uint16),
+                              "f8": torch.zeros(4).to(torch.float8_e4m3fn)},
         "shared_views": _shared_views,
         "parameter": lambda: {"p": torch.nn.Parameter(torch.ones(2, 2))},
     }

@@ -70,7 +70,8 @@ def test_mlp_probe_ok_and_recorded(tmp_path):
 
 def test_flipped_weight_bit_is_corrupt_naming_the_tensor(tmp_path):
     d = sealed_mlp(tmp_path)
-    flip_bit(fsspec.filesystem("file"), str(d / "model.safetensors"), tensor_offset(d / "model.safetensors", "head.weight") + 2)
+    weights = d / "model.safetensors"
+    flip_bit(fsspec.filesystem("file"), str(weights), tensor_offset(weights, "head.weight") + 2)
     r = auditor.api.verify_url(str(d), tier="probe")
     assert status(r) == "corrupt"
     assert any(f.code == "tensor_digest_mismatch" and "head.weight" in f.detail for f in r.verdicts[0].findings)
@@ -136,7 +137,8 @@ def test_changed_initialisation_order_is_drift(tmp_path, importable_factories):
 def test_renamed_parameter_is_drift_naming_the_key(tmp_path, importable_factories):
     d = seal_drifty(tmp_path, importable_factories)
     write_module(importable_factories,
-                 init=BASE["init"].replace("self.head", "self.out"), forward=BASE["forward"].replace("self.head", "self.out"))
+                 init=BASE["init"].replace("self.head", "self.out"),
+                 forward=BASE["forward"].replace("self.head", "self.out"))
     r = auditor.api.verify_url(str(d), tier="probe", allow_factories=ALLOW)
     assert status(r) == "drift"
     (f,) = [f for f in r.verdicts[0].findings if f.code == "probe_load_mismatch"]
@@ -272,7 +274,8 @@ def test_require_is_configurable(tmp_path):
     from auditor.config import load_config
 
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(f"state: {{url: 'sqlite:///{tmp_path}/s.db'}}\nscan: {{require: [model, step], settle_time: 0}}\n"
+    cfg_file.write_text(f"state: {{url: 'sqlite:///{tmp_path}/s.db'}}\n"
+                        "scan: {require: [model, step], settle_time: 0}\n"
                         f"prefixes: [{{url: '{tmp_path}/run'}}]\n")
     r = auditor.api.rescan(str(tmp_path / "run"), config=load_config(str(cfg_file), env={}))
     assert status(r) == "ok", r.to_dict()

@@ -242,7 +242,8 @@ def test_allowed_by_config_globally_per_prefix_and_by_environment(tmp_path):
     assert v["status"] == "ok" and not v["findings"] and ran(out)
     out.unlink()
     # A prefix's own list replaces the global one, as every per-prefix scan key does.
-    v = rescan(config(tmp_path, scan={"allow_factories": ["probe_models:env_dump"]}, prefix_scan={"allow_factories": []}))
+    v = rescan(config(tmp_path, scan={"allow_factories": ["probe_models:env_dump"]},
+                      prefix_scan={"allow_factories": []}))
     assert [f["code"] for f in v["findings"]] == ["probe_factory_not_allowed"] and not out.exists()
     v = rescan(config(tmp_path, prefix_scan={"allow_factories": ["probe_models:*"]}))
     assert not v["findings"] and ran(out)
@@ -354,7 +355,8 @@ def test_default_probe_memory_fits_the_shipped_pod_limit():
 
     deployment = Path(__file__).parent.parent / "deploy/base/deployment.yaml"
     docs = [d for d in yaml.safe_load_all(deployment.read_text()) if d]
-    (container,) = [c for d in docs if d.get("kind") == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]]
+    (container,) = [c for d in docs if d.get("kind") == "Deployment"
+                    for c in d["spec"]["template"]["spec"]["containers"]]
     limit = container["resources"]["limits"]["memory"]
     assert limit.endswith("Gi")
     assert ScanConfig().probe_memory_mb + 768 <= int(limit[:-2]) * 1024  # room for the daemon itself

@@ -76,7 +76,8 @@ def test_newest_ok_are_protected_and_newer_failing_ones_kept():
     plan = plan_items("mem://p", run, policy)
     assert actions(plan)[50] == "keep" and "newer than the newest verified-ok checkpoint (step 48)" in reasons(plan, 50)
     assert actions(plan)[49] == "keep"
-    assert "one of the 2 newest verified-ok" in reasons(plan, 48) and "one of the 2 newest verified-ok" in reasons(plan, 46)
+    newest_two = "one of the 2 newest verified-ok"
+    assert newest_two in reasons(plan, 48) and newest_two in reasons(plan, 46)
     assert actions(plan)[47] == "delete"  # failing, older than the newest ok: not protected
     assert actions(plan)[40] == "keep" and actions(plan)[31] == "keep"  # first ok of steps 40-49 and 30-39
     assert deleted(plan) == [s for s in range(32, 48) if s not in (40, 46)]
@@ -135,10 +136,10 @@ def put_single_files(fs: Any, root: str, steps: list[int], config_of: Any, compa
             entries.append(FileEntry(path=rel, size=d.size, sha256=d.sha256, crc32c=d.crc32c))
             blobs[f"{root}/{rel}"] = data
         config = config_of(s)
+        config_sha256 = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
         manifest = Manifest(schema=SCHEMA, step=s, created_at=now_utc(), files=entries,
                             training_state=TrainingState(model=[name], step=s),
-                            run=RunInfo(config=config,
-                                        config_sha256=hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()),
+                            run=RunInfo(config=config, config_sha256=config_sha256),
                             environment=Environment(python="3", platform="test"))
         blobs[f"{root}/{name}.manifest.json"] = manifest.to_json()
     fs.pipe(blobs)
@@ -242,7 +243,8 @@ def test_plan_and_apply_on_s3_delete_exactly_the_plan(s3, tmp_path):
 
     before = set(fs.find(root))
     deleted_a = [s for s in RUN_A if not expected_run_a(s)]
-    expected_gone = {p for p in before if any(p.startswith(f"{root}/run-a/step-{s:06d}.safetensors") for s in deleted_a)}
+    expected_gone = {p for p in before
+                     if any(p.startswith(f"{root}/run-a/step-{s:06d}.safetensors") for s in deleted_a)}
     expected_gone |= {p for p in before if any(p.startswith(f"{root}/run-b/step-{s:03d}/") for s in range(3, 10))}
     assert {f"{root}/run-a/step-000550.safetensors.ckpt-probe-batch.safetensors",
             f"{root}/run-a/step-000550.safetensors.manifest.json"} <= expected_gone
@@ -274,7 +276,8 @@ def test_apply_stops_at_the_first_storage_error_and_touches_nothing_after(s3, tm
     assert result.exit_code == 3, result.output
     assert "step-000012.safetensors failed" in result.output and "stopped after 2 of 22" in result.output
     gone = before - set(backend.fs().find(root))
-    assert gone == {f"{root}/run/step-{s:06d}.safetensors{suffix}" for s in (9, 11) for suffix in ("", ".manifest.json")}
+    assert gone == {f"{root}/run/step-{s:06d}.safetensors{suffix}"
+                    for s in (9, 11) for suffix in ("", ".manifest.json")}
 
 
 def test_local_plan_verifies_on_the_spot_and_apply_needs_yes(tmp_path):

@@ -389,7 +389,8 @@ def test_save_and_load_with_tied_weights_on_other_stores(store):
     model.head(model.embed(torch.tensor([1, 2]))).sum().backward()
     opt.step()
     url = f"{prefix}/run/step-1"
-    manifest = auditor.training.save_checkpoint(url, 1, model, opt, extra_state={"note": "tied"}, storage_options=options)
+    manifest = auditor.training.save_checkpoint(url, 1, model, opt, extra_state={"note": "tied"},
+                                                storage_options=options)
     assert list(manifest.tensors["model.safetensors"]) == ["embed.weight"]  # the twin is stored once
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{prefix}/run", detail=False)) == ["step-1"]
     assert not fs.exists(f"{url}/ckpt-saving.json")
@@ -486,7 +487,8 @@ def s3():
 def _s3_latest(backend: Any) -> tuple[int, str]:
     opts = backend.storage_options
     return latest_cli(backend.url, "--json", "-o", f"key={opts['key']}", "-o", f"secret={opts['secret']}",
-                      "-o", f"endpoint_url={opts['endpoint_url']}", "-o", f"client_kwargs={json.dumps(opts['client_kwargs'])}")
+                      "-o", f"endpoint_url={opts['endpoint_url']}",
+                      "-o", f"client_kwargs={json.dumps(opts['client_kwargs'])}")
 
 
 @pytest.mark.parametrize("event", ["wrote:optimizer.pt", "sealed"])
