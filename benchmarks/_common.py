@@ -53,7 +53,34 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=None,
                    help="parent folder for the temporary data (default: the system temp dir, e.g. /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the generated data (prints where)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, one round: proves the benchmark runs end to end (its figures mean nothing)")
     return p
+
+
+def parse_args(parser: argparse.ArgumentParser, **smoke: Any) -> argparse.Namespace:
+    """Parse the command line; with --smoke, options left at their defaults take the `smoke` values.
+
+    An option given explicitly wins over its smoke value, so `--smoke --size 64M` still works. Smoke
+    sizes keep every code path a benchmark measures (servers, child processes, reference tools) and
+    cut only the sizes and the number of rounds.
+    """
+    args = parser.parse_args()
+    if args.smoke:
+        for key, value in smoke.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+        log(f"smoke run: {', '.join(f'{k}={v}' for k, v in smoke.items())} (figures are not meaningful)")
+    return args
+
+
+def skipped_tool(tool: str) -> str | None:
+    """None when the reference tool `tool` is on PATH, else the reason the part using it is skipped."""
+    if shutil.which(tool) is not None:
+        return None
+    reason = f"skipped: {tool} not installed"
+    log(reason)
+    return reason
 
 
 @contextlib.contextmanager

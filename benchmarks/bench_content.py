@@ -41,6 +41,7 @@ from _common import (  # noqa: E402
     human_bytes,
     log,
     mb_per_s,
+    parse_args,
     parse_size,
     tensor_sizes,
     workdir,
@@ -195,7 +196,7 @@ def main() -> None:
                         "2/3 optimizer.pt")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the best of each is reported")
     p.add_argument("--profile", action="store_true", help="also cProfile one jobs=1 verify (stderr)")
-    args = p.parse_args()
+    args = parse_args(p, size=4 * MiB, repeats=1)
     drop_logging_noise()
     import auditor.api
 

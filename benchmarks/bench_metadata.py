@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import base_parser, check, drop_logging_noise, emit, human_bytes, log, workdir  # noqa: E402
+from _common import base_parser, check, drop_logging_noise, emit, human_bytes, log, parse_args, workdir  # noqa: E402
 
 PER_RUN = 100
 
@@ -187,7 +187,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the best of each is reported")
     p.add_argument("--jobs", type=int, default=None, help="rescan jobs (default: the library's default)")
     p.add_argument("--profile", action="store_true", help="also cProfile one local rescan (stderr)")
-    args = p.parse_args()
+    args = parse_args(p, count=20, repeats=1)
     drop_logging_noise()
     import fsspec
 

@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     emit,
     human_bytes,
     log,
+    parse_args,
     workdir,
 )
 
@@ -384,7 +385,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; medians are reported")
     p.add_argument("--no-reference-all-cores", dest="reference_all_cores", action="store_false",
                    help="skip the extra reference run at os.cpu_count() threads")
-    args = p.parse_args()
+    # Smoke: a one-layer, 64-wide GPT-2 (still a 50k vocabulary: the logits path the RSS figure is about).
+    args = parse_args(p, layers=1, embd=64, seq_len=8, repeats=1, reference_all_cores=False)
     kwargs = {"n_layer": args.layers, "n_embd": args.embd, "n_head": max(1, args.embd // 64)}
     with workdir(args.workdir, args.keep, "bench-probe-") as tmp:
         (tmp / "bench_probe_model.py").write_text(MODEL_MODULE)

@@ -12,14 +12,16 @@ Children measured:
 
   floor             python -c "import auditor.cli"          what the CLI costs before any work
   floor_torch       python -c "import auditor.cli, torch"   what torch adds (the deep checks load it)
-  verify_small      auditor verify <1 MiB checkpoint> ...   the fixed cost of a verify
+  verify_small      auditor verify <1 MiB checkpoint> ...   the fixed cost of a verify (best of --small-repeats)
+  rclone_small      rclone hashsum sha256 --download <the same folder>   its reference (wall time and RSS;
+                    its hashes are checked against the manifest)
   seal_L            auditor seal <big>                      (seals the checkpoint the verifies then read)
   verify_L          auditor verify <big> --tier content --json              (default --jobs 4)
   verify_L_j1       auditor verify <big> --tier content --json --jobs 1
   verify_L_remote   auditor verify dir://<big> -o path=... -o target_protocol=file --tier content --json
                     (the same bytes through a non-local fsspec filesystem: the s3/gs/hdfs code paths)
 
-Target: verify peak RSS < 300 MiB.
+Targets: verify peak RSS < 300 MiB; the small verify at most 3x rclone's wall time and at most 100 MiB.
 
     python benchmarks/bench_rss.py                  # 2 GiB (default)
     python benchmarks/bench_rss.py --size 16G       # bigger
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,7 +49,9 @@ from _common import (  # noqa: E402
     human_bytes,
     log,
     mb_per_s,
+    parse_args,
     parse_size,
+    skipped_tool,
     tensor_sizes,
     workdir,
     write_safetensors,
@@ -55,6 +60,8 @@ from _common import (  # noqa: E402
 
 BLOCK = 64 * MiB
 TARGET_MIB = 300.0
+TARGET_SMALL_VS_RCLONE = 3.0  # issue 13: a small verify within 3x `rclone hashsum sha256 --download`
+TARGET_SMALL_MIB = 100.0
 HEAVY_MODULES = ("torch", "numpy", "safetensors", "transformers", "pandas", "pyarrow", "scipy", "sqlalchemy",
                  "apscheduler", "prometheus_client", "boto3", "s3fs", "gcsfs", "lightning")
 
@@ -147,6 +154,16 @@ def verify_status(res: dict[str, Any]) -> str | None:
     return cks[0]["status"] if cks else None
 
 
+def rclone_matches_manifest(folder: Path, listing: str) -> None:
+    """Fail unless rclone hashed every sealed file to the manifest's sha256 (the reference did the work)."""
+    manifest = json.loads((folder / "ckpt-manifest.json").read_text())
+    sealed = {f["path"]: f["sha256"] for f in manifest["files"]}
+    got = {path.strip(): digest for digest, _, path in (line.partition("  ") for line in listing.splitlines())}
+    wrong = sorted(path for path, digest in sealed.items() if got.get(path) != digest)
+    if wrong:
+        raise SystemExit(f"bench_rss: rclone's sha256 differs from the manifest for {wrong}: {listing[:1000]}")
+
+
 def modules_loaded(url: str, tmp: Path) -> list[str]:
     """Which heavy libraries a content-tier verify imports (a separate, unmeasured child)."""
     code = (
@@ -172,7 +189,9 @@ def main() -> None:
     p.add_argument("--layouts", default="trainer,weights",
                    help="comma-separated: trainer (1/3 safetensors, 2/3 optimizer.pt) and/or weights "
                         "(all safetensors + small training state); default both")
-    args = p.parse_args()
+    p.add_argument("--small-repeats", type=int, default=3,
+                   help="rounds of the small verify and its rclone reference (default 3; best wall time counts)")
+    args = parse_args(p, size=6 * MiB, small_repeats=1)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     if not layouts or any(x not in ("trainer", "weights") for x in layouts):
         p.error("--layouts takes trainer and/or weights")
@@ -189,7 +208,18 @@ def main() -> None:
         runs["floor"] = run_child("floor", [sys.executable, "-c", "import auditor.cli"], tmp)
         runs["floor_torch"] = run_child("floor_torch", [sys.executable, "-c", "import auditor.cli, torch"], tmp)
         runs["seal_small"] = run_child("seal_small", cli + ["seal", str(small)], tmp)
-        runs["verify_small"] = run_child("verify_small", verify + [str(small)], tmp)
+        rclone = shutil.which("rclone")
+        rclone_skipped = skipped_tool("rclone")
+        small_runs: dict[str, list[str]] = {"verify_small": [], "rclone_small": []}
+        for r in range(args.small_repeats):  # alternating, so that a slow patch of the box hits both
+            name = "verify_small" if r == 0 else f"verify_small_{r + 1}"
+            runs[name] = run_child(name, verify + [str(small)], tmp)
+            small_runs["verify_small"].append(name)
+            if rclone is not None:
+                name = f"rclone_small_{r + 1}"
+                runs[name] = run_child(name, [rclone, "hashsum", "sha256", "--download", str(small)], tmp)
+                small_runs["rclone_small"].append(name)
+                rclone_matches_manifest(small, (tmp / f"{name}.out").read_text())
         heavy = modules_loaded(str(small), tmp)
         for layout in layouts:
             t0 = time.perf_counter()
@@ -205,8 +235,6 @@ def main() -> None:
             runs[f"verify_{layout}_remote"] = run_child(
                 f"verify_{layout}_remote", cli + ["verify", f"dir://{big.relative_to(tmp)}", *remote], tmp)
             if not args.keep:
-                import shutil
-
                 shutil.rmtree(big)
         del block
     for name, res in runs.items():
@@ -228,10 +256,23 @@ def main() -> None:
         "verify_peak_rss_mib": max(peaks.values()),
         "import_floor_rss_mib": floor,
         "import_torch_floor_rss_mib": runs["floor_torch"]["peak_rss_mib"],
-        "small_verify_peak_rss_mib": runs["verify_small"]["peak_rss_mib"],
+        "small_verify_peak_rss_mib": max(runs[n]["peak_rss_mib"] for n in small_runs["verify_small"]),
+        "small_verify_seconds": min(runs[n]["wall_seconds"] for n in small_runs["verify_small"]),
+        "small_repeats": args.small_repeats,
+        "skipped": {"rclone": rclone_skipped} if rclone_skipped else {},
         "heavy_modules_imported_by_verify": heavy,
     }
     checks = []
+    if small_runs["rclone_small"]:
+        out["rclone_small_seconds"] = min(runs[n]["wall_seconds"] for n in small_runs["rclone_small"])
+        out["rclone_small_peak_rss_mib"] = max(runs[n]["peak_rss_mib"] for n in small_runs["rclone_small"])
+        out["ratio_small_verify_vs_rclone"] = round(out["small_verify_seconds"] / out["rclone_small_seconds"], 2)
+        out["ratio_small_verify_rss_vs_rclone"] = round(out["small_verify_peak_rss_mib"]
+                                                        / out["rclone_small_peak_rss_mib"], 2)
+        checks.append(check("verify of a small sealed checkpoint / rclone hashsum sha256 --download, wall",
+                            out["ratio_small_verify_vs_rclone"], "<=", TARGET_SMALL_VS_RCLONE))
+    checks.append(check("verify of a small sealed checkpoint, peak RSS", out["small_verify_peak_rss_mib"], "<=",
+                        TARGET_SMALL_MIB, unit="MiB"))
     for layout in layouts:
         out[f"{layout}_bytes"] = sizes[layout]
         out[f"{layout}_verify_peak_rss_mib"] = peaks[layout]
@@ -248,7 +289,12 @@ def main() -> None:
     lines = [f"peak RSS of child processes (ru_maxrss via wait4), {args.shards} safetensors shards:",
              f"  python -c 'import auditor.cli'                 {floor:7.1f} MiB  (floor)",
              f"  python -c 'import auditor.cli, torch'          {runs['floor_torch']['peak_rss_mib']:7.1f} MiB",
-             f"  auditor verify, 1 MiB checkpoint                {runs['verify_small']['peak_rss_mib']:7.1f} MiB",
+             f"  auditor verify, 1 MiB checkpoint                {out['small_verify_peak_rss_mib']:7.1f} MiB"
+             f"  {out['small_verify_seconds']:.2f}s (best of {args.small_repeats})",
+             (f"  rclone hashsum sha256 --download, same folder   {out['rclone_small_peak_rss_mib']:7.1f} MiB"
+              f"  {out['rclone_small_seconds']:.2f}s -> verify / rclone {out['ratio_small_verify_vs_rclone']:.1f}x"
+              f" wall (target <= {TARGET_SMALL_VS_RCLONE:g}x)" if "rclone_small_seconds" in out
+              else f"  rclone reference {rclone_skipped}"),
              f"  heavy modules a content verify imports: {', '.join(heavy) or 'none'}"]
     for layout in layouts:
         pk = peaks[layout]

@@ -65,7 +65,9 @@ from _common import (  # noqa: E402
     human_bytes,
     log,
     mb_per_s,
+    parse_args,
     parse_size,
+    skipped_tool,
     tensor_sizes,
     workdir,
     write_safetensors,
@@ -705,16 +707,19 @@ def main() -> None:
     p.add_argument("--metadata-jobs", type=int, default=None,
                    help="metadata part: `auditor rescan --jobs N` (default: the library's default)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (content: median; metadata: best)")
-    args = p.parse_args()
+    args = parse_args(p, size=2 * MiB, shard_size=1 * MiB, count=8, rss_size=2 * MiB, rss_repeats=1, repeats=1,
+                      moto_ranges=["s3like"])
     drop_logging_noise()
-    import shutil as _sh
-
-    if "content" in args.only and _sh.which("rclone") is None:
-        raise SystemExit("bench_s3: rclone is not installed (apt-get install -y rclone)")
+    skipped: dict[str, str] = {}
+    if "content" in args.only and (reason := skipped_tool("rclone")):
+        if not args.smoke:
+            raise SystemExit("bench_s3: rclone is not installed (apt-get install -y rclone)")
+        args.only, skipped["content"] = [x for x in args.only if x != "content"], reason
     import numpy as np
     from servers.objectstores import s3_service
 
-    doc: dict[str, Any] = {"benchmark": "s3", "parts": args.only, "loadavg_start": os.getloadavg()}
+    doc: dict[str, Any] = {"benchmark": "s3", "parts": args.only, "skipped": skipped,
+                           "loadavg_start": os.getloadavg()}
     checks: list[dict[str, Any]] = []
     started = time.perf_counter()
     # moto spills objects over ~5 MiB to temporary files: keep them in --workdir too.

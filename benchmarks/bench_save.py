@@ -35,7 +35,17 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import base_parser, check, drop_logging_noise, emit, human_bytes, log, mb_per_s, workdir  # noqa: E402
+from _common import (  # noqa: E402
+    base_parser,
+    check,
+    drop_logging_noise,
+    emit,
+    human_bytes,
+    log,
+    mb_per_s,
+    parse_args,
+    workdir,
+)
 
 TARGET_RATIO = 5.0
 
@@ -52,7 +62,8 @@ def build(params: int) -> tuple[Any, Any, Any, Any]:
     """Return model, AdamW (one step taken), LambdaLR and GradScaler for about `params` parameters."""
     import torch
 
-    width = 2048
+    # Layers of 2048 x 2048; below one such layer (a smoke run), one layer of about `params`.
+    width = 2048 if params >= 2048 * 2049 else max(8, math.isqrt(params))
     layers = max(1, round(params / (width * width + width)))
     torch.manual_seed(0)
     model = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
@@ -100,7 +111,7 @@ def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--params", type=parse_count, default=parse_count("25M"), help="model size (default 25M)")
     p.add_argument("--repeats", type=int, default=5, help="best of this many runs (default 5)")
-    args = p.parse_args()
+    args = parse_args(p, params=parse_count("1M"), repeats=1)
     drop_logging_noise()
     import torch
 
