@@ -140,6 +140,32 @@ def check(name: str, value: float, op: str, target: float, unit: str = "") -> di
             "ok": bool(ok)}
 
 
+# Starts a command and reports its exact peak RSS (wait4's ru_maxrss). A launcher, not this process:
+# Linux carries the parent's peak into a child's ru_maxrss across fork + exec, so a child spawned
+# straight from a benchmark that holds data could never report less than the benchmark's own peak.
+LAUNCHER = """
+import json, os, sys
+out, cmd = sys.argv[1], sys.argv[2:]
+pid = os.posix_spawn(cmd[0], cmd, os.environ)
+_, status, ru = os.wait4(pid, 0)
+with open(out, "w") as f:
+    json.dump({"status": status, "maxrss_kib": ru.ru_maxrss}, f)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def peak_rss_mib(cmd: list[str], usage: Path) -> float:
+    """Run `cmd` (cmd[0] a full path) under the launcher; return its peak RSS in MiB, or fail loudly."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(usage), *cmd], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} gave exit {proc.returncode}: {proc.stderr[-1500:]}")
+    return json.loads(usage.read_text())["maxrss_kib"] / 1024
+
+
 def emit(doc: dict[str, Any]) -> None:
     """Print the one JSON line of figures on stdout."""
     doc.setdefault("machine", machine())

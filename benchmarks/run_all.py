@@ -5,20 +5,33 @@
     python benchmarks/run_all.py --full             # full sizes (content 8 GiB, metadata 10,000)
     python benchmarks/run_all.py --only content rss # a subset
     python benchmarks/run_all.py --workdir /mnt/scratch --output /tmp/results.json
+    python benchmarks/run_all.py --smoke            # tiny sizes: every benchmark runs, nothing is judged
 
-The Markdown table goes to stdout (paste it into the README); each benchmark's own summary goes to
-stderr as it runs. Exit status: 0 when every benchmark ran and met its targets, 1 when a target was
-missed, 2 when a benchmark failed to run.
+The Markdown tables go to stdout (paste them into the README): the issue-13 figures, each as a ratio
+against its reference measured in the same run, then every benchmark's headline figures and checks.
+Each benchmark's own summary goes to stderr. Exit status:
+
+  0  every benchmark ran and printed its JSON line with every expected key (and, unless --smoke,
+     met every target);
+  1  a target was missed (never with --smoke: smoke sizes say nothing about speed);
+  2  a benchmark did not run (non-zero exit, no JSON line, timeout);
+  3  a benchmark ran but its JSON line lacks expected keys (a renamed or lost figure).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import operator
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +40,9 @@ sys.path.insert(0, str(HERE))
 
 from _common import machine  # noqa: E402
 
-# name -> (script, default args, full-size args)
+EXIT_OK, EXIT_MISSED, EXIT_DID_NOT_RUN, EXIT_KEYS_MISSING = 0, 1, 2, 3
+
+# name -> (script, default args, full-size args). --smoke passes the default args plus --smoke.
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "content": ("bench_content.py", [], ["--size", "8G"]),
     "content-trainer": ("bench_content.py", ["--layout", "trainer"], ["--layout", "trainer", "--size", "8G"]),
@@ -38,6 +53,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "s3": ("bench_s3.py", [], ["--size", "2G", "--count", "10000", "--rss-size", "2G", "--repeats", "1"]),
     "probe": ("bench_probe.py", [], ["--seq-len", "128"]),
     "daemon": ("bench_daemon.py", [], ["--count", "10000"]),
+    "save": ("bench_save.py", [], ["--params", "100M"]),
 }
 
 # The headline figures of each benchmark for the table: (label, key, format).
@@ -95,8 +111,91 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
         ("first-sight pass (metadata + content)", "first_sight_pass_busy_seconds", "{:.1f} s"),
         ("/api/v1/checkpoints?prefix= p99 after the passes", "checkpoints_p99_ms_idle", "{:.0f} ms"),
     ],
+    "save": [
+        ("parameters", "params", "{:,}"),
+        ("save_checkpoint / torch.save + fsync (time)", "ratio_vs_fsync", "{:.2f}"),
+    ],
 }
 HEADLINES["content-trainer"] = HEADLINES["content"]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One row of issue 13's table: a figure, the reference it is divided by (same run) and its target."""
+
+    what: str
+    benchmark: str
+    value: str  # key of the figure in the benchmark's JSON line
+    unit: str
+    reference: str  # key of the reference, measured in the same run
+    reference_label: str
+    ratio: str  # key of value / reference
+    judged: str  # "ratio" or "value": what the target is about
+    op: str
+    target: float
+    target_text: str
+    size: str = ""  # key saying how big the run was (the issue's targets are for its sizes)
+    pending: str = ""  # while set, the keys are not produced yet (another change adds them): not expected
+
+
+# Issue 13's table, row by row. `make bench` prints each with its reference and target.
+FIGURES: list[Figure] = [
+    Figure("`auditor verify` of a small sealed checkpoint, wall", "rss", "small_verify_seconds", "s",
+           "rclone_small_seconds", "`rclone hashsum sha256 --download`, same folder", "ratio_small_verify_vs_rclone",
+           "ratio", "<=", 3.0, "≤ 3× rclone"),
+    Figure("the same verify, peak RSS", "rss", "small_verify_peak_rss_mib", "MiB", "rclone_small_peak_rss_mib",
+           "rclone's peak RSS", "ratio_small_verify_rss_vs_rclone", "value", "<=", 100.0, "≤ 100 MiB"),
+    Figure("`auditor verify` of a sealed single-file safetensors checkpoint, page cache warm", "content",
+           "auditor_mb_s", "MB/s", "openssl_mb_s", "`openssl dgst -sha256`, same file", "ratio_vs_openssl",
+           "ratio", ">=", 0.9, "≥ 0.9", size="bytes", pending="bench_content's openssl comparison"),
+    Figure("`auditor verify --tier content` on the moto S3 server", "s3", "auditor_mb_s", "MB/s", "rclone_mb_s",
+           "`rclone hashsum sha256 --download`", "ratio_auditor_vs_rclone", "ratio", ">=", 1.0, "≥ 1.0",
+           size="content_bytes"),
+    Figure("metadata-tier rescan of sealed checkpoints on the S3 test server", "s3", "metadata_checkpoints_per_s",
+           "ckpt/s", "metadata_reference_seconds", "boto3 LIST + GET manifests + HEAD, 8 threads (s)",
+           "ratio_metadata_vs_boto3", "value", ">=", 10000 / 60, "≥ 167 ckpt/s (10,000 in ≤ 60 s)",
+           size="metadata_checkpoints"),
+    Figure("daemon peak RSS", "daemon", "peak_rss_mib", "MiB", "import_floor_rss_mib",
+           "import floor of the daemon's modules", "ratio_peak_rss_vs_import_floor", "value", "<", 200.0,
+           "< 200 MiB", size="checkpoints"),
+    Figure("daemon `/api/v1/checkpoints?prefix=` p99 while a pass runs", "daemon", "checkpoints_p99_ms_during_scan",
+           "ms", "checkpoints_p99_ms_idle", "the same request's p99 after the passes",
+           "ratio_checkpoints_p99_during_scan_vs_idle", "value", "<", 100.0, "< 100 ms", size="checkpoints"),
+    Figure("probe child peak RSS ÷ weights on disk", "probe", "probe_child_peak_rss_mib", "MiB", "weights_bytes",
+           "weights on disk", "ratio_probe_rss_vs_weights", "ratio", "<=", 2.0, "≤ 2.0", size="parameters"),
+]
+
+# Figures a benchmark leaves out by design in some runs (e.g. stock-moto figures when --moto-ranges s3like
+# is all that ran, diagnostics that report None when library internals moved): not expected.
+OPTIONAL_KEYS = {"stock_moto_ratio_auditor_vs_rclone", "local_discover_share"}
+# Keys a benchmark leaves out when it reports a part as skipped (its JSON `skipped`: part -> reason).
+PART_KEYS: dict[str, dict[str, set[str]]] = {
+    "rss": {"rclone": {"rclone_small_seconds", "rclone_small_peak_rss_mib", "ratio_small_verify_vs_rclone",
+                       "ratio_small_verify_rss_vs_rclone"}},
+    "s3": {"content": {"content_bytes", "rclone_mb_s", "auditor_mb_s", "ratio_marginal", "ratio_auditor_vs_rclone"}},
+}
+OPS: dict[str, Callable[[float, float], bool]] = {"<": operator.lt, "<=": operator.le, ">": operator.gt,
+                                                  ">=": operator.ge}
+
+
+def expected_keys(name: str) -> set[str]:
+    """Every key the benchmark's JSON line must carry: the headline and issue-13 figures, and its checks."""
+    keys = {"checks"} | {key for _, key, _ in HEADLINES.get(name, [])}
+    for f in FIGURES:
+        if f.benchmark == name and not f.pending:
+            keys |= {f.value, f.reference, f.ratio} | ({f.size} if f.size else set())
+    if name == "metadata":
+        keys.add("manifest_bytes")  # the table prints local_bytes_read against it
+    return keys - OPTIONAL_KEYS
+
+
+def missing_keys(doc: dict[str, Any]) -> list[str]:
+    """Expected keys absent from a benchmark's JSON line, less those of the parts it says it skipped."""
+    name = doc["benchmark"]
+    exempt: set[str] = set()
+    for part in doc.get("skipped") or {}:
+        exempt |= PART_KEYS.get(name, {}).get(part, set())
+    return sorted(k for k in expected_keys(name) - exempt if k not in doc)
 
 
 def fmt(value: Any, spec: str) -> str:
@@ -113,22 +212,34 @@ def fmt(value: Any, spec: str) -> str:
         return str(value)
 
 
-def run_one(name: str, script: str, args: list[str], timeout: float) -> dict[str, Any]:
+def run_one(name: str, script: str, args: list[str], timeout: float, log_path: Path | None = None) -> dict[str, Any]:
+    """Run one benchmark; return its JSON line (plus benchmark, cmd, wall_seconds) or an `error` entry.
+
+    Its stderr goes to ours, or to `log_path` (benchmarks running side by side), printed when it ends.
+    """
     cmd = [sys.executable, str(HERE / script), *args]
-    print(f"\n=== {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    header = f"\n=== {name}: {' '.join(cmd)}"
+    if log_path is None:
+        print(header, file=sys.stderr, flush=True)
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
-    try:
-        stdout, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # SIGTERM: the benchmark removes its temporary data on the way out
+    with open(log_path, "w") if log_path is not None else open(os.devnull) as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err if log_path is not None else None, text=True)
         try:
-            proc.communicate(timeout=60)
+            stdout, _ = proc.communicate(timeout=timeout)
+            timed_out = False
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-        return {"benchmark": name, "error": f"timed out after {timeout:.0f}s", "cmd": " ".join(cmd)}
+            proc.terminate()  # SIGTERM: the benchmark removes its temporary data on the way out
+            try:
+                stdout, _ = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, _ = proc.communicate()
+            timed_out = True
     wall = time.perf_counter() - started
+    if log_path is not None:
+        print(f"{header}\n{log_path.read_text(errors='replace').rstrip()}", file=sys.stderr, flush=True)
+    if timed_out:
+        return {"benchmark": name, "error": f"timed out after {timeout:.0f}s", "cmd": " ".join(cmd)}
     doc = None
     for line in reversed(stdout.splitlines()):
         line = line.strip()
@@ -144,10 +255,50 @@ def run_one(name: str, script: str, args: list[str], timeout: float) -> dict[str
     doc["benchmark"] = name
     doc["cmd"] = " ".join(cmd)
     doc["wall_seconds"] = round(wall, 1)
+    missing = missing_keys(doc)
+    if missing:
+        doc["missing_keys"] = missing
     return doc
 
 
-def table(results: list[dict[str, Any]]) -> str:
+def judge(f: Figure, doc: dict[str, Any]) -> bool | None:
+    """Whether the figure meets its target (None: not measured)."""
+    value = doc.get(f.ratio if f.judged == "ratio" else f.value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        return None
+    return OPS[f.op](float(value), f.target)
+
+
+def figures_table(results: list[dict[str, Any]], smoke: bool) -> str:
+    """Issue 13's figures, each with its same-run reference, the ratio and the target."""
+    by_name = {doc["benchmark"]: doc for doc in results}
+    rows = ["| Issue-13 figure | Size | Value | Reference (same run) | Ratio | Target | Met |",
+            "|---|---|---|---|---|---|---|"]
+    for f in FIGURES:
+        doc = by_name.get(f.benchmark)
+        if doc is None:
+            continue  # not selected with --only
+        if "error" in doc:
+            rows.append(f"| {f.what} | | did not run ({f.benchmark}: {doc['error']}) | | | {f.target_text} | ✗ |")
+            continue
+        if f.value not in doc or f.ratio not in doc:
+            why = f"not measured yet ({f.pending})" if f.pending else "not measured"
+            reason = "; ".join((doc.get("skipped") or {}).values())
+            rows.append(f"| {f.what} | | {reason or why} | {f.reference_label} | | {f.target_text} | — |")
+            continue
+        ref = doc.get(f.reference)
+        shown_ref = fmt(ref, "bytes") if f.reference.endswith("_bytes") else fmt(ref, "{:.3g}")
+        size = doc.get(f.size) if f.size else None
+        shown_size = fmt(size, "bytes") if f.size.endswith("bytes") else fmt(size, "{:,}") if size is not None else ""
+        met = judge(f, doc)
+        shown_met = "not judged (smoke)" if smoke else "—" if met is None else "✓" if met else "✗"
+        rows.append(f"| {f.what} ({f.benchmark}) | {shown_size} | {fmt(doc.get(f.value), '{:.3g}')} {f.unit} | "
+                    f"{f.reference_label}: {shown_ref} | **{fmt(doc.get(f.ratio), '{:.2f}')}** | {f.target_text} | "
+                    f"{shown_met} |")
+    return "\n".join(rows)
+
+
+def table(results: list[dict[str, Any]], smoke: bool = False) -> str:
     rows = ["| Benchmark | Figure | Value | Target | Met |", "|---|---|---|---|---|"]
     for doc in results:
         name = doc["benchmark"]
@@ -171,48 +322,104 @@ def table(results: list[dict[str, Any]]) -> str:
             else:
                 shown = fmt(value, "{:.3f}" if isinstance(value, float) else "{}")
             target = "yes" if c["target"] == "== 1.0" else c["target"]
-            rows.append(f"| {name} | **{c['name']}** | **{shown}** | {target} | {'✓' if c['ok'] else '✗'} |")
+            rows.append(f"| {name} | **{c['name']}** | **{shown}** | {target} | {'—' if smoke else '✓' if c['ok'] else '✗'} |")
     return "\n".join(rows)
+
+
+def benchmark_args(name: str, full: bool, smoke: bool, workdir: Path | None, profile: bool) -> list[str]:
+    script, quick, big = BENCHMARKS[name]
+    extra = list(big if full else quick)
+    if smoke:
+        extra.append("--smoke")
+    if workdir:
+        extra += ["--workdir", str(workdir)]
+    if profile and script in ("bench_content.py", "bench_metadata.py", "bench_daemon.py"):
+        extra.append("--profile")
+    return extra
+
+
+def exit_status(results: list[dict[str, Any]], smoke: bool) -> int:
+    if any("error" in r for r in results):
+        return EXIT_DID_NOT_RUN
+    if any(r.get("missing_keys") for r in results):
+        return EXIT_KEYS_MISSING
+    if smoke:
+        return EXIT_OK  # tiny sizes: the figures say nothing, so no target is judged
+    missed = any(not c["ok"] for r in results for c in r.get("checks", []))
+    by_name = {r["benchmark"]: r for r in results}
+    missed |= any(judge(f, by_name[f.benchmark]) is False for f in FIGURES if f.benchmark in by_name)
+    return EXIT_MISSED if missed else EXIT_OK
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run just these")
-    p.add_argument("--full", action="store_true", help="full sizes (much longer)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="full sizes (much longer)")
+    size.add_argument("--smoke", action="store_true",
+                      help="tiny sizes, one round each: proves every benchmark runs and reports every figure; "
+                           "targets are not judged (exit 0 when all ran)")
     p.add_argument("--workdir", type=Path, default=None, help="parent folder for temporary data")
     p.add_argument("--profile", action="store_true", help="pass --profile to the benchmarks that take it")
-    p.add_argument("--output", type=Path, default=HERE / "results.json", help="default: benchmarks/results.json")
-    p.add_argument("--timeout", type=float, default=3600.0, help="per benchmark, seconds")
+    p.add_argument("--output", type=Path, default=None,
+                   help="default: benchmarks/results.json; with --smoke, bench-smoke-results.json in --workdir "
+                        "(or the temp dir), so a smoke run never overwrites real figures")
+    p.add_argument("--timeout", type=float, default=None, help="per benchmark, seconds (default 3600; smoke 300)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="benchmarks run side by side (default 1, the only setting for real figures; smoke 2)")
     args = p.parse_args()
+    timeout = args.timeout or (300.0 if args.smoke else 3600.0)
+    parallel = max(1, args.parallel or (2 if args.smoke else 1))
+    output = args.output or (Path(args.workdir or tempfile.gettempdir()) / "bench-smoke-results.json" if args.smoke
+                             else HERE / "results.json")
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    results = []
-    for name in args.only or list(BENCHMARKS):
-        script, quick, full = BENCHMARKS[name]
-        extra = list(full if args.full else quick)
-        if args.workdir:
-            extra += ["--workdir", str(args.workdir)]
-        if args.profile and script in ("bench_content.py", "bench_metadata.py", "bench_daemon.py"):
-            extra.append("--profile")
-        results.append(run_one(name, script, extra, args.timeout))
+    names = args.only or list(BENCHMARKS)
+
+    def run(name: str) -> dict[str, Any]:
+        extra = benchmark_args(name, args.full, args.smoke, args.workdir, args.profile)
+        log_dir = Path(args.workdir or tempfile.gettempdir())
+        log_path = log_dir / f"bench-{name}-{os.getpid()}.stderr" if parallel > 1 else None
+        try:
+            return run_one(name, BENCHMARKS[name][0], extra, timeout, log_path)
+        finally:
+            if log_path is not None:
+                log_path.unlink(missing_ok=True)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        results = list(pool.map(run, names))
     doc = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "full": args.full,
+        "smoke": args.smoke,
         "machine": machine(),
         "wall_seconds": round(time.perf_counter() - started, 1),
+        "expected_keys": {name: sorted(expected_keys(name)) for name in names},
         "results": results,
     }
-    args.output.write_text(json.dumps(doc, indent=1) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(doc, indent=1) + "\n")
     m = doc["machine"]
-    print(f"\nwrote {args.output} in {doc['wall_seconds']:.0f}s", file=sys.stderr)
-    print(f"Benchmarks ({'full' if args.full else 'default'} sizes; {m['cpu']}, {m['cpus']} CPUs, "
-          f"Python {m['python']}, load average {m['loadavg_1m']}; "
-          f"`python benchmarks/run_all.py{' --full' if args.full else ''}`):\n")
-    print(table(results))
-    failed = any("error" in r for r in results)
-    missed = any(not c["ok"] for r in results for c in r.get("checks", []))
-    sys.exit(2 if failed else 1 if missed else 0)
+    kind = "smoke (tiny sizes; figures not meaningful, targets not judged)" if args.smoke else (
+        "full" if args.full else "default")
+    flag = " --smoke" if args.smoke else " --full" if args.full else ""
+    print(f"\nwrote {output} in {doc['wall_seconds']:.0f}s", file=sys.stderr)
+    print(f"Benchmarks ({kind} sizes; {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, load average "
+          f"{m['loadavg_1m']}; `python benchmarks/run_all.py{flag}`):\n")
+    print(figures_table(results, args.smoke))
+    print()
+    print(table(results, args.smoke))
+    for r in results:
+        if "error" in r:
+            print(f"\n{r['benchmark']} did not run: {r['error']}: {r['cmd']}", file=sys.stderr)
+        elif r.get("missing_keys"):
+            print(f"\n{r['benchmark']}: its JSON line lacks {', '.join(r['missing_keys'])}", file=sys.stderr)
+        for part, reason in (r.get("skipped") or {}).items():
+            print(f"\n{r['benchmark']}: {part} {reason}", file=sys.stderr)
+    sys.exit(exit_status(results, args.smoke))
 
 
 if __name__ == "__main__":
