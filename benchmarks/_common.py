@@ -194,7 +194,7 @@ def write_safetensors(path: Path, sizes: list[int], data: Any, first_layer: int 
 
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    out = []
+    out: list[tuple[str, tuple[int, ...]]] = []
     for i, n in enumerate(sizes):
         count = n // 4
         shape = (rows, count // rows) if count % rows == 0 else (count,)

@@ -322,7 +322,8 @@ def table(results: list[dict[str, Any]], smoke: bool = False) -> str:
             else:
                 shown = fmt(value, "{:.3f}" if isinstance(value, float) else "{}")
             target = "yes" if c["target"] == "== 1.0" else c["target"]
-            rows.append(f"| {name} | **{c['name']}** | **{shown}** | {target} | {'—' if smoke else '✓' if c['ok'] else '✗'} |")
+            met = "—" if smoke else "✓" if c["ok"] else "✗"
+            rows.append(f"| {name} | **{c['name']}** | **{shown}** | {target} | {met} |")
     return "\n".join(rows)
 
 
