@@ -36,6 +36,9 @@ lint: venv
 test: venv system-deps lint
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
+# Every benchmark at default sizes; prints issue 13's figures as ratios against references measured in
+# the same run (benchmarks/README.md). `make test` runs them at tiny sizes (tests/test_bench_smoke.py:
+# `run_all.py --smoke`), so a broken benchmark fails the tests; no test asserts a time.
 bench: venv system-deps
 	$(PY) benchmarks/run_all.py
 
