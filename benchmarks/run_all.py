@@ -117,6 +117,8 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
     ],
 }
 HEADLINES["content-trainer"] = HEADLINES["content"]
+# With --parallel > 1 these start first (the slowest at smoke size: many children importing torch).
+LONGEST_FIRST = ["probe", "s3", "daemon", "rss"]
 
 
 @dataclass(frozen=True)
@@ -365,11 +367,11 @@ def main() -> None:
     p.add_argument("--output", type=Path, default=None,
                    help="default: benchmarks/results.json; with --smoke, bench-smoke-results.json in --workdir "
                         "(or the temp dir), so a smoke run never overwrites real figures")
-    p.add_argument("--timeout", type=float, default=None, help="per benchmark, seconds (default 3600; smoke 300)")
+    p.add_argument("--timeout", type=float, default=None, help="per benchmark, seconds (default 3600; smoke 600)")
     p.add_argument("--parallel", type=int, default=None,
                    help="benchmarks run side by side (default 1, the only setting for real figures; smoke 2)")
     args = p.parse_args()
-    timeout = args.timeout or (300.0 if args.smoke else 3600.0)
+    timeout = args.timeout or (600.0 if args.smoke else 3600.0)
     parallel = max(1, args.parallel or (2 if args.smoke else 1))
     output = args.output or (Path(args.workdir or tempfile.gettempdir()) / "bench-smoke-results.json" if args.smoke
                              else HERE / "results.json")
@@ -389,8 +391,11 @@ def main() -> None:
             if log_path is not None:
                 log_path.unlink(missing_ok=True)
 
+    # Side by side, the longest start first so that the short ones fill the gaps; reported in order.
+    order = sorted(names, key=lambda n: LONGEST_FIRST.index(n) if n in LONGEST_FIRST else len(LONGEST_FIRST))
     with ThreadPoolExecutor(parallel) as pool:
-        results = list(pool.map(run, names))
+        done = dict(zip(order, pool.map(run, order), strict=True))
+    results = [done[name] for name in names]
     doc = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
