@@ -415,8 +415,9 @@ def main() -> None:
     print(f"\nwrote {output} in {doc['wall_seconds']:.0f}s", file=sys.stderr)
     print(f"Benchmarks ({kind} sizes; {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, load average "
           f"{m['loadavg_1m']}; `python benchmarks/run_all.py{flag}`):\n")
-    print(figures_table(results, args.smoke))
-    print()
+    if any(f.benchmark in names for f in FIGURES):
+        print(figures_table(results, args.smoke))
+        print()
     print(table(results, args.smoke))
     for r in results:
         if "error" in r:
