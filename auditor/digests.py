@@ -7,7 +7,7 @@ import hashlib
 import json
 import queue
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,18 +46,24 @@ def sha256_b64(hex_value: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_value)).decode()
 
 
-# Below this many bytes a file is hashed on the calling thread alone: starting a helper thread
+# Below this many bytes a stream is hashed on the calling thread alone: starting a helper thread
 # costs more than it saves, and google_crc32c holds the GIL under 1 MiB anyway.
 THREAD_MIN_BYTES = 2 * 2**20
-# Chunks handed to the helper and not yet hashed by it: bounds memory at (this + 2) chunks.
-QUEUE_DEPTH = 2
-# How often a helper waiting for a chunk checks that the thread feeding it is still alive.
-FEEDER_POLL_SECONDS = 1.0
-_END = object()
+# Chunks the helper has read and the caller has not yet taken. Live chunks are at most this + 2
+# (the caller's, the queued, the helper's), so memory stays flat whatever the file's size.
+QUEUE_DEPTH = 1
+# How often a thread waiting on the other checks that the other is still there.
+POLL_SECONDS = 1.0
+
+
+def _as_bytes(chunk: bytes | bytearray | memoryview) -> bytes:
+    # google_crc32c takes only `bytes` (and releases the GIL only for them): any other buffer is
+    # copied once, which also keeps a buffer the stream may reuse away from two threads.
+    return chunk if type(chunk) is bytes else bytes(chunk)
 
 
 class _SideDigests:
-    """The crc32c and per-span sha256 of a stream, fed chunk by chunk in order, on one thread."""
+    """The crc32c and per-span sha256 of a stream, fed its chunks in order, on one thread at a time."""
 
     def __init__(self, spans: Sequence[Span]) -> None:
         self.crc = 0
@@ -85,95 +91,126 @@ class _SideDigests:
         return {name: h.hexdigest() for name, h in self.span_hashes.items()}
 
 
-class _Helper:
-    """A daemon thread that feeds chunks to a _SideDigests, through a bounded queue.
+class _Failed:
+    """What the pump raised, carried to the caller through the queue."""
 
-    hashlib and google_crc32c release the GIL on large buffers, so the helper's hashing runs beside
-    the caller's sha256. It never reads storage, so it always finishes; if the feeding thread dies
-    without saying so (an abandoned read), the helper notices within FEEDER_POLL_SECONDS and exits.
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+class _Pump:
+    """A daemon thread that reads the rest of a stream, hashes crc32c and spans, and hands chunks on.
+
+    The caller takes each chunk (the same bytes object, no copy) for its sha256. Reads, hashlib and
+    google_crc32c all release the GIL on large buffers, so the caller's sha256 of one chunk runs
+    while this thread hashes and reads the next: on a large file only the sha256 is left on the
+    wall clock. Errors of the stream (a storage fault, a deadline) reach the caller unchanged.
     """
 
-    def __init__(self, side: _SideDigests) -> None:
+    def __init__(self, chunks: Iterator[bytes | bytearray | memoryview], side: _SideDigests) -> None:
+        self.chunks = chunks
         self.side = side
         self.queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
-        self.error: BaseException | None = None
-        self.feeder = threading.current_thread()
+        self.stopped = threading.Event()
+        self.consumer = threading.current_thread()
         self.thread = threading.Thread(target=self._run, daemon=True, name="auditor-digest")
         self.thread.start()
 
+    def _put(self, item: object) -> bool:
+        """Queue `item` for the caller; False when the caller has gone (stopped, or its thread died)."""
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=POLL_SECONDS)
+                return True
+            except queue.Full:
+                if not self.consumer.is_alive():
+                    return False
+        return False
+
     def _run(self) -> None:
+        try:
+            for chunk in self.chunks:
+                data = _as_bytes(chunk)
+                del chunk
+                if not self._put(data):
+                    return
+                self.side.feed(data)
+                del data
+            self._put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+            self._put(_Failed(e))
+        finally:
+            close = getattr(self.chunks, "close", None)
+            if close is not None and self.stopped.is_set():
+                close()  # the caller gave up: end the read here, on the thread that runs it
+
+    def get(self) -> bytes | None:
+        """The next chunk, None at the end; raises what the stream raised."""
         while True:
             try:
-                item = self.queue.get(timeout=FEEDER_POLL_SECONDS)
+                item = self.queue.get(timeout=POLL_SECONDS)
+                break
             except queue.Empty:
-                if not self.feeder.is_alive():
-                    return
-                continue
-            if item is _END:
-                return
-            if self.error is None:
-                try:
-                    self.side.feed(item)  # type: ignore[arg-type]
-                except BaseException as e:  # noqa: BLE001 - handed back to the caller in finish()
-                    self.error = e
-            del item
+                if not self.thread.is_alive() and self.queue.empty():
+                    raise RuntimeError("digest helper thread ended without a result") from None
+        if item is _END:
+            self.thread.join()  # its last feed is done before the side digests are read
+            return None
+        if isinstance(item, _Failed):
+            raise item.error
+        return item  # type: ignore[return-value]
 
-    def put(self, chunk: bytes) -> None:
-        self.queue.put(chunk)
-
-    def finish(self) -> _SideDigests:
-        """Wait for every chunk handed over to be hashed; raise what the helper raised."""
-        self.queue.put(_END)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.side
-
-    def cancel(self) -> None:
-        """Stop the helper without waiting for what it holds (the digest failed on the way)."""
-        self.error = self.error or RuntimeError("digest abandoned")
+    def stop(self) -> None:
+        """The caller stops early: let the helper close the stream and exit."""
+        self.stopped.set()
         try:
-            self.queue.put_nowait(_END)
-        except queue.Full:
-            pass  # it is busy with full queue; it sees _END or the dead feeder soon after
+            while True:
+                self.queue.get_nowait()  # free a helper blocked on a full queue
+        except queue.Empty:
+            pass
 
 
-def _as_bytes(chunk: bytes | bytearray | memoryview) -> bytes:
-    # google_crc32c releases the GIL only for `bytes`, and the helper must not see a buffer the
-    # caller may reuse: anything else is copied once.
-    return chunk if type(chunk) is bytes else bytes(chunk)
-
-
-def digest_chunks(chunks: Iterable[bytes], spans: Sequence[Span] = ()) -> FileDigest:
+def digest_chunks(chunks: Iterable[bytes | bytearray | memoryview], spans: Sequence[Span] = ()) -> FileDigest:
     """Hash a stream of chunks; with `spans`, also hash each span's bytes on the way past.
 
-    sha256 of the whole runs on the calling thread; crc32c and the span digests run on a helper
-    thread fed the same chunk objects once the stream passes THREAD_MIN_BYTES, so on a large file
-    they add nothing to the wall time while a second core is free. Results are the same either way.
+    The whole-file sha256 runs on the calling thread. Once the stream passes THREAD_MIN_BYTES, the
+    rest of it is read on a helper thread that also computes crc32c and the span digests (see
+    _Pump), so on a large file they add nothing to the wall time while a second core is free.
+    The results are the same either way, byte for byte.
     """
     sha = hashlib.sha256()
     side = _SideDigests(spans)
-    helper: _Helper | None = None
+    it = iter(chunks)
     pos = 0
+    for chunk in it:
+        chunk = _as_bytes(chunk)
+        side.feed(chunk)
+        sha.update(chunk)
+        pos += len(chunk)
+        del chunk  # let the buffer go before the next read arrives
+        if pos >= THREAD_MIN_BYTES:
+            break
+    else:
+        return _result(pos, sha, side)
+    pump = _Pump(it, side)
+    finished = False
     try:
-        for chunk in chunks:
-            if helper is None and pos + len(chunk) >= THREAD_MIN_BYTES:
-                helper = _Helper(side)
-            if helper is None:
-                side.feed(chunk)
-            else:
-                chunk = _as_bytes(chunk)
-                helper.put(chunk)
-            sha.update(chunk)
-            pos += len(chunk)
-            del chunk  # let the buffer go before the next read arrives
-        if helper is not None:
-            side = helper.finish()
-            helper = None
+        while (data := pump.get()) is not None:
+            sha.update(data)
+            pos += len(data)
+            del data
+        finished = True
     finally:
-        if helper is not None:
-            helper.cancel()
-    return FileDigest(size=pos, sha256=sha.hexdigest(), crc32c=crc32c_hex(side.crc), tensors=side.tensors())
+        if not finished:
+            pump.stop()
+    return _result(pos, sha, side)
+
+
+def _result(size: int, sha: Any, side: _SideDigests) -> FileDigest:
+    return FileDigest(size=size, sha256=sha.hexdigest(), crc32c=crc32c_hex(side.crc), tensors=side.tensors())
 
 
 def digest_bytes(data: bytes) -> FileDigest:
