@@ -54,6 +54,8 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
         ("file size", "bytes", "bytes"),
         ("openssl dgst -sha256, whole process", "openssl_best_s", "{:.2f} s"),
         ("auditor verify --tier content, whole process", "auditor_best_s", "{:.2f} s"),
+        ("of which python -c 'import auditor.cli'", "import_best_s", "{:.2f} s"),
+        ("openssl / (auditor - start-up)", "ratio_without_startup", "{:.2f}"),
     ],
     "rss": [
         ("python -c 'import auditor.cli'", "import_floor_rss_mib", "{:.1f} MiB"),
