@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,36 +46,171 @@ def sha256_b64(hex_value: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_value)).decode()
 
 
-def digest_chunks(chunks: Iterable[bytes], spans: Sequence[Span] = ()) -> FileDigest:
-    """Hash a stream of chunks; with `spans`, also hash each span's bytes on the way past."""
-    sha = hashlib.sha256()
-    crc = 0
-    pos = 0
-    span_hashes = {s.name: hashlib.sha256() for s in spans}
-    ordered = sorted(spans, key=lambda s: s.start)
-    i = 0
-    for chunk in chunks:
-        sha.update(chunk)
-        crc = google_crc32c.extend(crc, chunk)
-        end = pos + len(chunk)
+# Below this many bytes a stream is hashed on the calling thread alone: starting a helper thread
+# costs more than it saves, and google_crc32c holds the GIL under 1 MiB anyway.
+THREAD_MIN_BYTES = 2 * 2**20
+# Chunks the helper has read and the caller has not yet taken. Live chunks are at most this + 2
+# (the caller's, the queued, the helper's), so memory stays flat whatever the file's size.
+QUEUE_DEPTH = 1
+# How often a thread waiting on the other checks that the other is still there.
+POLL_SECONDS = 1.0
+
+
+def _as_bytes(chunk: bytes | bytearray | memoryview) -> bytes:
+    # google_crc32c takes only `bytes` (and releases the GIL only for them): any other buffer is
+    # copied once, which also keeps a buffer the stream may reuse away from two threads.
+    return chunk if type(chunk) is bytes else bytes(chunk)
+
+
+class _SideDigests:
+    """The crc32c and per-span sha256 of a stream, fed its chunks in order, on one thread at a time."""
+
+    def __init__(self, spans: Sequence[Span]) -> None:
+        self.crc = 0
+        self.span_hashes = {s.name: hashlib.sha256() for s in spans}
+        self.ordered = sorted(spans, key=lambda s: s.start)
+        self.i = 0
+        self.pos = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.crc = google_crc32c.extend(self.crc, chunk)
+        pos, end, ordered = self.pos, self.pos + len(chunk), self.ordered
         # Spans are sorted and disjoint; skip those already passed, feed those that overlap.
-        while i < len(ordered) and ordered[i].end <= pos:
-            i += 1
-        j = i
+        while self.i < len(ordered) and ordered[self.i].end <= pos:
+            self.i += 1
+        j = self.i
         while j < len(ordered) and ordered[j].start < end:
             s = ordered[j]
             lo, hi = max(s.start, pos), min(s.end, end)
             if hi > lo:
-                span_hashes[s.name].update(memoryview(chunk)[lo - pos : hi - pos])
+                self.span_hashes[s.name].update(memoryview(chunk)[lo - pos : hi - pos])
             j += 1
-        pos = end
-        del chunk  # let the buffer go before the next read arrives: two in memory, not three
-    return FileDigest(
-        size=pos,
-        sha256=sha.hexdigest(),
-        crc32c=crc32c_hex(crc),
-        tensors={name: h.hexdigest() for name, h in span_hashes.items()},
-    )
+        self.pos = end
+
+    def tensors(self) -> dict[str, str]:
+        return {name: h.hexdigest() for name, h in self.span_hashes.items()}
+
+
+class _Failed:
+    """What the pump raised, carried to the caller through the queue."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+class _Pump:
+    """A daemon thread that reads the rest of a stream, hashes crc32c and spans, and hands chunks on.
+
+    The caller takes each chunk (the same bytes object, no copy) for its sha256. Reads, hashlib and
+    google_crc32c all release the GIL on large buffers, so the caller's sha256 of one chunk runs
+    while this thread hashes and reads the next: on a large file only the sha256 is left on the
+    wall clock. Errors of the stream (a storage fault, a deadline) reach the caller unchanged.
+    """
+
+    def __init__(self, chunks: Iterator[bytes | bytearray | memoryview], side: _SideDigests) -> None:
+        self.chunks = chunks
+        self.side = side
+        self.queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.stopped = threading.Event()
+        self.consumer = threading.current_thread()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="auditor-digest")
+        self.thread.start()
+
+    def _put(self, item: object) -> bool:
+        """Queue `item` for the caller; False when the caller has gone (stopped, or its thread died)."""
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=POLL_SECONDS)
+                return True
+            except queue.Full:
+                if not self.consumer.is_alive():
+                    return False
+        return False
+
+    def _run(self) -> None:
+        try:
+            for chunk in self.chunks:
+                data = _as_bytes(chunk)
+                del chunk
+                if not self._put(data):
+                    return
+                self.side.feed(data)
+                del data
+            self._put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+            self._put(_Failed(e))
+        finally:
+            close = getattr(self.chunks, "close", None)
+            if close is not None and self.stopped.is_set():
+                close()  # the caller gave up: end the read here, on the thread that runs it
+
+    def get(self) -> bytes | None:
+        """The next chunk, None at the end; raises what the stream raised."""
+        while True:
+            try:
+                item = self.queue.get(timeout=POLL_SECONDS)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and self.queue.empty():
+                    raise RuntimeError("digest helper thread ended without a result") from None
+        if item is _END:
+            self.thread.join()  # its last feed is done before the side digests are read
+            return None
+        if isinstance(item, _Failed):
+            raise item.error
+        return item  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        """The caller stops early: let the helper close the stream and exit."""
+        self.stopped.set()
+        try:
+            while True:
+                self.queue.get_nowait()  # free a helper blocked on a full queue
+        except queue.Empty:
+            pass
+
+
+def digest_chunks(chunks: Iterable[bytes | bytearray | memoryview], spans: Sequence[Span] = ()) -> FileDigest:
+    """Hash a stream of chunks; with `spans`, also hash each span's bytes on the way past.
+
+    The whole-file sha256 runs on the calling thread. Once the stream passes THREAD_MIN_BYTES, the
+    rest of it is read on a helper thread that also computes crc32c and the span digests (see
+    _Pump), so on a large file they add nothing to the wall time while a second core is free.
+    The results are the same either way, byte for byte.
+    """
+    sha = hashlib.sha256()
+    side = _SideDigests(spans)
+    it = iter(chunks)
+    pos = 0
+    for chunk in it:
+        chunk = _as_bytes(chunk)
+        side.feed(chunk)
+        sha.update(chunk)
+        pos += len(chunk)
+        del chunk  # let the buffer go before the next read arrives
+        if pos >= THREAD_MIN_BYTES:
+            break
+    else:
+        return _result(pos, sha, side)
+    pump = _Pump(it, side)
+    finished = False
+    try:
+        while (data := pump.get()) is not None:
+            sha.update(data)
+            pos += len(data)
+            del data
+        finished = True
+    finally:
+        if not finished:
+            pump.stop()
+    return _result(pos, sha, side)
+
+
+def _result(size: int, sha: Any, side: _SideDigests) -> FileDigest:
+    return FileDigest(size=size, sha256=sha.hexdigest(), crc32c=crc32c_hex(side.crc), tensors=side.tensors())
 
 
 def digest_bytes(data: bytes) -> FileDigest:

@@ -23,6 +23,11 @@ from auditor.backends import Backend, PathHazard, backend_class, backend_for
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 8 * 2**20
+# Local files are read in smaller pieces: a chunk that stays in the CPU's cache between the read's
+# copy and the digests costs ~8 % less CPU than an 8 MiB one, and three chunks in flight per file
+# (see digests.QUEUE_DEPTH) weigh 6 MiB instead of 24. Not below 1 MiB: google_crc32c keeps the GIL
+# on smaller buffers.
+LOCAL_CHUNK_SIZE = 2 * 2**20
 
 
 class StorageFault(OSError):
@@ -403,6 +408,7 @@ class Reader:
     def _stream(self, path: str, start: int = 0, end: int | None = None, **open_kw: Any) -> Iterator[bytes]:
         pos = start
         attempt = 0
+        step = min(self.chunk_size, LOCAL_CHUNK_SIZE) if self.local else self.chunk_size
         slot = self._lease(self.read_slots)
         try:
             while end is None or pos < end:
@@ -414,7 +420,7 @@ class Reader:
                         stop_at = end if end is not None else known
                         while stop_at is None or pos < stop_at:
                             self._check(path)
-                            n = self.chunk_size if stop_at is None else min(self.chunk_size, stop_at - pos)
+                            n = step if stop_at is None else min(step, stop_at - pos)
                             self.throttle.acquire(n)
                             chunk = f.read(n)
                             if len(chunk) < n and (stop_at is not None or not chunk) and \

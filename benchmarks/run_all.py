@@ -46,6 +46,7 @@ EXIT_OK, EXIT_MISSED, EXIT_DID_NOT_RUN, EXIT_KEYS_MISSING = 0, 1, 2, 3
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "content": ("bench_content.py", [], ["--size", "8G"]),
     "content-trainer": ("bench_content.py", ["--layout", "trainer"], ["--layout", "trainer", "--size", "8G"]),
+    "openssl": ("bench_openssl.py", [], ["--size", "8G"]),
     "rss": ("bench_rss.py", [], ["--size", "2G"]),
     # --repeats 1 at full size: a rescan of 10,000 currently takes minutes (see layouts.discover).
     "metadata": ("bench_metadata.py", [], ["--count", "10000", "--repeats", "1"]),
@@ -64,6 +65,13 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
         ("verify content, jobs=1", "auditor_mb_s", "{:.0f} MB/s"),
         ("sha256 floor, 2 threads", "sha256_jobs2_mb_s", "{:.0f} MB/s"),
         ("verify content, jobs=2", "auditor_jobs2_mb_s", "{:.0f} MB/s"),
+    ],
+    "openssl": [
+        ("file size", "bytes", "bytes"),
+        ("openssl dgst -sha256, whole process", "openssl_best_s", "{:.2f} s"),
+        ("auditor verify --tier content, whole process", "auditor_best_s", "{:.2f} s"),
+        ("of which python -c 'import auditor.cli'", "import_best_s", "{:.2f} s"),
+        ("openssl / (auditor - start-up)", "ratio_without_startup", "{:.2f}"),
     ],
     "rss": [
         ("python -c 'import auditor.cli'", "import_floor_rss_mib", "{:.1f} MiB"),
