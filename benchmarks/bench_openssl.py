@@ -29,7 +29,19 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import GiB, MiB, base_parser, check, emit, human_bytes, log, mb_per_s, parse_size, workdir  # noqa: E402
+from _common import (  # noqa: E402
+    GiB,
+    MiB,
+    base_parser,
+    check,
+    emit,
+    human_bytes,
+    log,
+    mb_per_s,
+    parse_args,
+    parse_size,
+    workdir,
+)
 
 TENSOR_BYTES = 64 * MiB
 TARGET_RATIO = 0.9
@@ -78,7 +90,7 @@ def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--size", type=parse_size, default=1 * GiB, help="file bytes (default 1G)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the best of each is reported")
-    args = p.parse_args()
+    args = parse_args(p, size=4 * MiB, repeats=1)
     openssl = shutil.which("openssl")
     if openssl is None:
         raise SystemExit("bench_openssl: openssl is not on PATH")

@@ -1,9 +1,11 @@
 #!/bin/bash
-# Debian packages the tests and benchmarks use: promtool + prometheus (alert rules, e2e), rclone (benchmark).
+# Debian packages the tests and benchmarks use: promtool + prometheus (alert rules, e2e), rclone and openssl
+# (the benchmarks' references).
 set -euo pipefail
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v rclone >/dev/null || need+=(rclone)
+command -v openssl >/dev/null || need+=(openssl)
 if ((${#need[@]})); then
     if [ "$(id -u)" != 0 ]; then echo "need root to apt-get install ${need[*]}" >&2; exit 1; fi
     apt-get update -qq
