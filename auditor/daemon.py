@@ -45,6 +45,9 @@ FLUSH_EVERY = 500
 # While a pass over a prefix runs, /api/v1/checkpoints serves the prefix's last snapshot and rebuilds it in
 # the background at most this often, so a request never waits on a query competing with the pass.
 SNAPSHOT_MAX_AGE = 5.0
+# The interpreter's switch interval in the daemon process (Python's default is 5 ms): an HTTP thread
+# waiting for the interpreter while pass threads run Python code gets it within this, per socket call.
+SWITCH_INTERVAL = 0.001
 # Findings that describe a checkpoint nobody sealed; wrong once we know it was sealed.
 _UNSEALED_NOTES = frozenset({"structural_only", "no_manifest"})
 
@@ -175,6 +178,7 @@ class Daemon:
             self.workers[pcfg.url] = worker
         self.metrics.init_prefixes(self.workers)
         self._snapshots: dict[str | None, Snapshot] = {}
+        self.snapshot_max_age = SNAPSHOT_MAX_AGE
         # One background rebuild at a time, for snapshots a running pass made stale.
         self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="auditor-snapshot")
         self._rebuilding: set[str | None] = set()
@@ -531,7 +535,7 @@ class Daemon:
         current = snap is not None and snap.generation == self.state.generation(prefix)
         if snap is None or not (current or self._busy(prefix)):
             return self._rebuild(prefix).body
-        if time.monotonic() - snap.built > SNAPSHOT_MAX_AGE:
+        if time.monotonic() - snap.built > self.snapshot_max_age:
             # Aged: another process (a CLI rescan on the same database) may have written since.
             self._rebuild_later(prefix)
         return snap.body
@@ -610,6 +614,7 @@ def serve(config: Config) -> int:
         raise ConfigError("prefixes: no prefix configured; nothing to watch")
     daemon = Daemon(config)
     server = Server(daemon, config.server.listen)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:  # noqa: ANN401
