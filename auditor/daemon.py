@@ -620,7 +620,8 @@ def serve(config: Config) -> int:
     def on_signal(signum: int, _frame: Any) -> None:  # noqa: ANN401
         if stop.is_set():
             # A second signal: the operator will not wait for the grace period. The state database
-            # commits each verdict on its own, so nothing committed is lost by leaving now.
+            # commits each batch of verdicts whole, so leaving now loses at most the current pass's
+            # unwritten batch, and leaves the database consistent.
             logger.warning("second signal %d: exiting now", signum, extra={"event": "signal"})
             _hard_exit(0)
         logger.info("received signal %d, shutting down", signum, extra={"event": "signal"})
@@ -650,8 +651,8 @@ def _exit_if_stuck(clean: bool) -> None:
 
     At exit the interpreter joins every non-daemon thread and every ThreadPoolExecutor worker
     (APScheduler's and the rescan pool's, whatever their daemon flag), so one hung read would keep
-    a SIGTERM-ed daemon alive until Kubernetes kills it. The database is closed and every verdict
-    already committed, so os._exit loses nothing.
+    a SIGTERM-ed daemon alive until Kubernetes kills it. The database is closed and every batch of
+    verdicts committed whole, so os._exit loses at most the stuck pass's unwritten batch.
     """
     stuck = [t.name for t in threading.enumerate()
              if t is not threading.main_thread() and not t.daemon and t.is_alive()]

@@ -24,8 +24,8 @@ ran), the daemon's peak RSS (VmHWM from /proc just before it is stopped, and psu
 second, alternating GET /metrics and GET /api/v1/checkpoints?prefix=<one prefix>, i.e. one prefix's
 verdicts) runs while the passes do; requests whose start falls inside a pass window ([end - duration,
 end] of a scan event) count as "during a scan". After the passes: idle samples, and the unfiltered
-/api/v1/checkpoints (every checkpoint), reported apart. Targets: RSS < 500 MiB; p99 < 200 ms for
-/metrics and /api/v1/checkpoints?prefix= during a scan. --profile samples the daemon with py-spy.
+/api/v1/checkpoints (every checkpoint), reported apart. Targets: RSS < 200 MiB; p99 < 200 ms for
+/metrics and < 100 ms for /api/v1/checkpoints?prefix= during a scan. --profile samples the daemon with py-spy.
 
     python benchmarks/bench_daemon.py                  # 2,000 checkpoints
     python benchmarks/bench_daemon.py --count 10000    # full size
@@ -53,8 +53,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from _common import MiB, base_parser, check, emit, human_bytes, log, workdir  # noqa: E402
 
-TARGET_RSS_MIB = 500.0
+TARGET_RSS_MIB = 200.0  # issue #13, a lean daemon: was 500
 TARGET_P99_MS = 200.0
+TARGET_API_P99_MS = 100.0  # /api/v1/checkpoints?prefix= during a scan, served from a snapshot (issue #13)
 PER_RUN = 100
 
 
@@ -549,7 +550,7 @@ def main() -> None:
             check("GET /metrics p99 during a scan (worst run)", worst("metrics_during"), "<", TARGET_P99_MS,
                   unit="ms"),
             check("GET /api/v1/checkpoints?prefix= p99 during a scan (worst run)", worst("checkpoints_during"), "<",
-                  TARGET_P99_MS, unit="ms"),
+                  TARGET_API_P99_MS, unit="ms"),
         ],
     }
     emit(doc)
