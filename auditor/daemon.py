@@ -361,7 +361,14 @@ class Daemon:
                 errors += self._record_all(worker, waiting)
                 waiting.clear()
 
-        worker.scanner.run(found, options_for=options_for, on_verdict=collect, stop=self.stop_event)
+        # FLUSH_EVERY checkpoints per run: a run holds a task and a verdict for each of its checkpoints
+        # until it ends. Once a run met an outage the rest go in one run, which meets it once and
+        # reports the others not attempted: an outage costs two backend timeouts, not one per slice.
+        start = 0
+        while start < len(found) and not self.stop_event.is_set():
+            end = len(found) if start and worker.scanner.outage else start + FLUSH_EVERY
+            worker.scanner.run(found[start:end], options_for=options_for, on_verdict=collect, stop=self.stop_event)
+            start = end
         return errors + self._record_all(worker, waiting)
 
     def _remember_seals(self, worker: PrefixWorker, found: list[Checkpoint]) -> None:
