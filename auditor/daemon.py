@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import posixpath
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +31,7 @@ from auditor.layouts import Checkpoint
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
 from auditor.metrics import Metrics
 from auditor.model import FAILURES, TIERS, Finding, ScanResult, Severity, Status, Tier, Verdict, decide
-from auditor.state import Seal, State, fingerprint, open_state
+from auditor.state import Recording, Seal, SealEntries, State, fingerprint, open_state
 from auditor.storage import DeadlineExceeded, Throttle, open_url
 from auditor.verify import Options, Scanner, is_pending, list_prefix, load_manifest
 
@@ -37,6 +39,15 @@ logger = logging.getLogger(__name__)
 
 # In-flight checks get this long after SIGTERM; the whole shutdown stays under Kubernetes' 30 s.
 SHUTDOWN_GRACE_SECONDS = 15.0
+# Verdicts (and manifests) written per transaction: a pass over N checkpoints commits N / FLUSH_EVERY + 2
+# times, not once per checkpoint, and a killed daemon loses at most this many unwritten verdicts.
+FLUSH_EVERY = 500
+# While a pass over a prefix runs, /api/v1/checkpoints serves the prefix's last snapshot and rebuilds it in
+# the background at most this often, so a request never waits on a query competing with the pass.
+SNAPSHOT_MAX_AGE = 5.0
+# The interpreter's switch interval in the daemon process (Python's default is 5 ms): an HTTP thread
+# waiting for the interpreter while pass threads run Python code gets it within this, per socket call.
+SWITCH_INTERVAL = 0.001
 # Findings that describe a checkpoint nobody sealed; wrong once we know it was sealed.
 _UNSEALED_NOTES = frozenset({"structural_only", "no_manifest"})
 
@@ -71,6 +82,15 @@ def scan_options(tier: str | None, scan: ScanConfig) -> Options:
     return build_options(tier, strict=scan.strict, settle_seconds=scan.settle_time, require=scan.require,
                          probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
                          allow_factories=scan.allow_factories)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One /api/v1/checkpoints answer, encoded, and the state generation it was read at."""
+
+    generation: int
+    built: float  # time.monotonic()
+    body: bytes
 
 
 @dataclass
@@ -157,6 +177,12 @@ class Daemon:
                 raise UsageError(f"prefixes: {pcfg.url}: {e}") from e
             self.workers[pcfg.url] = worker
         self.metrics.init_prefixes(self.workers)
+        self._snapshots: dict[str | None, Snapshot] = {}
+        self.snapshot_max_age = SNAPSHOT_MAX_AGE
+        # One background rebuild at a time, for snapshots a running pass made stale.
+        self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="auditor-snapshot")
+        self._rebuilding: set[str | None] = set()
+        self._snapshot_lock = threading.Lock()
         for url in self.workers:
             self._publish(url)
             last = self.state.last_scan(url)
@@ -204,6 +230,7 @@ class Daemon:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         self._job_pool.shutdown(wait=False, cancel_futures=True)
+        self._snapshot_pool.shutdown(wait=False, cancel_futures=True)
         for worker in self.workers.values():
             remaining = max(0.0, deadline - time.monotonic())
             if worker.lock.acquire(timeout=remaining):
@@ -254,14 +281,14 @@ class Daemon:
         known = self.state.observe(url, found, now=started)
         self._remember_seals(worker, found)
         self.metrics.prefix_scan_up.labels(prefix=url).set(1)
-        errors = 0
         # Metadata for everything: cheap (list, stat, manifest), and it notices changes early.
-        meta = worker.scanner.run(found, options_for=lambda ck: worker.options[Tier.METADATA], stop=self.stop_event)
-        for v in meta:
-            errors += self._record(worker, v)
+        errors = self._run_recorded(worker, found, lambda ck: worker.options[Tier.METADATA])
         # Deep work by due date; suspects (failed, errored, rewritten, never verified) first.
         now = time.time()
         due = self._due(worker, found, known, now)
+        listed = len(found)
+        # The deep checks need only what is due: the rest of the listing (file infos) can go now.
+        del found, known
         deadline = started + max(scan.shallow_interval, 30.0)
         batch: list[tuple[Checkpoint, str]] = []
         for ck, tier in due:
@@ -283,8 +310,8 @@ class Daemon:
             self.metrics.scan_duration.labels(prefix=url).set(finished - started)
         self.state.record_scan_end(url, Tier.METADATA if not due else Tier.CONTENT, started, True,
                                    None if completed else f"{errors} storage error(s)", summary)
-        logger.info("pass over %s: %d checkpoints, %d deep checks, %.1fs", url, len(found), len(due),
-                    finished - started, extra={"event": "scan", "prefix": url, "checkpoints": len(found),
+        logger.info("pass over %s: %d checkpoints, %d deep checks, %.1fs", url, listed, len(due),
+                    finished - started, extra={"event": "scan", "prefix": url, "checkpoints": listed,
                                                "summary": summary, "duration_seconds": round(finished - started, 3)})
 
     def _freeze_once_torch_loaded(self) -> None:
@@ -318,8 +345,31 @@ class Daemon:
             # `probe` runs the probe only where the manifest has one; content otherwise.
             return worker.options[tiers[ck.url]]
 
-        verdicts = worker.scanner.run([ck for ck, _ in batch], options_for=options_for, stop=self.stop_event)
-        return sum(self._record(worker, v) for v in verdicts)
+        return self._run_recorded(worker, [ck for ck, _ in batch], options_for)
+
+    def _run_recorded(self, worker: PrefixWorker, found: list[Checkpoint],
+                      options_for: Callable[[Checkpoint], Options]) -> int:
+        """Verify checkpoints, writing their verdicts FLUSH_EVERY at a time as they come; return the
+        number of storage errors."""
+        waiting: list[Verdict] = []
+        errors = 0
+
+        def collect(verdict: Verdict, _done: int, _total: int) -> None:
+            nonlocal errors
+            waiting.append(verdict)
+            if len(waiting) >= FLUSH_EVERY:
+                errors += self._record_all(worker, waiting)
+                waiting.clear()
+
+        # FLUSH_EVERY checkpoints per run: a run holds a task and a verdict for each of its checkpoints
+        # until it ends. Once a run met an outage the rest go in one run, which meets it once and
+        # reports the others not attempted: an outage costs two backend timeouts, not one per slice.
+        start = 0
+        while start < len(found) and not self.stop_event.is_set():
+            end = len(found) if start and worker.scanner.outage else start + FLUSH_EVERY
+            worker.scanner.run(found[start:end], options_for=options_for, on_verdict=collect, stop=self.stop_event)
+            start = end
+        return errors + self._record_all(worker, waiting)
 
     def _remember_seals(self, worker: PrefixWorker, found: list[Checkpoint]) -> None:
         """Keep the entries of every manifest new or changed since last recorded, and note which
@@ -337,17 +387,23 @@ class Daemon:
                 worker.lost_seals[ck.url] = seal
             elif seal.fingerprint != fingerprint(ck):
                 stale.append(ck)
+        for i in range(0, len(stale), FLUSH_EVERY):
+            self.state.remember_seals(worker.url, self._read_manifests(worker, stale[i:i + FLUSH_EVERY]))
+
+    def _read_manifests(self, worker: PrefixWorker, cks: list[Checkpoint]) -> list[SealEntries]:
+        """Read the manifests of some checkpoints in parallel: the entries of each one readable."""
         pool = worker.scanner._checkpoints  # idle between runs; bounded by scan.jobs
         tasks = [(ck, pool.submit(self._read_manifest, worker, ck, what=f"reading the manifest of {ck.url}",
-                                  timeout=worker.scanner.file_timeout)) for ck in stale]
+                                  timeout=worker.scanner.file_timeout)) for ck in cks]
+        out = []
         for ck, task in tasks:
             try:
                 manifest = task.result()
             except DeadlineExceeded:  # the verdict will say so; nothing to remember
                 manifest = None
             if manifest is not None:
-                self.state.remember_seal(worker.url, ck.url, manifest.files, manifest.created_at.isoformat(),
-                                         fingerprint(ck))
+                out.append(SealEntries(ck.url, list(manifest.files), manifest.created_at.isoformat(), fingerprint(ck)))
+        return out
 
     def _read_manifest(self, worker: PrefixWorker, ck: Checkpoint) -> Manifest | None:
         if self.stop_event.is_set():
@@ -380,21 +436,36 @@ class Daemon:
         verdict.findings[:] = kept
         verdict.status = decide(kept)
 
-    def _record(self, worker: PrefixWorker, verdict: Verdict) -> int:
-        """Store one verdict with its next due dates; return 1 if it was a storage error."""
+    def _record_all(self, worker: PrefixWorker, verdicts: list[Verdict]) -> int:
+        """Store verdicts with their next due dates in one transaction; return how many were storage errors."""
         url, scan = worker.url, worker.scan
-        if verdict.status == Status.ERROR and self.stop_event.is_set():
-            return 0  # abandoned at shutdown: not a storage error, nothing learned
-        seal = worker.lost_seals.get(verdict.url)
-        if seal is not None:
-            self._lost_manifest(verdict, seal)
+        recordings = []
+        for verdict in verdicts:
+            if verdict.status == Status.ERROR and self.stop_event.is_set():
+                continue  # abandoned at shutdown: not a storage error, nothing learned
+            seal = worker.lost_seals.get(verdict.url)
+            if seal is not None:
+                self._lost_manifest(verdict, seal)
+            recordings.append(self._due_dates(scan, verdict))
         now = time.time()
+        overalls = self.state.record_many(url, recordings, now=now)
+        errors = 0
+        for r, overall in zip(recordings, overalls, strict=True):
+            errors += self._recorded(url, r.verdict, overall)
+        return errors
+
+    @staticmethod
+    def _due_dates(scan: ScanConfig, verdict: Verdict) -> Recording:
         due_content = due_probe = None
         if verdict.tier != Tier.METADATA and verdict.status not in (Status.ERROR, Status.PENDING):
+            now = time.time()
             due_content = now + jittered(scan.deep_interval, scan.jitter)
             if verdict.tier == Tier.PROBE:
                 due_probe = now + jittered(scan.probe_interval, scan.jitter)
-        overall = self.state.record(url, verdict, due_content=due_content, due_probe=due_probe, now=now)
+        return Recording(verdict, due_content, due_probe)
+
+    def _recorded(self, url: str, verdict: Verdict, overall: str) -> int:
+        """Count and log one stored verdict; return 1 if it was a storage error."""
         self.metrics.verifications.labels(prefix=url, tier=verdict.tier, result=verdict.status).inc()
         level = logging.WARNING if verdict.status in FAILURES else logging.INFO
         logger.log(level, "%s %s: %s", verdict.tier, verdict.url, verdict.status,
@@ -409,6 +480,46 @@ class Daemon:
 
     def _publish(self, url: str) -> None:
         self.metrics.set_counts(url, self.state.counts(url))
+        self._rebuild(url)
+
+    # ------------------------------------------------------------ /api/v1/checkpoints snapshots
+
+    def _busy(self, prefix: str | None) -> bool:
+        """Tell whether a pass or rescan is writing to a prefix (to any prefix when None)."""
+        workers = self.workers.values() if prefix is None else [self.workers[prefix]]
+        return any(w.lock.locked() for w in workers)
+
+    def _rebuild(self, prefix: str | None) -> Snapshot:
+        """Read the latest verdicts of a prefix and keep them, encoded, as its snapshot."""
+        generation = self.state.generation(prefix)  # read first: a write during the query leaves it stale
+        body = json.dumps({"prefix": prefix, "checkpoints": self.state.checkpoints(prefix)}, default=str).encode()
+        snap = Snapshot(generation, time.monotonic(), body)
+        with self._snapshot_lock:
+            old = self._snapshots.get(prefix)
+            if old is None or old.generation <= generation:
+                self._snapshots[prefix] = snap
+        return snap
+
+    def _rebuild_later(self, prefix: str | None) -> None:
+        with self._snapshot_lock:
+            if prefix in self._rebuilding:
+                return
+            self._rebuilding.add(prefix)
+
+        def run() -> None:
+            try:
+                self._rebuild(prefix)
+            except Exception:  # noqa: BLE001 - the next request tries again; the stale snapshot still answers
+                logger.warning("could not rebuild the checkpoints snapshot of %s", prefix, exc_info=True)
+            finally:
+                with self._snapshot_lock:
+                    self._rebuilding.discard(prefix)
+
+        try:
+            self._snapshot_pool.submit(run)
+        except RuntimeError:  # shut down: nothing more to serve
+            with self._snapshot_lock:
+                self._rebuilding.discard(prefix)
 
     # ------------------------------------------------------------ what the HTTP API reads (auditor.http.DaemonView)
 
@@ -419,6 +530,22 @@ class Daemon:
     def checkpoints(self, prefix: str | None) -> list[dict[str, Any]]:
         """Latest verdict of each known checkpoint of a configured prefix (of every prefix when None)."""
         return self.state.checkpoints(prefix)
+
+    def checkpoints_json(self, prefix: str | None) -> bytes:
+        """The /api/v1/checkpoints body of a configured prefix (of every prefix when None), encoded.
+
+        Current when no pass writes to the prefix. While one does, the last snapshot (rebuilt in the
+        background once older than SNAPSHOT_MAX_AGE), so a request never queues behind the pass for
+        the database or the interpreter. Writes by other processes show within SNAPSHOT_MAX_AGE.
+        """
+        snap = self._snapshots.get(prefix)
+        current = snap is not None and snap.generation == self.state.generation(prefix)
+        if snap is None or not (current or self._busy(prefix)):
+            return self._rebuild(prefix).body
+        if time.monotonic() - snap.built > self.snapshot_max_age:
+            # Aged: another process (a CLI rescan on the same database) may have written since.
+            self._rebuild_later(prefix)
+        return snap.body
 
     def summaries(self) -> list[PrefixSummary]:
         """Each configured prefix's counts, last completed scan and whether its last pass could list it."""
@@ -482,8 +609,8 @@ class Daemon:
             self.state.observe(worker.url, found, now=started)
         self._remember_seals(worker, found)
         verdicts = worker.scanner.run(found, options_for=lambda ck: options, stop=self.stop_event)
-        for v in verdicts:
-            self._record(worker, v)
+        for i in range(0, len(verdicts), FLUSH_EVERY):
+            self._record_all(worker, verdicts[i:i + FLUSH_EVERY])
         self._publish(worker.url)
         return ScanResult(prefix, options.tier, verdicts, duration_seconds=time.time() - started)
 
@@ -494,12 +621,14 @@ def serve(config: Config) -> int:
         raise ConfigError("prefixes: no prefix configured; nothing to watch")
     daemon = Daemon(config)
     server = Server(daemon, config.server.listen)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:  # noqa: ANN401
         if stop.is_set():
             # A second signal: the operator will not wait for the grace period. The state database
-            # commits each verdict on its own, so nothing committed is lost by leaving now.
+            # commits each batch of verdicts whole, so leaving now loses at most the current pass's
+            # unwritten batch, and leaves the database consistent.
             logger.warning("second signal %d: exiting now", signum, extra={"event": "signal"})
             _hard_exit(0)
         logger.info("received signal %d, shutting down", signum, extra={"event": "signal"})
@@ -529,8 +658,8 @@ def _exit_if_stuck(clean: bool) -> None:
 
     At exit the interpreter joins every non-daemon thread and every ThreadPoolExecutor worker
     (APScheduler's and the rescan pool's, whatever their daemon flag), so one hung read would keep
-    a SIGTERM-ed daemon alive until Kubernetes kills it. The database is closed and every verdict
-    already committed, so os._exit loses nothing.
+    a SIGTERM-ed daemon alive until Kubernetes kills it. The database is closed and every batch of
+    verdicts committed whole, so os._exit loses at most the stuck pass's unwritten batch.
     """
     stuck = [t.name for t in threading.enumerate()
              if t is not threading.main_thread() and not t.daemon and t.is_alive()]

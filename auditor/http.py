@@ -82,6 +82,11 @@ class DaemonView(Protocol):
         """Latest verdict of each known checkpoint of a configured prefix (of all when None)."""
         ...
 
+    def checkpoints_json(self, prefix: str | None) -> bytes:
+        """The same as the encoded body `{"prefix": ..., "checkpoints": [...]}`: what GET /api/v1/checkpoints
+        sends, so the daemon can keep it ready instead of querying and encoding per request."""
+        ...
+
     def summaries(self) -> list[PrefixSummary]: ...
 
     def job(self, job_id: str) -> JobView | None: ...
@@ -173,7 +178,7 @@ class Handler(BaseHTTPRequestHandler):
                     prefix = d.configured_prefix(prefix)
                 except UsageError as e:
                     return self._json(404, {"error": str(e)})
-            self._json(200, {"prefix": prefix, "checkpoints": d.checkpoints(prefix)})
+            self._send(200, d.checkpoints_json(prefix))
         elif url.path == "/api/v1/status":
             self._json(200, status_doc(d))
         elif url.path.startswith("/api/v1/jobs/"):

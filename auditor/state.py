@@ -11,7 +11,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -176,6 +177,25 @@ class Seal:
             " (first seen sealed)"
 
 
+@dataclass(frozen=True)
+class Recording:
+    """One verdict to store, with the next due dates it sets (None: leave them as they are)."""
+
+    verdict: Verdict
+    due_content: float | None = None
+    due_probe: float | None = None
+
+
+@dataclass(frozen=True)
+class SealEntries:
+    """The file entries of one checkpoint's current manifest, to remember."""
+
+    url: str
+    entries: list[FileEntry]
+    created_at: str | None
+    fingerprint: str  # the listing fingerprint they were read at
+
+
 @dataclass
 class Known:
     """What the database knows of one checkpoint."""
@@ -212,6 +232,26 @@ class State:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._lock = threading.Lock()
+        # Per prefix, bumped by every write to its checkpoints or verdicts (not by scan records): a
+        # reader holding a copy of what `checkpoints(prefix)` said tells from it whether it is stale.
+        self._generations: dict[str | None, int] = {}
+
+    def generation(self, prefix: str | None = None) -> int:
+        """How many writes this process made to a prefix's checkpoints (to any prefix's when None)."""
+        return self._generations.get(prefix, 0)
+
+    @contextmanager
+    def _writing(self, prefix: str | None = None) -> Iterator[sa.Connection]:
+        """One write transaction: committed on leaving, rolled back whole on an error; a prefix
+        names whose checkpoints it changes."""
+        with self._lock:
+            try:
+                with self.engine.begin() as conn:
+                    yield conn
+            finally:
+                if prefix is not None:
+                    self._generations[prefix] = self._generations.get(prefix, 0) + 1
+                    self._generations[None] = self._generations.get(None, 0) + 1
 
     def close(self) -> None:
         self.engine.dispose()
@@ -226,107 +266,143 @@ class State:
             return {r["url"]: Known(**{k: r[k] for k in Known.__dataclass_fields__}) for r in rows}
 
     def observe(self, prefix: str, found: Iterable[Checkpoint], now: float | None = None) -> dict[str, Known]:
-        """Upsert the checkpoints one listing found; mark changed ones suspect and vanished ones gone."""
+        """Upsert the checkpoints one listing found; mark changed ones suspect and vanished ones gone.
+
+        One transaction, with one statement per kind of change (executemany), whatever the count."""
         now = time.time() if now is None else now
-        found = list(found)
-        with self._lock, self.engine.begin() as conn:
+        with self._writing(prefix) as conn:
             rows = {r["url"]: r for r in conn.execute(
-                sa.select(checkpoints).where(checkpoints.c.prefix == prefix)).mappings()}
+                sa.select(checkpoints.c.id, checkpoints.c.url, checkpoints.c.fingerprint, checkpoints.c.last_verified,
+                          checkpoints.c.suspect, checkpoints.c.gone)
+                .where(checkpoints.c.prefix == prefix)).mappings()}
             sealed_ids = set(conn.execute(
                 sa.select(seals.c.checkpoint_id).join(checkpoints, checkpoints.c.id == seals.c.checkpoint_id)
                 .where(checkpoints.c.prefix == prefix)).scalars())
-            seen = set()
+            seen: set[str] = set()
+            new: list[dict[str, Any]] = []
+            updates: list[dict[str, Any]] = []
+            new_seals: list[str] = []
             for ck in found:
                 seen.add(ck.url)
                 fp = fingerprint(ck)
-                row = rows.get(ck.url)
                 values = dict(run=ck.run, step=db_int(ck.step), layout=ck.layout, last_seen=now, fingerprint=fp,
                               sealed=bool(ck.manifest_path), gone=False)
+                row = rows.get(ck.url)
                 if row is None:
-                    cid = _inserted_id(conn.execute(checkpoints.insert().values(
-                        prefix=prefix, url=ck.url, status=Status.PENDING, first_seen=now, suspect=False, **values)))
-                else:
-                    cid = row["id"]
-                    if row["fingerprint"] != fp and row["last_verified"] is not None:
-                        values["suspect"] = True  # rewritten since we last looked: check it first
-                    conn.execute(checkpoints.update().where(checkpoints.c.id == cid).values(**values))
-                if ck.manifest_path and cid not in sealed_ids:
-                    conn.execute(seals.insert().values(checkpoint_id=cid, first_seen=now))
-            for url, row in rows.items():
-                if url not in seen and not row["gone"]:
-                    conn.execute(checkpoints.update().where(checkpoints.c.id == row["id"]).values(gone=True))
+                    new.append(dict(prefix=prefix, url=ck.url, status=Status.PENDING, first_seen=now, suspect=False,
+                                    **values))
+                    if ck.manifest_path:
+                        new_seals.append(ck.url)
+                    continue
+                # Rewritten since we last looked: check it first.
+                changed = row["fingerprint"] != fp and row["last_verified"] is not None
+                updates.append(dict(values, b_id=row["id"], suspect=True if changed else row["suspect"]))
+                if ck.manifest_path and row["id"] not in sealed_ids:
+                    new_seals.append(ck.url)
+            if updates:
+                conn.execute(checkpoints.update().where(checkpoints.c.id == sa.bindparam("b_id")), updates)
+            if new:
+                conn.execute(checkpoints.insert(), new)
+            gone = [{"b_id": row["id"]} for url, row in rows.items() if url not in seen and not row["gone"]]
+            if gone:
+                conn.execute(checkpoints.update().where(checkpoints.c.id == sa.bindparam("b_id")).values(gone=True),
+                             gone)
+            if new_seals:
+                ids = self._ids(conn, prefix, new_seals)
+                conn.execute(seals.insert(), [dict(checkpoint_id=ids[url], first_seen=now) for url in new_seals])
         return self.known(prefix)
+
+    @staticmethod
+    def _ids(conn: sa.Connection, prefix: str, urls: Iterable[str]) -> dict[str, int]:
+        """The ids of checkpoints of a prefix by URL, in one query per 500 URLs (SQLite's variable limit)."""
+        urls = list(urls)
+        out: dict[str, int] = {}
+        for i in range(0, len(urls), 500):
+            out.update(conn.execute(sa.select(checkpoints.c.url, checkpoints.c.id).where(
+                checkpoints.c.prefix == prefix, checkpoints.c.url.in_(urls[i:i + 500]))).all())
+        return out
 
     def record(self, prefix: str, verdict: Verdict, *, due_content: float | None = None,
                due_probe: float | None = None, now: float | None = None) -> str:
         """Store a verdict: history always; latest-per-tier unless it is `error`/`pending` over a known one."""
+        return self.record_many(prefix, [Recording(verdict, due_content, due_probe)], now=now)[0]
+
+    def record_many(self, prefix: str, recordings: Iterable[Recording], *, now: float | None = None) -> list[str]:
+        """Store many verdicts in one transaction (all or none of them); return each one's overall status."""
         now = time.time() if now is None else now
+        recordings = list(recordings)
+        if not recordings:
+            return []
+        with self._writing(prefix) as conn:
+            return [self._record(conn, prefix, r.verdict, r.due_content, r.due_probe, now) for r in recordings]
+
+    def _record(self, conn: sa.Connection, prefix: str, verdict: Verdict, due_content: float | None,
+                due_probe: float | None, now: float) -> str:
         step = db_int(verdict.step)
         if step is None and verdict.step is not None and not any(f.code == "step_out_of_range"
                                                                  for f in verdict.findings):
             verdict.findings.append(_step_finding(verdict.step))  # the caller's verdict says so too
         findings = json.dumps([f.to_dict() for f in verdict.findings])
-        with self._lock, self.engine.begin() as conn:
-            row = conn.execute(sa.select(checkpoints).where(checkpoints.c.prefix == prefix,
-                                                            checkpoints.c.url == verdict.url)).mappings().first()
-            if row is None:
-                cid = _inserted_id(conn.execute(checkpoints.insert().values(
-                    prefix=prefix, url=verdict.url, run=verdict.run, step=step, layout=verdict.layout,
-                    status=verdict.status, first_seen=now, last_seen=now)))
-            else:
-                cid = row["id"]
-            conn.execute(history.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
-                                                 findings=findings, bytes_read=verdict.bytes_read,
-                                                 duration_seconds=verdict.duration_seconds, at=now))
-            tiers = {r["tier"]: r["status"] for r in conn.execute(
-                sa.select(latest.c.tier, latest.c.status).where(latest.c.checkpoint_id == cid)).mappings()}
-            # An outage or an unsettled write says nothing about the bytes: keep what we knew.
-            keeps_known = verdict.status in INCONCLUSIVE and bool(tiers)
-            # A probe pass whose probe did not run (factory not allowed) proves nothing of the probe.
-            skipped = verdict.tier == Tier.PROBE and any(f.code in PROBE_NOT_RUN for f in verdict.findings)
-            keeps_known = keeps_known or (skipped and Tier.PROBE in tiers)
-            if not keeps_known:
-                conn.execute(latest.delete().where(latest.c.checkpoint_id == cid, latest.c.tier == verdict.tier))
-                conn.execute(latest.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
-                                                    findings=findings, at=now, assurance=verdict.assurance))
-                tiers[verdict.tier] = verdict.status
-                if verdict.status in (Status.OK, Status.UNVERIFIABLE):
-                    # A newer pass clears what it re-proves: content re-reads every byte, so it
-                    # settles byte-level failures found by any tier; only a probe that ran settles drift.
-                    covers = COVERS[Tier.CONTENT] if skipped else COVERS[verdict.tier]
-                    for other, status in list(tiers.items()):
-                        if other != verdict.tier and status in covers:
-                            conn.execute(latest.update().where(latest.c.checkpoint_id == cid,
-                                                               latest.c.tier == other).values(status=verdict.status))
-                            tiers[other] = verdict.status
-            overall = min(tiers.values(), key=RANK.index) if tiers else verdict.status
-            values: dict[str, Any] = {"status": overall}
-            if verdict.status not in INCONCLUSIVE:
-                values["last_verified"] = now
-                if verdict.tier != Tier.METADATA:
-                    values["suspect"] = overall in FAILURES
-            else:
-                values["suspect"] = True
-            if due_content is not None:
-                values["due_content"] = due_content
-            if due_probe is not None:
-                values["due_probe"] = due_probe
-            conn.execute(checkpoints.update().where(checkpoints.c.id == cid).values(**values))
-            if verdict.observed and verdict.tier != Tier.METADATA:
-                have = conn.execute(sa.select(sa.func.count()).select_from(baselines)
-                                    .where(baselines.c.checkpoint_id == cid)).scalar()
-                if not have:  # trust on first use: only the first sight is the baseline
-                    conn.execute(baselines.insert(), [
-                        dict(checkpoint_id=cid, path=rel, size=e.size, sha256=e.sha256, crc32c=e.crc32c,
-                             recorded_at=now) for rel, e in verdict.observed.items()])
+        row = conn.execute(sa.select(checkpoints).where(checkpoints.c.prefix == prefix,
+                                                        checkpoints.c.url == verdict.url)).mappings().first()
+        if row is None:
+            cid = _inserted_id(conn.execute(checkpoints.insert().values(
+                prefix=prefix, url=verdict.url, run=verdict.run, step=step, layout=verdict.layout,
+                status=verdict.status, first_seen=now, last_seen=now)))
+        else:
+            cid = row["id"]
+        conn.execute(history.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
+                                             findings=findings, bytes_read=verdict.bytes_read,
+                                             duration_seconds=verdict.duration_seconds, at=now))
+        tiers = {r["tier"]: r["status"] for r in conn.execute(
+            sa.select(latest.c.tier, latest.c.status).where(latest.c.checkpoint_id == cid)).mappings()}
+        # An outage or an unsettled write says nothing about the bytes: keep what we knew.
+        keeps_known = verdict.status in INCONCLUSIVE and bool(tiers)
+        # A probe pass whose probe did not run (factory not allowed) proves nothing of the probe.
+        skipped = verdict.tier == Tier.PROBE and any(f.code in PROBE_NOT_RUN for f in verdict.findings)
+        keeps_known = keeps_known or (skipped and Tier.PROBE in tiers)
+        if not keeps_known:
+            conn.execute(latest.delete().where(latest.c.checkpoint_id == cid, latest.c.tier == verdict.tier))
+            conn.execute(latest.insert().values(checkpoint_id=cid, tier=verdict.tier, status=verdict.status,
+                                                findings=findings, at=now, assurance=verdict.assurance))
+            tiers[verdict.tier] = verdict.status
+            if verdict.status in (Status.OK, Status.UNVERIFIABLE):
+                # A newer pass clears what it re-proves: content re-reads every byte, so it
+                # settles byte-level failures found by any tier; only a probe that ran settles drift.
+                covers = COVERS[Tier.CONTENT] if skipped else COVERS[verdict.tier]
+                for other, status in list(tiers.items()):
+                    if other != verdict.tier and status in covers:
+                        conn.execute(latest.update().where(latest.c.checkpoint_id == cid,
+                                                           latest.c.tier == other).values(status=verdict.status))
+                        tiers[other] = verdict.status
+        overall = min(tiers.values(), key=RANK.index) if tiers else verdict.status
+        values: dict[str, Any] = {"status": overall}
+        if verdict.status not in INCONCLUSIVE:
+            values["last_verified"] = now
+            if verdict.tier != Tier.METADATA:
+                values["suspect"] = overall in FAILURES
+        else:
+            values["suspect"] = True
+        if due_content is not None:
+            values["due_content"] = due_content
+        if due_probe is not None:
+            values["due_probe"] = due_probe
+        conn.execute(checkpoints.update().where(checkpoints.c.id == cid).values(**values))
+        if verdict.observed and verdict.tier != Tier.METADATA:
+            have = conn.execute(sa.select(sa.func.count()).select_from(baselines)
+                                .where(baselines.c.checkpoint_id == cid)).scalar()
+            if not have:  # trust on first use: only the first sight is the baseline
+                conn.execute(baselines.insert(), [
+                    dict(checkpoint_id=cid, path=rel, size=e.size, sha256=e.sha256, crc32c=e.crc32c,
+                         recorded_at=now) for rel, e in verdict.observed.items()])
         return overall
 
     def record_scan(self, prefix: str, result: ScanResult, *, started: float | None = None) -> None:
         """Record a whole scan (CLI rescan with --config) and each of its verdicts."""
         now = time.time()
-        for verdict in result.verdicts:
-            self.record(prefix, verdict, now=now)
-        with self._lock, self.engine.begin() as conn:
+        with self._writing(prefix) as conn:
+            for verdict in result.verdicts:
+                self._record(conn, prefix, verdict, None, None, now)
             conn.execute(scans.insert().values(prefix=prefix, tier=result.tier, started=started or now -
                                                result.duration_seconds, finished=now, listed=result.listed,
                                                error=result.error, summary=json.dumps(result.summary())))
@@ -334,7 +410,7 @@ class State:
     def record_scan_end(self, prefix: str, tier: str, started: float, listed: bool, error: str | None,
                         summary: dict[str, int]) -> None:
         """Remember one daemon pass over a prefix."""
-        with self._lock, self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(scans.insert().values(prefix=prefix, tier=tier, started=started, finished=time.time(),
                                                listed=listed, error=error, summary=json.dumps(summary)))
 
@@ -360,24 +436,36 @@ class State:
     def remember_seal(self, prefix: str, url: str, entries: Iterable[FileEntry], created_at: str | None,
                       fp: str, now: float | None = None) -> bool:
         """Keep the file entries of a checkpoint's current manifest; False if they cannot be stored."""
+        return self.remember_seals(prefix, [SealEntries(url, list(entries), created_at, fp)], now=now)[0]
+
+    def remember_seals(self, prefix: str, manifests: Iterable[SealEntries], now: float | None = None) -> list[bool]:
+        """Keep the file entries of many checkpoints' current manifests in one transaction; for each,
+        False if they cannot be stored (an unknown checkpoint, a size beyond 64 bits)."""
         now = time.time() if now is None else now
-        entries = list(entries)
-        storable = all(db_int(e.size) is not None for e in entries)
+        manifests = list(manifests)
+        if not manifests:
+            return []
+        out = []
+        with self._writing(prefix) as conn:
+            ids = self._ids(conn, prefix, (m.url for m in manifests))
+            for m in manifests:
+                cid = ids.get(m.url)
+                out.append(cid is not None and self._remember(conn, cid, m, now))
+        return out
+
+    @staticmethod
+    def _remember(conn: sa.Connection, cid: int, m: SealEntries, now: float) -> bool:
+        storable = all(db_int(e.size) is not None for e in m.entries)
         if not storable:
             # Its verdict says what is wrong with it; remember it was sealed, and read it once only.
-            logger.warning("manifest of %s lists a size beyond 64 bits; its entries are not remembered", url)
-        with self._lock, self.engine.begin() as conn:
-            cid = conn.execute(sa.select(checkpoints.c.id).where(checkpoints.c.prefix == prefix,
-                                                                 checkpoints.c.url == url)).scalar()
-            if cid is None:
-                return False
-            conn.execute(sealed_files.delete().where(sealed_files.c.checkpoint_id == cid))
-            if entries and storable:
-                conn.execute(sealed_files.insert(), [dict(checkpoint_id=cid, path=e.path, size=e.size,
-                                                          sha256=e.sha256, crc32c=e.crc32c) for e in entries])
-            values = dict(created_at=created_at, fingerprint=fp, recorded_at=now)
-            if conn.execute(seals.update().where(seals.c.checkpoint_id == cid).values(**values)).rowcount == 0:
-                conn.execute(seals.insert().values(checkpoint_id=cid, first_seen=now, **values))
+            logger.warning("manifest of %s lists a size beyond 64 bits; its entries are not remembered", m.url)
+        conn.execute(sealed_files.delete().where(sealed_files.c.checkpoint_id == cid))
+        if m.entries and storable:
+            conn.execute(sealed_files.insert(), [dict(checkpoint_id=cid, path=e.path, size=e.size,
+                                                      sha256=e.sha256, crc32c=e.crc32c) for e in m.entries])
+        values = dict(created_at=m.created_at, fingerprint=m.fingerprint, recorded_at=now)
+        if conn.execute(seals.update().where(seals.c.checkpoint_id == cid).values(**values)).rowcount == 0:
+            conn.execute(seals.insert().values(checkpoint_id=cid, first_seen=now, **values))
         return storable
 
     def baseline_lookup(self, prefix: str) -> Callable[[Checkpoint], dict[str, FileEntry] | None]:
