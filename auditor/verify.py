@@ -368,7 +368,7 @@ def _check_listed(
             heads.append((entry.path, _bind_checksum(entry, path, info)))
         elif ctx.options.tier != Tier.METADATA:
             to_digest.append((entry, path, info))
-    _compare_checksums(ctx, reader, heads, ordered, findings, len(entries))
+    _finish_listed(ctx, reader, heads, ordered, findings, len(entries))
     work = [(entry.path, _bind_digest(entry, path, manifest, info)) for entry, path, info in to_digest]
     for _rel, got in ctx.run_files(reader, work):
         if isinstance(got, Finding):
@@ -377,9 +377,9 @@ def _check_listed(
             findings.extend(got)
 
 
-def _compare_checksums(ctx: Context, reader: Reader, heads: list[tuple[str, Callable[[Reader], Finding | None]]],
+def _finish_listed(ctx: Context, reader: Reader, heads: list[tuple[str, Callable[[Reader], Finding | None]]],
                        ordered: list[Finding | int], findings: list[Finding], total: int) -> None:
-    """Run the checksum requests of one checkpoint together; append `ordered`'s findings in file order.
+    """Append `ordered`'s findings in file order, running the checksum requests (`heads`) together first.
 
     Each request has the file deadline and the reader's retries; at most scan.list_jobs run at once
     across all checkpoints (the stat pool's workers and the reader's stat slots). A request that

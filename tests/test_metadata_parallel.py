@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import fsspec
 import pytest
 from servers.objectstores import AWS_KEY, AWS_REGION, AWS_SECRET
 from servers.proxy import FaultControls, Listener, Proxy, _ProxyHandler, s3_error
 
+import auditor.api
 from auditor import completeness
 from auditor.api import build_options
 from auditor.config import Config
@@ -113,8 +115,6 @@ def put_checkpoints(client: Any, bucket: str, n: int, files: int, *, damage: dic
 
 
 def scan(options: dict[str, Any], bucket: str, *, jobs: int, list_jobs: int, file_timeout: float = 60.0):
-    import fsspec
-
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
     with Scanner(fs, build_options(Tier.METADATA), jobs=jobs, list_jobs=list_jobs,
                  file_timeout=file_timeout) as scanner:
@@ -151,9 +151,7 @@ def test_list_jobs_one_makes_heads_one_at_a_time(s3_svc, slow):
     assert proxy.max_heads == 1
 
 
-def test_rescan_takes_its_bound_from_scan_list_jobs(s3_svc, slow, tmp_path):
-    import auditor.api
-
+def test_rescan_takes_its_bound_from_scan_list_jobs(s3_svc, slow):
     proxy, bucket, options = slow
     put_checkpoints(s3_svc.client(), bucket, 4, 3)
     config = Config.model_validate({"scan": {"jobs": 1, "list_jobs": 3, "settle_time": 0}})
