@@ -35,13 +35,15 @@ LATENCY = 0.2
 class _SlowHandler(_ProxyHandler):
     def serve(self) -> None:
         proxy: SlowProxy = self.server.owner
-        with proxy.in_flight(self.command, self.path):
+        # Only the checksum HEADs (HeadObject with ChecksumMode) are gauged: stats of paths are not.
+        checksum = self.command == "HEAD" and self.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
+        with proxy.in_flight(checksum, self.path):
             time.sleep(proxy.latency + proxy.stall_for(self.path))
             super().serve()
 
 
 class SlowProxy(Proxy):
-    """The fault proxy in front of moto, holding each request `latency` seconds and gauging HEADs in flight."""
+    """The fault proxy in front of moto, holding each request `latency` seconds, gauging checksum HEADs in flight."""
 
     def __init__(self, upstream: str, latency: float) -> None:
         # Proxy.__init__ with the handler swapped: same fault controls and request log.
@@ -52,9 +54,9 @@ class SlowProxy(Proxy):
         self.latency = latency
         self.stalls: dict[str, float] = {}  # path prefix -> extra seconds a HEAD there is held
         self._gauge = threading.Lock()
-        self._heads: Counter[str] = Counter()  # checkpoint folder -> its HEADs in flight
-        self.max_heads = 0  # most HEADs in flight at once
-        self.max_folders = 0  # most checkpoints with a HEAD in flight at once
+        self._heads: Counter[str] = Counter()  # checkpoint folder -> its checksum HEADs in flight
+        self.max_heads = 0  # most checksum HEADs in flight at once
+        self.max_folders = 0  # most checkpoints with a checksum HEAD in flight at once
         self.listener = Listener(_SlowHandler, self, "proxy")
         self.listener.start()
 
@@ -62,9 +64,8 @@ class SlowProxy(Proxy):
         return next((s for prefix, s in self.stalls.items() if path.startswith(prefix)), 0.0)
 
     @contextlib.contextmanager
-    def in_flight(self, method: str, path: str) -> Iterator[None]:
+    def in_flight(self, head: bool, path: str) -> Iterator[None]:
         folder = path.rsplit("/", 1)[0]
-        head = method == "HEAD"
         if head:
             with self._gauge:
                 self._heads[folder] += 1
@@ -190,12 +191,14 @@ def test_a_head_retried_after_a_503_still_compares(s3_svc, slow):
 def test_a_hung_head_is_an_error_on_its_file_at_the_file_deadline(s3_svc, slow):
     proxy, bucket, options = slow
     put_checkpoints(s3_svc.client(), bucket, 3, 2)
-    proxy.stalls[f"/{bucket}/run/checkpoint-200/part-1.bin"] = 4.0
-    result, outage = scan(options, bucket, jobs=2, list_jobs=4, file_timeout=1.5)
+    # Held well past the file deadline, which is itself well past LATENCY (a loaded machine is slow).
+    proxy.stalls[f"/{bucket}/run/checkpoint-200/part-1.bin"] = 12.0
+    result, outage = scan(options, bucket, jobs=2, list_jobs=4, file_timeout=5.0)
     verdicts = by_name(result)
     assert outage is None
     assert {n: v.status for n, v in verdicts.items()} == {
-        "checkpoint-100": Status.OK, "checkpoint-200": Status.ERROR, "checkpoint-300": Status.OK}
+        "checkpoint-100": Status.OK, "checkpoint-200": Status.ERROR, "checkpoint-300": Status.OK}, \
+        {n: v.findings for n, v in verdicts.items()}
     [bad] = [f for f in verdicts["checkpoint-200"].findings if f.severity == "error"]
     assert (bad.code, bad.file) == ("storage_error", "part-1.bin")
     assert "file deadline" in bad.detail
