@@ -19,6 +19,8 @@ Three parts, each against a reference run in the same command:
             body was read: object GETs == manifests, only manifests were GET, and the sum of
             bytes_read == the manifests' bytes. Reference: a plain boto3 script doing the minimum the
             tier needs (paginated LIST, GET each manifest, HEAD each file with ChecksumMode), 8 threads.
+            Also reported: the auditor process's CPU seconds (client-bound or server-bound?) and a
+            check that HEADs stay one per file (the HEADs run concurrently, under scan.list_jobs).
   rss       Peak RSS of `auditor verify s3://.../big --tier content` on a checkpoint whose weights are
             ONE --rss-size object (uploaded multipart), and of the same verify on a tiny checkpoint (the
             floor). Target < 300 MiB. Measured with wait4() from a tiny launcher process, because this
