@@ -60,6 +60,8 @@ class ScanConfig(_Strict):
     probe_interval: Duration = 7 * 86400.0
     settle_time: Duration = 600.0
     jobs: int = Field(default=4, ge=1, le=256)
+    # List, stat and checksum requests in flight at once; the metadata tier also checks this many
+    # checkpoints at a time, since its work is requests, not bytes (a manifest read stays under `jobs`).
     list_jobs: int = Field(default=8, ge=1, le=256)
     max_bytes_per_second: float = Field(default=0, ge=0)
     jitter: float = Field(default=0.2, ge=0, le=0.5)

@@ -17,7 +17,7 @@ from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest
 from auditor.model import Finding, Severity
 from auditor.pickles import TORCH_SUFFIXES
-from auditor.storage import PathHazard, Reader, object_version
+from auditor.storage import Abandoned, PathHazard, Reader, StorageFault, object_version
 from auditor.zipcheck import ZIP_MAGIC
 
 logger = logging.getLogger(__name__)
@@ -204,11 +204,22 @@ def is_torch_file(reader: Reader, path: str) -> bool:
 
 
 def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], entry: FileEntry) -> Finding | None:
-    """Compare the store's own whole-object checksum with the sealed one, without downloading."""
+    """Compare the store's own whole-object checksum with the sealed one, without downloading.
+
+    A request that fails after the reader's retries is a finding on this file: `storage_error` for a
+    store fault (never a mismatch: nothing was compared), `file_missing` for an object gone since listing.
+    """
     if not reader.backend.has_server_checksums:
         return None
-    with reader.stat_slot():
-        got = reader._retrying(f"checksum {path}", lambda: reader.backend.server_checksum(path, info))
+    try:
+        with reader.stat_slot():
+            got = reader._retrying(f"checksum {path}", lambda: reader.backend.server_checksum(path, info))
+    except FileNotFoundError:
+        return Finding.error("file_missing", entry.path, "vanished between listing and its checksum request")
+    except Abandoned:
+        raise  # shutting down: the checkpoint's check ends, as for any read
+    except StorageFault as e:
+        return Finding.error("storage_error", entry.path, f"checksum request failed: {e}")
     if got is None:
         return Finding.info("no_server_checksum", entry.path, "no comparable server-side checksum")
     algo, value = got

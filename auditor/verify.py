@@ -94,18 +94,24 @@ class Context:
     options: Options
     file_timeout: float | None = FILE_TIMEOUT
     until: float | None = None  # the checkpoint's deadline, time.monotonic()
+    # Workers for per-file metadata requests (checksum HEADs), scan.list_jobs of them; None: files_pool.
+    stat_pool: DeadlinePool | None = None
 
-    def run_files(self, reader: Reader, work: list[tuple[str, Callable[[Reader], Any]]]) -> list[tuple[str, Any]]:
+    def run_files(self, reader: Reader, work: list[tuple[str, Callable[[Reader], Any]]], *,
+                  pool: DeadlinePool | None = None, what: str = "reading") -> list[tuple[str, Any]]:
         """Run one call per file with the file deadline; return (rel, result or the Finding that replaced it).
 
         Each call gets its own child reader, so a deadline aborts that file's reads only. A storage
         fault on one file is a `storage_error` finding naming it; a local path hazard is its finding.
+        Results come in the order of `work`, however the calls overlap. `pool` defaults to the data
+        reads' pool.
         """
+        pool = pool or self.files_pool
         tasks = []
         for rel, fn in work:
             kid = reader.child()
-            tasks.append((rel, kid, self.files_pool.submit(fn, kid, what=f"reading {rel}", timeout=self.file_timeout,
-                                                           on_timeout=kid.abort, deadline_name=FILE_DEADLINE)))
+            tasks.append((rel, kid, pool.submit(fn, kid, what=f"{what} {rel}", timeout=self.file_timeout,
+                                                on_timeout=kid.abort, deadline_name=FILE_DEADLINE)))
         out: list[tuple[str, Any]] = []
         try:
             for rel, _kid, task in tasks:
@@ -324,12 +330,16 @@ def _check_listed(
         for rel in extra:
             findings.append(Finding.warning("unlisted_file", rel, "file present but not in the manifest"))
     to_digest: list[tuple[FileEntry, str, dict[str, Any]]] = []
-    uncompared: list[str] = []
+    # The files' findings in entry order; at the metadata tier an int stands for the result of
+    # heads[int], the file's checksum request: they run together below, the order stays the files'.
+    heads: list[tuple[str, Callable[[Reader], Finding | None]]] = []
+    ordered: list[Finding | int] = []
+    compare = ctx.options.tier == Tier.METADATA and reader.backend.has_server_checksums
     for entry in entries:
         try:
             path = safe_join(root, entry.path)
         except PathOutsideCheckpoint:
-            findings.append(Finding.error("path_outside_checkpoint", entry.path, "path leaves the checkpoint"))
+            ordered.append(Finding.error("path_outside_checkpoint", entry.path, "path leaves the checkpoint"))
             continue
         info = listed.get(path)
         if info is None:
@@ -337,42 +347,62 @@ def _check_listed(
             try:
                 info = reader.info(path)
             except FileNotFoundError:
-                findings.append(Finding.error("file_missing", entry.path, "listed in the manifest but absent"))
+                ordered.append(Finding.error("file_missing", entry.path, "listed in the manifest but absent"))
                 continue
             except PathHazard as e:
-                findings.append(Finding.error(e.code, entry.path, e.detail))
+                ordered.append(Finding.error(e.code, entry.path, e.detail))
                 continue
             fresh, odd = integrity.sanitise(dataclasses.replace(ck, files={entry.path: info}))
             if odd:
-                findings += odd
+                ordered += odd
                 continue
         size = int(info.get("size") or 0)
         if size < entry.size:
-            findings.append(Finding.error("truncated", entry.path, f"{size} bytes, sealed with {entry.size}"))
+            ordered.append(Finding.error("truncated", entry.path, f"{size} bytes, sealed with {entry.size}"))
             continue
         if size > entry.size:
-            findings.append(Finding.error("size_mismatch", entry.path, f"{size} bytes, sealed with {entry.size}"))
+            ordered.append(Finding.error("size_mismatch", entry.path, f"{size} bytes, sealed with {entry.size}"))
             continue
-        if ctx.options.tier == Tier.METADATA:
-            finding = integrity.compare_server_checksum(reader, path, info, entry)
-            if finding is not None and finding.code == "no_server_checksum":
-                uncompared.append(entry.path)
-            elif finding is not None:
-                findings.append(finding)
-                if finding.severity == Severity.ERROR:
-                    continue
-        if ctx.options.tier != Tier.METADATA:
+        if compare:
+            ordered.append(len(heads))
+            heads.append((entry.path, _bind_checksum(entry, path, info)))
+        elif ctx.options.tier != Tier.METADATA:
             to_digest.append((entry, path, info))
-    if uncompared:
-        findings.append(Finding.info("no_server_checksum", None,
-                                f"{len(uncompared)} of {len(entries)} file(s) have no comparable server-side checksum: "
-                                "the metadata tier proves their existence and size only"))
+    _finish_listed(ctx, reader, heads, ordered, findings, len(entries))
     work = [(entry.path, _bind_digest(entry, path, manifest, info)) for entry, path, info in to_digest]
     for _rel, got in ctx.run_files(reader, work):
         if isinstance(got, Finding):
             findings.append(got)
         else:
             findings.extend(got)
+
+
+def _finish_listed(ctx: Context, reader: Reader, heads: list[tuple[str, Callable[[Reader], Finding | None]]],
+                       ordered: list[Finding | int], findings: list[Finding], total: int) -> None:
+    """Append `ordered`'s findings in file order, running the checksum requests (`heads`) together first.
+
+    Each request has the file deadline and the reader's retries; at most scan.list_jobs run at once
+    across all checkpoints (the stat pool's workers and the reader's stat slots). A request that
+    fails is a finding on its file (`storage_error`, never a mismatch); the others go on.
+    """
+    results = ctx.run_files(reader, heads, pool=ctx.stat_pool, what="checksum of") if heads else []
+    uncompared = 0
+    for item in ordered:
+        got = results[item][1] if isinstance(item, int) else item
+        if got is None:
+            continue
+        if got.code == "no_server_checksum" and got.severity == Severity.INFO:
+            uncompared += 1
+        else:
+            findings.append(got)
+    if uncompared:
+        findings.append(Finding.info("no_server_checksum", None,
+                                f"{uncompared} of {total} file(s) have no comparable server-side checksum: "
+                                "the metadata tier proves their existence and size only"))
+
+
+def _bind_checksum(entry: FileEntry, path: str, info: dict[str, Any]) -> Callable[[Reader], Finding | None]:
+    return lambda reader: integrity.compare_server_checksum(reader, path, info, entry)
 
 
 def _bind_digest(entry: FileEntry, path: str, manifest: Manifest | None, info: dict[str, Any]
@@ -548,6 +578,9 @@ class Scanner:
     Every checkpoint's check has a deadline (`checkpoint_timeout`) and every file's within it one
     of its own (`file_timeout`): a hung read becomes an `error` verdict naming the file and the
     deadline, and its worker is replaced, so the pools keep their size whatever hangs.
+
+    `jobs` checkpoints and file reads run at once; at the metadata tier, whose work is list, stat
+    and checksum requests, `list_jobs` checkpoints and checksum requests do (scan.list_jobs).
     """
 
     def __init__(self, fs: AbstractFileSystem, options: Options, *, jobs: int = 4,
@@ -564,6 +597,9 @@ class Scanner:
         self.jobs = jobs
         self.file_timeout = file_timeout
         self.checkpoint_timeout = checkpoint_timeout
+        if list_jobs < 1:
+            raise UsageError(f"list_jobs must be at least 1, got {list_jobs}")
+        self.list_jobs = list_jobs
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
                              stop=stop, retries=backend_for(fs).own_retries,
                              stat_slots=threading.BoundedSemaphore(list_jobs))
@@ -571,12 +607,31 @@ class Scanner:
         # unreachable): the rest of the pass is reported, not attempted, so an outage costs one
         # backend timeout instead of one per file. One unreadable checkpoint never sets it.
         self.outage: str | None = None
+        self._closed = False
         self._files = DeadlinePool(jobs, "auditor-file")
         self._checkpoints = DeadlinePool(jobs, "auditor-ckpt")
+        # The metadata tier's work is requests, not bytes: its checkpoints, and their files' checksum
+        # requests, run list_jobs at a time (the stat slots bound the requests in flight), so a
+        # metadata pass is not held to the data reads' `jobs`. Started on first use.
+        self._meta_pools: tuple[DeadlinePool, DeadlinePool] | None = None
+        self._meta_lock = threading.Lock()
 
     def close(self) -> None:
-        self._checkpoints.shutdown(cancel_futures=True)
-        self._files.shutdown(cancel_futures=True)
+        with self._meta_lock:
+            meta, self._closed = self._meta_pools, True
+        for pool in (self._checkpoints, *(meta or ()), self._files):
+            pool.shutdown(cancel_futures=True)
+
+    def _metadata_pools(self) -> tuple[DeadlinePool, DeadlinePool]:
+        """Return the metadata tier's (checkpoint pool, checksum-request pool), starting them once."""
+        with self._meta_lock:
+            if self._meta_pools is None:
+                self._meta_pools = (DeadlinePool(self.list_jobs, "auditor-meta-ckpt"),
+                                    DeadlinePool(self.list_jobs, "auditor-stat"))
+                if self._closed:  # submitted after close(): cancelled at once, as on the other pools
+                    for pool in self._meta_pools:
+                        pool.shutdown(cancel_futures=True)
+            return self._meta_pools
 
     def __enter__(self) -> Scanner:
         return self
@@ -586,7 +641,9 @@ class Scanner:
 
     def context(self, options: Options | None = None, reader: Reader | None = None) -> Context:
         until = None if self.checkpoint_timeout is None else time.monotonic() + self.checkpoint_timeout
-        return Context(reader or self.reader, self._files, options or self.options, self.file_timeout, until)
+        options = options or self.options
+        stat_pool = self._metadata_pools()[1] if options.tier == Tier.METADATA else None
+        return Context(reader or self.reader, self._files, options, self.file_timeout, until, stat_pool)
 
     def verify(self, ck: Checkpoint, options: Options | None = None) -> Verdict:
         """Verify one checkpoint within its deadline (pending ones are reported as such, not read)."""
@@ -658,7 +715,9 @@ class Scanner:
                 guarded: bool) -> tuple[Any, Reader]:
         reader = self.reader.child()
         fn = self._guarded if guarded else self._verify_now
-        task = self._checkpoints.submit(fn, ck, stop, options, reader, what=f"verifying {ck.url}",
+        metadata = (options or self.options).tier == Tier.METADATA
+        pool = self._metadata_pools()[0] if metadata else self._checkpoints
+        task = pool.submit(fn, ck, stop, options, reader, what=f"verifying {ck.url}",
                                         timeout=self.checkpoint_timeout, on_timeout=reader.abort,
                                         deadline_name=CHECKPOINT_DEADLINE)
         return task, reader
