@@ -127,3 +127,23 @@ def test_a_run_config_that_is_not_json_is_a_usage_error_and_nothing_is_written(t
         auditor.training.save_checkpoint(str(tmp_path / "ck"), 1, model, torch.optim.SGD(model.parameters(), lr=0.1),
                                          config={"when": object()})
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_probe_baseline_needs_both_the_factory_and_the_batch(tmp_path):
+    # One rule, checked where each sealing entry point is configured, before anything is written.
+    import torch
+
+    import auditor.training
+    from auditor.errors import UsageError
+    from auditor.integrations.hf import SealCallback
+    from auditor.integrations.lightning import SealingModelCheckpoint
+
+    for make in (lambda: SealCallback(model_factory="probe_models:mlp"),
+                 lambda: SealCallback(probe_batch=tmp_path / "batch.safetensors"),
+                 lambda: SealingModelCheckpoint(dirpath=str(tmp_path), model_factory="probe_models:mlp"),
+                 lambda: auditor.training.save_checkpoint(str(tmp_path / "c"), 1, torch.nn.Linear(2, 2),
+                                                          torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), 0.1),
+                                                          model_factory="probe_models:mlp")):
+        with pytest.raises(UsageError, match="go together"):
+            make()
+    assert not (tmp_path / "c").exists()

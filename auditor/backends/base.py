@@ -94,7 +94,7 @@ class Backend:
         return None
 
     def forget(self, path: str) -> None:
-        """Drop what the filesystem cached of `path`, its parents and everything under it.
+        """Drop what the filesystem cached of the folder `path`, its parents and everything under it.
 
         s3fs and gcsfs keep listings for the life of the filesystem, and a scrubber must see today's.
         `invalidate_cache` drops a path and its parents only: the listings a previous scan cached
@@ -111,7 +111,8 @@ class Backend:
 
     def info(self, path: str) -> dict[str, Any]:
         """Stat one path, asking the store rather than a listing cache."""
-        self.forget(path)
+        # s3fs and gcsfs keep listings for the life of the filesystem; a scrubber must see today's.
+        self.fs.invalidate_cache(path)
         out: dict[str, Any] = self.fs.info(path)
         return out
 

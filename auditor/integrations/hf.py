@@ -11,8 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from auditor import api
-from auditor.errors import UsageError
+from auditor import api, probe
 from auditor.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
@@ -23,8 +22,7 @@ class SealCallback(TrainerCallback):
 
     def __init__(self, *, run_config: dict[str, Any] | None = None, probe_batch: Any = None,
                  model_factory: str | None = None, model_kwargs: dict[str, Any] | None = None) -> None:
-        if (probe_batch is None) != (model_factory is None):
-            raise UsageError("probe_batch and model_factory go together")
+        probe.check_probe_pair(model_factory, probe_batch)
         self.run_config = run_config
         self.probe_batch = probe_batch
         self.model_factory = model_factory

@@ -10,7 +10,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-from auditor import api
+from auditor import api, probe
 from auditor.errors import UsageError
 from auditor.layouts import PROBE_SUFFIXES
 from auditor.manifest import SIDECAR_SUFFIX
@@ -33,8 +33,7 @@ class SealingModelCheckpoint(ModelCheckpoint):
                  model_factory: str | None = None, model_kwargs: dict[str, Any] | None = None,
                  storage_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if (probe_batch is None) != (model_factory is None):
-            raise UsageError("probe_batch and model_factory go together")
+        probe.check_probe_pair(model_factory, probe_batch)
         self.run_config = run_config
         self.probe_batch = probe_batch
         self.model_factory = model_factory

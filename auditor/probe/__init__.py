@@ -39,7 +39,15 @@ from auditor.probe.limits import (
     DEFAULT_MEMORY_MB,
     DEFAULT_THREADS,
 )
-from auditor.probe.runner import CHILD_MODULE, SANDBOX_MARKER, Prober, run_child, sandbox_env, seal_builder
+from auditor.probe.runner import (
+    CHILD_MODULE,
+    SANDBOX_MARKER,
+    Prober,
+    check_probe_pair,
+    run_child,
+    sandbox_env,
+    seal_builder,
+)
 
 __all__ = [
     "BATCH_NAME",
@@ -68,6 +76,7 @@ __all__ = [
     "parse_allow_pattern",
     "parse_factory_spec",
     "Prober",
+    "check_probe_pair",
     "resolve_factory",
     "run_child",
     "sandbox_env",

@@ -324,6 +324,12 @@ class Prober:
         return baselines.compare(reader, ck, manifest, result, values)
 
 
+def check_probe_pair(model_factory: str | None, probe_batch: Any) -> None:
+    """A probe baseline needs both the model factory and the batch: UsageError for one without the other."""
+    if (probe_batch is None) != (model_factory is None):
+        raise UsageError("probe_batch and model_factory go together")
+
+
 def seal_builder(factory: str, kwargs: dict[str, Any], batch: Any, *, atol: float = DEFAULT_ATOL,
                  rtol: float = DEFAULT_RTOL, threads: int = DEFAULT_THREADS, timeout: float = 1800.0,
                  memory_mb: int = 16384,

@@ -217,8 +217,7 @@ def save_checkpoint(
     version, `total_steps`...), recorded as `run.config` for retention. `extra_state` must hold only
     tensors and plain values. The process's generators are left exactly as they were.
     """
-    if (probe_batch is None) != (model_factory is None):
-        raise UsageError("probe_batch and model_factory go together")
+    probe.check_probe_pair(model_factory, probe_batch)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise UsageError(f"step must be a non-negative int, got {step!r}")
     # First, before anything could draw from a generator.
