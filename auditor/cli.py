@@ -10,11 +10,10 @@ from typing import Any
 from urllib.parse import quote
 
 import click
-import yaml
 from pydantic import ValidationError
 
 from auditor import __version__, api, logs, storage
-from auditor.config import Config, ScanConfig, load_config, parse_duration
+from auditor.config import Config, ScanConfig, load_config, load_yaml, parse_duration
 from auditor.errors import AuditorError, UsageError
 from auditor.model import FAILURES, TIERS, Assurance, ScanResult, Severity, Verdict
 from auditor.probe import parse_allow_pattern
@@ -272,7 +271,10 @@ def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | Non
         cfg = None
         if run_config:
             with open(run_config, encoding="utf-8") as f:
-                cfg = yaml.safe_load(f)
+                try:
+                    cfg = load_yaml(f)
+                except ValueError as e:
+                    raise UsageError(f"--run-config {run_config} is not valid YAML: {e}") from e
             if not isinstance(cfg, dict):
                 raise UsageError(f"--run-config {run_config} must hold a mapping")
         manifest = api.seal(checkpoint_url, step=step, force=force, jobs=jobs, run_config=cfg,
@@ -295,7 +297,10 @@ def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--storage-option")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = load_yaml(value)
+        except ValueError:
+            out[key] = value  # not YAML: the text as given, as for an AUDITOR_* variable
     return out
 
 

@@ -12,6 +12,8 @@ Children measured:
 
   floor             python -c "import auditor.cli"          what the CLI costs before any work
   floor_torch       python -c "import auditor.cli, torch"   what torch adds (the deep checks load it)
+  libs_small        python -c "import pydantic.main, click, fsspec"   the wall-time floor of any command on
+                    the libraries every auditor command imports (best of --small-repeats)
   verify_small      auditor verify <1 MiB checkpoint> ...   the fixed cost of a verify (best of --small-repeats)
   rclone_small      rclone hashsum sha256 --download <the same folder>   its reference (wall time and RSS;
                     its hashes are checked against the manifest)
@@ -43,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     GiB,
     MiB,
+    auditor_cmd,
     base_parser,
     check,
     emit,
@@ -60,6 +63,7 @@ from _common import (  # noqa: E402
 
 BLOCK = 64 * MiB
 TARGET_MIB = 300.0
+LIBS_FLOOR = "import pydantic.main, click, fsspec"
 TARGET_SMALL_VS_RCLONE = 3.0  # issue 13: a small verify within 3x `rclone hashsum sha256 --download`
 TARGET_SMALL_MIB = 100.0
 HEAVY_MODULES = ("torch", "numpy", "safetensors", "transformers", "pandas", "pyarrow", "scipy", "sqlalchemy",
@@ -91,11 +95,6 @@ def build(folder: Path, size: int, shards: int, block: bytes, step: int, layout:
         source = torch.frombuffer(bytearray(block), dtype=torch.float32)
         write_training_state(folder, step, shapes, fill=lambda t: t.view(-1).copy_(source[: t.numel()]))
     return sum(p.stat().st_size for p in folder.iterdir())
-
-
-def auditor_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "auditor"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "auditor"]
 
 
 # The measured command is started by this tiny launcher, not by the benchmark process itself: Linux
@@ -215,6 +214,7 @@ def main() -> None:
             name = "verify_small" if r == 0 else f"verify_small_{r + 1}"
             runs[name] = run_child(name, verify + [str(small)], tmp)
             small_runs["verify_small"].append(name)
+            runs[f"libs_small_{r + 1}"] = run_child(f"libs_small_{r + 1}", [sys.executable, "-c", LIBS_FLOOR], tmp)
             if rclone is not None:
                 name = f"rclone_small_{r + 1}"
                 runs[name] = run_child(name, [rclone, "hashsum", "sha256", "--download", str(small)], tmp)
@@ -259,6 +259,7 @@ def main() -> None:
         "small_verify_peak_rss_mib": max(runs[n]["peak_rss_mib"] for n in small_runs["verify_small"]),
         "small_verify_seconds": min(runs[n]["wall_seconds"] for n in small_runs["verify_small"]),
         "small_repeats": args.small_repeats,
+        "libs_floor_seconds": min(runs[f"libs_small_{r + 1}"]["wall_seconds"] for r in range(args.small_repeats)),
         "skipped": {"rclone": rclone_skipped} if rclone_skipped else {},
         "heavy_modules_imported_by_verify": heavy,
     }
@@ -267,6 +268,8 @@ def main() -> None:
         out["rclone_small_seconds"] = min(runs[n]["wall_seconds"] for n in small_runs["rclone_small"])
         out["rclone_small_peak_rss_mib"] = max(runs[n]["peak_rss_mib"] for n in small_runs["rclone_small"])
         out["ratio_small_verify_vs_rclone"] = round(out["small_verify_seconds"] / out["rclone_small_seconds"], 2)
+        # How close any Python command on these libraries could come to rclone: the floor of the ratio.
+        out["ratio_libs_floor_vs_rclone"] = round(out["libs_floor_seconds"] / out["rclone_small_seconds"], 2)
         out["ratio_small_verify_rss_vs_rclone"] = round(out["small_verify_peak_rss_mib"]
                                                         / out["rclone_small_peak_rss_mib"], 2)
         checks.append(check("verify of a small sealed checkpoint / rclone hashsum sha256 --download, wall",
@@ -295,6 +298,8 @@ def main() -> None:
               f"  {out['rclone_small_seconds']:.2f}s -> verify / rclone {out['ratio_small_verify_vs_rclone']:.1f}x"
               f" wall (target <= {TARGET_SMALL_VS_RCLONE:g}x)" if "rclone_small_seconds" in out
               else f"  rclone reference {rclone_skipped}"),
+             f"  python -c '{LIBS_FLOOR}'  {out['libs_floor_seconds']:.2f}s (the libraries' start-up floor"
+             + (f", {out['ratio_libs_floor_vs_rclone']:.1f}x rclone)" if "rclone_small_seconds" in out else ")"),
              f"  heavy modules a content verify imports: {', '.join(heavy) or 'none'}"]
     for layout in layouts:
         pk = peaks[layout]
