@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -717,3 +718,584 @@ def test_dockerfile_structure():
     assert patterns[0] == "*", ".dockerignore starts from nothing and lets in only what the build needs"
     for needed in ("pyproject.toml", "README.md", "auditor/"):
         assert f"!{needed}" in patterns
+
+
+# ------------------------------------------------------------------------- Dask (issue 14)
+# deploy/components/dask adds a scheduler and workers from the daemon's image; overlays
+# eks-dask and gke-dask use it. Rendered and validated like the others, plus what the
+# component promises: same image, commands that run, probes that answer, a NetworkPolicy
+# that admits exactly daemon -> scheduler -> workers, worker identity, executor setting.
+DASK_COMPONENT = ROOT / "deploy" / "components" / "dask"
+DASK_KUSTOMIZATIONS = {
+    "eks-dask": ROOT / "deploy" / "overlays" / "eks-dask",
+    "gke-dask": ROOT / "deploy" / "overlays" / "gke-dask",
+}
+DASK_BASE_OVERLAY = {"eks-dask": "eks", "gke-dask": "gke"}
+OPERATOR_EXAMPLE = DASK_COMPONENT / "operator-example" / "daskcluster.yaml"
+DASKCLUSTER_CRD = DASK_COMPONENT / "operator-example" / "schema" / "daskcluster.crd.yaml"
+NAMESPACE = "ckpt-auditor"
+ROLES = {"daemon": "ckpt-auditor", "scheduler": "ckpt-auditor-dask-scheduler", "worker": "ckpt-auditor-dask-worker"}
+
+
+def render_dask(name: str) -> list[dict]:
+    docs = [d for d in yaml.safe_load_all(_render_text(DASK_KUSTOMIZATIONS[name])) if d]
+    assert docs, f"kustomization {name} rendered nothing"
+    return docs
+
+
+def named(objects: list[dict], kind: str, name: str) -> dict:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def pod_template(objects: list[dict], role: str) -> dict:
+    return named(objects, "Deployment", ROLES[role])["spec"]["template"]
+
+
+def only_container(objects: list[dict], role: str) -> dict:
+    (container,) = pod_template(objects, role)["spec"]["containers"]
+    return container
+
+
+def container_ports(container: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def flag(args: list[str], name: str) -> str:
+    assert args.count(name) == 1, f"{name} must be given once in {args}"
+    return args[args.index(name) + 1]
+
+
+def port_of(address: str) -> int:
+    """`:8787`, `0.0.0.0:8787`, `tcp://host:8786` or `8786` -> 8786."""
+    return int(address.rsplit(":", 1)[-1])
+
+
+_QUANTITY = {"": 1, "m": 0.001, "k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+             "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
+
+
+def quantity(value: str | int) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(value))
+    assert match and match.group(2) in _QUANTITY, f"not a Kubernetes quantity: {value!r}"
+    return float(match.group(1)) * _QUANTITY[match.group(2)]
+
+
+def env_value(container: dict, name: str) -> str:
+    """The value Kubernetes gives the variable: a literal, or a resourceFieldRef of this container."""
+    entry = env_of(container)[name]
+    if "value" in entry:
+        return entry["value"]
+    ref = entry["valueFrom"]["resourceFieldRef"]
+    assert ref.get("containerName", container["name"]) == container["name"]
+    part, _, resource = ref["resource"].partition(".")
+    amount = quantity(container["resources"][part][resource]) / quantity(ref.get("divisor", "1"))
+    return str(int(-(-amount // 1)))  # Kubernetes rounds up to the divisor
+
+
+def expand(container: dict, arg: str) -> str:
+    """Kubernetes' $(VAR) expansion of an argument; every reference must be defined."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env_value(container, m.group(1)), arg)
+
+
+def scheduler_address(objects: list[dict]) -> tuple[str, int]:
+    """Host (the scheduler Service) and port (its comm port) a client dials."""
+    service = named(objects, "Service", ROLES["scheduler"])
+    (comm,) = [p for p in service["spec"]["ports"] if p["name"] == "comm"]
+    return service["metadata"]["name"], comm["port"]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", list(DASK_KUSTOMIZATIONS))
+def test_dask_manifests_validate(name, version):
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError
+
+    if version == "latest":
+        version = kubernetes_validate.utils.latest_version()
+    kinds = []
+    for obj in render_dask(name):
+        kinds.append(obj["kind"])
+        if obj["kind"] in CRD_CHECKS:
+            CRD_CHECKS[obj["kind"]](obj)
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except SchemaNotFoundError as exc:
+            pytest.fail(f"{name}: no schema for {obj['kind']} {obj['apiVersion']}: {exc.message}")
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{name}: {obj['kind']}/{obj['metadata']['name']} invalid at {path}: {exc.message}")
+    expected = {"Deployment": 3, "Service": 2, "NetworkPolicy": 3, "ServiceAccount": 3, "ConfigMap": 1,
+                "PersistentVolumeClaim": 1, "ServiceMonitor": 1, "PrometheusRule": 1, "Namespace": 1}
+    assert {kind: kinds.count(kind) for kind in set(kinds)} == expected
+    assert "DaskCluster" not in kinds, "the operator example is not part of the component"
+    # the base's common labels, on the component's objects and pods too
+    common = load_yaml(KUSTOMIZATIONS["base"] / "kustomization.yaml")["labels"][0]["pairs"]
+    for obj in render_dask(name):
+        if obj["kind"] == "Namespace":
+            continue
+        labelled = [obj["metadata"]] + ([obj["spec"]["template"]["metadata"]] if obj["kind"] == "Deployment" else [])
+        for meta in labelled:
+            assert common.items() <= meta["labels"].items(), f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+@pytest.mark.parametrize("name", list(DASK_KUSTOMIZATIONS))
+def test_dask_overlay_leaves_the_daemon_as_its_overlay_has_it(name):
+    """The component adds to the daemon only the executor setting and its egress to the scheduler."""
+    dask_objects, plain = render_dask(name), render(DASK_BASE_OVERLAY[name])
+    for obj in plain:
+        if obj["kind"] in {"Deployment", "NetworkPolicy"}:
+            continue
+        assert named(dask_objects, obj["kind"], obj["metadata"]["name"]) == obj
+    deploy = json.loads(json.dumps(named(dask_objects, "Deployment", ROLES["daemon"])))
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    container["env"] = [e for e in container["env"] if e["name"] not in {"AUDITOR_SCAN__EXECUTOR",
+                                                                           "DASK_SCHEDULER_ADDRESS"}]
+    assert deploy == one(plain, "Deployment")
+    policy = json.loads(json.dumps(named(dask_objects, "NetworkPolicy", ROLES["daemon"])))
+    added = [r for r in policy["spec"]["egress"] if r not in one(plain, "NetworkPolicy")["spec"]["egress"]]
+    assert len(added) == 1 and all("podSelector" in peer for peer in added[0]["to"])
+    policy["spec"]["egress"].remove(added[0])
+    assert policy == one(plain, "NetworkPolicy")
+
+
+@pytest.mark.parametrize("name", list(DASK_KUSTOMIZATIONS))
+def test_dask_scheduler_and_workers_run_the_daemon_image(name):
+    objects = render_dask(name)
+    image = only_container(objects, "daemon")["image"]
+    assert ":" in image and not image.endswith(":latest")
+    for role, command in (("scheduler", ["dask", "scheduler"]), ("worker", ["dask", "worker"])):
+        container = only_container(objects, role)
+        assert container["image"] == image, f"{role} runs {container['image']}, the daemon {image}"
+        # the image's ENTRYPOINT is tini -- auditor: replaced, keeping tini as PID 1
+        assert container["command"] == ["tini", "--"]
+        assert container["args"][:2] == command
+
+
+def test_dask_image_follows_an_overlay_image_override(tmp_path):
+    """The image is copied from the daemon's, not written twice: an override reaches all three."""
+    target = "ghcr.io/ckpt-auditor/ckpt-auditor"
+    base_image = load_yaml(KUSTOMIZATIONS["base"] / "kustomization.yaml")["images"][0]
+    assert f"{base_image['newName']}" == target
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(DASK_KUSTOMIZATIONS["eks-dask"], tmp_path)],
+        "images": [{"name": target, "newName": "registry.example/auditor", "newTag": "9.9.9"}],
+    }), encoding="utf-8")
+    objects = [d for d in yaml.safe_load_all(_render_text(tmp_path)) if d]
+    images = {role: only_container(objects, role)["image"] for role in ROLES}
+    assert images == dict.fromkeys(ROLES, "registry.example/auditor:9.9.9")
+
+
+@pytest.mark.parametrize("name", list(DASK_KUSTOMIZATIONS))
+def test_dask_pods(name):
+    objects = render_dask(name)
+    daemon_pod = pod_template(objects, "daemon")["spec"]
+    daemon_container = only_container(objects, "daemon")
+    host, comm_port = scheduler_address(objects)
+    for role in ("scheduler", "worker"):
+        deploy = named(objects, "Deployment", ROLES[role])
+        template = deploy["spec"]["template"]
+        pod, container = template["spec"], only_container(objects, role)
+        assert matches(deploy["spec"]["selector"], template["metadata"]["labels"])
+        assert template["metadata"]["labels"]["app.kubernetes.io/component"] == f"dask-{role}"
+
+        # security context like the daemon's (restricted), own ServiceAccount without a token
+        assert pod["securityContext"] == daemon_pod["securityContext"]
+        assert container["securityContext"] == daemon_container["securityContext"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod.get("hostNetwork") is not True and pod.get("hostPID") is not True
+        account = named(objects, "ServiceAccount", pod["serviceAccountName"])
+        assert account["automountServiceAccountToken"] is False
+        assert pod["serviceAccountName"] == ROLES[role]
+
+        for part in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][part]), f"{role} resources.{part}"
+        # read-only root: /tmp and the cache are emptyDir volumes
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+        assert env_value(container, "TMPDIR") == "/tmp"
+
+        # liveness and readiness: distributed's /health on the dashboard port it is told to use
+        args = [expand(container, a) for a in container["args"]]
+        ports = container_ports(container)
+        assert ports["dashboard"] == port_of(flag(args, "--dashboard-address"))
+        for probe in ("readinessProbe", "livenessProbe"):
+            get = container[probe]["httpGet"]
+            assert get["path"] == "/health"
+            assert get["port"] in ("dashboard", ports["dashboard"]), f"{role} {probe} port {get['port']}"
+
+    scheduler = only_container(objects, "scheduler")
+    sched_deploy = named(objects, "Deployment", ROLES["scheduler"])
+    assert sched_deploy["spec"]["replicas"] == 1 and sched_deploy["spec"]["strategy"] == {"type": "Recreate"}
+    assert container_ports(scheduler)["comm"] == int(flag(scheduler["args"], "--port"))
+    service = named(objects, "Service", ROLES["scheduler"])
+    scheduler_labels = pod_template(objects, "scheduler")["metadata"]["labels"]
+    assert all(scheduler_labels.get(k) == v for k, v in service["spec"]["selector"].items())
+    for other in ("daemon", "worker"):
+        labels = pod_template(objects, other)["metadata"]["labels"]
+        assert not all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+    targets = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    assert container_ports(scheduler)[targets["comm"]] == int(flag(scheduler["args"], "--port"))
+
+    worker = only_container(objects, "worker")
+    args = [expand(worker, a) for a in worker["args"]]
+    assert args[2] == f"tcp://{host}:{comm_port}", "the worker dials the scheduler Service's comm port"
+    assert flag(args, "--nworkers") == "1"
+    assert int(flag(args, "--nthreads")) == quantity(worker["resources"]["limits"]["cpu"])
+    assert int(flag(args, "--memory-limit")) == quantity(worker["resources"]["limits"]["memory"])
+    ports = container_ports(worker)
+    assert ports["worker"] == int(flag(args, "--worker-port"))
+    assert ports["nanny"] == int(flag(args, "--nanny-port"))
+    assert flag(args, "--local-directory").startswith("/tmp/")
+
+
+@pytest.mark.parametrize("name", list(DASK_KUSTOMIZATIONS))
+def test_dask_config_patch_sets_the_executor(name, tmp_path):
+    from auditor.config import ScanConfig, load_config
+
+    objects = render_dask(name)
+    host, port = scheduler_address(objects)
+    daemon = only_container(objects, "daemon")
+    env = env_of(daemon)
+    assert env["AUDITOR_SCAN__EXECUTOR"]["value"] == "dask"
+    assert env["DASK_SCHEDULER_ADDRESS"]["value"] == f"tcp://{host}:{port}"
+    # the daemon's configuration, as it will load it in the pod
+    config = tmp_path / "config.yaml"
+    config.write_text(one(objects, "ConfigMap")["data"]["config.yaml"], encoding="utf-8")
+    literal = {n: e["value"] for n, e in env.items() if "value" in e}
+    if "executor" not in ScanConfig.model_fields:
+        pytest.skip("scan.executor is not in auditor.config yet (issue 14's executor adds it)")
+    loaded = load_config(str(config), env=literal)
+    assert loaded.scan.executor == "dask"
+    assert all(loaded.scan_for(p).executor == "dask" for p in loaded.prefixes)
+
+
+# A small model of NetworkPolicy semantics (matchLabels, namespaceSelector, ipBlock, named and
+# numeric TCP ports): is a connection from a peer to a peer on a port admitted at both ends?
+def _selects(selector: dict, labels: dict) -> bool:
+    return matches(selector, labels)
+
+
+def _peer_in(rule_peers: list[dict] | None, peer: dict) -> bool:
+    if not rule_peers:
+        return True  # no from/to: every peer
+    for entry in rule_peers:
+        if "ipBlock" in entry:
+            import ipaddress
+
+            block = entry["ipBlock"]
+            if "ip" in peer and ipaddress.ip_address(peer["ip"]) in ipaddress.ip_network(block["cidr"]) and not any(
+                ipaddress.ip_address(peer["ip"]) in ipaddress.ip_network(e) for e in block.get("except", [])
+            ):
+                return True
+            continue
+        if "pod" not in peer:
+            continue
+        if "namespaceSelector" in entry:
+            if not _selects(entry["namespaceSelector"], peer["ns"]):
+                continue
+        elif peer["ns"].get("kubernetes.io/metadata.name") != NAMESPACE:
+            continue
+        if _selects(entry.get("podSelector", {}), peer["pod"]):
+            return True
+    return False
+
+
+def _port_in(rule_ports: list[dict] | None, port: int, target: dict) -> bool:
+    if not rule_ports:
+        return True
+    for entry in rule_ports:
+        assert "endPort" not in entry
+        if entry.get("protocol", "TCP") != "TCP":
+            continue
+        wanted = entry["port"]
+        if isinstance(wanted, str):
+            wanted = target.get("ports", {}).get(wanted)  # a named port is the target pod's
+        if wanted == port:
+            return True
+    return False
+
+
+def admitted(objects: list[dict], source: dict, target: dict, port: int) -> bool:
+    """Does every NetworkPolicy in the namespace let `source` connect to `target`:`port`?"""
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+
+    def passes(direction: str, subject: dict, peer: dict) -> bool:
+        key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+        chosen = [
+            p for p in policies
+            if "pod" in subject and direction in p["spec"]["policyTypes"]
+            and _selects(p["spec"]["podSelector"], subject["pod"])
+        ]
+        if not chosen:
+            return True  # no policy isolates it in this direction
+        return any(
+            _peer_in(rule.get(peers_key), peer) and _port_in(rule.get("ports"), port, target)
+            for policy in chosen for rule in policy["spec"].get(key, [])
+        )
+
+    return passes("Egress", source, target) and passes("Ingress", target, source)
+
+
+def network_peers(objects: list[dict]) -> dict[str, dict]:
+    here = {"kubernetes.io/metadata.name": NAMESPACE}
+    peers = {
+        role: {"ns": here, "pod": pod_template(objects, role)["metadata"]["labels"],
+               "ports": container_ports(only_container(objects, role))}
+        for role in ROLES
+    }
+    peers["other pod"] = {"ns": here, "pod": {"app.kubernetes.io/name": "notebook"}, "ports": {}}
+    peers["monitoring"] = {"ns": {"kubernetes.io/metadata.name": "monitoring"},
+                           "pod": {"app.kubernetes.io/name": "prometheus"}, "ports": {}}
+    peers["outside"] = {"ip": "203.0.113.9"}
+    return peers
+
+
+def test_network_policy_model_self_check():
+    deny_in = {"kind": "NetworkPolicy", "spec": {"podSelector": {"matchLabels": {"a": "b"}},
+                                                 "policyTypes": ["Ingress"], "ingress": []}}
+    src = {"ns": {"kubernetes.io/metadata.name": NAMESPACE}, "pod": {"x": "y"}, "ports": {}}
+    dst = {"ns": src["ns"], "pod": {"a": "b"}, "ports": {"comm": 8786}}
+    assert not admitted([deny_in], src, dst, 8786)
+    assert admitted([], src, dst, 8786)
+    deny_in["spec"]["ingress"] = [{"from": [{"podSelector": {"matchLabels": {"x": "y"}}}], "ports": [{"port": "comm"}]}]
+    assert admitted([deny_in], src, dst, 8786)
+    assert not admitted([deny_in], src, dst, 8787)
+    assert not admitted([deny_in], {**src, "ns": {"kubernetes.io/metadata.name": "else"}}, dst, 8786)
+
+
+@pytest.mark.parametrize("name", list(DASK_KUSTOMIZATIONS))
+def test_dask_network_policy_admits_only_daemon_scheduler_workers(name):
+    objects = render_dask(name)
+    peers = network_peers(objects)
+    comm = peers["scheduler"]["ports"]["comm"]
+    worker_ports = {peers["worker"]["ports"]["worker"], peers["worker"]["ports"]["nanny"]}
+    expected = {("daemon", "scheduler", comm), ("worker", "scheduler", comm)}
+    expected |= {("scheduler", "worker", p) for p in worker_ports}
+    probe_ports = {9180, 443, 80, 8080, 22} | {p for r in ROLES for p in peers[r]["ports"].values()}
+    into_dask = {
+        (src, dst, port)
+        for dst in ("scheduler", "worker")
+        for src in peers
+        for port in probe_ports
+        if src != dst and admitted(objects, peers[src], peers[dst], port)
+    }
+    assert into_dask == expected, (
+        f"missing: {sorted(expected - into_dask)}; admitted beyond the three flows: {sorted(into_dask - expected)}"
+    )
+    # workers reach HTTPS object storage, the scheduler never needs to
+    outside = peers["outside"]
+    assert admitted(objects, peers["worker"], outside, 443)
+    assert not admitted(objects, peers["scheduler"], outside, 443)
+    # workers do not talk to each other, nor to the daemon
+    assert not any(admitted(objects, peers["worker"], peers["worker"], p) for p in probe_ports)
+    assert not any(admitted(objects, peers["worker"], peers["daemon"], p) for p in probe_ports - {9180})
+
+
+def test_eks_dask_workers_use_irsa():
+    objects = render_dask("eks-dask")
+    annotations = named(objects, "ServiceAccount", ROLES["worker"])["metadata"]["annotations"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", annotations["eks.amazonaws.com/role-arn"])
+    assert "annotations" not in named(objects, "ServiceAccount", ROLES["scheduler"])["metadata"], (
+        "the scheduler reads no storage and gets no cloud identity"
+    )
+
+
+def test_gke_dask_workers_use_workload_identity():
+    objects = render_dask("gke-dask")
+    annotations = named(objects, "ServiceAccount", ROLES["worker"])["metadata"]["annotations"]
+    assert re.fullmatch(r"[a-z][a-z0-9-]*@[a-z][a-z0-9-]*\.iam\.gserviceaccount\.com",
+                        annotations["iam.gke.io/gcp-service-account"])
+    assert "annotations" not in named(objects, "ServiceAccount", ROLES["scheduler"])["metadata"]
+    pod = pod_template(objects, "worker")["spec"]
+    assert pod["nodeSelector"]["iam.gke.io/gke-metadata-server-enabled"] == "true"
+    metadata_server = {"ip": "169.254.169.254"}
+    assert admitted(objects, network_peers(objects)["worker"], metadata_server, 80)
+
+
+def wait_http(url: str, procs: list[subprocess.Popen], logs: Path, deadline: float = 90.0) -> tuple[int, bytes]:
+    """GET url until it answers (the process may still be starting); fail with the logs if it dies."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    end = time.monotonic() + deadline
+    while True:
+        dead = [p.args[:2] for p in procs if p.poll() is not None]
+        if dead:
+            pytest.fail(f"{dead} exited early:\n" + "\n".join(f.read_text() for f in logs.glob("*.log")))
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            if time.monotonic() > end:
+                pytest.fail(f"{url} did not answer in {deadline:.0f} s:\n"
+                            + "\n".join(f.read_text() for f in logs.glob("*.log")))
+            time.sleep(0.5)
+
+
+@pytest.mark.timeout(240)
+def test_dask_scheduler_and_worker_commands_run_and_answer_their_probes(tmp_path):
+    """The rendered command lines, run for real on 127.0.0.1: probes get 200, the worker joins."""
+    import time
+
+    from servers.objectstores import free_port
+
+    objects = render_dask("eks-dask")
+    host, comm_port = scheduler_address(objects)
+    containers = {role: only_container(objects, role) for role in ("scheduler", "worker")}
+    ports = {role: container_ports(c) for role, c in containers.items()}
+    local = {role: {p: free_port() for p in ports[role].values()} for role in containers}
+    service = named(objects, "Service", ROLES["scheduler"])
+    (comm,) = [p for p in service["spec"]["ports"] if p["name"] == "comm"]
+    local_comm = local["scheduler"][ports["scheduler"][comm["targetPort"]]]
+
+    home = tmp_path / "home"  # the image's home is on the read-only root filesystem
+    home.mkdir(mode=0o555)
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(home), "TMPDIR": str(tmp_path),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def localise(role: str, arg: str) -> str:
+        """Same flags; ports moved to free ones, the Service name to 127.0.0.1, /tmp to tmp_path."""
+        if arg == f"tcp://{host}:{comm_port}":
+            return f"tcp://127.0.0.1:{local_comm}"
+        if re.fullmatch(r":\d+", arg):
+            return f"127.0.0.1:{local[role][int(arg[1:])]}"
+        if re.fullmatch(r"\d+", arg) and int(arg) in local[role]:
+            return str(local[role][int(arg)])
+        return str(tmp_path / arg[len("/tmp/"):]) if arg.startswith("/tmp/") else arg
+
+    procs: list[subprocess.Popen] = []
+    try:
+        for role, container in containers.items():
+            args = [localise(role, expand(container, a)) for a in container["args"]]
+            with (tmp_path / f"{role}.log").open("w") as log:
+                procs.append(subprocess.Popen([tool(args[0]), *args[1:], "--host", "127.0.0.1"],
+                                              env=env, stdout=log, stderr=subprocess.STDOUT))
+        for role, container in containers.items():
+            for probe in ("readinessProbe", "livenessProbe"):
+                get = container[probe]["httpGet"]
+                port = local[role][ports[role].get(get["port"], get["port"])]
+                status, body = wait_http(f"http://127.0.0.1:{port}{get['path']}", procs, tmp_path)
+                assert (status, body) == (200, b"ok"), f"{role} {probe} {get['path']} answered {status} {body!r}"
+        # the worker, given the Service's address, registered with the scheduler
+        dashboard = local["scheduler"][ports["scheduler"]["dashboard"]]
+        end = time.monotonic() + 90
+        while True:
+            _, body = wait_http(f"http://127.0.0.1:{dashboard}/json/identity.json", procs, tmp_path)
+            workers = json.loads(body)["workers"]
+            if workers or time.monotonic() > end:
+                break
+            time.sleep(0.5)
+        (worker,) = workers.values()
+        limits = containers["worker"]["resources"]["limits"]
+        assert worker["nthreads"] == quantity(limits["cpu"])
+        assert worker["memory_limit"] == quantity(limits["memory"])
+        assert port_of(next(iter(workers))) == local["worker"][ports["worker"]["worker"]]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def strict_crd_schema(schema: dict) -> dict:
+    """A CRD's openAPIV3Schema as `kubectl apply --validate=strict` applies it: unknown fields are errors."""
+    schema = json.loads(json.dumps(schema))
+
+    def walk(node):
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        if ("properties" in node and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")):
+            node["additionalProperties"] = False
+        for key, value in node.items():
+            if key == "properties":
+                for sub in value.values():
+                    walk(sub)
+            else:
+                walk(value)
+
+    walk(schema)
+    for field in ("apiVersion", "kind"):
+        schema["properties"].setdefault(field, {"type": "string"})
+    schema["properties"].setdefault("metadata", {"type": "object"})
+    return schema
+
+
+def daskcluster_validator():
+    import jsonschema
+
+    crd = load_yaml(DASKCLUSTER_CRD)
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == "DaskCluster"
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(strict_crd_schema(version["schema"]["openAPIV3Schema"]))
+
+
+def test_daskcluster_schema_check_can_fail():
+    example = load_yaml(OPERATOR_EXAMPLE)
+    example["spec"]["worker"]["replicaz"] = 2
+    example["spec"]["scheduler"]["spec"]["containers"][0]["imagePullPolicy"] = 3
+    errors = {".".join(map(str, e.path)) for e in daskcluster_validator().iter_errors(example)}
+    assert errors == {"spec.worker", "spec.scheduler.spec.containers.0.imagePullPolicy"}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_operator_example_daskcluster_validates(version):
+    """The documented alternative: a DaskCluster of the dask-kubernetes operator, checked offline
+    against the operator's own CRD (vendored from its 2026.3.0 wheel) and its pods against Kubernetes'."""
+    import kubernetes_validate
+
+    if version == "latest":
+        version = kubernetes_validate.utils.latest_version()
+    example = load_yaml(OPERATOR_EXAMPLE)
+    assert example["apiVersion"] == "kubernetes.dask.org/v1" and example["kind"] == "DaskCluster"
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in daskcluster_validator().iter_errors(example)]
+    assert not errors, "\n".join(errors)
+    spec = example["spec"]
+    for role in ("scheduler", "worker"):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"example-{role}"}, "spec": spec[role]["spec"]}
+        kubernetes_validate.validate(pod, version, strict=True)
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "example"}, "spec": spec["scheduler"]["service"]}
+    kubernetes_validate.validate(service, version, strict=True)
+
+    # the same image, commands, identities and pod security as the component's
+    objects = render_dask("eks-dask")
+    image = load_yaml(KUSTOMIZATIONS["base"] / "kustomization.yaml")["images"][0]
+    for role in ("scheduler", "worker"):
+        pod = spec[role]["spec"]
+        (container,) = pod["containers"]
+        assert container["image"] == f"{image['newName']}:{image['newTag']}"
+        assert container["command"] == ["tini", "--"] and container["args"][:2] == ["dask", role]
+        assert pod["serviceAccountName"] == ROLES[role]
+        component_pod = pod_template(objects, role)["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == component_pod["securityContext"]["seccompProfile"]
+        csc = container["securityContext"]
+        assert csc["readOnlyRootFilesystem"] is True and csc["allowPrivilegeEscalation"] is False
+        assert csc["capabilities"]["drop"] == ["ALL"]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/health"
+    # the operator finds the scheduler by the port name tcp-comm
+    assert {p["name"] for p in spec["scheduler"]["service"]["ports"]} >= {"tcp-comm"}
+    assert OPERATOR_EXAMPLE.name not in (DASK_COMPONENT / "kustomization.yaml").read_text(encoding="utf-8")
