@@ -878,18 +878,29 @@ def test_dask_scheduler_and_workers_run_the_daemon_image(name):
         assert container["args"][:2] == command
 
 
-def test_dask_image_follows_an_overlay_image_override(tmp_path):
-    """The image is copied from the daemon's, not written twice: an override reaches all three."""
-    target = "ghcr.io/ckpt-auditor/ckpt-auditor"
-    base_image = load_yaml(KUSTOMIZATIONS["base"] / "kustomization.yaml")["images"][0]
-    assert f"{base_image['newName']}" == target
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+def test_dask_image_follows_the_daemon_image(tmp_path):
+    """The image is copied from the daemon's, not written twice: a new tag in base/ (as a release
+    sets it) and an overlay's own `images:` both reach the scheduler and the workers."""
+    deploy = tmp_path / "deploy"
+    shutil.copytree(ROOT / "deploy", deploy)
+    base = deploy / "base" / "kustomization.yaml"
+    text = base.read_text(encoding="utf-8")
+    assert "newTag: 0.1.0" in text
+    base.write_text(text.replace("newTag: 0.1.0", "newTag: 0.2.0-rc.1"), encoding="utf-8")
+    objects = [d for d in yaml.safe_load_all(_render_text(deploy / "overlays" / "eks-dask")) if d]
+    images = {role: only_container(objects, role)["image"] for role in ROLES}
+    assert images == dict.fromkeys(ROLES, "ghcr.io/ckpt-auditor/ckpt-auditor:0.2.0-rc.1")
+
+    overlay = tmp_path / "mirror"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        "resources": [os.path.relpath(DASK_KUSTOMIZATIONS["eks-dask"], tmp_path)],
-        "images": [{"name": target, "newName": "registry.example/auditor", "newTag": "9.9.9"}],
+        "resources": [os.path.relpath(DASK_KUSTOMIZATIONS["eks-dask"], overlay)],
+        "images": [{"name": "ghcr.io/ckpt-auditor/ckpt-auditor", "newName": "registry.example/auditor",
+                    "newTag": "9.9.9"}],
     }), encoding="utf-8")
-    objects = [d for d in yaml.safe_load_all(_render_text(tmp_path)) if d]
+    objects = [d for d in yaml.safe_load_all(_render_text(overlay)) if d]
     images = {role: only_container(objects, role)["image"] for role in ROLES}
     assert images == dict.fromkeys(ROLES, "registry.example/auditor:9.9.9")
 
@@ -1025,8 +1036,10 @@ def _port_in(rule_ports: list[dict] | None, port: int, target: dict) -> bool:
     return False
 
 
-def admitted(objects: list[dict], source: dict, target: dict, port: int) -> bool:
-    """Does every NetworkPolicy in the namespace let `source` connect to `target`:`port`?"""
+def admitted(objects: list[dict], source: dict, target: dict, port: int,
+             directions: tuple[str, ...] = ("Egress", "Ingress")) -> bool:
+    """Do the NetworkPolicies let `source` connect to `target`:`port`: out of the source (Egress)
+    and into the target (Ingress)?"""
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
 
     def passes(direction: str, subject: dict, peer: dict) -> bool:
@@ -1043,7 +1056,8 @@ def admitted(objects: list[dict], source: dict, target: dict, port: int) -> bool
             for policy in chosen for rule in policy["spec"].get(key, [])
         )
 
-    return passes("Egress", source, target) and passes("Ingress", target, source)
+    subjects = {"Egress": (source, target), "Ingress": (target, source)}
+    return all(passes(d, *subjects[d]) for d in directions)
 
 
 def network_peers(objects: list[dict]) -> dict[str, dict]:
@@ -1082,16 +1096,20 @@ def test_dask_network_policy_admits_only_daemon_scheduler_workers(name):
     expected = {("daemon", "scheduler", comm), ("worker", "scheduler", comm)}
     expected |= {("scheduler", "worker", p) for p in worker_ports}
     probe_ports = {9180, 443, 80, 8080, 22} | {p for r in ROLES for p in peers[r]["ports"].values()}
+    # what the scheduler's and the workers' own ingress rules let in, whatever the sources' egress
     into_dask = {
         (src, dst, port)
         for dst in ("scheduler", "worker")
         for src in peers
         for port in probe_ports
-        if src != dst and admitted(objects, peers[src], peers[dst], port)
+        if admitted(objects, peers[src], peers[dst], port, directions=("Ingress",))
     }
     assert into_dask == expected, (
         f"missing: {sorted(expected - into_dask)}; admitted beyond the three flows: {sorted(into_dask - expected)}"
     )
+    # and each of those flows also gets out of its source
+    for src, dst, port in expected:
+        assert admitted(objects, peers[src], peers[dst], port), f"{src} cannot reach {dst}:{port}"
     # workers reach HTTPS object storage, the scheduler never needs to
     outside = peers["outside"]
     assert admitted(objects, peers["worker"], outside, 443)
