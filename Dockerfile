@@ -28,11 +28,14 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY auditor ./auditor
-# "./[...]": the local project, whose dependency ranges live in pyproject.toml.
-# Then fail the build if a CUDA torch slipped in, or if the console script is broken.
-RUN pip install --no-cache-dir "./[s3,gcs,probe]" \
+# "./[...]": the local project, whose dependency ranges live in pyproject.toml. [dask]: the
+# same image runs `dask scheduler` and `dask worker` (deploy/components/dask).
+# Then fail the build if a CUDA torch slipped in, or if a console script is broken.
+RUN pip install --no-cache-dir "./[s3,gcs,probe,dask]" \
  && python -c "import sys, torch; sys.exit('torch is not a CPU build' if torch.version.cuda else 0)" \
- && auditor --help > /dev/null
+ && auditor --help > /dev/null \
+ && dask scheduler --version > /dev/null \
+ && dask worker --version > /dev/null
 
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE}

@@ -697,7 +697,9 @@ def test_dockerfile_structure():
     assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
     assert re.search(r'torch==\$\{TORCH_VERSION\}" --index-url "\$\{TORCH_INDEX_URL\}"', text)
     assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", text, re.M)
-    assert "./[s3,gcs,probe]" in text
+    # the project with its s3, gcs and probe extras (issue 14 adds dask: test_dockerfile_installs_dask)
+    extras = re.search(r'pip install --no-cache-dir "\./\[([\w,]+)\]"', text)
+    assert extras and {"s3", "gcs", "probe"} <= set(extras.group(1).split(","))
     # the last stage: numeric non-root user, tini, exec-form entrypoint and cmd
     last = instructions[max(i for i, (w, _) in enumerate(instructions) if w == "FROM"):]
     users = [rest for word, rest in last if word == "USER"]
@@ -1317,3 +1319,17 @@ def test_operator_example_daskcluster_validates(version):
     # the operator finds the scheduler by the port name tcp-comm
     assert {p["name"] for p in spec["scheduler"]["service"]["ports"]} >= {"tcp-comm"}
     assert OPERATOR_EXAMPLE.name not in (DASK_COMPONENT / "kustomization.yaml").read_text(encoding="utf-8")
+
+
+def test_dockerfile_installs_dask():
+    """The scheduler and workers run the auditor's image: it has the dask extra and checks its CLI."""
+    import tomllib
+
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    extras = re.search(r'pip install --no-cache-dir "\./\[([\w,]+)\]"', text)
+    assert extras and "dask" in extras.group(1).split(",")
+    dask_extra = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"]["dask"]
+    assert {re.match(r"[\w-]+", req).group(0) for req in dask_extra} >= {"dask", "distributed"}
+    build_runs = [rest for word, rest in dockerfile_instructions() if word == "RUN" and "./[" in rest]
+    assert build_runs and "dask scheduler --version" in build_runs[0] and "dask worker --version" in build_runs[0]
