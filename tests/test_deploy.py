@@ -989,6 +989,7 @@ def test_dask_config_patch_sets_the_executor(name, tmp_path):
         pytest.skip("scan.executor is not in auditor.config yet (issue 14's executor adds it)")
     loaded = load_config(str(config), env=literal)
     assert loaded.scan.executor == "dask"
+    assert loaded.scan.dask.address == f"tcp://{host}:{port}"  # from DASK_SCHEDULER_ADDRESS
     assert all(loaded.scan_for(p).executor == "dask" for p in loaded.prefixes)
 
 
