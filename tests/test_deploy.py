@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import ipaddress
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -995,17 +999,11 @@ def test_dask_config_patch_sets_the_executor(name, tmp_path):
 
 # A small model of NetworkPolicy semantics (matchLabels, namespaceSelector, ipBlock, named and
 # numeric TCP ports): is a connection from a peer to a peer on a port admitted at both ends?
-def _selects(selector: dict, labels: dict) -> bool:
-    return matches(selector, labels)
-
-
 def _peer_in(rule_peers: list[dict] | None, peer: dict) -> bool:
     if not rule_peers:
         return True  # no from/to: every peer
     for entry in rule_peers:
         if "ipBlock" in entry:
-            import ipaddress
-
             block = entry["ipBlock"]
             if "ip" in peer and ipaddress.ip_address(peer["ip"]) in ipaddress.ip_network(block["cidr"]) and not any(
                 ipaddress.ip_address(peer["ip"]) in ipaddress.ip_network(e) for e in block.get("except", [])
@@ -1015,11 +1013,11 @@ def _peer_in(rule_peers: list[dict] | None, peer: dict) -> bool:
         if "pod" not in peer:
             continue
         if "namespaceSelector" in entry:
-            if not _selects(entry["namespaceSelector"], peer["ns"]):
+            if not matches(entry["namespaceSelector"], peer["ns"]):
                 continue
         elif peer["ns"].get("kubernetes.io/metadata.name") != NAMESPACE:
             continue
-        if _selects(entry.get("podSelector", {}), peer["pod"]):
+        if matches(entry.get("podSelector", {}), peer["pod"]):
             return True
     return False
 
@@ -1050,7 +1048,7 @@ def admitted(objects: list[dict], source: dict, target: dict, port: int,
         chosen = [
             p for p in policies
             if "pod" in subject and direction in p["spec"]["policyTypes"]
-            and _selects(p["spec"]["podSelector"], subject["pod"])
+            and matches(p["spec"]["podSelector"], subject["pod"])
         ]
         if not chosen:
             return True  # no policy isolates it in this direction
@@ -1145,10 +1143,6 @@ def test_gke_dask_workers_use_workload_identity():
 
 def wait_http(url: str, procs: list[subprocess.Popen], logs: Path, deadline: float = 90.0) -> tuple[int, bytes]:
     """GET url until it answers (the process may still be starting); fail with the logs if it dies."""
-    import time
-    import urllib.error
-    import urllib.request
-
     end = time.monotonic() + deadline
     while True:
         dead = [p.args[:2] for p in procs if p.poll() is not None]
@@ -1169,8 +1163,6 @@ def wait_http(url: str, procs: list[subprocess.Popen], logs: Path, deadline: flo
 @pytest.mark.timeout(240)
 def test_dask_scheduler_and_worker_commands_run_and_answer_their_probes(tmp_path):
     """The rendered command lines, run for real on 127.0.0.1: probes get 200, the worker joins."""
-    import time
-
     from servers.objectstores import free_port
 
     objects = render_dask("eks-dask")
@@ -1296,7 +1288,8 @@ def test_operator_example_daskcluster_validates(version):
     for role in ("scheduler", "worker"):
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"example-{role}"}, "spec": spec[role]["spec"]}
         kubernetes_validate.validate(pod, version, strict=True)
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "example"}, "spec": spec["scheduler"]["service"]}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "example"},
+               "spec": spec["scheduler"]["service"]}
     kubernetes_validate.validate(service, version, strict=True)
 
     # the same image, commands, identities and pod security as the component's
@@ -1324,13 +1317,12 @@ def test_operator_example_daskcluster_validates(version):
 
 def test_dockerfile_installs_dask():
     """The scheduler and workers run the auditor's image: it has the dask extra and checks its CLI."""
-    import tomllib
-
     text = DOCKERFILE.read_text(encoding="utf-8")
     extras = re.search(r'pip install --no-cache-dir "\./\[([\w,]+)\]"', text)
     assert extras and "dask" in extras.group(1).split(",")
-    dask_extra = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
-        "optional-dependencies"]["dask"]
-    assert {re.match(r"[\w-]+", req).group(0) for req in dask_extra} >= {"dask", "distributed"}
+    # pyproject's [project.optional-dependencies] (no tomllib: Python 3.10 is supported)
+    extra = re.search(r"^dask = \[([^\]]*)\]$", (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    assert extra, "pyproject.toml has no dask extra"
+    assert {re.match(r'\s*"([\w-]+)', req).group(1) for req in extra.group(1).split(",")} >= {"dask", "distributed"}
     build_runs = [rest for word, rest in dockerfile_instructions() if word == "RUN" and "./[" in rest]
     assert build_runs and "dask scheduler --version" in build_runs[0] and "dask worker --version" in build_runs[0]
