@@ -1308,8 +1308,15 @@ def test_operator_example_daskcluster_validates(version):
         csc = container["securityContext"]
         assert csc["readOnlyRootFilesystem"] is True and csc["allowPrivilegeEscalation"] is False
         assert csc["capabilities"]["drop"] == ["ALL"]
+        ports = container_ports(container)
+        assert port_of(flag(container["args"], "--dashboard-address")) == ports["http-dashboard"]
         for probe in ("readinessProbe", "livenessProbe"):
-            assert container[probe]["httpGet"]["path"] == "/health"
+            assert container[probe]["httpGet"] == {"path": "/health", "port": "http-dashboard"}
+        if role == "worker":
+            assert int(flag(container["args"], "--worker-port")) == ports["worker"]
+            assert int(flag(container["args"], "--nanny-port")) == ports["nanny"]
+            memory = quantity(container["resources"]["limits"]["memory"])
+            assert int(expand(container, flag(container["args"], "--memory-limit"))) == memory
     # the operator finds the scheduler by the port name tcp-comm
     assert {p["name"] for p in spec["scheduler"]["service"]["ports"]} >= {"tcp-comm"}
     assert OPERATOR_EXAMPLE.name not in (DASK_COMPONENT / "kustomization.yaml").read_text(encoding="utf-8")
