@@ -114,13 +114,14 @@ def _run_root(factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory):
-    """The run's one real PostgreSQL server (tests/pg.py), shared by all xdist workers; skipped where
-    the Debian `postgresql` binaries or the psycopg driver are missing, except in CI, which installs both."""
+def pg_bindir():
+    """Where the Debian `postgresql` server binaries are; the test is skipped where they or the psycopg
+    driver are missing, except in CI (CI=true), which installs both and must run these tests."""
     import pg
 
     missing = None
-    if pg.find_bindir() is None:
+    bindir = pg.find_bindir()
+    if bindir is None:
         missing = f"no PostgreSQL server binaries under {pg.BIN_GLOB} (apt-get install postgresql)"
     else:
         try:
@@ -131,6 +132,15 @@ def pg_server(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the PostgreSQL state tests: {missing}")
         pytest.skip(missing)
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_bindir, tmp_path_factory):
+    """The run's one real PostgreSQL server (tests/pg.py), shared by all xdist workers and stopped by
+    the controlling process at the end of the run."""
+    import pg
+
     return pg.shared_server(_run_root(tmp_path_factory))
 
 

@@ -253,9 +253,10 @@ def _watchdog(server: PostgresServer, pid: int) -> None:
 # ---------------------------------------------------------------- reading a state database in tests
 
 
-def scalar(url: str, sql: str, **params: Any) -> Any:  # noqa: ANN401
-    """One value from the state database at `url` (SQLite or PostgreSQL), through a throwaway engine."""
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+def scalar(state_url: str, sql: str, /, **params: Any) -> Any:  # noqa: ANN401
+    """One value from the state database at `state_url` (SQLite or PostgreSQL), through a throwaway
+    engine; `sql` names its parameters `:name`."""
+    engine = sa.create_engine(state_url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
             return conn.execute(sa.text(sql), params).scalar()
@@ -269,3 +270,31 @@ def wait_until(cond: Any, timeout: float, what: str) -> None:  # noqa: ANN401
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.1)
+
+
+class WriteLock:
+    """Another client holding the state database's write lock until `release()`: SQLite's
+    BEGIN IMMEDIATE, or on PostgreSQL an EXCLUSIVE lock on `checkpoints` (reads go on, writes wait)."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        self.conn = self.engine.connect()
+        if self.engine.dialect.name == "sqlite":
+            raw = self.conn.connection.dbapi_connection
+            assert raw is not None
+            raw.isolation_level = None  # the sqlite3 module must not open a transaction of its own
+            raw.execute("BEGIN IMMEDIATE")
+        else:
+            self.conn.execute(sa.text("LOCK TABLE checkpoints IN EXCLUSIVE MODE"))
+
+    def release(self) -> None:
+        try:
+            if self.engine.dialect.name == "sqlite":
+                raw = self.conn.connection.dbapi_connection
+                assert raw is not None
+                raw.execute("ROLLBACK")
+            else:
+                self.conn.rollback()
+        finally:
+            self.conn.close()
+            self.engine.dispose()
