@@ -589,7 +589,8 @@ def open_state(url: str, *, create: bool = True) -> State:
             _precheck_sqlite(path, url)
     shown = _redacted(url)
     try:
-        engine = sa.create_engine(url, future=True, **_engine_options(sa.engine.make_url(url)))
+        parsed = _with_driver(sa.engine.make_url(url))
+        engine = sa.create_engine(parsed, future=True, **_engine_options(parsed))
     except (sa.exc.ArgumentError, ImportError) as e:
         raise StateError(f"state.url {shown!r} is not usable: {e}") from e
     if engine.dialect.name == "sqlite":
@@ -617,6 +618,14 @@ def _redacted(url: str) -> str:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         return url  # not a URL at all: nothing in it parses as a password
+
+
+def _with_driver(url: sa.engine.URL) -> sa.engine.URL:
+    """A PostgreSQL URL that names no driver uses psycopg 3, the one the `postgres` extra installs
+    (SQLAlchemy's own default is psycopg2); `postgres://` (as many hosting services spell it) too."""
+    if url.drivername in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    return url
 
 
 def _engine_options(url: sa.engine.URL) -> dict[str, Any]:

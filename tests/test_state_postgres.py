@@ -157,9 +157,9 @@ def test_newer_or_foreign_postgresql_database_is_refused_untouched(pg_server, pg
     assert scalar(url, "select value from meta where key = 'schema_version'") == str(SCHEMA_VERSION + 1)
     # The daemon refuses to start on it: exit 2, the reason in its log, never the password.
     d = DaemonProcess(tmp_path, [{"url": str(tmp_path)}], state_url=url)
-    d.start(wait_ready=False)
+    proc = d.start(wait_ready=False).proc
     daemons.append(d)
-    assert d.proc.wait(60) == 2 and "newer than this auditor" in d.tail(), d.tail()
+    assert proc is not None and proc.wait(60) == 2 and "newer than this auditor" in d.tail(), d.tail()
     assert pg_server.password not in d.tail(200)
     assert set(sa.inspect(sa.create_engine(url, poolclass=sa.pool.NullPool)).get_table_names()) == tables
 
@@ -172,6 +172,18 @@ def test_newer_or_foreign_postgresql_database_is_refused_untouched(pg_server, pg
         assert set(sa.inspect(sa.create_engine(foreign, poolclass=sa.pool.NullPool)).get_table_names()) == {"users"}
     finally:
         pg_server.drop_database(f"{pg_database[1]}_foreign")
+
+
+def test_plain_postgresql_url_uses_the_postgres_extras_driver(pg_database):
+    """`postgresql://` names no driver; SQLAlchemy's default would be psycopg2, which nothing installs."""
+    _, _, url = pg_database
+    plain = url.replace("postgresql+psycopg://", "postgresql://")
+    assert plain != url
+    store = open_state(plain)
+    try:
+        assert store.engine.dialect.driver == "psycopg" and store.counts("/p") == {}
+    finally:
+        store.close()
 
 
 def test_unusable_postgresql_url_is_a_quick_state_error_without_the_password(pg_server):
@@ -293,13 +305,13 @@ def test_server_stopped_mid_pass_is_an_error_loses_nothing_and_recovers(private_
 
     d.wait(lambda: d.metric("ckpt_prefix_scan_up", prefix=key) == 0, 60, "scan_up 0 while the database is away")
     assert d.get("/healthz").status_code == 200
-    assert d.metric("ckpt_scan_errors_total", prefix=key) >= 1
+    assert (d.metric("ckpt_scan_errors_total", prefix=key) or 0) >= 1
     assert d.metric("ckpt_verify_failures", prefix=key) == 0, "a lost database is an error, never a failure"
     assert all(d.metric("ckpt_checkpoints", prefix=key, status=s) == 0 for s in ("corrupt", "missing", "unsafe"))
     # The API answers (its last snapshot, or a 500 naming the database error); it never hangs.
     assert d.get("/api/v1/checkpoints", params={"prefix": key}).status_code in (200, 500)
     time.sleep(3)  # passes keep failing, quickly, while the server is down; the daemon stays up
-    assert d.proc.poll() is None and d.get("/healthz").status_code == 200
+    assert d.proc is not None and d.proc.poll() is None and d.get("/healthz").status_code == 200
 
     private_pg.start()  # same port: the daemon's URL is good again
     d.wait(lambda: d.metric("ckpt_prefix_scan_up", prefix=key) == 1, 90, "scan_up back to 1")
