@@ -119,11 +119,16 @@ def test_checkpoints_api_answers_while_a_pass_holds_the_writer(tmp_path, state_u
             blocker = WriteLock(state_url)
             passing = threading.Thread(target=daemon.tick, args=(key,))
             try:
-                passing.start()
-                deadline = time.monotonic() + 30
-                while not (daemon.state._lock.locked() and daemon.workers[key].lock.locked()):
-                    assert time.monotonic() < deadline, "the pass never reached its first write"
-                    time.sleep(0.01)
+                # Holding the writer's lock is not yet waiting on the database: the pass's reads before
+                # its first write (a round trip each on PostgreSQL) must be over before the request
+                # below counts queries.
+                with counting(daemon, "before_cursor_execute") as pass_queries:
+                    passing.start()
+                    deadline = time.monotonic() + 30
+                    while not (daemon.state._lock.locked() and daemon.workers[key].lock.locked()
+                               and True in pass_queries):  # True: an executemany, the listing sync's UPDATE
+                        assert time.monotonic() < deadline, "the pass never reached its first write"
+                        time.sleep(0.01)
                 with counting(daemon, "before_cursor_execute") as queries:
                     started = time.monotonic()
                     r = requests.get(url + "/api/v1/checkpoints", params={"prefix": key}, timeout=10)
