@@ -186,6 +186,19 @@ def test_plain_postgresql_url_uses_the_postgres_extras_driver(pg_database):
         store.close()
 
 
+def test_postgresql_sessions_wait_boundedly_unless_the_url_says_otherwise(pg_database):
+    _, _, url = pg_database
+    for spelled, lock_timeout in ((url, "10s"), (f"{url}?options=-c%20lock_timeout%3D2500", "2500ms")):
+        store = open_state(spelled)
+        try:
+            with store.engine.connect() as conn:
+                assert conn.execute(sa.text("show lock_timeout")).scalar() == lock_timeout, spelled
+                assert conn.execute(sa.text("show idle_in_transaction_session_timeout")).scalar() == \
+                    ("10min" if spelled == url else "0")
+        finally:
+            store.close()
+
+
 def test_unusable_postgresql_url_is_a_quick_state_error_without_the_password(pg_server):
     wrong = pg_server.url("postgres").replace(pg_server.password, "wrong-secret-1234")
     with pytest.raises(StateError) as refused:
