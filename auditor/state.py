@@ -27,9 +27,25 @@ from auditor.model import FAILURES, INCONCLUSIVE, Finding, ScanResult, Status, T
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
-# SQLite and PostgreSQL integers are signed 64-bit; a step or size past this is data, not a crash.
+SCHEMA_VERSION = 5
+# Steps and sizes are stored as signed 64-bit integers (SQLite INTEGER, PostgreSQL BIGINT); a value
+# past this is data, not a crash.
 DB_INT_MAX = 2**63 - 1
+# Ids of tables that grow with every pass: 64-bit on PostgreSQL (its INTEGER/SERIAL is 32-bit, a few
+# years of history at 10,000 checkpoints); SQLite keeps INTEGER, the 64-bit rowid alias.
+RowId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# PostgreSQL connection defaults (a URL's own query parameters win): every wait on the server is
+# bounded, as SQLite's busy_timeout bounds a wait for its lock, so a server that vanishes mid-pass
+# is an error in that pass, never a pass that hangs.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms: unacknowledged writes to a server that is gone
+    "options": "-c lock_timeout=10000 -c idle_in_transaction_session_timeout=600000",
+}
+# Any constant: open_state holds this advisory lock while it migrates, so two processes opening
+# one PostgreSQL state database at once (daemon and `rescan --config`) migrate it once.
+PG_MIGRATION_LOCK = 0x636B7074
 # Which latest status wins when tiers disagree: a failure at any tier stands until that tier passes.
 RANK = (Status.UNSAFE, Status.CORRUPT, Status.MISSING, Status.DRIFT, Status.INCOMPLETE, Status.UNVERIFIABLE, Status.OK,
         Status.PENDING, Status.ERROR)
@@ -42,7 +58,7 @@ checkpoints = sa.Table(
     sa.Column("prefix", sa.Text, nullable=False),
     sa.Column("url", sa.Text, nullable=False),
     sa.Column("run", sa.Text, nullable=False, default="."),
-    sa.Column("step", sa.Integer),
+    sa.Column("step", sa.BigInteger),  # v5: BIGINT on PostgreSQL
     sa.Column("layout", sa.String(32)),
     sa.Column("sealed", sa.Boolean, default=False),
     sa.Column("status", sa.String(16), nullable=False, default=Status.PENDING.value),
@@ -67,7 +83,7 @@ latest = sa.Table(
 )  # fmt: skip
 history = sa.Table(
     "history", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("id", RowId, primary_key=True),
     sa.Column("checkpoint_id", sa.Integer, sa.ForeignKey("checkpoints.id"), nullable=False, index=True),
     sa.Column("tier", sa.String(16), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
@@ -87,7 +103,7 @@ baselines = sa.Table(
 )  # fmt: skip
 scans = sa.Table(
     "scans", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("id", RowId, primary_key=True),
     sa.Column("prefix", sa.Text, nullable=False, index=True),
     sa.Column("tier", sa.String(16), nullable=False),
     sa.Column("started", sa.Float, nullable=False),
@@ -138,7 +154,20 @@ def _v4(conn: sa.Connection) -> None:
         conn.execute(sa.text("ALTER TABLE latest ADD COLUMN assurance VARCHAR(16)"))
 
 
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
+def _v5(conn: sa.Connection) -> None:
+    # SQLite's INTEGER is already 64-bit; PostgreSQL's is 32-bit: a step past 2^31, or the 2^31st
+    # history row, would fail the pass that writes it.
+    if conn.dialect.name != "postgresql":
+        return
+    for table, column in (("checkpoints", "step"), ("history", "id"), ("scans", "id")):
+        conn.execute(sa.text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT"))
+    for table in ("history", "scans"):
+        seq = conn.execute(sa.text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table}).scalar()
+        if seq:  # a serial column: its sequence stops at 2^31 - 1 too
+            conn.execute(sa.text(f"ALTER SEQUENCE {seq} AS BIGINT"))
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
 
 
 def db_int(value: int | None) -> int | None:
@@ -503,8 +532,9 @@ class State:
             q = sa.select(checkpoints).where(checkpoints.c.gone.is_(False))
             if prefix is not None:
                 q = q.where(checkpoints.c.prefix == prefix)
-            rows = conn.execute(q.order_by(checkpoints.c.prefix, checkpoints.c.run, checkpoints.c.step,
-                                           checkpoints.c.url)).mappings().all()
+            # NULLS FIRST is SQLite's default; PostgreSQL's would put checkpoints without a step last.
+            rows = conn.execute(q.order_by(checkpoints.c.prefix, checkpoints.c.run,
+                                           checkpoints.c.step.asc().nulls_first(), checkpoints.c.url)).mappings().all()
             tq = sa.select(latest).join(checkpoints, checkpoints.c.id == latest.c.checkpoint_id).where(
                 checkpoints.c.gone.is_(False))
             if prefix is not None:
@@ -557,10 +587,12 @@ def open_state(url: str, *, create: bool = True) -> State:
                 raise StateError(f"cannot create the folder of state database {path}: {e}") from e
         if os.path.exists(path):
             _precheck_sqlite(path, url)
+    shown = _redacted(url)
     try:
-        engine = sa.create_engine(url, future=True)
+        parsed = _with_driver(sa.engine.make_url(url))
+        engine = sa.create_engine(parsed, future=True, **_engine_options(parsed))
     except (sa.exc.ArgumentError, ImportError) as e:
-        raise StateError(f"state.url {url!r} is not usable: {e}") from e
+        raise StateError(f"state.url {shown!r} is not usable: {e}") from e
     if engine.dialect.name == "sqlite":
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _: Any) -> None:  # noqa: ANN401
@@ -570,14 +602,40 @@ def open_state(url: str, *, create: bool = True) -> State:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     try:
-        _migrate(engine, url)
+        _migrate(engine, shown)
     except StateError:
         engine.dispose()
         raise
     except sa.exc.SQLAlchemyError as e:
         engine.dispose()
-        raise StateError(f"cannot open state database {url}: {getattr(e, 'orig', e)}") from e
+        raise StateError(f"cannot open state database {shown}: {getattr(e, 'orig', e)}") from e
     return State(engine)
+
+
+def _redacted(url: str) -> str:
+    """The URL as logs and errors may show it: a password in it becomes ***."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url  # not a URL at all: nothing in it parses as a password
+
+
+def _with_driver(url: sa.engine.URL) -> sa.engine.URL:
+    """A PostgreSQL URL that names no driver uses psycopg 3, the one the `postgres` extra installs
+    (SQLAlchemy's own default is psycopg2); `postgres://` (as many hosting services spell it) too."""
+    if url.drivername in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def _engine_options(url: sa.engine.URL) -> dict[str, Any]:
+    """create_engine options by dialect: for a server database, connections checked before use
+    (one the server dropped, by a restart or a failover, is replaced, not handed to a pass) and the
+    bounded waits of PG_CONNECT_ARGS unless the URL sets them."""
+    if url.get_backend_name() != "postgresql":
+        return {}
+    connect_args = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in url.query}
+    return {"pool_pre_ping": True, "connect_args": connect_args}
 
 
 def _precheck_sqlite(path: str, url: str) -> None:
@@ -598,6 +656,8 @@ def _precheck_sqlite(path: str, url: str) -> None:
 
 def _migrate(engine: Engine, url: str) -> None:
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # released at commit; a second opener waits, then sees it done
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_MIGRATION_LOCK})
         existing = set(sa.inspect(conn).get_table_names())
         if "meta" not in existing:
             if existing - {"meta"}:

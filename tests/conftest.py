@@ -105,3 +105,74 @@ def daemons():
     yield started
     for d in started:
         d.kill()
+
+
+def _run_root(factory: pytest.TempPathFactory) -> Path:
+    """The temp folder every process of this run shares (xdist gives each worker a folder inside it)."""
+    base = factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def pg_bindir():
+    """Where the Debian `postgresql` server binaries are; the test is skipped where they or the psycopg
+    driver are missing, except in CI (CI=true), which installs both and must run these tests."""
+    import pg
+
+    missing = None
+    bindir = pg.find_bindir()
+    if bindir is None:
+        missing = f"no PostgreSQL server binaries under {pg.BIN_GLOB} (apt-get install postgresql)"
+    else:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            missing = "the psycopg driver is not installed (pip install -e '.[test]')"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL state tests: {missing}")
+        pytest.skip(missing)
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_bindir, tmp_path_factory):
+    """The run's one real PostgreSQL server (tests/pg.py), shared by all xdist workers and stopped by
+    the controlling process at the end of the run."""
+    import pg
+
+    return pg.shared_server(_run_root(tmp_path_factory))
+
+
+@pytest.fixture
+def pg_database(pg_server):
+    """A fresh database on the run's PostgreSQL server, dropped afterwards: (server, name, URL)."""
+    import pg
+
+    name = pg.new_database_name()
+    url = pg_server.create_database(name)
+    yield pg_server, name, url
+    try:
+        pg_server.drop_database(name)
+    except Exception as e:  # noqa: BLE001 - the server may be down by the test's own doing
+        print(f"could not drop test database {name}: {e}", file=sys.stderr)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty state database URL: a SQLite file in tmp_path, or a database on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/state.db"
+    return request.getfixturevalue("pg_database")[2]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The controlling process stops the run's PostgreSQL server (workers share it until the end)."""
+    if hasattr(session.config, "workerinput"):
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    import pg
+
+    pg.stop_shared(factory.getbasetemp())

@@ -18,12 +18,15 @@ from servers.objectstores import free_port
 
 class DaemonProcess:
     def __init__(self, tmp: Path, prefixes: list[dict[str, Any]], *, scan: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None, state: Path | None = None) -> None:
+                 env: dict[str, str] | None = None, state: Path | None = None,
+                 state_url: str | None = None) -> None:
+        """`state` is a SQLite file (tmp/state.db by default); `state_url` any state URL, instead."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = state or tmp / "state.db"
+        self.state_url = state_url or f"sqlite:///{self.state}"
         self.config = tmp / f"auditor-{self.port}.yaml"
-        cfg = {"state": {"url": f"sqlite:///{self.state}"}, "server": {"listen": f"127.0.0.1:{self.port}"},
+        cfg = {"state": {"url": self.state_url}, "server": {"listen": f"127.0.0.1:{self.port}"},
                "scan": {"shallow_interval": "1s", "deep_interval": "1h", "settle_time": "0s", "jobs": 2,
                         "jitter": 0.0, **(scan or {})},
                "prefixes": prefixes}

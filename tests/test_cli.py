@@ -94,9 +94,9 @@ def test_jobs_flag_gives_same_verdicts(prefix):
     assert one["summary"] == many["summary"] == {"ok": 2}
 
 
-def test_rescan_with_config_records_verdicts_for_status_and_latest(tmp_path, prefix):
+def test_rescan_with_config_records_verdicts_for_status_and_latest(tmp_path, prefix, state_url):
     cfg = tmp_path / "auditor.yaml"
-    cfg.write_text(f"state: {{url: 'sqlite:///{tmp_path}/state.db'}}\nscan: {{settle_time: 0s}}\n"
+    cfg.write_text(f"state: {{url: '{state_url}'}}\nscan: {{settle_time: 0s}}\n"
                    f"prefixes: [{{url: '{prefix}'}}]\n")
     flip_bit(fsspec.filesystem("file"), str(prefix / "run1/checkpoint-200/model.safetensors"))
     assert CliRunner().invoke(main, ["rescan", "--prefix", str(prefix), "--config", str(cfg)]).exit_code == 1

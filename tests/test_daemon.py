@@ -6,12 +6,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import fsspec
 import pytest
 from ckpts import flip_bit, write_hf_checkpoint
 from daemon import DaemonProcess, seal_run
+from pg import scalar
 
 import auditor.api
 
@@ -24,12 +24,12 @@ def failures(d: DaemonProcess, prefix: str) -> float | None:
     return d.metric("ckpt_verify_failures", prefix=prefix)
 
 
-def test_failures_metric_follows_damage_and_repair(tmp_path, daemons):
+def test_failures_metric_follows_damage_and_repair(tmp_path, daemons, state_url):
     prefix = tmp_path / "ckpts"
     dirs = seal_run(prefix / "run", [100, 200])
     good = (dirs[1] / "model.safetensors").read_bytes()
     flip_bit(fsspec.filesystem("file"), str(dirs[1] / "model.safetensors"))
-    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"deep_interval": "2s"}).start()
+    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"deep_interval": "2s"}, state_url=state_url).start()
     daemons.append(d)
     # Present from start-up, before any scan has finished.
     assert failures(d, str(prefix)) is not None
@@ -43,10 +43,10 @@ def test_failures_metric_follows_damage_and_repair(tmp_path, daemons):
     assert sorted(c["status"] for c in doc["checkpoints"]) == ["ok", "ok"]
 
 
-def test_new_checkpoint_is_pending_then_verified(tmp_path, daemons):
+def test_new_checkpoint_is_pending_then_verified(tmp_path, daemons, state_url):
     prefix = tmp_path / "ckpts"
     seal_run(prefix / "run", [100])
-    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"settle_time": "4s"}).start()
+    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"settle_time": "4s"}, state_url=state_url).start()
     daemons.append(d)
     time.sleep(5)  # let the first checkpoint settle
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 1, 30, "first ok")
@@ -55,14 +55,14 @@ def test_new_checkpoint_is_pending_then_verified(tmp_path, daemons):
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 2, 30, "verified after settling")
 
 
-def test_s3_outage_keeps_verdicts_and_recovers(tmp_path, daemons, s3_svc):
+def test_s3_outage_keeps_verdicts_and_recovers(tmp_path, daemons, s3_svc, state_url):
     backend = s3_svc.new_backend()
     fs = backend.fs()
     for d_ in seal_run(tmp_path / "src/run", [100, 200]):
         for f in d_.iterdir():
             fs.pipe_file(backend.path("run", d_.name, f.name), f.read_bytes())
     d = DaemonProcess(tmp_path, [{"url": backend.url, "storage_options": backend.storage_options}],
-                      scan={"jobs": 2}).start()
+                      scan={"jobs": 2}, state_url=state_url).start()
     daemons.append(d)
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=backend.url, status="ok") == 2, 60, "both ok on S3")
     errors_before = d.metric("ckpt_scan_errors_total", prefix=backend.url)
@@ -80,32 +80,31 @@ def test_s3_outage_keeps_verdicts_and_recovers(tmp_path, daemons, s3_svc):
     assert failures(d, backend.url) == 0
 
 
-def _content_checks(state: Path) -> int:
-    with sqlite3.connect(state) as db:
-        return db.execute("select count(*) from history where tier != 'metadata'").fetchone()[0]
+def _content_checks(state_url: str) -> int:
+    return scalar(state_url, "select count(*) from history where tier != 'metadata'")
 
 
-def test_restart_keeps_history_and_due_times(tmp_path, daemons):
+def test_restart_keeps_history_and_due_times(tmp_path, daemons, state_url):
     prefix = tmp_path / "ckpts"
     seal_run(prefix / "run", [1, 2, 3])
-    d = DaemonProcess(tmp_path, [{"url": str(prefix)}]).start()
+    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], state_url=state_url).start()
     daemons.append(d)
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 3, 60, "all ok")
-    d.wait(lambda: _content_checks(d.state) == 3, 30, "three content checks")
+    d.wait(lambda: _content_checks(d.state_url) == 3, 30, "three content checks")
     assert d.stop()[0] == 0
-    d2 = DaemonProcess(tmp_path, [{"url": str(prefix)}], state=d.state).start()
+    d2 = DaemonProcess(tmp_path, [{"url": str(prefix)}], state_url=d.state_url).start()
     daemons.append(d2)
     # Known verdicts are published at start-up, before the first pass.
     assert d2.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 3
     time.sleep(4)  # several passes
-    assert _content_checks(d2.state) == 3, "a restart must not re-verify what is not due"
+    assert _content_checks(d2.state_url) == 3, "a restart must not re-verify what is not due"
     assert d2.metric("ckpt_last_success_timestamp_seconds", prefix=str(prefix)) > 0
 
 
-def test_unsealed_checkpoint_rot_after_first_sight_is_caught(tmp_path, daemons):
+def test_unsealed_checkpoint_rot_after_first_sight_is_caught(tmp_path, daemons, state_url):
     prefix = tmp_path / "ckpts"
     d_ = write_hf_checkpoint(prefix / "run/checkpoint-100", step=100)  # never sealed
-    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"deep_interval": "2s"}).start()
+    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"deep_interval": "2s"}, state_url=state_url).start()
     daemons.append(d)
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 1, 60, "first sight ok")
     flip_bit(fsspec.filesystem("file"), str(d_ / "optimizer.pt"), 150)
@@ -115,7 +114,7 @@ def test_unsealed_checkpoint_rot_after_first_sight_is_caught(tmp_path, daemons):
     assert c["status"] == "corrupt" and "baseline_first_sight" in codes and "digest_mismatch" in codes
 
 
-def test_sigterm_mid_scan_exits_cleanly(tmp_path, daemons):
+def test_sigterm_mid_scan_exits_cleanly(tmp_path, daemons, state_url):
     prefix = tmp_path / "ckpts"
     big = prefix / "run/checkpoint-1"
     write_hf_checkpoint(big, step=1)
@@ -123,14 +122,15 @@ def test_sigterm_mid_scan_exits_cleanly(tmp_path, daemons):
     auditor.api.seal(str(big))
     seal_run(prefix / "run", [2, 3, 4])
     # A slow read makes the scan long enough to interrupt.
-    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"max_bytes_per_second": 20 * 2**20, "jobs": 1}).start()
+    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"max_bytes_per_second": 20 * 2**20, "jobs": 1},
+                      state_url=state_url).start()
     daemons.append(d)
     time.sleep(3)
     code, took = d.stop()
     assert code == 0 and took < 20, (code, took, d.tail())
-    with sqlite3.connect(d.state) as db:
-        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
-        assert db.execute("select count(*) from checkpoints").fetchone()[0] == 4
+    if state_url.startswith("sqlite"):  # PostgreSQL has no integrity_check: its transactions are the guarantee
+        assert scalar(state_url, "pragma integrity_check") == "ok"
+    assert scalar(state_url, "select count(*) from checkpoints") == 4
 
 
 def test_rescan_api_token_rules(tmp_path, daemons):

@@ -9,7 +9,6 @@ registry, not a scrape of a process.
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import pytest
 import requests
 from ckpts import flip_bit, tensor_offset, truncate
 from daemon import seal_run
+from pg import scalar
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from servers.objectstores import free_port
@@ -36,8 +36,8 @@ pytestmark = pytest.mark.timeout(180)
 FAILURE_STATUSES = ("corrupt", "missing", "drift", "incomplete", "unsafe")
 
 
-def config(tmp_path: Path, prefixes: list[dict[str, Any]], deep_interval: str = "1h") -> Config:
-    return Config.model_validate({"state": {"url": f"sqlite:///{tmp_path}/state.db"},
+def config(state_url: str, prefixes: list[dict[str, Any]], deep_interval: str = "1h") -> Config:
+    return Config.model_validate({"state": {"url": state_url},
                                   "scan": {"settle_time": "0s", "jobs": 2, "deep_interval": deep_interval,
                                            "jitter": 0.0},
                                   "prefixes": prefixes})
@@ -103,11 +103,10 @@ def running(cfg: Config) -> Iterator[Running]:
         daemon.shutdown(grace=5)
 
 
-def content_checks(state: Path, url: str) -> int:
+def content_checks(state_url: str, url: str) -> int:
     """Content and probe verifications the state database holds for one checkpoint."""
-    with sqlite3.connect(state) as db:
-        return db.execute("select count(*) from history h join checkpoints c on c.id = h.checkpoint_id "
-                          "where c.url = ? and h.tier != 'metadata'", (url,)).fetchone()[0]
+    return scalar(state_url, "select count(*) from history h join checkpoints c on c.id = h.checkpoint_id "
+                  "where c.url = :url and h.tier != 'metadata'", url=url)
 
 
 def damage(how: str, path: Path) -> None:
@@ -123,11 +122,11 @@ def damage(how: str, path: Path) -> None:
 # ---------------------------------------------------------------- a clean prefix
 
 
-def test_clean_prefix_is_ok_with_no_failures(tmp_path):
+def test_clean_prefix_is_ok_with_no_failures(tmp_path, state_url):
     prefix = tmp_path / "ckpts"
     dirs = seal_run(prefix / "run", [100, 200])
     key = str(prefix)
-    with running(config(tmp_path, [{"url": key}])) as d:
+    with running(config(state_url, [{"url": key}])) as d:
         # Every series exists at zero before the first pass, so alerts see it from start-up.
         assert d.gauge("ckpt_verify_failures", prefix=key) == 0
         assert d.gauge("ckpt_prefix_scan_up", prefix=key) == 0
@@ -166,12 +165,12 @@ def test_clean_prefix_is_ok_with_no_failures(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["flip_bit", "truncate"])
-def test_damaged_checkpoint_is_corrupt_and_counted_once(tmp_path, how):
+def test_damaged_checkpoint_is_corrupt_and_counted_once(tmp_path, state_url, how):
     prefix = tmp_path / "ckpts"
     good, bad = seal_run(prefix / "run", [100, 200])
     key = str(prefix)
     # Deep checks fall due a second after the last: the scheduled pass, not a rescan, finds the damage.
-    with running(config(tmp_path, [{"url": key}], deep_interval="1s")) as d:
+    with running(config(state_url, [{"url": key}], deep_interval="1s")) as d:
         d.daemon.tick(key)
         assert d.gauge("ckpt_verify_failures", prefix=key) == 0
         damage(how, bad)
@@ -206,17 +205,17 @@ def test_damaged_checkpoint_is_corrupt_and_counted_once(tmp_path, how):
 # ---------------------------------------------------------------- restart
 
 
-def test_state_survives_a_daemon_restart(tmp_path):
+def test_state_survives_a_daemon_restart(tmp_path, state_url):
     prefix = tmp_path / "ckpts"
     good, bad = seal_run(prefix / "run", [100, 200])
     key = str(prefix)
-    cfg = config(tmp_path, [{"url": key}])
+    cfg = config(state_url, [{"url": key}])
     damage("flip_bit", bad)  # before the first pass: its first content check finds it
     with running(cfg) as d:
         d.daemon.tick(key)
         assert d.gauge("ckpt_verify_failures", prefix=key) == 1
         last_success = d.gauge("ckpt_last_success_timestamp_seconds", prefix=key)
-        checks_of_good = content_checks(tmp_path / "state.db", str(good))
+        checks_of_good = content_checks(state_url, str(good))
     assert checks_of_good == 1
 
     with running(cfg) as d2:  # a new Daemon, a new registry, the same SQLite file
@@ -227,7 +226,7 @@ def test_state_survives_a_daemon_restart(tmp_path):
         cks = d2.checkpoints(key)
         assert cks[str(bad)]["status"] == "corrupt" and cks[str(good)]["status"] == "ok"
         d2.daemon.tick(key)
-        assert content_checks(tmp_path / "state.db", str(good)) == checks_of_good, \
+        assert content_checks(state_url, str(good)) == checks_of_good, \
             "a restart must not re-verify what is not due"
         assert d2.gauge("ckpt_verify_failures", prefix=key) == 1
         assert d2.gauge("ckpt_checkpoints", prefix=key, status="corrupt") == 1
@@ -236,13 +235,13 @@ def test_state_survives_a_daemon_restart(tmp_path):
 # ---------------------------------------------------------------- storage faults
 
 
-def test_unreachable_prefix_is_an_error_not_corrupt_and_stays_local(tmp_path):
+def test_unreachable_prefix_is_an_error_not_corrupt_and_stays_local(tmp_path, state_url):
     """A WebHDFS prefix on a closed 127.0.0.1 port: scan_up 0 and an error counted, no failure, and
     the healthy prefix beside it keeps its verdicts (fail closed, fail local)."""
     local = tmp_path / "ckpts"
     seal_run(local / "run", [100])
     dead = f"webhdfs://127.0.0.1:{free_port()}/ckpts"  # nothing listens there
-    cfg = config(tmp_path, [{"url": str(local)}, {"url": dead}])
+    cfg = config(state_url, [{"url": str(local)}, {"url": dead}])
     with running(cfg) as d:
         d.daemon.tick(dead)
         d.daemon.tick(str(local))
@@ -266,14 +265,14 @@ def test_unreachable_prefix_is_an_error_not_corrupt_and_stays_local(tmp_path):
         assert d.gauge("ckpt_verify_failures", prefix=dead) == 0
 
 
-def test_reads_failing_on_webhdfs_are_errors_not_corrupt(tmp_path, webhdfs_svc):
+def test_reads_failing_on_webhdfs_are_errors_not_corrupt(tmp_path, state_url, webhdfs_svc):
     """Listing works, every data read answers 503: each checkpoint's verdict is `error`, never `corrupt`."""
     backend = webhdfs_svc.new_backend()
     remote = webhdfs_svc.root / backend.url.rsplit("/", 1)[-1]
     for folder in seal_run(tmp_path / "src/run", [100, 200]):
         shutil.copytree(folder, remote / "run" / folder.name)
     key = backend.url
-    with running(config(tmp_path, [{"url": key, "storage_options": backend.storage_options}])) as d:
+    with running(config(state_url, [{"url": key, "storage_options": backend.storage_options}])) as d:
         d.daemon.tick(key)
         assert d.gauge("ckpt_checkpoints", prefix=key, status="ok") == 2
         errors_before = d.gauge("ckpt_scan_errors_total", prefix=key)

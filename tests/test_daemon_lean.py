@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import pytest
 import requests
 import sqlalchemy
 from daemon import seal_run
+from pg import WriteLock, scalar
 from prometheus_client import CollectorRegistry
 
 from auditor.config import Config
@@ -38,9 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "numpy", "safetensors.torch", "lightning", "accelerate")
 
 
-def config(tmp_path: Path, prefix: str) -> Config:
+def config(state_url: str, prefix: str) -> Config:
     # deep_interval 30d: the second pass is a metadata pass only (nothing falls due).
-    return Config.model_validate({"state": {"url": f"sqlite:///{tmp_path}/state.db"},
+    return Config.model_validate({"state": {"url": state_url},
                                   "scan": {"settle_time": "0s", "jobs": 2, "deep_interval": "30d",
                                            "probe_interval": "30d", "jitter": 0.0},
                                   "prefixes": [{"url": prefix}]})
@@ -61,13 +61,13 @@ def counting(daemon: Daemon, event: str) -> Iterator[list[Any]]:
         sqlalchemy.event.remove(daemon.state.engine, event, on_event)
 
 
-def metadata_pass_commits(tmp_path: Path, n: int) -> tuple[int, int]:
+def metadata_pass_commits(tmp_path: Path, state_url: str, n: int) -> tuple[int, int]:
     """Seal n checkpoints, run the first-sight pass, then count the commits of one metadata pass;
     return (commits, metadata verdicts the database holds afterwards)."""
     prefix = tmp_path / "ckpts"
     seal_run(prefix / "run", [100 * (i + 1) for i in range(n)])
     key = str(prefix)
-    daemon = Daemon(config(tmp_path, key), CollectorRegistry())
+    daemon = Daemon(config(state_url, key), CollectorRegistry())
     try:
         daemon.tick(key)
         assert daemon.state.counts(key) == {"ok": n}
@@ -76,14 +76,15 @@ def metadata_pass_commits(tmp_path: Path, n: int) -> tuple[int, int]:
         assert daemon.state.counts(key) == {"ok": n}
     finally:
         daemon.shutdown(grace=5)
-    with sqlite3.connect(tmp_path / "state.db") as db:
-        (meta,) = db.execute("select count(*) from history where tier = 'metadata'").fetchone()
+    # Both calls of a test share its state database: count this prefix's rows only.
+    meta = scalar(state_url, "select count(*) from history h join checkpoints c on c.id = h.checkpoint_id "
+                  "where c.prefix = :prefix and h.tier = 'metadata'", prefix=key)
     return len(commits), meta
 
 
-def test_metadata_pass_writes_in_a_constant_number_of_transactions(tmp_path):
-    small, small_meta = metadata_pass_commits(tmp_path / "small", 3)
-    large, large_meta = metadata_pass_commits(tmp_path / "large", 12)
+def test_metadata_pass_writes_in_a_constant_number_of_transactions(tmp_path, state_url):
+    small, small_meta = metadata_pass_commits(tmp_path / "small", state_url, 3)
+    large, large_meta = metadata_pass_commits(tmp_path / "large", state_url, 12)
     # Both passes recorded every verdict (first sight and this pass: two metadata rows each) ...
     assert small_meta == 2 * 3 and large_meta == 2 * 12
     # ... in as many transactions whatever the count: the listing sync, one batch of verdicts, the scan record.
@@ -101,11 +102,11 @@ def served(daemon: Daemon) -> Iterator[str]:
         server.stop()
 
 
-def test_checkpoints_api_answers_while_a_pass_holds_the_writer(tmp_path):
+def test_checkpoints_api_answers_while_a_pass_holds_the_writer(tmp_path, state_url):
     prefix = tmp_path / "ckpts"
     dirs = seal_run(prefix / "run", [100, 200])
     key = str(prefix)
-    daemon = Daemon(config(tmp_path, key), CollectorRegistry())
+    daemon = Daemon(config(state_url, key), CollectorRegistry())
     daemon.snapshot_max_age = 3600.0  # no background refresh: the request below must be the only reader
     try:
         daemon.tick(key)
@@ -115,15 +116,19 @@ def test_checkpoints_api_answers_while_a_pass_holds_the_writer(tmp_path):
             # A new checkpoint, and another process holding the database's write lock: the next
             # pass blocks in its first write (the listing sync), holding the daemon's writer.
             (new,) = seal_run(prefix / "run", [300])
-            blocker = sqlite3.connect(tmp_path / "state.db", timeout=0, isolation_level=None)
-            blocker.execute("BEGIN IMMEDIATE")
+            blocker = WriteLock(state_url)
             passing = threading.Thread(target=daemon.tick, args=(key,))
             try:
-                passing.start()
-                deadline = time.monotonic() + 30
-                while not (daemon.state._lock.locked() and daemon.workers[key].lock.locked()):
-                    assert time.monotonic() < deadline, "the pass never reached its first write"
-                    time.sleep(0.01)
+                # Holding the writer's lock is not yet waiting on the database: the pass's reads before
+                # its first write (a round trip each on PostgreSQL) must be over before the request
+                # below counts queries.
+                with counting(daemon, "before_cursor_execute") as pass_queries:
+                    passing.start()
+                    deadline = time.monotonic() + 30
+                    while not (daemon.state._lock.locked() and daemon.workers[key].lock.locked()
+                               and True in pass_queries):  # True: an executemany, the listing sync's UPDATE
+                        assert time.monotonic() < deadline, "the pass never reached its first write"
+                        time.sleep(0.01)
                 with counting(daemon, "before_cursor_execute") as queries:
                     started = time.monotonic()
                     r = requests.get(url + "/api/v1/checkpoints", params={"prefix": key}, timeout=10)
@@ -135,8 +140,7 @@ def test_checkpoints_api_answers_while_a_pass_holds_the_writer(tmp_path):
                 assert took < 5.0, f"{took:.1f}s while the writer was held"
                 assert passing.is_alive(), "the pass should still be waiting for the database"
             finally:
-                blocker.execute("ROLLBACK")
-                blocker.close()
+                blocker.release()
                 passing.join(120)
             assert not passing.is_alive()
             # Once the pass is over, the answer is current: the new checkpoint is there.
@@ -157,8 +161,8 @@ from prometheus_client import CollectorRegistry
 from auditor.config import Config
 from auditor.daemon import Daemon
 
-state, prefix = sys.argv[1], sys.argv[2]
-cfg = Config.model_validate({"state": {"url": "sqlite:///" + state},
+state_url, prefix = sys.argv[1], sys.argv[2]
+cfg = Config.model_validate({"state": {"url": state_url},
                              "scan": {"settle_time": "0s", "jobs": 2, "deep_interval": "30d", "jitter": 0.0},
                              "prefixes": [{"url": prefix}]})
 daemon = Daemon(cfg, CollectorRegistry())
@@ -172,11 +176,11 @@ daemon.shutdown(grace=5)
 """
 
 
-def test_no_torch_in_the_daemon_process_after_passes_over_sealed_checkpoints(tmp_path):
+def test_no_torch_in_the_daemon_process_after_passes_over_sealed_checkpoints(tmp_path, state_url):
     prefix = tmp_path / "ckpts"
     seal_run(prefix / "run", [100, 200, 300])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "state.db"), str(prefix), json.dumps(HEAVY)],
+    out = subprocess.run([sys.executable, "-c", CHILD, state_url, str(prefix), json.dumps(HEAVY)],
                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads(out.stdout.strip().splitlines()[-1])

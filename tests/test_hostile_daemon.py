@@ -24,6 +24,7 @@ import requests
 from ckpts import flip_bit, write_hf_checkpoint, write_run
 from click.testing import CliRunner
 from daemon import DaemonProcess, seal_run
+from pg import scalar
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from servers.objectstores import free_port
@@ -54,14 +55,15 @@ def codes(record: dict) -> dict[str, dict]:
 # ---------------------------------------------------------------- row 5: a sealed checkpoint loses its manifest
 
 
-def test_sealed_checkpoint_that_loses_its_manifest_is_missing_and_its_bytes_still_checked(tmp_path, daemons):
+def test_sealed_checkpoint_that_loses_its_manifest_is_missing_and_its_bytes_still_checked(tmp_path, daemons,
+                                                                                           state_url):
     prefix = tmp_path / "ckpts"
     old, new = seal_run(prefix / "run", [100, 200])
     solo = prefix / "solo/step_300.safetensors"
     solo.parent.mkdir()
     solo.write_bytes((old / "model.safetensors").read_bytes())
     auditor.api.seal(str(solo))
-    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"deep_interval": "2s"}).start()
+    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], scan={"deep_interval": "2s"}, state_url=state_url).start()
     daemons.append(d)
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 3, 60, "all ok")
     # The older one loses its manifest and rots; the newer one (newest of its run, so it would
@@ -88,25 +90,24 @@ def test_sealed_checkpoint_that_loses_its_manifest_is_missing_and_its_bytes_stil
     assert d.metric("ckpt_verify_failures", prefix=str(prefix)) == 3
 
 
-def test_kill_9_keeps_history_and_what_was_sealed(tmp_path, daemons):
+def test_kill_9_keeps_history_and_what_was_sealed(tmp_path, daemons, state_url):
     prefix = tmp_path / "ckpts"
     (ck,) = seal_run(prefix / "run", [100])
-    d = DaemonProcess(tmp_path, [{"url": str(prefix)}]).start()
+    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], state_url=state_url).start()
     daemons.append(d)
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=str(prefix), status="ok") == 1, 60, "ok")
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(10)
-    with sqlite3.connect(d.state) as db:
-        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
-        history = db.execute("select count(*) from history").fetchone()[0]
+    if state_url.startswith("sqlite"):  # PostgreSQL has no integrity_check: its transactions are the guarantee
+        assert scalar(state_url, "pragma integrity_check") == "ok"
+    history = scalar(state_url, "select count(*) from history")
     assert history >= 2  # metadata and content
     (ck / "ckpt-manifest.json").unlink()
-    d2 = DaemonProcess(tmp_path, [{"url": str(prefix)}], state=d.state).start()
+    d2 = DaemonProcess(tmp_path, [{"url": str(prefix)}], state_url=state_url).start()
     daemons.append(d2)
     d2.wait(lambda: by_url(d2, prefix)[str(ck)]["status"] == "missing", 60, "missing after restart")
     assert "sealed at" in codes(by_url(d2, prefix)[str(ck)])["file_missing"]["detail"]
-    with sqlite3.connect(d2.state) as db:
-        assert db.execute("select count(*) from history").fetchone()[0] > history
+    assert scalar(state_url, "select count(*) from history") > history
 
 
 V2_SCHEMA = """
@@ -198,7 +199,7 @@ def test_rescan_prefix_that_escapes_the_configured_prefix_is_refused(tmp_path, d
 # ---------------------------------------------------------------- row 8: numbers the database cannot hold
 
 
-def test_step_beyond_64_bits_is_a_finding_not_a_failed_pass(tmp_path, daemons):
+def test_step_beyond_64_bits_is_a_finding_not_a_failed_pass(tmp_path, daemons, state_url):
     prefix = tmp_path / "ckpts"
     (good,) = seal_run(prefix / "run", [1])
     huge = write_hf_checkpoint(prefix / "other/checkpoint-99999999999999999999", step=1)
@@ -207,7 +208,7 @@ def test_step_beyond_64_bits_is_a_finding_not_a_failed_pass(tmp_path, daemons):
     doc = json.loads((liar / "ckpt-manifest.json").read_text())
     doc["files"][0]["size"] = 2**70
     (liar / "ckpt-manifest.json").write_text(json.dumps(doc))
-    d = DaemonProcess(tmp_path, [{"url": str(prefix)}]).start()
+    d = DaemonProcess(tmp_path, [{"url": str(prefix)}], state_url=state_url).start()
     daemons.append(d)
     d.wait(lambda: (d.metric("ckpt_last_success_timestamp_seconds", prefix=str(prefix)) or 0) > 0, 60,
            "a completed pass")
@@ -502,17 +503,17 @@ def test_stepped_unsealed_folder_is_compared_by_step(tmp_path):
 # ---------------------------------------------------------------- row 4: latest needs a content verdict
 
 
-def _config(tmp_path: Path, prefix: Path) -> Path:
+def _config(tmp_path: Path, prefix: Path, state_url: str | None = None) -> Path:
     cfg = tmp_path / "auditor.yaml"
-    cfg.write_text(f"state: {{url: 'sqlite:///{tmp_path}/state.db'}}\nscan: {{settle_time: 0s}}\n"
+    cfg.write_text(f"state: {{url: '{state_url or f'sqlite:///{tmp_path}/state.db'}'}}\nscan: {{settle_time: 0s}}\n"
                    f"prefixes: [{{url: '{prefix}'}}]\n")
     return cfg
 
 
-def test_latest_from_the_state_database_needs_a_content_verdict(tmp_path):
+def test_latest_from_the_state_database_needs_a_content_verdict(tmp_path, state_url):
     prefix = tmp_path / "ckpts"
     seal_run(prefix / "run", [100, 200])
-    cfg = _config(tmp_path, prefix)
+    cfg = _config(tmp_path, prefix, state_url)
     flip_bit(fsspec.filesystem("file"), str(prefix / "run/checkpoint-200/model.safetensors"))
     # The metadata tier (sizes) passes both, the rot included.
     r = CliRunner().invoke(main, ["rescan", "--prefix", str(prefix), "--config", str(cfg), "--tier", "metadata"])
