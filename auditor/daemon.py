@@ -31,7 +31,7 @@ from auditor.layouts import Checkpoint
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
 from auditor.metrics import Metrics
 from auditor.model import FAILURES, TIERS, Finding, ScanResult, Severity, Status, Tier, Verdict, decide
-from auditor.state import Recording, Seal, SealEntries, State, fingerprint, open_state
+from auditor.state import Recording, Seal, SealEntries, State, fingerprint, open_state, same_fingerprint
 from auditor.storage import DeadlineExceeded, Throttle, open_url
 from auditor.verify import Options, Scanner, is_pending, list_prefix, load_manifest
 
@@ -385,7 +385,7 @@ class Daemon:
             if ck.manifest_path is None:
                 ck.expect_manifest = False
                 worker.lost_seals[ck.url] = seal
-            elif seal.fingerprint != fingerprint(ck):
+            elif not same_fingerprint(seal.fingerprint, fingerprint(ck)):
                 stale.append(ck)
         for i in range(0, len(stale), FLUSH_EVERY):
             self.state.remember_seals(worker.url, self._read_manifests(worker, stale[i:i + FLUSH_EVERY]))
