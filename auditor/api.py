@@ -180,14 +180,17 @@ def seal(
     write_options: dict[str, Any] | None = None,
     upload_from: str | None = None,
     allow_incomplete: bool = False,
+    span_bytes: int = sealing.SPAN_BYTES,
 ) -> Manifest:
     """Seal the checkpoint at `url`, with a probe baseline when a model factory and batch are given.
 
     A manifest vouches for what it lists, so a failing checkpoint is not sealed: the content checks
     run first; an `unsafe` one is refused always, an `incomplete` one unless `allow_incomplete`, a
     damaged or partial one unless `force`. With `upload_from`, first upload that local folder to
-    `url`, with server-side checksums.
+    `url`, with server-side checksums. Files larger than `span_bytes` (0: none) get span digests.
     """
+    if span_bytes < 0:
+        raise UsageError(f"span_bytes must be 0 (no span digests) or positive, got {span_bytes}")
     builder = None
     if model_factory is not None:
         builder = probe.seal_builder(model_factory, model_kwargs or {}, probe_batch)
@@ -199,7 +202,7 @@ def seal(
     # The check already read the step from the files' contents: no second completeness pass.
     step = step if step is not None else checked.step
     return sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
-                        git_commit=git_commit, probe=builder, write_options=write_options)
+                        git_commit=git_commit, probe=builder, write_options=write_options, span_bytes=span_bytes)
 
 
 def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int) -> Verdict:

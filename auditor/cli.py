@@ -18,6 +18,7 @@ from auditor.errors import AuditorError, UsageError
 from auditor.model import FAILURES, TIERS, Assurance, ScanResult, Severity, Verdict
 from auditor.probe import parse_allow_pattern
 from auditor.retention import Decision, Plan, RetentionConfig
+from auditor.sealing import SPAN_BYTES
 
 TIER = click.Choice(TIERS)
 ASSURANCE = click.Choice([a.value for a in Assurance if a is not Assurance.NONE])
@@ -251,10 +252,13 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
               help="Upload this local checkpoint to CHECKPOINT_URL first, with server-side checksums (S3 CRC32C).")
 @click.option("--jobs", type=click.IntRange(1, 256), default=4, show_default=True)
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+@click.option("--span-mib", type=click.IntRange(0, 2**20), default=SPAN_BYTES // 2**20, show_default=True,
+              help="Files larger than this many MiB also get span digests of this size (0: none), so a large "
+                   "file can be verified in parts and damage is narrowed to a byte range.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest.")
 def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | None, probe_batch: str | None,
          step: int | None, run_config: str | None, force: bool, allow_incomplete: bool, upload_from: str | None,
-         jobs: int, storage_option: tuple[str, ...], as_json: bool) -> None:
+         jobs: int, storage_option: tuple[str, ...], span_mib: int, as_json: bool) -> None:
     """Check a checkpoint, then write ckpt-manifest.json beside it, last (a failing one is refused)."""
 
     def body() -> int:
@@ -280,7 +284,7 @@ def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | Non
         manifest = api.seal(checkpoint_url, step=step, force=force, jobs=jobs, run_config=cfg,
                             model_factory=model_factory, model_kwargs=kwargs, probe_batch=probe_batch,
                             storage_options=_options(storage_option), upload_from=upload_from,
-                            allow_incomplete=allow_incomplete)
+                            allow_incomplete=allow_incomplete, span_bytes=span_mib * 2**20)
         if as_json:
             click.echo(manifest.to_json().decode())
         else:

@@ -29,6 +29,8 @@ class FileDigest:
     sha256: str
     crc32c: str
     tensors: dict[str, str] = field(default_factory=dict)
+    # sha256 of consecutive `block`-byte spans [0, block), [block, 2 block), ... (the last may be short).
+    blocks: list[str] = field(default_factory=list)
 
 
 def crc32c_hex(value: int) -> str:
@@ -63,17 +65,21 @@ def _as_bytes(chunk: bytes | bytearray | memoryview) -> bytes:
 
 
 class _SideDigests:
-    """The crc32c and per-span sha256 of a stream, fed its chunks in order, on one thread at a time."""
+    """The crc32c, per-span and per-block sha256 of a stream, fed its chunks in order, on one thread at a time."""
 
-    def __init__(self, spans: Sequence[Span]) -> None:
+    def __init__(self, spans: Sequence[Span], block: int = 0) -> None:
         self.crc = 0
         self.span_hashes = {s.name: hashlib.sha256() for s in spans}
         self.ordered = sorted(spans, key=lambda s: s.start)
         self.i = 0
         self.pos = 0
+        self.block = block
+        self.block_hashes: list[Any] = []
 
     def feed(self, chunk: bytes) -> None:
         self.crc = google_crc32c.extend(self.crc, chunk)
+        if self.block:
+            self._feed_blocks(chunk)
         pos, end, ordered = self.pos, self.pos + len(chunk), self.ordered
         # Spans are sorted and disjoint; skip those already passed, feed those that overlap.
         while self.i < len(ordered) and ordered[self.i].end <= pos:
@@ -87,8 +93,21 @@ class _SideDigests:
             j += 1
         self.pos = end
 
+    def _feed_blocks(self, chunk: bytes) -> None:
+        view, at, end = memoryview(chunk), self.pos, self.pos + len(chunk)
+        while at < end:
+            index = at // self.block
+            if index == len(self.block_hashes):
+                self.block_hashes.append(hashlib.sha256())
+            stop = min(end, (index + 1) * self.block)
+            self.block_hashes[index].update(view[at - self.pos : stop - self.pos])
+            at = stop
+
     def tensors(self) -> dict[str, str]:
         return {name: h.hexdigest() for name, h in self.span_hashes.items()}
+
+    def blocks(self) -> list[str]:
+        return [h.hexdigest() for h in self.block_hashes]
 
 
 class _Failed:
@@ -173,16 +192,20 @@ class _Pump:
             pass
 
 
-def digest_chunks(chunks: Iterable[bytes | bytearray | memoryview], spans: Sequence[Span] = ()) -> FileDigest:
-    """Hash a stream of chunks; with `spans`, also hash each span's bytes on the way past.
+def digest_chunks(chunks: Iterable[bytes | bytearray | memoryview], spans: Sequence[Span] = (),
+                  block: int = 0) -> FileDigest:
+    """Hash a stream of chunks; with `spans`, also hash each span's bytes on the way past; with
+    `block`, also each consecutive `block`-byte span's (FileDigest.blocks), in the same read.
 
     The whole-file sha256 runs on the calling thread. Once the stream passes THREAD_MIN_BYTES, the
     rest of it is read on a helper thread that also computes crc32c and the span digests (see
     _Pump), so on a large file they add nothing to the wall time while a second core is free.
     The results are the same either way, byte for byte.
     """
+    if block < 0:
+        raise ValueError(f"block must be 0 (none) or a positive byte count, got {block}")
     sha = hashlib.sha256()
-    side = _SideDigests(spans)
+    side = _SideDigests(spans, block)
     it = iter(chunks)
     pos = 0
     for chunk in it:
@@ -210,7 +233,8 @@ def digest_chunks(chunks: Iterable[bytes | bytearray | memoryview], spans: Seque
 
 
 def _result(size: int, sha: Any, side: _SideDigests) -> FileDigest:
-    return FileDigest(size=size, sha256=sha.hexdigest(), crc32c=crc32c_hex(side.crc), tensors=side.tensors())
+    return FileDigest(size=size, sha256=sha.hexdigest(), crc32c=crc32c_hex(side.crc), tensors=side.tensors(),
+                      blocks=side.blocks())
 
 
 def digest_bytes(data: bytes) -> FileDigest:

@@ -14,7 +14,7 @@ from typing import Any
 from auditor import formats, pickles, safejson
 from auditor.digests import digest_chunks
 from auditor.layouts import Checkpoint
-from auditor.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest
+from auditor.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SpanDigests
 from auditor.model import Finding, Severity
 from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import Abandoned, PathHazard, Reader, StorageFault, object_version
@@ -106,14 +106,52 @@ def digest_file(reader: Reader, entry: FileEntry, path: str, manifest: Manifest 
     pin = reader.backend.pinned_read_options(now) if listed and object_version(now) == listed else {}
     note = [] if not listed or object_version(now) == listed else [
         Finding.warning("object_rewritten", entry.path, f"rewritten since listing ({listed} -> {object_version(now)})")]
-    again = digest_chunks(reader.iter_chunks(path, size=int(now.get("size") or size), **pin))
+    # The re-read also digests the sealed spans, if any, to narrow damage to byte ranges for free.
+    block = entry.spans.size if entry.spans else 0
+    again = digest_chunks(reader.iter_chunks(path, size=int(now.get("size") or size), **pin), block=block)
     if again.sha256 == entry.sha256 and again.size == entry.size:
         logger.warning("digest of %s matched on re-read; first read was inconsistent", path)
         return note + [Finding.warning("reread_matched", entry.path, "first read mismatched, second matched")]
     # The narrowed findings come first: they name what changed.
-    return note + narrow(reader, entry, path, manifest, again.size) + [
+    return note + compare_spans(entry, again.blocks) + narrow(reader, entry, path, manifest, again.size) + [
         Finding.error("digest_mismatch", entry.path, f"sha256 {again.sha256}, sealed {entry.sha256}")
     ]
+
+
+def compare_spans(entry: FileEntry, got: list[str]) -> list[Finding]:
+    """Name each sealed span whose bytes differ (`span_digest_mismatch`), from span digests just read."""
+    if entry.spans is None:
+        return []
+    out = []
+    for index, sealed in enumerate(entry.spans.sha256):
+        if index >= len(got) or got[index] != sealed:
+            out.append(span_mismatch(entry, entry.spans, index, "is missing" if index >= len(got) else "differs"))
+    return out
+
+
+def span_mismatch(entry: FileEntry, spans: SpanDigests, index: int, how: str) -> Finding:
+    lo, hi = spans.range(index, entry.size)
+    return Finding.error("span_digest_mismatch", entry.path,
+                         f"bytes [{lo}, {hi}) (span {index + 1} of {spans.count(entry.size)}) {how} "
+                         "from what was sealed")
+
+
+def digest_span(reader: Reader, entry: FileEntry, path: str, index: int) -> list[Finding]:
+    """Verify one sealed span of a file by a ranged read of its bytes alone: a work unit that several
+    workers can share for one large file. The whole-file sha256 is not computed here; a span that
+    matches proves its own bytes only."""
+    if entry.spans is None or not 0 <= index < len(entry.spans.sha256):
+        raise ValueError(f"{entry.path} has no sealed span {index}")
+    lo, hi = entry.spans.range(index, entry.size)
+    try:
+        got = digest_chunks(reader.iter_chunks(path, lo, hi))
+    except FileNotFoundError:
+        return [Finding.error("file_missing", entry.path, f"vanished before span {index + 1} was read")]
+    if got.size < hi - lo:
+        return [Finding.error("truncated", entry.path, f"span {index + 1} [{lo}, {hi}) read only {got.size} bytes")]
+    if got.sha256 != entry.spans.sha256[index]:
+        return [span_mismatch(entry, entry.spans, index, "differs")]
+    return []
 
 
 def narrow(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | None, size: int) -> list[Finding]:

@@ -8,7 +8,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from auditor import safejson
 
@@ -73,11 +73,39 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class SpanDigests(_Model):
+    """sha256 of a file's consecutive fixed-size spans: [0, size), [size, 2 size), ... (the last may be
+    short). Written at seal in the same read as the whole-file digest, so that a large file can be
+    verified span by span (by several workers at once) and damage narrowed to a byte range."""
+
+    size: int = Field(gt=0)
+    sha256: list[str]
+
+    @field_validator("sha256")
+    @classmethod
+    def _shas(cls, v: list[str]) -> list[str]:
+        for i, value in enumerate(v):
+            if not _HEX64.match(value):
+                raise ValueError(f"span {i} sha256 {value!r} is not 64 lowercase hex digits")
+        return v
+
+    def count(self, file_size: int) -> int:
+        """How many spans a file of `file_size` bytes has (arithmetic: a hostile size builds no list)."""
+        return -(-file_size // self.size)
+
+    def range(self, index: int, file_size: int) -> tuple[int, int]:
+        """The [start, end) byte range of span `index` of a file of `file_size` bytes."""
+        start = index * self.size
+        return start, min(start + self.size, file_size)
+
+
 class FileEntry(_Model):
     path: str
     size: int = Field(ge=0)
     sha256: str
     crc32c: str
+    # Optional (v1, additive): span digests of a large file; the whole-file sha256 stays the contract.
+    spans: SpanDigests | None = None
 
     @field_validator("sha256")
     @classmethod
@@ -92,6 +120,13 @@ class FileEntry(_Model):
         if not _HEX8.match(v):
             raise ValueError(f"crc32c {v!r} is not 8 lowercase hex digits")
         return v
+
+    @model_validator(mode="after")
+    def _span_count(self) -> FileEntry:
+        if self.spans is not None and len(self.spans.sha256) != self.spans.count(self.size):
+            raise ValueError(f"{len(self.spans.sha256)} span digests for {self.size} bytes in spans of "
+                             f"{self.spans.size}: expected {self.spans.count(self.size)}")
+        return self
 
 
 class TensorEntry(_Model):

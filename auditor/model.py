@@ -68,6 +68,7 @@ STATUS_OF_CODE = {
     "size_mismatch": Status.CORRUPT,
     "digest_mismatch": Status.CORRUPT,
     "tensor_digest_mismatch": Status.CORRUPT,
+    "span_digest_mismatch": Status.CORRUPT,
     "truncated": Status.CORRUPT,
     "header_invalid": Status.CORRUPT,
     "zip_crc_error": Status.CORRUPT,

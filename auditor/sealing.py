@@ -25,7 +25,7 @@ from fsspec import AbstractFileSystem
 
 from auditor import completeness, formats
 from auditor.backends import backend_for
-from auditor.digests import digest_chunks, run_config_sha256
+from auditor.digests import FileDigest, digest_chunks, run_config_sha256
 from auditor.errors import StorageError, UsageError
 from auditor.integrity import sanitise
 from auditor.layouts import Checkpoint
@@ -38,6 +38,7 @@ from auditor.manifest import (
     Manifest,
     Probe,
     RunInfo,
+    SpanDigests,
     TensorEntry,
     TrainingState,
     now_utc,
@@ -101,20 +102,25 @@ def _cpu_flags() -> list[str]:
 
 # ---------------------------------------------------------------- digesting
 
+# Files larger than this also get span digests (manifest files[].spans), so that one large shard can
+# be verified by several workers at once (scan.executor: dask) and damage is narrowed to a range.
+SPAN_BYTES = 256 * 2**20
 
-def digest_file(reader: Reader, rel: str, path: str, size: int) -> Digested:
+
+def digest_file(reader: Reader, rel: str, path: str, size: int, span_bytes: int = SPAN_BYTES) -> Digested:
     """Digest one file, checking its structure on the way; formats.FormatError if it is damaged.
 
     `rel` is the file's name in the checkpoint (which says what format to check), `path` where it
-    is read from now (a staged file may sit under another name).
+    is read from now (a staged file may sit under another name). A file larger than `span_bytes`
+    (0: none) also gets span digests, in the same read.
     """
     header = None
     if rel.endswith(".safetensors"):
         header = formats.parse_safetensors_header(reader, path, size)
     elif rel.endswith(TORCH_SUFFIXES) and formats.is_zip(reader, path, size):
         formats.check_zip(reader, path)
-    digest = digest_chunks(reader.iter_chunks(path), header.spans() if header else ())
-    entry = FileEntry(path=rel, size=digest.size, sha256=digest.sha256, crc32c=digest.crc32c)
+    digest = digest_chunks(reader.iter_chunks(path), header.spans() if header else (), _block(size, span_bytes))
+    entry = _entry(rel, digest, span_bytes)
     tensors = None
     if header is not None:
         tensors = {t.name: TensorEntry(dtype=t.dtype, shape=list(t.shape), sha256=digest.tensors[t.name])
@@ -122,19 +128,30 @@ def digest_file(reader: Reader, rel: str, path: str, size: int) -> Digested:
     return entry, tensors
 
 
-def _digest_whole(reader: Reader, rel: str, path: str) -> Digested:
-    digest = digest_chunks(reader.iter_chunks(path))
-    return FileEntry(path=rel, size=digest.size, sha256=digest.sha256, crc32c=digest.crc32c), None
+def _digest_whole(reader: Reader, rel: str, path: str, size: int, span_bytes: int = SPAN_BYTES) -> Digested:
+    digest = digest_chunks(reader.iter_chunks(path), block=_block(size, span_bytes))
+    return _entry(rel, digest, span_bytes), None
 
 
-def digest_files(reader: Reader, ck: Checkpoint, jobs: int = 4, force: bool = False
+def _block(size: int, span_bytes: int) -> int:
+    # Span digests only where there is more than one span: a small file is one read anyway.
+    return span_bytes if 0 < span_bytes < size else 0
+
+
+def _entry(rel: str, digest: FileDigest, span_bytes: int) -> FileEntry:
+    # The listed size may have been stale: spans only if the bytes read still make more than one.
+    spans = SpanDigests(size=span_bytes, sha256=digest.blocks) if len(digest.blocks) > 1 else None
+    return FileEntry(path=rel, size=digest.size, sha256=digest.sha256, crc32c=digest.crc32c, spans=spans)
+
+
+def digest_files(reader: Reader, ck: Checkpoint, jobs: int = 4, force: bool = False, span_bytes: int = SPAN_BYTES
                  ) -> tuple[dict[str, FileEntry], dict[str, dict[str, TensorEntry]]]:
     """Digest every file of a checkpoint; refuse structurally broken ones unless `force`."""
     root = ck.root
     results: dict[str, Digested] = {}
     with ThreadPoolExecutor(jobs) as pool:
         futures = {
-            rel: pool.submit(digest_file, reader, rel, f"{root}/{rel}", int(info.get("size") or 0))
+            rel: pool.submit(digest_file, reader, rel, f"{root}/{rel}", int(info.get("size") or 0), span_bytes)
             for rel, info in sorted(ck.files.items())
         }
         for rel, fut in futures.items():
@@ -145,7 +162,8 @@ def digest_files(reader: Reader, ck: Checkpoint, jobs: int = 4, force: bool = Fa
                     raise UsageError(f"refusing to seal {ck.url}: {rel} is damaged ({e}); "
                                      "--force seals it anyway") from e
                 logger.warning("sealing damaged file %s: %s", rel, e)
-                results[rel] = _digest_whole(reader, rel, f"{root}/{rel}")
+                results[rel] = _digest_whole(reader, rel, f"{root}/{rel}", int(ck.files[rel].get("size") or 0),
+                                             span_bytes)
     return split_digests(results)
 
 
@@ -235,6 +253,7 @@ def seal(
     probe: ProbeBuilder | None = None,
     jobs: int = 4,
     write_options: dict[str, Any] | None = None,
+    span_bytes: int = SPAN_BYTES,
 ) -> Manifest:
     """Seal the checkpoint at `url` and return its manifest, written last beside it.
 
@@ -254,7 +273,7 @@ def seal(
     _refuse_hazards(ck)
     if not ck.files:
         raise UsageError(f"{url} holds no files to seal")
-    entries, tensors = digest_files(reader, ck, jobs=jobs, force=force)
+    entries, tensors = digest_files(reader, ck, jobs=jobs, force=force, span_bytes=span_bytes)
     # What the files hold, read from their contents as verification reads them.
     state = completeness.inventory(entries, fs=fs, root=ck.root)
     if ck.kind == "file" and not state.model:
