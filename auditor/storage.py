@@ -476,7 +476,8 @@ class Reader:
         """[start, end) in one streamed request; after a fault or a short body, one more from where it broke.
 
         Faults before the body starts get `retries` more tries (the backend retried the request
-        itself); a body that breaks or ends short gets _short_retries, as a ranged fetch does.
+        itself); a body that breaks or ends short gets _short_retries, as a ranged fetch does. A
+        short body, if the store still lists the full size, is ShortRead once the tries are spent.
         """
         pos, attempt = start, 0
         slot = self._lease(self.read_slots)
@@ -508,7 +509,10 @@ class Reader:
                 if attempt >= limit:
                     raise err from cause
                 delay = self.backoff * 2**attempt
-                attempt = attempt + 1 if pos == began else 1
+                # A short body always counts (a store that keeps answering short is a fault, however
+                # much each answer carries); a broken connection after a chunk or more starts afresh.
+                fresh = not isinstance(err, ShortRead) and pos - began >= self.chunk_size
+                attempt = 1 if fresh else attempt + 1
                 logger.warning("retrying streamed read of %s at offset %d in %.2fs after %s", path, pos, delay, err)
                 self.cancelled.wait(delay)
         finally:

