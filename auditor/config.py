@@ -191,7 +191,8 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         target = raw.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"environment variable {name} overrides {section}.{key}, but {section} is not a section")
-        target[key] = parsed if not isinstance(parsed, (dict, list)) or key in ("require", "allow_factories", "read") else value
+        structured = key in ("require", "allow_factories", "read")  # keys whose value is a list or a mapping
+        target[key] = parsed if not isinstance(parsed, (dict, list)) or structured else value
     return raw
 
 

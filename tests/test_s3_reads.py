@@ -28,9 +28,9 @@ from servers.proxy import Listener, Proxy, _ProxyHandler, s3_error
 import auditor
 import auditor.api
 from auditor.config import ReadConfig, ScanConfig, load_config
-from auditor.errors import ConfigError
 from auditor.digests import digest_chunks
-from auditor.storage import ReadSettings, Reader, open_url
+from auditor.errors import ConfigError
+from auditor.storage import Reader, ReadSettings, open_url
 
 MiB = 2**20
 PART = MiB
