@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Generator
+from contextlib import suppress
 from typing import Any
 
 from fsspec.asyn import sync
@@ -82,7 +83,8 @@ def _stream_get(fs: Any, path: str, start: int, end: int, chunk_size: int,
             yield chunk
     finally:
         # The body belongs to the loop's thread; closing it there drops an unfinished response.
-        fs.loop.call_soon_threadsafe(body.close)
+        with suppress(RuntimeError):  # the loop is already closed (interpreter exit): nothing to drop
+            fs.loop.call_soon_threadsafe(body.close)
 
 
 async def _read_up_to(body: Any, n: int) -> bytes:
