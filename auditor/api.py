@@ -17,7 +17,7 @@ from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
 from auditor.model import Assurance, ScanResult, Severity, Status, Tier, Verdict
 from auditor.retention import UNKNOWN, Decision, Item, Plan, RetentionConfig, config_key, plan_items
-from auditor.storage import Reader, StorageFault, Throttle, open_url
+from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, open_url
 from auditor.verify import Options, Scanner, list_prefix, locate, verify_checkpoint
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ def build_options(
     probe_timeout: float = 600.0,
     probe_memory_mb: int | None = None,
     allow_factories: Iterable[str] = (),
+    read: ReadSettings | None = None,
 ) -> Options:
     """Assemble verification options: tier, strictness, required components and the probe's policy.
 
@@ -58,6 +59,7 @@ def build_options(
         prober=probe.Prober.allowing(allow_factories, timeout=probe_timeout,
                                      memory_mb=probe.DEFAULT_MEMORY_MB if probe_memory_mb is None else probe_memory_mb),
         require=require,
+        read=read or ReadSettings(),
     )
 
 
@@ -91,7 +93,7 @@ def verify_url(
     fs, path = open_checked(url, storage_options)
     options = build_options(tier, strict=strict, require=scan.require,
                             probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
-                            allow_factories=[*scan.allow_factories, *allow_factories])
+                            allow_factories=[*scan.allow_factories, *allow_factories], read=scan.read.settings())
     options.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     with Scanner(fs, options, jobs=jobs, file_timeout=scan.file_timeout,
                  checkpoint_timeout=scan.checkpoint_timeout) as scanner:
@@ -144,6 +146,7 @@ def rescan(
         probe_timeout=scan.probe_timeout,
         probe_memory_mb=scan.probe_memory_mb,
         allow_factories=[*scan.allow_factories, *allow_factories],
+        read=scan.read.settings(),
     )
     opts.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     store = None

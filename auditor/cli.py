@@ -168,14 +168,26 @@ def main(verbose: int) -> None:
               help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
 @click.option("--checkpoint-timeout", default=None,
               help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
+@click.option("--read-mode", type=click.Choice(["auto", "stream", "ranged"]), default=None,
+              help="Object-store reads: one streamed GET per object, or parallel ranged GETs (scan.read.mode).")
+@click.option("--part-size", default=None, help="Ranged GET part size, e.g. 16MiB (scan.read.part_size).")
+@click.option("--read-concurrency", type=click.IntRange(1, 64), default=None,
+              help="Ranged parts of one file in flight (scan.read.concurrency).")
 @_allow_factory
 def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, jobs: int,
            require_assurance: str | None, storage_option: tuple[str, ...], file_timeout: str | None,
-           checkpoint_timeout: str | None, allow_factory: tuple[str, ...]) -> None:
+           checkpoint_timeout: str | None, read_mode: str | None, part_size: str | None,
+           read_concurrency: int | None, allow_factory: tuple[str, ...]) -> None:
     """Verify one checkpoint (a folder or a single file); a folder of several verifies each."""
 
     def body() -> int:
-        scan = ScanConfig.model_validate({"settle_time": 0, **_deadlines(file_timeout, checkpoint_timeout)})
+        read = {k: v for k, v in (("mode", read_mode), ("part_size", part_size), ("concurrency", read_concurrency))
+                if v is not None}
+        try:
+            scan = ScanConfig.model_validate({"settle_time": 0, **_deadlines(file_timeout, checkpoint_timeout),
+                                              "read": read})
+        except ValidationError as e:
+            raise UsageError(f"--part-size: {e.errors()[0]['msg']} (got {part_size!r})") from e
         result = api.verify_url(checkpoint_url, tier=tier, strict=strict, jobs=jobs,
                                 storage_options=_options(storage_option), require_assurance=require_assurance,
                                 scan=scan, allow_factories=allow_factory)

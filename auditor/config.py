@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from auditor.errors import ConfigError
 from auditor.probe import DEFAULT_MEMORY_MB, parse_allow_pattern
 from auditor.retention import RetentionConfig
-from auditor.storage import CHECKPOINT_TIMEOUT, FILE_TIMEOUT
+from auditor.storage import CHECKPOINT_TIMEOUT, CHUNK_SIZE, FILE_TIMEOUT, MIN_PART_SIZE, READAHEAD, ReadSettings
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -37,6 +37,26 @@ def parse_duration(value: Any) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+               "g": 10**9, "gb": 10**9, "gib": 2**30}
+_SIZE = re.compile(r"^\s*(\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> int:
+    """Turn `8388608`, `"8MiB"`, `"16 MB"`, `"1GiB"` into bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"size {value!r} is not a number of bytes or a string like '8MiB'")
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _SIZE_UNITS:
+        raise ValueError(f"size {value!r} is not a number of bytes or a string like '8MiB', '16MB', '1GiB'")
+    return int(m.group(1)) * _SIZE_UNITS[unit]
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
 
 def _split_list(value: Any) -> Any:
     """Accept `a:b, c:*` (one string, as an environment variable carries it) as well as a YAML list."""
@@ -51,6 +71,21 @@ AllowFactories = Annotated[list[Annotated[str, AfterValidator(parse_allow_patter
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ReadConfig(_Strict):
+    """scan.read: how object-store reads are shaped (README "Object-store reads")."""
+
+    # auto: one streamed GET per object from S3-compatible servers (a custom endpoint_url), parallel
+    # ranged GETs from AWS S3, GCS and WebHDFS; stream / ranged force one or the other.
+    mode: Literal["auto", "stream", "ranged"] = "auto"
+    part_size: Size = Field(default=CHUNK_SIZE, ge=MIN_PART_SIZE, le=2**30)
+    # Ranged parts of one file in flight at once; the reorder buffer holds at most this many parts.
+    concurrency: int = Field(default=READAHEAD, ge=1, le=64)
+
+    def settings(self) -> ReadSettings:
+        """The reader's settings."""
+        return ReadSettings(mode=self.mode, part_size=self.part_size, concurrency=self.concurrency)
 
 
 class ScanConfig(_Strict):
@@ -73,6 +108,7 @@ class ScanConfig(_Strict):
     # Deadlines of one file's check and of one checkpoint's; see config.example.yaml.
     file_timeout: Duration = Field(default=FILE_TIMEOUT, gt=0)
     checkpoint_timeout: Duration = Field(default=CHECKPOINT_TIMEOUT, gt=0)
+    read: ReadConfig = ReadConfig()
 
 
 class ScanOverrides(_Strict):
@@ -91,6 +127,7 @@ class ScanOverrides(_Strict):
     file_timeout: Duration | None = Field(default=None, gt=0)
     checkpoint_timeout: Duration | None = Field(default=None, gt=0)
     allow_factories: AllowFactories | None = None
+    read: ReadConfig | None = None
 
 
 class PrefixConfig(_Strict):
@@ -127,6 +164,9 @@ class Config(_Strict):
     def scan_for(self, prefix: PrefixConfig) -> ScanConfig:
         """Merge a prefix's overrides over the global scan defaults."""
         overrides = prefix.scan.model_dump(exclude_none=True)
+        if prefix.scan.read is not None:
+            # A prefix's read section overrides only the keys it sets, as a model, not a dict.
+            overrides["read"] = self.scan.read.model_copy(update=prefix.scan.read.model_dump(exclude_unset=True))
         return self.scan.model_copy(update=overrides)
 
     def prefix(self, url: str) -> PrefixConfig | None:
@@ -160,7 +200,8 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         target = raw.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"environment variable {name} overrides {section}.{key}, but {section} is not a section")
-        target[key] = parsed if not isinstance(parsed, (dict, list)) or key in ("require", "allow_factories") else value
+        structured = key in ("require", "allow_factories", "read")  # keys whose value is a list or a mapping
+        target[key] = parsed if not isinstance(parsed, (dict, list)) or structured else value
     return raw
 
 

@@ -81,7 +81,7 @@ def scan_options(tier: str | None, scan: ScanConfig) -> Options:
     """The verification options of one tier (None: content, plus probe where sealed with one) under a scan config."""
     return build_options(tier, strict=scan.strict, settle_seconds=scan.settle_time, require=scan.require,
                          probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
-                         allow_factories=scan.allow_factories)
+                         allow_factories=scan.allow_factories, read=scan.read.settings())
 
 
 @dataclass(frozen=True)

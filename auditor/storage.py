@@ -12,6 +12,8 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
+from contextlib import closing
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -50,9 +52,42 @@ class ShortRead(StorageFault):
 FILE_TIMEOUT = 30 * 60.0
 CHECKPOINT_TIMEOUT = 4 * 3600.0
 # Ranges of one remote file fetched ahead of the digest: latency hides behind hashing. At most
-# READAHEAD per file and RANGE_BUDGET across all files of a reader are in memory at once.
+# READAHEAD per file and RANGE_BUDGET across all files of a reader are in memory at once (the
+# defaults of ReadSettings.concurrency and its budget).
 READAHEAD = 4
 RANGE_BUDGET = 6
+READ_MODES = ("auto", "stream", "ranged")
+MIN_PART_SIZE = 2**20
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """How remote objects are read (`scan.read`): one streamed GET, or parallel ranged GETs.
+
+    `mode` "stream" reads an object with one request from start to end (a backend without a
+    streamed GET of its own reads it chunk after chunk); "ranged" fetches parts of `part_size`,
+    `concurrency` of one file at a time, handed to the digest in order; "auto" asks the backend
+    (Backend.auto_read_mode: stream from S3-compatible servers, ranged from AWS, GCS and WebHDFS).
+    Memory per file is at most `concurrency` parts, and across the files of one reader
+    `concurrency + 2` parts (the reorder budget), whatever the objects' sizes.
+    """
+
+    mode: str = "auto"
+    part_size: int = CHUNK_SIZE
+    concurrency: int = READAHEAD
+
+    def __post_init__(self) -> None:
+        if self.mode not in READ_MODES:
+            raise ValueError(f"read mode {self.mode!r} is not one of {', '.join(READ_MODES)}")
+        if self.part_size < MIN_PART_SIZE:
+            raise ValueError(f"read part size {self.part_size} is below {MIN_PART_SIZE} bytes")
+        if self.concurrency < 1:
+            raise ValueError(f"read concurrency must be at least 1, got {self.concurrency}")
+
+    @property
+    def budget(self) -> int:
+        """Parts in flight across all files of one reader (RANGE_BUDGET at the defaults)."""
+        return self.concurrency + RANGE_BUDGET - READAHEAD
 
 
 def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
@@ -157,6 +192,7 @@ class Reader:
         stop: threading.Event | None = None,
         stat_slots: threading.Semaphore | None = None,
         range_budget: threading.Semaphore | None = None,
+        read: ReadSettings | None = None,
     ) -> None:
         # Whatever opens files through this reader's fs (zip checks, the pickle scan) gets the same guard.
         self.backend: Backend = backend_for(fs).guarded()
@@ -165,8 +201,12 @@ class Reader:
         self.stop = stop
         # Listing and stat calls have their own limit, so metadata work never waits behind data reads.
         self.stat_slots = stat_slots or threading.BoundedSemaphore(8)
-        self.range_budget = range_budget or threading.BoundedSemaphore(RANGE_BUDGET)
+        self.read_settings = read or ReadSettings()
+        self.range_budget = range_budget or threading.BoundedSemaphore(self.read_settings.budget)
         self.chunk_size = chunk_size
+        # The most parts of one file alive at once in _ranged (in flight, arrived, with the consumer):
+        # the reorder buffer's bound, kept for tests and never above read_settings.concurrency.
+        self.peak_parts = 0
         self.throttle = throttle or Throttle(0)
         self.retries = retries
         self.backoff = backoff
@@ -196,6 +236,7 @@ class Reader:
             stop=self.stop,
             stat_slots=self.stat_slots,
             range_budget=self.range_budget,
+            read=self.read_settings,
         )
         with self._lock:
             self._children.add(kid)
@@ -303,7 +344,8 @@ class Reader:
                     **open_kw: Any) -> Iterator[bytes]:
         """Yield the bytes of [start, end) in chunks; resume at the failed offset on retry.
 
-        On remote stores, with the size known, ranges are fetched READAHEAD at a time in parallel.
+        On remote stores, with the size known, the read follows `read_settings` (see read_mode): one
+        streamed GET, or parts fetched `concurrency` at a time in parallel and yielded in order.
         A body shorter than asked is never taken for the end of the file: the object is stat-ed
         again, and only if the store now lists it shorter does the stream end early (the digest
         then says truncated); if it still lists the full size, the range is read again, and
@@ -312,12 +354,28 @@ class Reader:
         stop_at = end if end is not None else size
         self._track(path, 1)
         try:
-            if stop_at is not None and not self.local and stop_at - start > self.chunk_size:
-                yield from self._ranged(path, start, stop_at, **open_kw)
-                return
-            yield from self._stream(path, start, end, **open_kw)
+            mode = "stream" if stop_at is None or self.local else self.read_mode(stop_at - start)
+            if mode == "ranged":
+                yield from self._ranged(path, start, stop_at, **open_kw)  # type: ignore[arg-type]
+            elif mode == "streamed":
+                yield from self._streamed(path, start, stop_at, **open_kw)  # type: ignore[arg-type]
+            else:
+                yield from self._stream(path, start, end, **open_kw)
         finally:
             self._track(path, -1)
+
+    def read_mode(self, nbytes: int) -> str:
+        """How `nbytes` of a remote object are read: "ranged", "streamed" (one GET) or "stream" (sequential reads).
+
+        An object of one part or less is never split; "auto" asks the backend.
+        """
+        mode = self.read_settings.mode
+        if mode == "auto":
+            mode = self.backend.auto_read_mode()
+        if mode == "ranged":
+            return "ranged" if nbytes > self.read_settings.part_size else "stream"
+        # One request per object where the backend has a streamed GET; else its sequential reads.
+        return "streamed" if nbytes > 0 and type(self.backend).stream_object is not Backend.stream_object else "stream"
 
     def _shrunk(self, path: str, need: int) -> bool:
         """After a short body: tell whether the store now lists the object shorter than `need` bytes."""
@@ -364,7 +422,14 @@ class Reader:
         return fut
 
     def _ranged(self, path: str, start: int, end: int, **kw: Any) -> Iterator[bytes]:
-        ranges = [(lo, min(lo + self.chunk_size, end)) for lo in range(start, end, self.chunk_size)]
+        """Parts fetched `concurrency` at a time, yielded in order: a bounded reorder buffer.
+
+        `pending` holds the parts in flight or arrived out of order; with the one the consumer
+        holds, at most `concurrency` parts of this file are alive (peak_parts), and the shared
+        range budget bounds them across files.
+        """
+        part, ahead = self.read_settings.part_size, self.read_settings.concurrency
+        ranges = [(lo, min(lo + part, end)) for lo in range(start, end, part)]
         pending: list[tuple[Future[bytes], Lease]] = []
         nxt = 0
         # Fetches run on a reader of their own, so those still in flight when the read ends early
@@ -375,7 +440,7 @@ class Reader:
             for i in range(len(ranges)):
                 # Keep up to READAHEAD ranges in flight while the shared budget allows; with
                 # nothing in flight, wait for budget, so every file makes progress.
-                while nxt < len(ranges) and len(pending) < READAHEAD:
+                while nxt < len(ranges) and len(pending) < ahead:
                     budget = self._lease(self.range_budget, blocking=not pending)
                     if budget is None:
                         break
@@ -389,6 +454,7 @@ class Reader:
                     budget.release()
                 self._count(len(chunk))
                 short = len(chunk) < ranges[i][1] - ranges[i][0]
+                self._note_parts(len(pending) + 1)
                 yield chunk
                 del chunk
                 if short:
@@ -401,6 +467,80 @@ class Reader:
                 budget.release()
             if slot is not None:
                 slot.release()
+
+    def _note_parts(self, live: int) -> None:
+        with self._lock:
+            self.peak_parts = max(self.peak_parts, live)
+
+    def _streamed(self, path: str, start: int, end: int, **kw: Any) -> Iterator[bytes]:
+        """[start, end) in one streamed request; after a fault or a short body, one more from where it broke.
+
+        Faults before the body starts get `retries` more tries (the backend retried the request
+        itself); a body that breaks or ends short gets _short_retries, as a ranged fetch does. A
+        short body, if the store still lists the full size, is ShortRead once the tries are spent.
+        """
+        pos, attempt = start, 0
+        slot = self._lease(self.read_slots)
+        try:
+            while pos < end:
+                self._check(path)
+                began = pos
+                try:
+                    yield from self._one_stream(path, pos, end, kw)
+                    return
+                except _StreamEnded as ended:
+                    pos = ended.pos
+                    if pos >= end:
+                        return
+                    if self._shrunk(path, end):
+                        return  # the store lists the object shorter now: the digest will say so
+                    err: BaseException = ShortRead(
+                        f"short read of {path}: the body ended at offset {pos} while the store still lists at "
+                        f"least {end} bytes")
+                    cause: BaseException | None = None
+                except (FileNotFoundError, Abandoned, DeadlineExceeded, PathHazard):
+                    raise
+                except _StreamFault as fault:
+                    pos, cause = fault.pos, fault.__cause__
+                    err = self._classify(cause or fault, f"read {path}")
+                    if isinstance(err, (FileNotFoundError, PathHazard)) or (cause is not None and _permanent(cause)):
+                        raise err from cause
+                limit = _short_retries(self.retries) if pos > began or isinstance(err, ShortRead) else self.retries
+                if attempt >= limit:
+                    raise err from cause
+                delay = self.backoff * 2**attempt
+                # A short body always counts (a store that keeps answering short is a fault, however
+                # much each answer carries); a broken connection after a chunk or more starts afresh.
+                fresh = not isinstance(err, ShortRead) and pos - began >= self.chunk_size
+                attempt = 1 if fresh else attempt + 1
+                logger.warning("retrying streamed read of %s at offset %d in %.2fs after %s", path, pos, delay, err)
+                self.cancelled.wait(delay)
+        finally:
+            if slot is not None:
+                slot.release()
+
+    def _one_stream(self, path: str, pos: int, end: int, kw: dict[str, Any]) -> Iterator[bytes]:
+        """Yield one request's chunks; raise _StreamEnded (short) or _StreamFault (error) with the offset reached."""
+        self.throttle.acquire(min(self.chunk_size, end - pos))
+        try:
+            chunks = self.backend.stream_object(path, pos, end, self.chunk_size, **kw)
+            assert chunks is not None  # read_mode chose "streamed" because the backend has one
+            with closing(chunks):
+                for chunk in chunks:
+                    self._check(path)
+                    chunk = chunk[: end - pos]
+                    pos += len(chunk)
+                    self._count(len(chunk))
+                    yield chunk
+                    del chunk
+                    if pos >= end:
+                        return
+                    self.throttle.acquire(min(self.chunk_size, end - pos))
+        except (FileNotFoundError, Abandoned, DeadlineExceeded, PathHazard, GeneratorExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - every backend has its own error types
+            raise _StreamFault(pos) from e
+        raise _StreamEnded(pos)
 
     def _open(self, path: str, **open_kw: Any) -> Any:
         return self.backend.open_read(path, self.chunk_size, **open_kw)
@@ -461,6 +601,22 @@ class Reader:
             if limit is not None and len(out) > limit:
                 raise ValueError(f"refusing to read more than {limit} bytes of {path}")
         return bytes(out)
+
+
+class _StreamEnded(Exception):
+    """A streamed body ended before the range did, at `pos`."""
+
+    def __init__(self, pos: int) -> None:
+        super().__init__(pos)
+        self.pos = pos
+
+
+class _StreamFault(Exception):
+    """A streamed request failed at `pos`; the backend's error is the cause."""
+
+    def __init__(self, pos: int) -> None:
+        super().__init__(pos)
+        self.pos = pos
 
 
 def _short_retries(retries: int) -> int:

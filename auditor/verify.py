@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import CancelledError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fsspec import AbstractFileSystem
@@ -50,6 +50,7 @@ from auditor.storage import (
     DeadlinePool,
     PathHazard,
     Reader,
+    ReadSettings,
     ShortRead,
     StorageFault,
     Throttle,
@@ -75,6 +76,8 @@ class Options:
     baseline: Callable[[Checkpoint], dict[str, FileEntry] | None] | None = None
     # A verdict that proved less than this is `unverifiable` (a failure for CI gates).
     require_assurance: Assurance | None = None
+    # How object-store reads are shaped (scan.read).
+    read: ReadSettings = field(default_factory=ReadSettings)
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
@@ -602,7 +605,7 @@ class Scanner:
         self.list_jobs = list_jobs
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
                              stop=stop, retries=backend_for(fs).own_retries,
-                             stat_slots=threading.BoundedSemaphore(list_jobs))
+                             stat_slots=threading.BoundedSemaphore(list_jobs), read=options.read)
         # Set by the first storage error of a pass that a fresh stat confirms (the store itself is
         # unreachable): the rest of the pass is reported, not attempted, so an outage costs one
         # backend timeout instead of one per file. One unreadable checkpoint never sets it.

@@ -10,9 +10,12 @@ Three parts, each against a reference run in the same command:
             proxy), alternating, --repeats rounds, medians. ratio = auditor MB/s / rclone MB/s, target
             >= 1.0. To say where the time goes, also measured: both commands on a tiny checkpoint of
             the same layout (fixed cost; the marginal rate is (bytes_big - bytes_tiny) / (t_big -
-            t_tiny)), and two no-hashing readers of the same objects that isolate the server's cost of
-            each access pattern: `ranged` (s3fs, 8 MiB ranges, 4 in flight per file, 4 files at once:
-            the auditor's pattern) and `whole` (boto3, one streamed GET per object, 8 at once: rclone's).
+            t_tiny)), the auditor's two read modes (scan.read.mode: `auto` is what is checked, and
+            streams from a custom endpoint such as moto; `--read-mode ranged` is also timed), and two
+            no-hashing readers of the same objects that isolate the server's cost of each access
+            pattern: `ranged` (s3fs, 8 MiB ranges, 4 in flight per file, 4 files at once: the
+            auditor's ranged mode) and `whole` (boto3, one streamed GET per object, 8 at once:
+            rclone's, and the auditor's stream mode at 4 files at once).
   metadata  --count sealed checkpoints (3 tiny files + manifest each, put with ChecksumAlgorithm=CRC32C
             so HEAD returns a comparable full-object checksum), `auditor rescan --tier metadata --json`
             through the fault proxy, whose request log counts LIST / HEAD / GET. Proof that no object
@@ -351,15 +354,17 @@ def part_content(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str,
                 rclone_hashes[path.strip()] = digest
         return seconds
 
-    def run_auditor(name: str) -> float:
+    def run_auditor(name: str, mode: str = "auto") -> float:
         nonlocal bytes_read
         seconds, proc = timed(cli + ["verify", f"s3://{bucket}/{name}/checkpoint-100", "--tier", "content", "--json",
-                                     "--jobs", str(args.jobs)] + storage_flags(s3.direct_url))
-        verdict = verdict_of(proc, f"auditor verify {name}")
+                                     "--jobs", str(args.jobs), "--read-mode", mode] + storage_flags(s3.direct_url))
+        verdict = verdict_of(proc, f"auditor verify {name} --read-mode {mode}")
         if verdict["status"] != "ok":
             raise SystemExit(f"bench_s3: auditor verify {name} gave {verdict['status']}: {verdict['findings']}")
-        if name == "big":
+        if name == "big" and mode == "auto":
             bytes_read = verdict["bytes_read"]
+        elif name == "big" and verdict["bytes_read"] != bytes_read:  # every mode reads the same bytes
+            raise SystemExit(f"bench_s3: --read-mode {mode} read {verdict['bytes_read']} bytes, auto {bytes_read}")
         return seconds
 
     def run_reader(mode: str) -> float:
@@ -386,12 +391,14 @@ def part_content(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str,
     for mode in args.moto_ranges:
         MotoRanges.s3like = mode == "s3like"
         times: dict[str, list[float]] = {k: [] for k in ("rclone", "auditor", "rclone_tiny", "auditor_tiny",
-                                                          "ref_whole", "ref_ranged", "floor", "floor_torch")}
+                                                          "auditor_ranged", "ref_whole", "ref_ranged", "floor",
+                                                          "floor_torch")}
         for r in range(args.repeats):
             order = ("rclone", "auditor") if r % 2 == 0 else ("auditor", "rclone")
             for tool in order:
                 times[tool].append(run_rclone("big") if tool == "rclone" else run_auditor("big"))
                 times[f"{tool}_tiny"].append(run_rclone("tiny") if tool == "rclone" else run_auditor("tiny"))
+            times["auditor_ranged"].append(run_auditor("big", "ranged"))
             times["ref_whole"].append(run_reader("whole"))
             times["ref_ranged"].append(run_reader("ranged"))
             # What a verify costs before any work: the interpreter with the CLI and s3fs; and with torch,
@@ -400,13 +407,16 @@ def part_content(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str,
             times["floor_torch"].append(timed([sys.executable, "-c", "import auditor.cli, s3fs, torch"])[0])
             log(f"content [{mode} ranged GETs] round {r + 1}: rclone {times['rclone'][-1]:.2f}s "
                 f"(tiny {times['rclone_tiny'][-1]:.2f}s) | auditor {times['auditor'][-1]:.2f}s "
-                f"(tiny {times['auditor_tiny'][-1]:.2f}s) | readers: whole-object {times['ref_whole'][-1]:.2f}s, "
+                f"(tiny {times['auditor_tiny'][-1]:.2f}s; ranged {times['auditor_ranged'][-1]:.2f}s) | "
+                f"readers: whole-object {times['ref_whole'][-1]:.2f}s, "
                 f"8 MiB ranges {times['ref_ranged'][-1]:.2f}s")
         mismatched = sorted(p for p, h in sealed.items() if rclone_hashes.get(p) != h)
         if mismatched:
             raise SystemExit(f"bench_s3: rclone's sha256 differs from the manifest for {mismatched}")
         med = {k: statistics.median(v) for k, v in times.items()}
-        rate = {k: mb_per_s(big, med[k]) for k in ("rclone", "auditor", "ref_whole", "ref_ranged")}
+        rate = {k: mb_per_s(big, med[k]) for k in ("rclone", "auditor", "auditor_ranged", "ref_whole", "ref_ranged")}
+        best = {k: min(v) for k, v in times.items()}
+        spread = {k: round(max(v) - min(v), 3) for k, v in times.items()}
         marginal = {k: mb_per_s(big - tiny, med[k] - med[f"{k}_tiny"]) for k in ("rclone", "auditor")}
         ratio = rate["auditor"] / rate["rclone"]
         key = "" if mode == "s3like" else "stock_moto_"
@@ -416,6 +426,12 @@ def part_content(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str,
             f"{key}rclone_mb_s": round(rate["rclone"], 1),
             f"{key}auditor_mb_s": round(rate["auditor"], 1),
             f"{key}ratio_auditor_vs_rclone": round(ratio, 3),
+            f"{key}ratio_best_auditor_vs_rclone": round(best["rclone"] / best["auditor"], 3),
+            f"{key}auditor_ranged_seconds": round(med["auditor_ranged"], 3),
+            f"{key}auditor_ranged_mb_s": round(rate["auditor_ranged"], 1),
+            f"{key}ratio_auditor_ranged_vs_rclone": round(rate["auditor_ranged"] / rate["rclone"], 3),
+            f"{key}content_best_seconds": {k: round(v, 3) for k, v in best.items()},
+            f"{key}content_spread_seconds": spread,
             f"{key}rclone_tiny_seconds": round(med["rclone_tiny"], 3),
             f"{key}auditor_tiny_seconds": round(med["auditor_tiny"], 3),
             f"{key}rclone_marginal_mb_s": round(marginal["rclone"], 1),
@@ -435,6 +451,11 @@ def part_content(s3: Any, args: Any, tmp: Path, block: bytes) -> tuple[dict[str,
              f"(tiny checkpoint {med['rclone_tiny']:.2f}s; marginal {marginal['rclone']:.1f} MB/s)"),
             (f"    auditor verify --tier content      {med['auditor']:6.2f}s = {rate['auditor']:6.1f} MB/s "
              f"(tiny checkpoint {med['auditor_tiny']:.2f}s; marginal {marginal['auditor']:.1f} MB/s)"),
+            (f"    auditor --read-mode ranged         {med['auditor_ranged']:6.2f}s = "
+             f"{rate['auditor_ranged']:6.1f} MB/s (auto streams here: one GET per object)"),
+            (f"    best of {args.repeats}: rclone {best['rclone']:.2f}s, auditor {best['auditor']:.2f}s "
+             f"(ratio {best['rclone'] / best['auditor']:.2f}); spread rclone {spread['rclone']:.2f}s, "
+             f"auditor {spread['auditor']:.2f}s"),
             (f"    ratio auditor/rclone {ratio:.2f} (target >= {TARGET_RATIO}) "
              f"{'OK' if ratio >= TARGET_RATIO else 'MISSED'}; "
              f"marginal ratio {marginal['auditor'] / marginal['rclone']:.2f}"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+from collections.abc import Generator
 from typing import Any, ClassVar
 
 import fsspec
@@ -127,6 +128,23 @@ class Backend:
         self.forget(path)
         entries = self.fs.ls(path, detail=True)
         return {e["name"].rstrip("/"): e for e in entries}
+
+    def auto_read_mode(self) -> str:
+        """How `scan.read.mode: auto` reads an object larger than one part here: "ranged" or "stream".
+
+        Parallel ranged GETs by default: stores without a streamed GET of their own (see
+        stream_object) read "stream" as one sequential read after another anyway.
+        """
+        return "ranged"
+
+    def stream_object(self, path: str, start: int, end: int, chunk_size: int,
+                      **read_kw: Any) -> Generator[bytes, None, None] | None:
+        """One streamed request for [start, end), yielded in chunks of up to `chunk_size`; None if unsupported.
+
+        The body may end early (the reader decides what a short body means); closing the iterator
+        ends the request.
+        """
+        return None
 
     def open_read(self, path: str, block_size: int, **open_kw: Any) -> Any:
         """Open `path` for an unbuffered sequential read (the reader does its own chunking)."""

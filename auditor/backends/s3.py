@@ -1,8 +1,12 @@
-"""S3 (s3fs): full-object checksums from HeadObject, VersionId-pinned re-reads, CRC32C on upload."""
+"""S3 (s3fs): full-object checksums from HeadObject, VersionId-pinned re-reads, CRC32C on upload, streamed GETs."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from contextlib import suppress
 from typing import Any
+
+from fsspec.asyn import sync
 
 from auditor.backends.base import Backend, b64_to_hex
 
@@ -46,3 +50,51 @@ class S3Backend(Backend):
         if info.get("VersionId") and getattr(self.fs, "version_aware", False):
             return {"version_id": info["VersionId"]}
         return {}
+
+    def auto_read_mode(self) -> str:
+        """Stream from S3-compatible servers (a custom endpoint_url), ranged GETs from AWS S3 itself.
+
+        A server that is not S3 may pay for a ranged GET with the whole object (stock moto reads
+        the object and slices it; measured on moto with O(range) GETs, too, one GET per object was
+        faster and cost the client less CPU: README "Object-store reads"). AWS serves ranges at
+        their own cost and caps one connection's rate, so parallel parts pay there.
+        """
+        return "stream" if getattr(self.fs, "endpoint_url", None) else "ranged"
+
+    def stream_object(self, path: str, start: int, end: int, chunk_size: int,
+                      **read_kw: Any) -> Generator[bytes, None, None] | None:
+        return _stream_get(self.fs, path, start, end, chunk_size, read_kw.get("version_id"))
+
+
+def _stream_get(fs: Any, path: str, start: int, end: int, chunk_size: int,
+                version_id: str | None) -> Generator[bytes, None, None]:
+    """One GetObject with `Range: bytes=start-(end-1)`, its body read in chunks on s3fs's event loop.
+
+    The range keeps the read to the bytes the listing promised, whatever the object is now; the
+    reader re-stats on a short body. Errors are s3fs's (FileNotFoundError, OSError, botocore's).
+    """
+    bucket, key, version = fs.split_path(path)
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
+    if version_id or version:
+        kwargs["VersionId"] = version_id or version
+    body = sync(fs.loop, fs._call_s3, "get_object", **kwargs)["Body"]
+    try:
+        while chunk := sync(fs.loop, _read_up_to, body, chunk_size):
+            yield chunk
+    finally:
+        # The body belongs to the loop's thread; closing it there drops an unfinished response.
+        with suppress(RuntimeError):  # the loop is already closed (interpreter exit): nothing to drop
+            fs.loop.call_soon_threadsafe(body.close)
+
+
+async def _read_up_to(body: Any, n: int) -> bytes:
+    """Read `n` bytes of a streaming body (fewer only at its end) in one trip to the event loop."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        part = await body.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
