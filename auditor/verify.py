@@ -364,6 +364,12 @@ def _check_listed(
             ordered.append(Finding.error("size_mismatch", entry.path, f"{size} bytes, sealed with {entry.size}"))
             continue
         if compare:
+            # The listing may answer alone (the sealed ETag, GCS's listed crc32c): no request for this file.
+            answered, got = integrity.listed_evidence(reader.backend, path, info, entry)
+            if answered:
+                if got is not None:
+                    ordered.append(got)
+                continue
             ordered.append(len(heads))
             heads.append((entry.path, _bind_checksum(entry, path, info)))
         elif ctx.options.tier != Tier.METADATA:
@@ -386,19 +392,28 @@ def _finish_listed(ctx: Context, reader: Reader, heads: list[tuple[str, Callable
     fails is a finding on its file (`storage_error`, never a mismatch); the others go on.
     """
     results = ctx.run_files(reader, heads, pool=ctx.stat_pool, what="checksum of") if heads else []
-    uncompared = 0
+    tally: Counter[str] = Counter()
     for item in ordered:
         got = results[item][1] if isinstance(item, int) else item
         if got is None:
             continue
-        if got.code == "no_server_checksum" and got.severity == Severity.INFO:
-            uncompared += 1
+        if got.code in _TALLIED and got.severity == Severity.INFO:
+            tally[got.code] += 1
         else:
             findings.append(got)
-    if uncompared:
+    if tally["unchanged_since_seal"]:
+        findings.append(Finding.info("unchanged_since_seal", None,
+                                f"{tally['unchanged_since_seal']} of {total} file(s) listed with the ETag recorded "
+                                "at seal, when the store's checksum equalled the sealed digest: the same objects, "
+                                "unchanged since sealing (no checksum request)"))
+    if tally["no_server_checksum"]:
         findings.append(Finding.info("no_server_checksum", None,
-                                f"{uncompared} of {total} file(s) have no comparable server-side checksum: "
-                                "the metadata tier proves their existence and size only"))
+                                f"{tally['no_server_checksum']} of {total} file(s) have no comparable server-side "
+                                "checksum: the metadata tier proves their existence and size only"))
+
+
+# Per-file info findings of the checksum step that are said once per checkpoint, with their count.
+_TALLIED = frozenset({"no_server_checksum", "unchanged_since_seal"})
 
 
 def _bind_checksum(entry: FileEntry, path: str, info: dict[str, Any]) -> Callable[[Reader], Finding | None]:
