@@ -242,10 +242,11 @@ def listed_evidence(backend: Backend, path: str, info: dict[str, Any], entry: Fi
 
     An entry sealed with the store's identity of its object (S3 ETag) and listed with the same one is
     that object, unchanged: its store checksum is still the one that equalled the sealed digest at
-    seal (the info finding `unchanged_since_seal`, a pass), or still none comparable (`no_server_checksum`). A store that lists its
-    checksums (GCS crc32c) is compared as listed. Anything else (an identity that differs, none
-    recorded) is not answered: the caller asks the store, so a rewrite with the same bytes under
-    another multipart layout is judged by its checksum, never failed for its new ETag.
+    seal (the info finding `unchanged_since_seal`, a pass), or still none comparable
+    (`no_server_checksum`). A store that lists its checksums (GCS crc32c) is compared as listed.
+    Anything else (an identity that differs, none recorded) is not answered: the caller asks the
+    store, so a rewrite with the same bytes under another multipart layout is judged by its
+    checksum, never failed for its new ETag.
     """
     sealed = entry.store
     if sealed is not None:

@@ -191,7 +191,9 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     if ck.manifest_path:
         try:
             # Under the file deadline like every other file: a manifest read that hangs names the manifest.
-            got = ctx.run_files(reader, [(_name(ck.manifest_path), lambda r: _read_manifest(r, ck))])[0][1]
+            # At the metadata tier on the stat pool, list_jobs wide: the manifest is its one GET.
+            got = ctx.run_files(reader, [(_name(ck.manifest_path), lambda r: _read_manifest(r, ck))],
+                                pool=ctx.stat_pool)[0][1]
             if isinstance(got, Finding):
                 findings.append(got)
                 return True
@@ -618,6 +620,11 @@ class Scanner:
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
                              stop=stop, retries=backend_for(fs).own_retries,
                              stat_slots=threading.BoundedSemaphore(list_jobs))
+        # The metadata tier's one data read per checkpoint, its manifest, is a small request like
+        # its stats: list_jobs of them at once (slots of their own, beside the stat slots), not `jobs`.
+        self._meta_reader = Reader(fs, throttle=throttle, on_bytes=on_bytes,
+                                   read_slots=threading.BoundedSemaphore(list_jobs), stop=stop,
+                                   retries=backend_for(fs).own_retries, stat_slots=self.reader.stat_slots)
         # Set by the first storage error of a pass that a fresh stat confirms (the store itself is
         # unreachable): the rest of the pass is reported, not attempted, so an outage costs one
         # backend timeout instead of one per file. One unreadable checkpoint never sets it.
@@ -728,9 +735,9 @@ class Scanner:
 
     def _submit(self, ck: Checkpoint, options: Options | None, stop: threading.Event | None, *,
                 guarded: bool) -> tuple[Any, Reader]:
-        reader = self.reader.child()
-        fn = self._guarded if guarded else self._verify_now
         metadata = (options or self.options).tier == Tier.METADATA
+        reader = (self._meta_reader if metadata else self.reader).child()
+        fn = self._guarded if guarded else self._verify_now
         pool = self._metadata_pools()[0] if metadata else self._checkpoints
         task = pool.submit(fn, ck, stop, options, reader, what=f"verifying {ck.url}",
                                         timeout=self.checkpoint_timeout, on_timeout=reader.abort,

@@ -60,7 +60,10 @@ class ObjectIdentity:
     version_id: str | None = None
 
     def same_object(self, etag: str, version_id: str | None) -> bool:
-        """Whether this is the object recorded as (`etag`, `version_id`); a version known on one side only is no objection."""
+        """Whether this is the object recorded as (`etag`, `version_id`).
+
+        A version known on one side only is no objection: the ETag decides.
+        """
         if self.etag != etag:
             return False
         return not (self.version_id and version_id and self.version_id != version_id)
