@@ -242,3 +242,31 @@ def test_gcs_metadata_tier_compares_listed_crc32c_without_a_request_per_file(tmp
     v = metadata(backend)
     assert [(f.code, f.file) for f in v.findings if f.severity == "error"] == [
         ("server_checksum_mismatch", "optimizer.pt")]
+
+
+def test_save_checkpoint_on_s3_records_identities_the_metadata_tier_uses(s3_svc):
+    import torch
+
+    import auditor.training
+
+    backend = s3_svc.new_backend()
+    bucket = backend.url[len("s3://"):]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    manifest = auditor.training.save_checkpoint(backend.path(CKPT), 5, model, opt,
+                                                storage_options=backend.storage_options)
+    fs = backend.fs()
+    listed = {p.rsplit("/", 1)[1]: i["ETag"].strip('"') for p, i in fs.find(f"{bucket}/{CKPT}", detail=True).items()}
+    # Each file's identity as written and digested, which is what the listing shows now.
+    recorded = {e.path: e.store.etag for e in manifest.files if e.store is not None}
+    assert recorded == {e.path: listed[e.path] for e in manifest.files}, (recorded, listed)
+    # save_checkpoint's PUTs ask for no CRC32C: no store checksum was compared at seal, and the
+    # metadata tier says existence, as its HEADs would have, without making them.
+    assert {e.store.checksum for e in manifest.files} == {None}
+    backend.faults.clear_hits()
+    v = metadata(backend)
+    assert (v.status, v.assurance) == (Status.OK, "existence"), v.findings
+    assert file_heads(backend.faults, bucket) == 0
