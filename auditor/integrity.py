@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from auditor import formats, pickles, safejson
+from auditor.backends import Backend
 from auditor.digests import digest_chunks
 from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SpanDigests
@@ -258,6 +259,11 @@ def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], ent
         raise  # shutting down: the checkpoint's check ends, as for any read
     except StorageFault as e:
         return Finding.error("storage_error", entry.path, f"checksum request failed: {e}")
+    return checksum_finding(got, entry)
+
+
+def checksum_finding(got: tuple[str, str] | None, entry: FileEntry) -> Finding | None:
+    """What the store's checksum `got` (algorithm, hex) says about a sealed entry: None when it matches."""
     if got is None:
         return Finding.info("no_server_checksum", entry.path, "no comparable server-side checksum")
     algo, value = got
@@ -266,3 +272,29 @@ def compare_server_checksum(reader: Reader, path: str, info: dict[str, Any], ent
         return Finding.error("server_checksum_mismatch", entry.path,
                        f"the store's {algo} is {value}, sealed {sealed}: the object's bytes changed")
     return None
+
+
+def listed_evidence(backend: Backend, path: str, info: dict[str, Any], entry: FileEntry
+                    ) -> tuple[bool, Finding | None]:
+    """Answer the metadata tier's checksum question from the listing alone, where it can: (answered, finding).
+
+    An entry sealed with the store's identity of its object (S3 ETag) and listed with the same one is
+    that object, unchanged: its store checksum is still the one that equalled the sealed digest at
+    seal (the info finding `unchanged_since_seal`, a pass), or still none comparable
+    (`no_server_checksum`). A store that lists its checksums (GCS crc32c) is compared as listed.
+    Anything else (an identity that differs, none recorded) is not answered: the caller asks the
+    store, so a rewrite with the same bytes under another multipart layout is judged by its
+    checksum, never failed for its new ETag.
+    """
+    sealed = entry.store
+    if sealed is not None:
+        now = backend.object_identity(info)
+        if now is not None and now.same_object(sealed.etag, sealed.version_id):
+            if sealed.checksum is None:
+                return True, Finding.info("no_server_checksum", entry.path, "no comparable server-side checksum")
+            return True, Finding.info("unchanged_since_seal", entry.path,
+                                      f"listed with the ETag recorded at seal, when the store's {sealed.checksum} "
+                                      "equalled the sealed digest")
+    if backend.checksum_in_listing:
+        return True, checksum_finding(backend.server_checksum(path, info), entry)
+    return False, None

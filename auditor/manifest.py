@@ -8,7 +8,17 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from auditor import safejson
 
@@ -99,6 +109,23 @@ class SpanDigests(_Model):
         return start, min(start + self.size, file_size)
 
 
+class StoreIdentity(_Model):
+    """The object store's identity of a file as sealed (additive, optional): what a listing shows again.
+
+    Recorded at seal time from the listing made before the file was digested, and kept only if the
+    store named the same object after the digest, so it names the bytes that were digested. S3 gives
+    a new ETag to any write of other bytes (single-part: the MD5 of the content; multipart: the MD5 of
+    the parts' MD5s and "-N"), so an equal ETag in a later listing is the sealed object, unchanged.
+    """
+
+    etag: str = Field(min_length=1, max_length=1024)
+    version_id: str | None = None
+    # The store's own whole-object checksum of this object that equalled the sealed digest at seal
+    # time ("crc32c" or "sha256"), or None if the store kept none comparable: an unchanged object
+    # still has it, so a later listing can stand in for the checksum request.
+    checksum: Literal["crc32c", "sha256"] | None = None
+
+
 class FileEntry(_Model):
     path: str
     size: int = Field(ge=0)
@@ -106,6 +133,17 @@ class FileEntry(_Model):
     crc32c: str
     # Optional (v1, additive): span digests of a large file; the whole-file sha256 stays the contract.
     spans: SpanDigests | None = None
+
+
+    store: StoreIdentity | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_store(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        # Optional and additive: an entry sealed off an object store is written as before, without `store`.
+        out: dict[str, Any] = handler(self)
+        if out.get("store") is None:
+            out.pop("store", None)
+        return out
 
     @field_validator("sha256")
     @classmethod

@@ -118,7 +118,9 @@ class Assurance(_Word):
     EXISTENCE = "existence"  # listed with the expected size, no comparable checksum
     STRUCTURAL = "structural"  # format checks only (headers, zip CRCs, JSON syntax, pickle scan)
     BASELINE = "baseline"  # digests the daemon recorded at first sight
-    SERVER_CHECKSUM = "server-checksum"  # the store's own whole-object checksum matched the sealed one
+    # the store's own whole-object checksum matched the sealed one: asked (HEAD), listed (GCS), or on S3 the
+    # object listed with the ETag recorded at seal when its checksum matched then (unchanged since sealing)
+    SERVER_CHECKSUM = "server-checksum"
     FOREIGN = "foreign"  # digests from another tool's manifest
     SEALED = "sealed"  # every byte against our manifest's digests
     SIGNED = "signed"  # sealed, and the manifest's signature verified

@@ -27,7 +27,7 @@ from auditor import completeness, formats
 from auditor.backends import backend_for
 from auditor.digests import FileDigest, digest_chunks, run_config_sha256
 from auditor.errors import StorageError, UsageError
-from auditor.integrity import sanitise
+from auditor.integrity import checksum_finding, sanitise
 from auditor.layouts import Checkpoint
 from auditor.manifest import (
     MANIFEST_NAME,
@@ -39,6 +39,7 @@ from auditor.manifest import (
     Probe,
     RunInfo,
     SpanDigests,
+    StoreIdentity,
     TensorEntry,
     TrainingState,
     now_utc,
@@ -176,14 +177,65 @@ def split_digests(results: dict[str, Digested]) -> tuple[dict[str, FileEntry], d
 
 def digest_written(reader: Reader, rel: str, path: str) -> Digested:
     """Digest a file this process has just written, read back from storage; refuse it if damaged."""
-    size = int(reader.info(path).get("size") or 0)
+    info = reader.info(path)
+    size = int(info.get("size") or 0)
     try:
         entry, tensors = digest_file(reader, rel, path, size)
     except formats.FormatError as e:
         raise UsageError(f"{rel} reads back damaged ({e}); not sealing it") from e
     if entry.size != size:
         raise StorageError(f"{rel} changed size while being sealed ({size} then {entry.size} bytes)")
+    entry.store = store_identity(reader, path, info, entry)
     return entry, tensors
+
+
+# ---------------------------------------------------------------- the store's identity of each file
+
+
+def store_identity(reader: Reader, path: str, listed: dict[str, Any], entry: FileEntry) -> StoreIdentity | None:
+    """The store's identity of the object just digested (S3 ETag, VersionId), for the metadata tier; None if none.
+
+    `listed` is what a listing or stat said before the digest. The object is asked again after it
+    (one HEAD on S3, which also gives its checksum): only if it is still the same object are the
+    digested bytes the ones its identity names; a file rewritten meanwhile gets no identity (the
+    metadata tier then asks the store, as for a manifest without identities). Best effort: a failed
+    request records nothing, it never stops a seal.
+    """
+    backend = reader.backend
+    before = backend.object_identity(listed)
+    if before is None:
+        return None
+    try:
+        with reader.stat_slot():
+            checksum, now = reader._retrying(f"identity of {path}",
+                                             lambda: backend.checksum_and_identity(path, listed))
+    except (OSError, ValueError) as e:  # StorageFault, FileNotFoundError; a malformed answer
+        logger.warning("no store identity recorded for %s: %s", path, e)
+        return None
+    if now is None or not now.same_object(before.etag, before.version_id):
+        logger.warning("no store identity recorded for %s: rewritten while being sealed (%s, then %s)", path, before,
+                       now)
+        return None
+    if checksum is not None and checksum_finding(checksum, entry) is not None:
+        # The store's checksum of this very object disagrees with the digest just taken: leave the
+        # question to the metadata tier's own request, which will say so.
+        logger.warning("no store identity recorded for %s: the store's %s differs from the digest", path, checksum[0])
+        return None
+    return StoreIdentity.model_validate({"etag": now.etag, "version_id": now.version_id,
+                                         "checksum": checksum[0] if checksum is not None else None})
+
+
+def record_identities(reader: Reader, ck: Checkpoint, entries: dict[str, FileEntry], jobs: int = 4) -> None:
+    """Record the store's identity of every digested file of `ck` in its entry, from its listing and one request."""
+    todo = {rel: info for rel, info in ck.files.items()
+            if rel in entries and reader.backend.object_identity(info) is not None}
+    if not todo:
+        return
+    with ThreadPoolExecutor(jobs, thread_name_prefix="auditor-seal-identity") as pool:
+        futures = {rel: pool.submit(store_identity, reader, f"{ck.root}/{rel}", info, entries[rel])
+                   for rel, info in sorted(todo.items())}
+        for rel, fut in futures.items():
+            entries[rel].store = fut.result()
 
 
 class Digester:
@@ -274,6 +326,8 @@ def seal(
     if not ck.files:
         raise UsageError(f"{url} holds no files to seal")
     entries, tensors = digest_files(reader, ck, jobs=jobs, force=force, span_bytes=span_bytes)
+    # After the digests, so that each identity names the bytes digested (see store_identity).
+    record_identities(reader, ck, entries, jobs=jobs)
     # What the files hold, read from their contents as verification reads them.
     state = completeness.inventory(entries, fs=fs, root=ck.root)
     if ck.kind == "file" and not state.model:

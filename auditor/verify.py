@@ -194,7 +194,9 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     if ck.manifest_path:
         try:
             # Under the file deadline like every other file: a manifest read that hangs names the manifest.
-            got = ctx.run_files(reader, [(_name(ck.manifest_path), lambda r: _read_manifest(r, ck))])[0][1]
+            # At the metadata tier on the stat pool, list_jobs wide: the manifest is its one GET.
+            got = ctx.run_files(reader, [(_name(ck.manifest_path), lambda r: _read_manifest(r, ck))],
+                                pool=ctx.stat_pool)[0][1]
             if isinstance(got, Finding):
                 findings.append(got)
                 return True
@@ -367,6 +369,12 @@ def _check_listed(
             ordered.append(Finding.error("size_mismatch", entry.path, f"{size} bytes, sealed with {entry.size}"))
             continue
         if compare:
+            # The listing may answer alone (the sealed ETag, GCS's listed crc32c): no request for this file.
+            answered, got = integrity.listed_evidence(reader.backend, path, info, entry)
+            if answered:
+                if got is not None:
+                    ordered.append(got)
+                continue
             ordered.append(len(heads))
             heads.append((entry.path, _bind_checksum(entry, path, info)))
         elif ctx.options.tier != Tier.METADATA:
@@ -389,19 +397,28 @@ def _finish_listed(ctx: Context, reader: Reader, heads: list[tuple[str, Callable
     fails is a finding on its file (`storage_error`, never a mismatch); the others go on.
     """
     results = ctx.run_files(reader, heads, pool=ctx.stat_pool, what="checksum of") if heads else []
-    uncompared = 0
+    tally: Counter[str] = Counter()
     for item in ordered:
         got = results[item][1] if isinstance(item, int) else item
         if got is None:
             continue
-        if got.code == "no_server_checksum" and got.severity == Severity.INFO:
-            uncompared += 1
+        if got.code in _TALLIED and got.severity == Severity.INFO:
+            tally[got.code] += 1
         else:
             findings.append(got)
-    if uncompared:
+    if tally["unchanged_since_seal"]:
+        findings.append(Finding.info("unchanged_since_seal", None,
+                                f"{tally['unchanged_since_seal']} of {total} file(s) listed with the ETag recorded "
+                                "at seal, when the store's checksum equalled the sealed digest: the same objects, "
+                                "unchanged since sealing (no checksum request)"))
+    if tally["no_server_checksum"]:
         findings.append(Finding.info("no_server_checksum", None,
-                                f"{uncompared} of {total} file(s) have no comparable server-side checksum: "
-                                "the metadata tier proves their existence and size only"))
+                                f"{tally['no_server_checksum']} of {total} file(s) have no comparable server-side "
+                                "checksum: the metadata tier proves their existence and size only"))
+
+
+# Per-file info findings of the checksum step that are said once per checkpoint, with their count.
+_TALLIED = frozenset({"no_server_checksum", "unchanged_since_seal"})
 
 
 def _bind_checksum(entry: FileEntry, path: str, info: dict[str, Any]) -> Callable[[Reader], Finding | None]:
@@ -606,6 +623,11 @@ class Scanner:
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
                              stop=stop, retries=backend_for(fs).own_retries,
                              stat_slots=threading.BoundedSemaphore(list_jobs), read=options.read)
+        # The metadata tier's one data read per checkpoint, its manifest, is a small request like
+        # its stats: list_jobs of them at once (slots of their own, beside the stat slots), not `jobs`.
+        self._meta_reader = Reader(fs, throttle=throttle, on_bytes=on_bytes,
+                                   read_slots=threading.BoundedSemaphore(list_jobs), stop=stop,
+                                   retries=backend_for(fs).own_retries, stat_slots=self.reader.stat_slots)
         # Set by the first storage error of a pass that a fresh stat confirms (the store itself is
         # unreachable): the rest of the pass is reported, not attempted, so an outage costs one
         # backend timeout instead of one per file. One unreadable checkpoint never sets it.
@@ -716,9 +738,9 @@ class Scanner:
 
     def _submit(self, ck: Checkpoint, options: Options | None, stop: threading.Event | None, *,
                 guarded: bool) -> tuple[Any, Reader]:
-        reader = self.reader.child()
-        fn = self._guarded if guarded else self._verify_now
         metadata = (options or self.options).tier == Tier.METADATA
+        reader = (self._meta_reader if metadata else self.reader).child()
+        fn = self._guarded if guarded else self._verify_now
         pool = self._metadata_pools()[0] if metadata else self._checkpoints
         task = pool.submit(fn, ck, stop, options, reader, what=f"verifying {ck.url}",
                                         timeout=self.checkpoint_timeout, on_timeout=reader.abort,

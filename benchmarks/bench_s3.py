@@ -17,7 +17,9 @@ Three parts, each against a reference run in the same command:
             auditor's ranged mode) and `whole` (boto3, one streamed GET per object, 8 at once:
             rclone's, and the auditor's stream mode at 4 files at once).
   metadata  --count sealed checkpoints (3 tiny files + manifest each, put with ChecksumAlgorithm=CRC32C
-            so HEAD returns a comparable full-object checksum), `auditor rescan --tier metadata --json`
+            so HEAD returns a comparable full-object checksum; the manifests record each file's ETag as
+            listed, as `auditor seal` does, so no HEAD is needed: `--metadata-manifests legacy` writes them
+            without, one checksum HEAD per file), `auditor rescan --tier metadata --json`
             through the fault proxy, whose request log counts LIST / HEAD / GET. Proof that no object
             body was read: object GETs == manifests, only manifests were GET, and the sum of
             bytes_read == the manifests' bytes. Reference: a plain boto3 script doing the minimum the
@@ -207,26 +209,32 @@ else:                          # s3fs ranged GETs, DEPTH in flight per object, 4
 print(json.dumps({"bytes": total, "objects": len(objs), "seconds": time.perf_counter() - t0}))
 """
 
-# The minimum the metadata tier needs, with plain boto3: LIST, GET manifests, HEAD files. Run as a child.
+# The minimum the metadata tier needs, with plain boto3: LIST, GET manifests, HEAD files (only the
+# LIST and the GETs with "listed": the manifests' ETags are compared with the listing's). Run as a child.
 META_REFERENCE = r"""
 import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
-endpoint, bucket = sys.argv[1:3]
+endpoint, bucket, mode = sys.argv[1:4]
 import boto3, botocore.config
 t0 = time.perf_counter()
 client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                       region_name="us-east-1", config=botocore.config.Config(max_pool_connections=16))
-keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        for o in page.get("Contents", [])]
+listed = {o["Key"]: o["ETag"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+          for o in page.get("Contents", [])}
+keys = [k for k in listed if mode != "listed" or k.endswith("/ckpt-manifest.json")]
 def one(key):
     if key.endswith("/ckpt-manifest.json"):
-        return len(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        doc = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        folder = key.rsplit("/", 1)[0]
+        if mode == "listed":
+            assert all(listed[folder + "/" + f["path"]].strip('"') == f["store"]["etag"] for f in doc["files"]), key
+        return len(json.dumps(doc))
     head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     assert head.get("ChecksumCRC32C"), key
     return 0
 with ThreadPoolExecutor(8) as pool:
     read = sum(pool.map(one, keys))
-print(json.dumps({"objects": len(keys), "manifest_bytes": read, "seconds": time.perf_counter() - t0}))
+print(json.dumps({"objects": len(listed), "seconds": time.perf_counter() - t0}))
 """
 
 class MotoRanges:
@@ -492,15 +500,9 @@ def tiny_files() -> dict[str, bytes]:
     return {"model.safetensors": struct.pack("<Q", len(header)) + header + data, "optimizer.pt": buf.getvalue()}
 
 
-def build_tree(count: int) -> list[tuple[str, bytes]]:
-    """(key, bytes) of every object of `count` sealed checkpoints (run-K/checkpoint-N/), manifests included."""
-    from auditor import completeness
-    from auditor.digests import digest_bytes
-    from auditor.manifest import SCHEMA, FileEntry, Manifest, now_utc
-    from auditor.sealing import environment
-
-    env, created, common = environment(), now_utc(), tiny_files()
-    digests = {name: digest_bytes(data) for name, data in common.items()}
+def build_files(count: int) -> list[tuple[str, bytes]]:
+    """(key, bytes) of every file of `count` checkpoints (run-K/checkpoint-N/), manifests not included."""
+    common = tiny_files()
     runs = max(1, math.ceil(count / PER_RUN))
     out: list[tuple[str, bytes]] = []
     for k in range(count):
@@ -508,15 +510,46 @@ def build_tree(count: int) -> list[tuple[str, bytes]]:
         folder = f"run-{run:03d}/checkpoint-{step}"
         files = dict(common)
         files["trainer_state.json"] = json.dumps({"global_step": step, "log_history": []}).encode()
+        out += [(f"{folder}/{name}", data) for name, data in sorted(files.items())]
+    return out
+
+
+def build_manifests(files: list[tuple[str, bytes]], etags: dict[str, str] | None) -> list[tuple[str, bytes]]:
+    """(key, bytes) of each checkpoint's manifest, with each file's listed ETag as seal records it when `etags`.
+
+    `etags` (key -> ETag as listed) gives what `auditor seal` records on S3 (files[].store: the
+    ETag it listed, and "crc32c" since each file was put with that checksum, which seal's HEAD would
+    have found equal to the digest); None gives a manifest as sealed before (HEAD per file).
+    """
+    from auditor import completeness
+    from auditor.digests import digest_bytes
+    from auditor.manifest import SCHEMA, FileEntry, Manifest, StoreIdentity, now_utc
+    from auditor.sealing import environment
+
+    env, created = environment(), now_utc()
+    digests: dict[bytes, Any] = {}
+    by_folder: dict[str, dict[str, bytes]] = {}
+    for key, data in files:
+        folder, name = key.rsplit("/", 1)
+        by_folder.setdefault(folder, {})[name] = data
+    out: list[tuple[str, bytes]] = []
+    for folder, content in by_folder.items():
+        step = int(folder.rsplit("-", 1)[1])
         entries = []
-        for name, data in sorted(files.items()):
-            d = digests[name] if name in common else digest_bytes(data)
-            entries.append(FileEntry(path=name, size=d.size, sha256=d.sha256, crc32c=d.crc32c))
-            out.append((f"{folder}/{name}", data))
+        for name, data in sorted(content.items()):
+            d = digests.get(data) or digests.setdefault(data, digest_bytes(data))
+            store = StoreIdentity(etag=etags[f"{folder}/{name}"].strip('"'), checksum="crc32c") if etags else None
+            entries.append(FileEntry(path=name, size=d.size, sha256=d.sha256, crc32c=d.crc32c, store=store))
         manifest = Manifest(schema=SCHEMA, step=step, created_at=created, files=entries,
-                            training_state=completeness.inventory(files, step=step), environment=env)
+                            training_state=completeness.inventory(content, step=step), environment=env)
         out.append((f"{folder}/ckpt-manifest.json", manifest.to_json()))
     return out
+
+
+def listed_etags(client: Any, bucket: str) -> dict[str, str]:
+    """Every object's ETag from one paginated listing, as seal reads it."""
+    return {o["Key"]: o["ETag"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])}
 
 
 def classify_hits(hits: list[Any], bucket: str) -> dict[str, Any]:
@@ -543,18 +576,27 @@ def classify_hits(hits: list[Any], bucket: str) -> dict[str, Any]:
 def part_metadata(s3: Any, args: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     backend = s3.new_backend()
     bucket = backend.url[len("s3://"):]
-    t0 = time.perf_counter()
-    tree = build_tree(args.count)
-    built = time.perf_counter() - t0
     client = s3.client()
 
     def put(item: tuple[str, bytes]) -> None:
         client.put_object(Bucket=bucket, Key=item[0], Body=item[1], ChecksumAlgorithm="CRC32C")
 
+    t0 = time.perf_counter()
+    files_tree = build_files(args.count)
+    built = time.perf_counter() - t0
     t1 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(put, tree))
+        list(pool.map(put, files_tree))
     uploaded = time.perf_counter() - t1
+    t0 = time.perf_counter()
+    etags = listed_etags(client, bucket) if args.metadata_manifests == "listed" else None
+    manifests = build_manifests(files_tree, etags)
+    built += time.perf_counter() - t0
+    t1 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, manifests))
+    uploaded += time.perf_counter() - t1
+    tree = files_tree + manifests
     manifest_bytes = sum(len(d) for k, d in tree if k.endswith("ckpt-manifest.json"))
     files = len(tree) - args.count
     log(f"metadata: built {args.count} sealed checkpoints ({len(tree)} objects, {human_bytes(manifest_bytes)} of "
@@ -566,7 +608,7 @@ def part_metadata(s3: Any, args: Any) -> tuple[dict[str, Any], list[dict[str, An
         cmd += ["--jobs", str(args.metadata_jobs)]
     # Warm-up on a sibling bucket of a few checkpoints (imports, moto's first requests), not counted.
     warm = s3.new_backend()
-    for key, data in tree[: 4 * 4]:
+    for key, data in files_tree[: 4 * 3] + manifests[:4]:
         s3.client().put_object(Bucket=warm.url[5:], Key=key, Body=data, ChecksumAlgorithm="CRC32C")
     timed(cli + ["rescan", "--prefix", warm.url, "--tier", "metadata", "--json"] + storage_flags(s3.proxy.url))
 
@@ -590,14 +632,14 @@ def part_metadata(s3: Any, args: Any) -> tuple[dict[str, Any], list[dict[str, An
             doc = json.loads(proc.stdout)
             counted = classify_hits(hits, bucket)
         s3.proxy.clear_hits()
-        ref_wall, ref = timed([sys.executable, "-c", META_REFERENCE, s3.proxy.url, bucket])
+        ref_wall, ref = timed([sys.executable, "-c", META_REFERENCE, s3.proxy.url, bucket, args.metadata_manifests])
         if ref.returncode != 0:
             raise SystemExit(f"bench_s3: metadata reference failed: {ref.stderr[-1500:]}")
         ref_hits = classify_hits(s3.proxy.hits(), bucket)["counts"]
         best["auditor"] = min(best["auditor"], seconds)
         walls.append(seconds)
         best["reference"] = min(best["reference"], ref_wall)
-        log(f"metadata round {r + 1}: auditor rescan {seconds:.2f}s ({cpu[-1]:.1f}s CPU) | boto3 LIST+GET+HEAD "
+        log(f"metadata round {r + 1}: auditor rescan {seconds:.2f}s ({cpu[-1]:.1f}s CPU) | boto3 minimum "
             f"{ref_wall:.2f}s "
             f"(requests {ref_hits})")
     verdicts = doc.get("checkpoints", [])
@@ -619,6 +661,7 @@ def part_metadata(s3: Any, args: Any) -> tuple[dict[str, Any], list[dict[str, An
     out = {
         "metadata_checkpoints": args.count,
         "metadata_jobs": args.metadata_jobs,
+        "metadata_manifests": args.metadata_manifests,
         "metadata_objects": len(tree),
         "metadata_manifest_bytes": manifest_bytes,
         "metadata_build_seconds": round(built + uploaded, 1),
@@ -649,8 +692,10 @@ def part_metadata(s3: Any, args: Any) -> tuple[dict[str, Any], list[dict[str, An
         f"  findings: {findings or 'none'}")
     checks = [check("S3 metadata tier: no object bodies read (GETs == manifests, bytes == manifest bytes)",
                     float(no_bodies), "==", 1.0),
-              # Concurrent HEADs must not cost requests: one checksum HEAD per file, as one by one.
-              check("S3 metadata tier: HEADs per file", c["HEAD"] / files, "<=", 1.0)]
+              # Concurrent HEADs must not cost requests: one checksum HEAD per file, as one by one;
+              # none where the manifests record the ETags the listing shows.
+              check("S3 metadata tier: HEADs per file", c["HEAD"] / files, "<=",
+                    0.0 if args.metadata_manifests == "listed" else 1.0)]
     return out, checks
 
 
@@ -743,6 +788,9 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=4, help="auditor --jobs for content and rss (default 4)")
     p.add_argument("--metadata-jobs", type=int, default=None,
                    help="metadata part: `auditor rescan --jobs N` (default: the library's default)")
+    p.add_argument("--metadata-manifests", choices=("listed", "legacy"), default="listed",
+                   help="metadata part: manifests with each file's listed ETag, as seal writes them (default; no "
+                        "HEAD per file), or `legacy`, as sealed before files[].store (one checksum HEAD per file)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (content: median; metadata: best)")
     args = parse_args(p, size=2 * MiB, shard_size=1 * MiB, count=8, rss_size=2 * MiB, rss_repeats=1, repeats=1,
                       moto_ranges=["s3like"])

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from fsspec import AbstractFileSystem
 
-from auditor.backends.base import UNRESOLVABLE_ERRNOS, Backend, PathHazard, protocols
+from auditor.backends.base import UNRESOLVABLE_ERRNOS, Backend, ObjectIdentity, PathHazard, protocols
 from auditor.backends.gcs import GCSBackend
 from auditor.backends.hdfs import HDFSBackend
 from auditor.backends.local import LocalBackend
 from auditor.backends.s3 import S3Backend
 from auditor.backends.webhdfs import WebHDFSBackend
 
-__all__ = ["BACKENDS", "UNRESOLVABLE_ERRNOS", "Backend", "PathHazard", "backend_class", "backend_for"]
+__all__ = ["BACKENDS", "UNRESOLVABLE_ERRNOS", "Backend", "ObjectIdentity", "PathHazard", "backend_class", "backend_for"]
 
 _ALL: tuple[type[Backend], ...] = (LocalBackend, S3Backend, GCSBackend, WebHDFSBackend, HDFSBackend)
 

@@ -15,6 +15,7 @@ import base64
 import binascii
 import errno
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import fsspec
@@ -52,6 +53,23 @@ def b64_to_hex(value: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class ObjectIdentity:
+    """An object as the store names it: its ETag (quotes stripped) and, on a versioned bucket, its version."""
+
+    etag: str
+    version_id: str | None = None
+
+    def same_object(self, etag: str, version_id: str | None) -> bool:
+        """Whether this is the object recorded as (`etag`, `version_id`).
+
+        A version known on one side only is no objection: the ETag decides.
+        """
+        if self.etag != etag:
+            return False
+        return not (self.version_id and version_id and self.version_id != version_id)
+
+
 class Backend:
     """A store that keeps no checksum, pins no version, renames non-atomically and retries nothing itself."""
 
@@ -78,9 +96,25 @@ class Backend:
         """This backend with reads that refuse what must never be opened (itself where nothing needs refusing)."""
         return self
 
+    # server_checksum answers from the listing's info dict alone, without a request (GCS lists crc32c).
+    checksum_in_listing: ClassVar[bool] = False
+
     def server_checksum(self, path: str, info: dict[str, Any]) -> tuple[str, str] | None:
         """A whole-object checksum the store computed, as (algorithm, hex), when one is comparable."""
         return None
+
+    def object_identity(self, info: dict[str, Any]) -> ObjectIdentity | None:
+        """The object's identity as a listing or stat shows it (S3: ETag and VersionId), None where there is none.
+
+        Only a store that gives every write of other bytes a new identity may answer: an equal
+        identity later is then the same object.
+        """
+        return None
+
+    def checksum_and_identity(self, path: str, info: dict[str, Any]
+                              ) -> tuple[tuple[str, str] | None, ObjectIdentity | None]:
+        """The store's whole-object checksum and the object's identity now, asked together (one request on S3)."""
+        return self.server_checksum(path, info), self.object_identity(info)
 
     def upload_options(self) -> dict[str, Any]:
         """Keyword arguments that make the store compute and keep a comparable checksum on upload."""

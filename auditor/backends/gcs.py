@@ -13,6 +13,8 @@ class GCSBackend(Backend):
     protocols = ("gs", "gcs")
     has_server_checksums = True
     own_retries = 0  # gcsfs: 6 attempts, ~30 s of backoff
+    # gcsfs lists every object's crc32c: the metadata tier compares it without a request per file.
+    checksum_in_listing = True
 
     def server_checksum(self, path: str, info: dict[str, Any]) -> tuple[str, str] | None:
         """The object's crc32c from its listing: whole-object, composites included."""

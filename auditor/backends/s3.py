@@ -1,17 +1,43 @@
-"""S3 (s3fs): full-object checksums from HeadObject, VersionId-pinned re-reads, CRC32C on upload, streamed GETs."""
+"""S3 (s3fs): full-object checksums from HeadObject, ETags as sealed object identity, VersionId-pinned re-reads,
+CRC32C on upload, streamed GETs."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Generator
 from contextlib import suppress
 from typing import Any
 
 from fsspec.asyn import sync
 
-from auditor.backends.base import Backend, b64_to_hex
+from auditor.backends.base import Backend, ObjectIdentity, b64_to_hex
 
 # HeadObject fields of a whole-object checksum, in order of preference, and the manifest's name for each.
 _CHECKSUM_FIELDS = (("ChecksumCRC32C", "crc32c"), ("ChecksumSHA256", "sha256"))
+# A multipart upload's ETag: the MD5 of the parts' MD5s and "-<number of parts>".
+_MULTIPART_ETAG = re.compile(r"-[0-9]+\"?$")
+
+
+def normal_etag(etag: str) -> str:
+    """An ETag without its quotes (listings and HEAD both quote it; a weak `W/` prefix is kept: it is another ETag)."""
+    return etag.strip().strip('"')
+
+
+def _checksum(head: dict[str, Any]) -> tuple[str, str] | None:
+    kind = head.get("ChecksumType")
+    if kind is None and _MULTIPART_ETAG.search(str(head.get("ETag") or "")):
+        # A multipart object whose answer does not say FULL_OBJECT: its checksum is the composite
+        # of the parts' (some servers, moto among them, omit the "-N" on it); it compares with nothing.
+        return None
+    if (kind or "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    for field, algo in _CHECKSUM_FIELDS:
+        value = head.get(field)
+        if value and "-" not in value:
+            hexed = b64_to_hex(value)
+            if hexed:
+                return algo, hexed
+    return None
 
 
 class S3Backend(Backend):
@@ -24,23 +50,33 @@ class S3Backend(Backend):
     def server_checksum(self, path: str, info: dict[str, Any]) -> tuple[str, str] | None:
         """Full-object CRC32C or SHA256 from HeadObject(ChecksumMode=ENABLED).
 
-        A multipart composite ("…-N") is not a whole-object checksum. The ETag is never used: it is
-        an MD5 only for single-part, non-KMS uploads, and the manifest records no MD5 anyway.
+        A multipart composite ("…-N") is not a whole-object checksum. The ETag is never compared with
+        our digests: it is an MD5 only for single-part, non-KMS uploads, and the manifest records no
+        MD5; it is compared only with the ETag recorded at seal (`object_identity`).
         """
+        return _checksum(self._head(path))
+
+    def checksum_and_identity(self, path: str, info: dict[str, Any]
+                              ) -> tuple[tuple[str, str] | None, ObjectIdentity | None]:
+        """One HeadObject: the full-object checksum and the ETag/VersionId of the object it describes."""
+        head = self._head(path)
+        return _checksum(head), self.object_identity(head)
+
+    def object_identity(self, info: dict[str, Any]) -> ObjectIdentity | None:
+        """ETag and VersionId as ListObjectsV2 / HeadObject give them (s3fs keeps both spellings' keys)."""
+        etag = info.get("ETag") or info.get("etag")
+        if not isinstance(etag, str) or not etag.strip('"'):
+            return None
+        version = info.get("VersionId")
+        return ObjectIdentity(normal_etag(etag), version if isinstance(version, str) and version != "null" else None)
+
+    def _head(self, path: str) -> dict[str, Any]:
         bucket, key, version = self.fs.split_path(path)
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}
         if version:
             kwargs["VersionId"] = version
-        head = self.fs.call_s3("head_object", **kwargs)
-        if head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
-            return None
-        for field, algo in _CHECKSUM_FIELDS:
-            value = head.get(field)
-            if value and "-" not in value:
-                hexed = b64_to_hex(value)
-                if hexed:
-                    return algo, hexed
-        return None
+        head: dict[str, Any] = self.fs.call_s3("head_object", **kwargs)
+        return head
 
     def upload_options(self) -> dict[str, Any]:
         return {"ChecksumAlgorithm": "CRC32C"}
