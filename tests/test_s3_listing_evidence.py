@@ -263,10 +263,10 @@ def test_save_checkpoint_on_s3_records_identities_the_metadata_tier_uses(s3_svc)
     # Each file's identity as written and digested, which is what the listing shows now.
     recorded = {e.path: e.store.etag for e in manifest.files if e.store is not None}
     assert recorded == {e.path: listed[e.path] for e in manifest.files}, (recorded, listed)
-    # save_checkpoint's PUTs ask for no CRC32C: no store checksum was compared at seal, and the
-    # metadata tier says existence, as its HEADs would have, without making them.
-    assert {e.store.checksum for e in manifest.files} == {None}
+    # save_checkpoint's uploads ask for CRC32C, as seal's do: the store's checksum equalled the digest
+    # at seal, and the metadata tier says server-checksum from the listing, without a HEAD.
+    assert {e.store.checksum for e in manifest.files} == {"crc32c"}
     backend.faults.clear_hits()
     v = metadata(backend)
-    assert (v.status, v.assurance) == (Status.OK, "existence"), v.findings
+    assert (v.status, v.assurance) == (Status.OK, "server-checksum"), v.findings
     assert file_heads(backend.faults, bucket) == 0

@@ -108,7 +108,8 @@ class Staging:
                 f.flush()
                 os.fsync(f.fileno())
         else:
-            with self.fs.open(path, "wb") as f:
+            # With the store's checksum on upload (S3 CRC32C): the metadata tier can then compare it.
+            with self.fs.open(path, "wb", **backend_for(self.fs).upload_options()) as f:
                 yield f
         self.wrote(rel, path)
 
