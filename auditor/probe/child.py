@@ -14,9 +14,12 @@ LLM's logits are never held whole. See `forward` for which request keys choose w
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import hashlib
+import importlib.abc
+import importlib.machinery
 import inspect
 import json
 import logging
@@ -25,7 +28,7 @@ import mmap
 import os
 import resource
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -36,11 +39,11 @@ from auditor.probe.factories import CheckpointFiles, FactoryNotAllowed, ProbeErr
 from auditor.probe.limits import (
     BUILD_META,
     BUILD_REAL,
-    PLAN_AUTO,
     CHILD_MAX_FILE_BYTES,
     CHILD_MAX_NEW_TASKS,
     CHILD_MAX_OPEN_FILES,
     DEFAULT_THREADS,
+    PLAN_AUTO,
     PLAN_KEY,
     PLAN_SEPARATOR,
     WEIGHTS_COPIED,
@@ -58,6 +61,11 @@ REDUCTION_SEED = 0
 # (one sample more if a single sample is larger): the logits of 16 x 128 tokens of a 50k vocabulary
 # are 393 MiB whole, 25 MiB a sample.
 OUTPUT_CHUNK_BYTES = 32 * 2**20
+
+# glibc's M_MMAP_THRESHOLD: allocations from this size up are mapped, and unmapped when freed.
+_M_MMAP_THRESHOLD = -3
+_MMAP_FROM_BYTES = 2**20
+_INDUCTOR_CONFIG = "torch._inductor.config"
 
 # safetensors dtype → torch dtype name, for the tensors the child can map without a copy.
 _MAPPABLE = {
@@ -104,6 +112,53 @@ def _apply_limits(memory_mb: int, cpu_seconds: int) -> None:
     # there the parent's process-group kill and marker sweep are what stop a fork bomb.
     if os.getuid() != 0 and os.path.isdir("/proc"):
         _set_limit("RLIMIT_NPROC", _user_tasks(os.getuid()) + CHILD_MAX_NEW_TASKS)
+
+
+def _release_large_frees() -> None:
+    """Have glibc hand every freed allocation of 1 MiB or more back to the system.
+
+    Its dynamic threshold would otherwise serve a micro-batch's outputs (25 MiB for a GPT-2 sample)
+    from the heap after the first is freed, and keep them there: ~200 MiB more resident by the last.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM_BYTES)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator's own policy
+
+
+class _InductorDeterministic(importlib.abc.MetaPathFinder):
+    """Sets `torch._inductor.config.deterministic` the moment anything imports it (torch.compile does).
+
+    `torch.use_deterministic_algorithms` imports torch._inductor (~80 MiB and seconds of start-up) only
+    to set that flag; the child sets the kernel-level switch itself and leaves the flag to this.
+    """
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != _INDUCTOR_CONFIG:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        run = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            module.deterministic = True
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _deterministic() -> None:
+    """`torch.use_deterministic_algorithms(True, warn_only=True)`, importing torch._inductor only if used."""
+    import torch  # lazy: torch only in the child (see _load_weights)
+
+    if _INDUCTOR_CONFIG in sys.modules:
+        sys.modules[_INDUCTOR_CONFIG].deterministic = True
+    elif not any(isinstance(f, _InductorDeterministic) for f in sys.meta_path):
+        sys.meta_path.insert(0, _InductorDeterministic())
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
 # ---------------------------------------------------------------- weights
@@ -348,11 +403,16 @@ def _build(factory: Callable[..., Any], kwargs: dict[str, Any], meta: bool) -> A
 
     before = torch.get_rng_state()
     hook = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    # Deterministic mode fills every torch.empty with NaN, which would touch (and leave resident) the
+    # pages of each parameter the hook is about to drop.
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         model = factory(**kwargs)
     except Exception as e:  # noqa: BLE001 - factory code under the meta device; the real build decides
         raise _MetaUnusable(f"the factory failed on the meta device: {type(e).__name__}: {e}") from e
     finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         hook.remove()
     if not torch.equal(before, torch.get_rng_state()):
         raise _MetaUnusable("the factory drew random numbers besides parameter initialisation")
@@ -503,11 +563,10 @@ def _run_plan(model: Any, batch: dict[str, Any], rows: int, plan: list[int] | st
     sizes: list[int] = []
     pos = 0
     while pos < rows:
-        if plan == PLAN_AUTO:
-            # One sample first, to learn how large a sample's outputs are.
-            size = max(1, OUTPUT_CHUNK_BYTES // max(outputs.sample_bytes, 1)) if sizes else 1
-        else:
+        if isinstance(plan, list):
             size = plan[len(sizes)] if len(sizes) < len(plan) else rows
+        else:  # PLAN_AUTO: one sample first, to learn how large a sample's outputs are
+            size = max(1, OUTPUT_CHUNK_BYTES // max(outputs.sample_bytes, 1)) if sizes else 1
         size = min(size, rows - pos)
         outputs.add(_call(model, batch, pos, pos + size), size)
         sizes.append(size)
@@ -611,8 +670,9 @@ def forward(request: dict[str, Any]) -> dict[str, Any]:
     # Lazy: torch only in the child (see _load_weights).
     import torch
 
+    _release_large_frees()
     torch.set_num_threads(int(request.get("threads", DEFAULT_THREADS)))
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _deterministic()
     torch.manual_seed(0)
     root = request["root"]
     factory = resolve_factory(request["factory"], tuple(request.get("allowed") or ()))
