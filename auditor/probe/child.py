@@ -155,7 +155,7 @@ def _deterministic() -> None:
     import torch  # lazy: torch only in the child (see _load_weights)
 
     if _INDUCTOR_CONFIG in sys.modules:
-        sys.modules[_INDUCTOR_CONFIG].deterministic = True
+        setattr(sys.modules[_INDUCTOR_CONFIG], "deterministic", True)  # noqa: B010 - a module, untyped here
     elif not any(isinstance(f, _InductorDeterministic) for f in sys.meta_path):
         sys.meta_path.insert(0, _InductorDeterministic())
     torch._C._set_deterministic_algorithms(True, warn_only=True)
@@ -405,14 +405,15 @@ def _build(factory: Callable[..., Any], kwargs: dict[str, Any], meta: bool) -> A
     hook = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
     # Deterministic mode fills every torch.empty with NaN, which would touch (and leave resident) the
     # pages of each parameter the hook is about to drop.
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    switch = torch.utils.deterministic
+    fill = getattr(switch, "fill_uninitialized_memory")  # noqa: B009 - a module property mypy does not see
+    setattr(switch, "fill_uninitialized_memory", False)  # noqa: B010
     try:
         model = factory(**kwargs)
     except Exception as e:  # noqa: BLE001 - factory code under the meta device; the real build decides
         raise _MetaUnusable(f"the factory failed on the meta device: {type(e).__name__}: {e}") from e
     finally:
-        torch.utils.deterministic.fill_uninitialized_memory = fill
+        setattr(switch, "fill_uninitialized_memory", fill)  # noqa: B010
         hook.remove()
     if not torch.equal(before, torch.get_rng_state()):
         raise _MetaUnusable("the factory drew random numbers besides parameter initialisation")
