@@ -12,6 +12,9 @@ Then, in a driver process that never imports torch, --repeats alternating rounds
 
   probe      auditor.probe.Prober(...).check(reader, checkpoint, manifest): the probe step alone (no digests):
              start the child, build, load strictly, run the batch, digest and sample the outputs, compare.
+             As verification does: the factory's parameters on the meta device, the safetensors file
+             mapped in as the weights, the batch in the micro-batches the seal recorded (one sample
+             each here), each one's logits hashed and sampled as they come.
   reference  a fresh interpreter started the same way as the child (same environment: no GPU,
              OMP_NUM_THREADS and torch.set_num_threads = the probe's thread count, deterministic
              algorithms): import torch, build the model with the same factory, safetensors.torch.load_file,
