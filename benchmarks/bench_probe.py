@@ -12,6 +12,9 @@ Then, in a driver process that never imports torch, --repeats alternating rounds
 
   probe      auditor.probe.Prober(...).check(reader, checkpoint, manifest): the probe step alone (no digests):
              start the child, build, load strictly, run the batch, digest and sample the outputs, compare.
+             As verification does: the factory's parameters on the meta device, the safetensors file
+             mapped in as the weights, the batch in the micro-batches the seal recorded (one sample
+             each here), each one's logits hashed and sampled as they come.
   reference  a fresh interpreter started the same way as the child (same environment: no GPU,
              OMP_NUM_THREADS and torch.set_num_threads = the probe's thread count, deterministic
              algorithms): import torch, build the model with the same factory, safetensors.torch.load_file,
@@ -112,7 +115,8 @@ print(json.dumps({"shape": list(logits.shape), "seconds": time.perf_counter() - 
 
 # The probe child's own code, run once more with marks at its steps (time, VmRSS, VmHWM, anonymous
 # and file-backed resident memory) to say where its time and memory go. Diagnostic only: it wraps
-# auditor.probe.child internals and reports nothing if they moved.
+# auditor.probe.child internals (_build, _load_weights, _fill, _run_batch) and reports nothing if
+# they moved. It runs the request of the probe step's last child (the meta build, when it matched).
 BREAKDOWN = r'''
 import json, sys, time
 started = time.perf_counter()
@@ -123,51 +127,29 @@ def mark(label):
     marks.append({"step": label, "t": round(time.perf_counter() - started, 3), "rss_mib": mib("VmRSS"),
                   "hwm_mib": mib("VmHWM"), "anon_mib": mib("RssAnon"), "file_mib": mib("RssFile")})
 req = json.loads(sys.stdin.read())
-import hashlib
 import auditor.probe.child as P
 import safetensors.torch as st
 import torch
 mark("imports (torch, auditor.probe.child)")
+def marked(name, label):
+    inner = getattr(P, name)
+    def wrapper(*a, **k):
+        out = inner(*a, **k)
+        mark(label(a, out) if callable(label) else label)
+        return out
+    setattr(P, name, wrapper)
 resolve = P.resolve_factory
 def resolve_factory(spec, allowed):
     factory = resolve(spec, allowed)
     def build(**kw):
         mark("factory imported")
-        model = factory(**kw)
-        mark("model built (factory)")
-        eval_ = model.eval
-        def eval_marked(*a):
-            mark("weights copied in, one tensor at a time")
-            return eval_(*a)
-        model.eval = eval_marked
-        return model
+        return factory(**kw)
     return build
 P.resolve_factory = resolve_factory
-load_weights = P._load_weights
-def _load_weights(*a):
-    out = load_weights(*a)
-    mark("safe_open (mmap) + shapes")
-    return out
-P._load_weights = _load_weights
-first = P._first_tensor
-def _first_tensor(out):
-    mark("forward (inference_mode)")
-    return first(out)
-P._first_tensor = _first_tensor
-class Hashlib:
-    @staticmethod
-    def sha256(data):
-        mark("outputs to bytes (tensor.numpy().tobytes())")
-        h = hashlib.sha256(data)
-        mark("sha256 of the outputs")
-        return h
-P.hashlib = Hashlib
-reduce = P.reduce_outputs
-def reduce_outputs(flat):
-    out = reduce(flat)
-    mark("reduce_outputs (seeded sample)")
-    return out
-P.reduce_outputs = reduce_outputs
+marked("_build", lambda a, out: f"model built (factory, {'meta' if a[2] else 'real'} parameters)")
+marked("_load_weights", "safe_open + header + copy-on-write map")
+marked("_fill", lambda a, out: f"weights in ({'mapped' if a[2] else 'copied'})")
+marked("_run_batch", lambda a, out: f"forward + sha256 + sample, micro-batches {out[1] or 'none (whole batch)'}")
 save = st.save_file
 def save_file(*a, **k):
     save(*a, **k)

@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from auditor import formats
 from auditor.digests import digest_chunks
 from auditor.layouts import Checkpoint
 from auditor.manifest import FileEntry, Manifest, Probe, ProbeBatch, ProbeModel, ProbeOutputs, safe_join
 from auditor.model import Finding
+from auditor.probe.limits import PLAN_KEY, PLAN_SEPARATOR, WEIGHTS_COPIED, WEIGHTS_KEY, WEIGHTS_MAPPED
 from auditor.storage import Reader
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-4
 _MAX_REFERENCE_BYTES = 64 * 2**20
 _KEYS_SHOWN = 10  # mismatching state-dict keys named per kind in a finding
+_MAX_PLAN_PARTS = 4096
 
 
 def baseline_paths(ck: Checkpoint) -> tuple[str, str]:
@@ -106,6 +109,44 @@ def compare(reader: Reader, ck: Checkpoint, manifest: Manifest, result: dict[str
         return [Finding.error("probe_mismatch", None,
                         f"outputs have shape {result['shape']}, baseline {probe.outputs.shape}")]
     return _compare_values(reader, ck, probe, values)
+
+
+def recorded_mode(reader: Reader, ck: Checkpoint, probe: Probe) -> dict[str, Any]:
+    """How the baseline's outputs were computed, from the reference file's metadata: the child's
+    `weights` and `micro_batches` request keys, so that verification computes them the same way.
+
+    A reference without them (every baseline sealed before they existed) or one whose header does not
+    parse asks for the whole batch in one call and weights copied into the factory's model: the way
+    such a baseline was computed. Only the header is read.
+    """
+    rel = probe.outputs.reference
+    path = safe_join(ck.root, rel)
+    legacy: dict[str, Any] = {WEIGHTS_KEY: WEIGHTS_COPIED, PLAN_KEY: None}
+    try:
+        size = ck.files.get(rel, {}).get("size")
+        header = formats.parse_safetensors_header(reader, path, int(size if size is not None else
+                                                                    reader.info(path)["size"]))
+    except FileNotFoundError:
+        return legacy  # nothing to follow; a missing reference is the content tier's finding
+    except formats.FormatError as e:
+        logger.warning("probe reference %s: %s; computing the outputs as before micro-batches", path, e)
+        return legacy
+    meta = header.metadata
+    return {WEIGHTS_KEY: WEIGHTS_MAPPED if meta.get(WEIGHTS_KEY) == WEIGHTS_MAPPED else WEIGHTS_COPIED,
+            PLAN_KEY: parse_plan(meta.get(PLAN_KEY))}
+
+
+def parse_plan(text: str | None) -> list[int] | None:
+    """Micro-batch sizes as a reference file records them ("1,2,2"); None (the whole batch in one call)
+    when absent or not such a list."""
+    if not text:
+        return None
+    parts = text.split(PLAN_SEPARATOR)
+    if len(parts) > _MAX_PLAN_PARTS or not all(p.isascii() and p.isdigit() and len(p) < 10 for p in parts):
+        logger.warning("probe reference records micro-batches %.80r, not a list of sizes: ignored", text)
+        return None
+    plan = [int(p) for p in parts]
+    return plan if all(plan) else None
 
 
 def _load_mismatch(probe: Probe, m: dict[str, list[str]]) -> Finding:
