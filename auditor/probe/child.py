@@ -115,6 +115,16 @@ def _apply_limits(memory_mb: int, cpu_seconds: int) -> None:
         _set_limit("RLIMIT_NPROC", _user_tasks(os.getuid()) + CHILD_MAX_NEW_TASKS)
 
 
+def _trim_heap() -> None:
+    """Return the heap the imports and the build freed to the system before the batch runs, so the
+    forward pass's peak does not sit on top of it (glibc keeps freed small blocks otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def _release_large_frees() -> None:
     """Have glibc hand every freed allocation of 1 MiB or more back to the system.
 
@@ -640,6 +650,7 @@ def _attempt(request: dict[str, Any], factory: Callable[..., Any], kwargs: dict[
         raise _MetaUnusable(f"not in the checkpoint: {', '.join(_still_meta(model)[:10])}")
     model.eval()
     batch = load_file(request["batch"])
+    _trim_heap()
     before = torch.get_rng_state()
     try:
         outputs, plan = _run_batch(model, batch, request.get("micro_batches"))
