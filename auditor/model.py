@@ -104,6 +104,9 @@ STATUS_OF_CODE = {
     "storage_error": Status.ERROR,
     "probe_error": Status.ERROR,
     "internal_error": Status.ERROR,
+    # A checkpoint's task on a Dask cluster that did not come back (a lost worker, the scheduler gone):
+    # nothing was learned about the checkpoint, so never a failing verdict.
+    "executor_error": Status.ERROR,
 }
 # A storage error means the check did not complete: nothing else it found is conclusive.
 STATUS_PRIORITY = (Status.ERROR, Status.UNSAFE, Status.CORRUPT, Status.MISSING, Status.DRIFT, Status.INCOMPLETE,
