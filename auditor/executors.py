@@ -55,6 +55,9 @@ SECRET_NAMES = frozenset({
 })
 _SECRET_PARTS = ("secret", "password", "passwd", "token", "credential", "private_key", "access_key",
                  "account_key", "api_key", "apikey", "authorization", "cookie", "passphrase")
+# Values of a secret-named option that name a way to find credentials, not a credential: gcsfs's
+# token modes (`cloud` and `google_default` are how Workload Identity is used). They may travel.
+CREDENTIAL_MODES = {"token": frozenset({"anon", "google_default", "cloud", "cache", "browser"})}
 # Values a task may carry: plain data. Anything else (a boto session, a credentials object, a
 # callable) is dropped, since it may hold a secret or code.
 _PLAIN = (str, int, float, bool, type(None))
@@ -81,7 +84,9 @@ def _strip(options: Mapping[str, Any], where: str, withheld: list[str]) -> dict[
     out: dict[str, Any] = {}
     for name, value in options.items():
         dotted = f"{where}{name}"
-        if not isinstance(name, str) or is_secret(name):
+        if isinstance(name, str) and isinstance(value, str) and value in CREDENTIAL_MODES.get(name.lower(), ()):
+            out[name] = value
+        elif not isinstance(name, str) or is_secret(name):
             withheld.append(str(dotted))
         elif isinstance(value, Mapping):
             out[name] = _strip(value, dotted + ".", withheld)
@@ -107,7 +112,10 @@ class TaskOptions:
     allow_factories: tuple[str, ...] | None  # None: no prober (the probe tier checks nothing)
     probe_timeout: float
     probe_memory_mb: int
-    baseline: tuple[FileEntry, ...] | None  # the daemon's first-sight digests of this checkpoint
+    # The caller keeps first-sight baselines (the daemon): an unsealed checkpoint's digests are
+    # recorded in the verdict; `baseline` holds the ones it already has for this checkpoint, if any.
+    keeps_baseline: bool
+    baseline: tuple[FileEntry, ...] | None
 
     @classmethod
     def of(cls, options: Options, ck: Checkpoint) -> TaskOptions:
@@ -121,6 +129,7 @@ class TaskOptions:
             allow_factories=prober.policy.allowed if prober else None,
             probe_timeout=prober.timeout if prober else 600.0,
             probe_memory_mb=prober.memory_mb if prober else 0,
+            keeps_baseline=options.baseline is not None,
             baseline=tuple(found.values()) if found is not None else None,
         )
 
@@ -129,10 +138,14 @@ class TaskOptions:
         prober = None if self.allow_factories is None else Prober.allowing(
             self.allow_factories, timeout=self.probe_timeout, memory_mb=self.probe_memory_mb)
         entries = None if self.baseline is None else {e.path: e for e in self.baseline}
+
+        def baseline(_ck: Checkpoint) -> dict[str, FileEntry] | None:
+            return None if entries is None else dict(entries)
+
         return Options(tier=self.tier, strict=self.strict, settle_seconds=self.settle_seconds,
                        probe_auto=self.probe_auto, prober=prober,
                        require=list(self.require) if self.require is not None else None,
-                       baseline=None if entries is None else (lambda _ck: dict(entries)),
+                       baseline=baseline if self.keeps_baseline else None,
                        require_assurance=Assurance.parse(self.require_assurance) if self.require_assurance else None)
 
 
