@@ -9,10 +9,11 @@ the tasks in the caller's order (suspects first comes from the daemon's order; `
 the cluster), streams results back with `distributed.as_completed`, calls `on_verdict` as they
 arrive, honours `stop` and the time box, and never records anything itself.
 
-A task that does not come back — a worker lost too often (KilledWorker), the scheduler gone — is an
-`error` verdict with the finding `executor_error`, never a failing one: nothing was learned about the
-checkpoint. A scheduler that cannot be reached before a run is a StorageError (exit 3; in the daemon
-the pass is `error`), and the next run connects again.
+A worker lost mid-task costs nothing: Dask runs the task again elsewhere. A task that itself fails
+(KilledWorker: it took workers down too often) is an `error` verdict with the finding
+`executor_error`, never a failing one: nothing was learned about the checkpoint. A scheduler that
+does not answer, before or during a run, is a StorageError (exit 3; in the daemon the pass is
+`error`, the checkpoints not done keep their verdicts and stay due), and the next run connects again.
 """
 
 from __future__ import annotations
@@ -224,17 +225,28 @@ class DaskExecutor:
                         url, ", ".join(withheld))
         self._client: Client | None = None
         self._lock = threading.Lock()
+        self._workers = 0
+        self._threads = 1
 
     # ------------------------------------------------------------ the connection
 
     def connect(self) -> Client:
-        """Return a client connected to the scheduler, connecting again when the last one is gone;
-        StorageError (exit 3) naming the address when the scheduler does not answer in `timeout`."""
+        """Return a client whose scheduler has just answered, connecting again when the last one is
+        gone; StorageError (exit 3) naming the address when the scheduler does not answer in `timeout`.
+
+        The scheduler is asked every time: a client notices a scheduler gone only when it next
+        talks to it, and a pass must not start on one that is.
+        """
         with self._lock:
             client = self._client
             if client is not None and client.status == "running":
-                return client
+                try:
+                    self._identify(client)
+                    return client
+                except (OSError, TimeoutError) as e:
+                    logger.info("the Dask scheduler at %s stopped answering (%s); connecting again", self.address, e)
             self._client = None
+            self._workers = 0
             if client is not None:
                 _close_quietly(client)
             # Lazy: distributed costs ~1 s of imports that a local scan never needs.
@@ -242,21 +254,28 @@ class DaskExecutor:
 
             try:
                 client = Client(self.address, timeout=self.timeout, set_as_default=False)
+                self._identify(client)
             except (OSError, TimeoutError, ValueError) as e:
                 raise StorageError(f"cannot reach the Dask scheduler at {self.address} "
                                    f"(scan.dask.address) within {self.timeout:g}s: {type(e).__name__}: {e}") from e
             self._client = client
             return client
 
+    def _identify(self, client: Client) -> None:
+        """Ask the scheduler who its workers are, within the timeout; keep their count and threads."""
+        info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=self.timeout)
+        workers = info.get("workers", {})
+        self._workers = len(workers)
+        self._threads = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+
     def workers(self) -> int:
-        """Workers connected to the scheduler, as last reported to our client (0 when not connected)."""
-        client = self._client
-        if client is None or client.status != "running":
-            return 0
-        try:
-            return len(client.scheduler_info().get("workers", {}))
-        except Exception:  # noqa: BLE001 - a gauge read at scrape time must never raise
-            return 0
+        """Workers the scheduler reported when last asked (0 while it does not answer); never blocks,
+        so a /metrics scrape never waits on the cluster."""
+        return self._workers if self._client is not None else 0
+
+    def threads(self) -> int:
+        """Worker threads the scheduler reported when last asked (at least 1)."""
+        return self._threads
 
     def close(self) -> None:
         with self._lock:
@@ -284,7 +303,13 @@ class DaskExecutor:
         """
         scanner.outage = None
         client = self.connect()
-        return _Run(self, scanner, client, options_for, on_verdict, stop, until).run(checkpoints)
+        try:
+            return _Run(self, scanner, client, options_for, on_verdict, stop, until).run(checkpoints)
+        finally:
+            try:
+                self._identify(client)  # the gauge follows the cluster between passes too
+            except (OSError, TimeoutError):
+                self._workers = 0
 
 
 class _Run:
@@ -305,7 +330,7 @@ class _Run:
         self.verdicts: dict[int, Verdict] = {}
         self.done_urls: set[str] = set()
         self.total = 0
-        self.lost: str | None = None  # why the cluster stopped answering; the rest is not attempted
+        self.lost: str | None = None  # why the scheduler stopped answering; the run ends with a StorageError
 
     def run(self, checkpoints: list[Checkpoint]) -> list[Verdict]:
         from distributed import as_completed  # lazy, as in DaskExecutor.connect
@@ -318,14 +343,14 @@ class _Run:
                 seen.add(ck.url)
                 todo.append((i, ck))
         self.total = len(todo)
-        window = max(TASKS_PER_THREAD * self._threads(), self.scanner.jobs)
+        window = max(TASKS_PER_THREAD * self.executor.threads(), self.scanner.jobs)
         pending = iter(todo)
         in_flight: dict[Future, tuple[int, Checkpoint, Options]] = {}
         ac = as_completed([], loop=self.client.loop)
         try:
             self._fill(pending, in_flight, ac, window)
             while in_flight:
-                if self._should_end():
+                if self._should_end() or self.lost:
                     break
                 ready = ac.next_batch(block=False) if ac.has_ready() else []
                 if not ready:
@@ -336,20 +361,20 @@ class _Run:
                     continue
                 for future in ready:
                     i, ck, opts = in_flight.pop(future)
-                    self._deliver(i, ck, self._verdict_of(future, ck, opts))
+                    verdict = self._verdict_of(future, ck, opts)
+                    if verdict is not None:
+                        self._deliver(i, ck, verdict)
                 self._fill(pending, in_flight, ac, window)
         finally:
-            # Stopped, past the time box, or interrupted: what has not come back is dropped, not run.
+            # Stopped, past the time box, the scheduler gone, or interrupted: what has not come back
+            # is dropped, not run; those checkpoints keep their last verdicts and stay due.
             for future in in_flight:
                 future.cancel()
+        if self.lost:
+            # Not one checkpoint's verdict: the pass could not complete (exit 3; in the daemon the pass
+            # is `error` and the next one connects again). The verdicts that came back were delivered.
+            raise StorageError(self.lost)
         return [self.verdicts[i] for i in sorted(self.verdicts)]
-
-    def _threads(self) -> int:
-        try:
-            workers = self.client.scheduler_info().get("workers", {})
-            return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
-        except Exception:  # noqa: BLE001 - sizing only: one task per thread is still correct
-            return 1
 
     def _should_end(self) -> bool:
         if self.stop is not None and self.stop.is_set():
@@ -359,7 +384,7 @@ class _Run:
     def _fill(self, pending: Any, in_flight: dict[Future, tuple[int, Checkpoint, Options]], ac: Any,
               window: int) -> None:
         """Submit checkpoints in list order until `window` are in flight; pending ones are judged here."""
-        while len(in_flight) < window and not self._should_end():
+        while len(in_flight) < window and not self._should_end() and not self.lost:
             nxt = next(pending, None)
             if nxt is None:
                 return
@@ -369,10 +394,9 @@ class _Run:
             if reason:  # nothing to read: no task
                 self._deliver(i, ck, pending_verdict(ck, reason, opts.tier))
                 continue
-            not_attempted = self.lost or self.scanner.outage
-            if not_attempted:
-                code = "executor_error" if self.lost else "storage_error"
-                self._deliver(i, ck, error_verdict(ck, opts.tier, code, f"not attempted: {not_attempted}"))
+            if self.scanner.outage:  # a worker found the store down: as the local scanner, report the rest
+                self._deliver(i, ck, error_verdict(ck, opts.tier, "storage_error",
+                                                   f"not attempted: {self.scanner.outage}"))
                 continue
             task = self.executor.task_for(self.scanner, ck, opts)
             try:
@@ -382,22 +406,24 @@ class _Run:
                                             priority=-i)
             except Exception as e:  # noqa: BLE001 - a client that lost its scheduler raises its own errors
                 self.lost = f"the Dask scheduler at {self.executor.address} stopped answering: {type(e).__name__}: {e}"
-                self._deliver(i, ck, error_verdict(ck, opts.tier, "executor_error", f"not attempted: {self.lost}"))
-                continue
+                return
             in_flight[future] = (i, ck, opts)
             ac.add(future)
 
-    def _verdict_of(self, future: Future, ck: Checkpoint, opts: Options) -> Verdict:
-        """The worker's verdict, or an `executor_error` one when the task did not come back."""
+    def _verdict_of(self, future: Future, ck: Checkpoint, opts: Options) -> Verdict | None:
+        """The worker's verdict; an `executor_error` one when the task itself failed (KilledWorker: it
+        took workers down too often); None, with `lost` set, when the scheduler stopped answering."""
         try:
             result = future.result()
         except Exception as e:  # noqa: BLE001 - KilledWorker, CommClosedError, TimeoutError, CancelledError...
-            detail = _failure_detail(future, e)
-            if _cluster_gone(future, e):
+            detail = f"{type(e).__name__}: {e}"[:500]
+            if future.status != "error":
+                # Cancelled by the client on losing the scheduler, or the result could not be fetched.
                 self.lost = f"the Dask scheduler at {self.executor.address} stopped answering ({detail})"
-            logger.warning("Dask task of %s did not come back: %s", ck.url, detail)
+                return None
+            logger.warning("Dask task of %s failed: %s", ck.url, detail)
             return error_verdict(ck, opts.tier, "executor_error",
-                                 f"its task on the Dask cluster did not complete, so nothing was checked: {detail}")
+                                 f"its task on the Dask cluster failed, so nothing was checked: {detail}")
         if not isinstance(result, TaskResult):
             return error_verdict(ck, opts.tier, "executor_error", f"the task returned {type(result).__name__}")
         if result.bytes_read and self.scanner.reader.on_bytes:
@@ -413,21 +439,6 @@ class _Run:
         self.verdicts[i] = verdict
         if self.on_verdict:
             self.on_verdict(verdict, len(self.verdicts), self.total)
-
-
-def _failure_detail(future: Future, e: BaseException) -> str:
-    reason = ""
-    if future.status == "cancelled":
-        reason = getattr(e, "reason", None) or "cancelled"
-    text = str(e) or reason
-    return f"{type(e).__name__}: {text}"[:500]
-
-
-def _cluster_gone(future: Future, e: BaseException) -> bool:
-    """Tell whether a failed task means the scheduler is gone (not one task's bad luck)."""
-    if future.status == "cancelled":
-        return True  # we cancel only after leaving the loop: this one the client did, on losing the scheduler
-    return isinstance(e, (OSError, TimeoutError)) and future.client.status != "running"
 
 
 def _close_quietly(client: Client) -> None:

@@ -104,8 +104,8 @@ STATUS_OF_CODE = {
     "storage_error": Status.ERROR,
     "probe_error": Status.ERROR,
     "internal_error": Status.ERROR,
-    # A checkpoint's task on a Dask cluster that did not come back (a lost worker, the scheduler gone):
-    # nothing was learned about the checkpoint, so never a failing verdict.
+    # A checkpoint's task on a Dask cluster that failed as a task (KilledWorker: it took workers down
+    # too often, or the worker could not run it): nothing was learned, so never a failing verdict.
     "executor_error": Status.ERROR,
 }
 # A storage error means the check did not complete: nothing else it found is conclusive.
