@@ -263,7 +263,10 @@ class DaskExecutor:
 
     def _identify(self, client: Client) -> None:
         """Ask the scheduler who its workers are, within the timeout; keep their count and threads."""
-        info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=self.timeout)
+        scheduler = client.scheduler
+        if scheduler is None:  # a client that was closed
+            raise OSError(f"the client of {self.address} is closed")
+        info = client.sync(scheduler.identity, n_workers=-1, callback_timeout=self.timeout)
         workers = info.get("workers", {})
         self._workers = len(workers)
         self._threads = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
