@@ -393,13 +393,13 @@ class _Run:
                 return
             i, ck = nxt
             opts = self.options_for(ck) if self.options_for else self.scanner.options
-            reason = is_pending(ck, opts.settle_seconds)
-            if reason:  # nothing to read: no task
-                self._deliver(i, ck, pending_verdict(ck, reason, opts.tier))
-                continue
             if self.scanner.outage:  # a worker found the store down: as the local scanner, report the rest
                 self._deliver(i, ck, error_verdict(ck, opts.tier, "storage_error",
                                                    f"not attempted: {self.scanner.outage}"))
+                continue
+            reason = is_pending(ck, opts.settle_seconds)
+            if reason:  # nothing to read: no task
+                self._deliver(i, ck, pending_verdict(ck, reason, opts.tier))
                 continue
             task = self.executor.task_for(self.scanner, ck, opts)
             try:

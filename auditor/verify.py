@@ -655,7 +655,7 @@ class Scanner:
         task, reader = self._submit(ck, options, None, guarded=False)
         verdict = self._await(ck, task, options, reader)
         if verdict is None:
-            return error_verdict(ck, (options or self.options).tier, "storage_error",
+            return _error_verdict(ck, (options or self.options).tier, "storage_error",
                                   "not attempted: the scanner was shut down")
         return verdict
 
@@ -745,7 +745,7 @@ class Scanner:
         except DeadlineExceeded as e:
             reading = sorted(_rel_to(ck, p) for p in reader.in_flight())
             detail = f"{e}; still reading {', '.join(reading)}" if reading else str(e)
-            verdict = error_verdict(ck, (options or self.options).tier, "storage_error", detail)
+            verdict = _error_verdict(ck, (options or self.options).tier, "storage_error", detail)
             verdict.findings[0].file = reading[0] if reading else None
             return verdict
 
@@ -759,7 +759,7 @@ class Scanner:
             return verify_checkpoint(ck, self.context(options, reader))
         except Exception as e:  # noqa: BLE001 - one broken checkpoint must not end the scan
             logger.exception("verifying %s failed unexpectedly", ck.url)
-            return error_verdict(ck, options.tier, "internal_error", f"{type(e).__name__}: {e}")
+            return _error_verdict(ck, options.tier, "internal_error", f"{type(e).__name__}: {e}")
 
     def _guarded(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None,
                  reader: Reader, until: float | None = None) -> Verdict | None:
@@ -769,7 +769,7 @@ class Scanner:
             return None  # past the caller's time box: not started, still due
         tier = (options or self.options).tier
         if self.outage:
-            return error_verdict(ck, tier, "storage_error", f"not attempted: {self.outage}")
+            return _error_verdict(ck, tier, "storage_error", f"not attempted: {self.outage}")
         verdict = self._verify_now(ck, stop, options, reader)
         if verdict.status == Status.ERROR and any(f.code == "storage_error" for f in verdict.findings) \
                 and not self._reachable(ck):
@@ -812,6 +812,10 @@ class Executor(Protocol):
 
 def error_verdict(ck: Checkpoint, tier: str, code: str, detail: str) -> Verdict:
     """The `error` verdict of a checkpoint whose check did not complete, with one finding saying why."""
+    return _error_verdict(ck, tier, code, detail)
+
+
+def _error_verdict(ck: Checkpoint, tier: str, code: str, detail: str) -> Verdict:
     return Verdict(ck.url, ck.run, ck.step, ck.layout, Status.ERROR, [Finding.error(code, None, detail)], tier=tier)
 
 
