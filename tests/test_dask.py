@@ -422,6 +422,41 @@ class Forwarder:
             s.close()
 
 
+def test_the_scheduler_lost_mid_scan_is_a_storage_error_not_a_verdict(cluster: Any, request: pytest.FixtureRequest,
+                                                                      tmp_path: Path) -> None:
+    c, client = cluster
+    _healthy(client)
+    store = _s3_prefix(request, tmp_path)
+    host, port = c.scheduler_address.removeprefix("tcp://").rsplit(":", 1)
+    fwd = Forwarder((host, int(port)))
+    fwd.start()
+    store.faults.stall_ranged()  # the tasks are reading when the scheduler goes
+    outcome: list[Any] = []
+    delivered: list[Verdict] = []
+
+    def scan() -> None:
+        try:
+            outcome.append(api.rescan(store.url_of("p"), storage_options=store.storage_options,
+                                      dask=f"tcp://127.0.0.1:{fwd.port}", on_verdict=lambda v, _d, _t: delivered.append(v)))
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            outcome.append(e)
+
+    thread = threading.Thread(target=scan)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(client.processing().values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fwd.stop()
+    finally:
+        store.faults.allow()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert isinstance(outcome[0], StorageError) and outcome[0].exit_code == 3, outcome
+    assert f"the Dask scheduler at tcp://127.0.0.1:{fwd.port} stopped answering" in str(outcome[0])
+    assert delivered == []  # no verdict at all, so none that fails
+
+
 def test_daemon_pass_is_error_while_the_scheduler_is_gone_then_recovers(cluster: Any, tmp_path: Path,
                                                                        mixed_prefix: Path, daemons: list) -> None:
     from daemon import DaemonProcess
