@@ -307,12 +307,15 @@ class DaskExecutor:
         scanner.outage = None
         client = self.connect()
         try:
-            return _Run(self, scanner, client, options_for, on_verdict, stop, until).run(checkpoints)
-        finally:
-            try:
-                self._identify(client)  # the gauge follows the cluster between passes too
-            except (OSError, TimeoutError):
-                self._workers = 0
+            verdicts = _Run(self, scanner, client, options_for, on_verdict, stop, until).run(checkpoints)
+        except StorageError:
+            self._workers = 0  # the scheduler stopped answering
+            raise
+        try:
+            self._identify(client)  # the gauge follows the cluster as the run ends too
+        except (OSError, TimeoutError):
+            self._workers = 0
+        return verdicts
 
 
 class _Run:

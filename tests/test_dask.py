@@ -485,6 +485,10 @@ def test_daemon_pass_is_error_while_the_scheduler_is_gone_then_recovers(cluster:
         known = statuses()
         d.wait(lambda: d.metric("ckpt_executor_workers", executor="dask") == 2, 30, "two Dask workers counted")
         assert d.metric("ckpt_prefix_scan_up", prefix=str(mixed_prefix)) == 1
+        # The workers' reads reach the daemon's counter: the deep checks read every byte, the
+        # daemon's own metadata sweep only the manifests.
+        size = sum(p.stat().st_size for p in mixed_prefix.rglob("*") if p.is_file())
+        assert d.metric("ckpt_bytes_read_total", prefix=str(mixed_prefix)) >= size
 
         fwd.stop()  # the scheduler is gone
         d.wait(lambda: d.metric("ckpt_prefix_scan_up", prefix=str(mixed_prefix)) == 0, 60, "scan_up 0")
