@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# scan.executor values (auditor.config.Executor).
 LOCAL = "local"
 DASK = "dask"
-EXECUTORS = (LOCAL, DASK)
 
 # Storage option names that are credentials, wherever they sit (top level, client_kwargs,
 # config_kwargs, headers, ...): never put into a task. Compared lower-cased; `_SECRET_PARTS` catches
