@@ -18,10 +18,12 @@ does not answer, before or during a run, is a StorageError (exit 3; in the daemo
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -64,7 +66,7 @@ CREDENTIAL_MODES = {"token": frozenset({"anon", "google_default", "cloud", "cach
 _PLAIN = (str, int, float, bool, type(None))
 # At most this many tasks per worker thread wait on the cluster at once: enough that no worker
 # idles between results, few enough that a time box or a stop cancels little work.
-TASKS_PER_THREAD = 2
+TASKS_PER_THREAD = 4
 # How often the driver looks at `stop` and the time box while no result arrives.
 POLL_SECONDS = 0.1
 
@@ -162,7 +164,7 @@ class CheckpointTask:
     list_jobs: int
     file_timeout: float | None
     checkpoint_timeout: float | None
-    max_bytes_per_second: float  # applies to this task's reads
+    max_bytes_per_second: float  # applies to the reads of each worker thread
 
 
 @dataclass
@@ -177,16 +179,37 @@ class TaskResult:
 
 def run_task(task: CheckpointTask) -> TaskResult:
     """Verify one checkpoint on a Dask worker (or anywhere); never raises for the checkpoint's trouble."""
-    fs, _ = open_url(task.url, task.storage_options)
     options = task.options.build()
-    with Scanner(fs, options, jobs=task.jobs, list_jobs=task.list_jobs, throttle=Throttle(task.max_bytes_per_second),
-                 file_timeout=task.file_timeout, checkpoint_timeout=task.checkpoint_timeout) as scanner:
-        verdicts = scanner.run([task.checkpoint])
-        bytes_read = scanner.reader.bytes_read
-        outage = scanner.outage
+    scanner = _worker_scanner(task)
+    before = scanner.reader.bytes_read
+    verdicts = scanner.run([task.checkpoint], options_for=lambda _ck: options)
     verdict = verdicts[0] if verdicts else error_verdict(task.checkpoint, options.tier, "executor_error",
                                                          "the worker's scanner returned no verdict")
-    return TaskResult(verdict, bytes_read, outage, _worker_address())
+    return TaskResult(verdict, scanner.reader.bytes_read - before, scanner.outage, _worker_address())
+
+
+# One Scanner per worker thread and store settings, kept across tasks: starting a Scanner's pools
+# costs about 10 ms of thread starts, more than checking a small checkpoint. Per thread, so a
+# Scanner runs one task at a time (its outage flag and byte count are that task's).
+_SCANNERS = threading.local()
+MAX_SCANNERS_PER_THREAD = 8
+
+
+def _worker_scanner(task: CheckpointTask) -> Scanner:
+    cache: OrderedDict[str, Scanner] = _SCANNERS.__dict__.setdefault("cache", OrderedDict())
+    key = json.dumps([task.url, task.storage_options, task.jobs, task.list_jobs, task.file_timeout,
+                      task.checkpoint_timeout, task.max_bytes_per_second], sort_keys=True, default=repr)
+    scanner = cache.get(key)
+    if scanner is None:
+        fs, _ = open_url(task.url, task.storage_options)
+        scanner = Scanner(fs, task.options.build(), jobs=task.jobs, list_jobs=task.list_jobs,
+                          throttle=Throttle(task.max_bytes_per_second), file_timeout=task.file_timeout,
+                          checkpoint_timeout=task.checkpoint_timeout)
+        cache[key] = scanner
+        while len(cache) > MAX_SCANNERS_PER_THREAD:
+            cache.popitem(last=False)[1].close()
+    cache.move_to_end(key)
+    return scanner
 
 
 def _worker_address() -> str | None:
@@ -358,12 +381,13 @@ class _Run:
             while in_flight:
                 if self._should_end() or self.lost:
                     break
+                # as_completed's own wake-up (what its iterator waits on): a result wakes us at once, and
+                # stop and the time box are looked at every POLL_SECONDS meanwhile.
+                with ac.thread_condition:
+                    if not ac.has_ready():
+                        ac.thread_condition.wait(timeout=POLL_SECONDS)
                 ready = ac.next_batch(block=False) if ac.has_ready() else []
                 if not ready:
-                    if self.stop is not None:
-                        self.stop.wait(POLL_SECONDS)
-                    else:
-                        time.sleep(POLL_SECONDS)
                     continue
                 for future in ready:
                     i, ck, opts = in_flight.pop(future)
