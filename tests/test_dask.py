@@ -109,16 +109,17 @@ def test_verdicts_identical_local_and_dask_on_a_local_prefix(cluster: Any, mixed
     assert dask.exit_code(False) == 1
 
 
-def _s3_prefix(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    store = make_store("s3", request, tmp_path)
+def _s3_prefix(request: pytest.FixtureRequest, tmp_path: Path, kind: str = "s3") -> Store:
+    store = make_store(kind, request, tmp_path)
     store.put_dir(request.getfixturevalue("seeded"), "p")
     return store
 
 
-def test_verdicts_identical_local_and_dask_on_s3(cluster: Any, request: pytest.FixtureRequest,
-                                                 tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_verdicts_identical_local_and_dask_on_object_stores(cluster: Any, request: pytest.FixtureRequest,
+                                                            tmp_path: Path, kind: str) -> None:
     c, _ = cluster
-    store = _s3_prefix(request, tmp_path)
+    store = _s3_prefix(request, tmp_path, kind)
     url = store.url_of("p")
     local = api.rescan(url, storage_options=store.storage_options)
     dask = api.rescan(url, storage_options=store.storage_options, dask=c.scheduler_address)
