@@ -13,6 +13,7 @@ from fsspec import AbstractFileSystem
 from auditor import probe, sealing
 from auditor.config import Config, ScanConfig
 from auditor.errors import StorageError, UsageError
+from auditor.executors import DASK, build_executor
 from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
 from auditor.model import Assurance, ScanResult, Severity, Status, Tier, Verdict
@@ -123,11 +124,14 @@ def rescan(
     file_timeout: float | None = None,
     checkpoint_timeout: float | None = None,
     allow_factories: Sequence[str] = (),
+    dask: str | None = None,
 ) -> ScanResult:
     """Verify every checkpoint under `prefix`; record verdicts in the state database when configured.
 
     `file_timeout` / `checkpoint_timeout` override the configured deadlines (scan.file_timeout, ...).
-    `allow_factories` adds to the (per-prefix) `scan.allow_factories` of the config.
+    `allow_factories` adds to the (per-prefix) `scan.allow_factories` of the config. `dask`
+    (tcp://HOST:8786) verifies the checkpoints on that Dask scheduler's workers (scan.executor: dask);
+    StorageError (exit 3) when it cannot be reached.
     """
     cfg_prefix = config.prefix(prefix) if config else None
     scan = config.scan_for(cfg_prefix) if config and cfg_prefix else (
@@ -135,6 +139,8 @@ def rescan(
     deadlines = {k: v for k, v in (("file_timeout", file_timeout), ("checkpoint_timeout", checkpoint_timeout))
                  if v is not None}
     scan = scan.model_copy(update=deadlines) if deadlines else scan
+    if dask is not None:
+        scan = scan.model_copy(update={"executor": DASK, "dask": scan.dask.model_copy(update={"address": dask})})
     options = dict(cfg_prefix.storage_options) if cfg_prefix else {}
     options.update(storage_options or {})
     fs, root = open_checked(prefix, options)
@@ -155,8 +161,10 @@ def rescan(
         opts.baseline = store.baseline_lookup(prefix)
     throttle = Throttle(scan.max_bytes_per_second)
     try:
+        executor = build_executor(scan, prefix, options)
         with Scanner(fs, opts, jobs=jobs or scan.jobs, throttle=throttle, list_jobs=scan.list_jobs,
-                     file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout) as scanner:
+                     file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout,
+                     executor=executor) as scanner:
             result = scanner.scan(root, prefix, on_verdict=on_verdict)
         if store is not None:
             store.record_scan(prefix, result)

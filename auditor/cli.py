@@ -213,14 +213,20 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
               help="Deadline of one file's check (e.g. 30m; default scan.file_timeout).")
 @click.option("--checkpoint-timeout", default=None,
               help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
+@click.option("--dask", "dask_address", default=None, metavar="tcp://HOST:8786",
+              help="Verify on this Dask scheduler's workers, one task per checkpoint (scan.executor: dask).")
 @_allow_factory
 def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool, strict: bool, jobs: int | None,
            settle_time: str | None, daemon: str | None, require_assurance: str | None,
            storage_option: tuple[str, ...], file_timeout: str | None, checkpoint_timeout: str | None,
-           allow_factory: tuple[str, ...]) -> None:
+           dask_address: str | None, allow_factory: tuple[str, ...]) -> None:
     """Verify every checkpoint under a prefix now."""
 
     def body() -> int:
+        if daemon and dask_address:
+            raise UsageError("--dask and --daemon exclude each other: the daemon uses its own scan.executor")
+        if dask_address is not None and not dask_address.strip():
+            raise UsageError("--dask needs a scheduler address, e.g. tcp://HOST:8786")
         if daemon:
             # Lazy: requests (~0.1 s) only for the commands that talk to a daemon.
             from auditor import client
@@ -239,7 +245,7 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
         result = api.rescan(prefix, config=cfg, tier=tier, strict=strict, jobs=jobs, settle_seconds=settle,
                             storage_options=_options(storage_option), on_verdict=progress,
                             require_assurance=require_assurance, allow_factories=allow_factory,
-                            **_deadlines(file_timeout, checkpoint_timeout))
+                            dask=dask_address, **_deadlines(file_timeout, checkpoint_timeout))
         _emit(result, as_json)
         return result.exit_code(strict)
 

@@ -88,6 +88,25 @@ class ReadConfig(_Strict):
         return ReadSettings(mode=self.mode, part_size=self.part_size, concurrency=self.concurrency)
 
 
+# Where a pass's deep checks run (issue 14): in the daemon's own threads, or one task per checkpoint
+# on a Dask cluster (auditor/executors.py).
+Executor = Literal["local", "dask"]
+# The standard variable Dask's own tools read for the scheduler's address.
+DASK_ADDRESS_ENV = "DASK_SCHEDULER_ADDRESS"
+
+
+class DaskConfig(_Strict):
+    # tcp://HOST:8786; unset: $DASK_SCHEDULER_ADDRESS when the config is loaded (load_config).
+    address: str | None = Field(default=None, min_length=1)
+    # How long to wait for the scheduler when connecting (and reconnecting) before the pass is `error`.
+    timeout: Duration = Field(default=10.0, gt=0)
+
+
+class DaskOverrides(_Strict):
+    address: str | None = Field(default=None, min_length=1)
+    timeout: Duration | None = Field(default=None, gt=0)
+
+
 class ScanConfig(_Strict):
     shallow_interval: Duration = 3600.0
     deep_interval: Duration = 7 * 86400.0
@@ -109,6 +128,8 @@ class ScanConfig(_Strict):
     file_timeout: Duration = Field(default=FILE_TIMEOUT, gt=0)
     checkpoint_timeout: Duration = Field(default=CHECKPOINT_TIMEOUT, gt=0)
     read: ReadConfig = ReadConfig()
+    executor: Executor = "local"
+    dask: DaskConfig = Field(default_factory=DaskConfig)
 
 
 class ScanOverrides(_Strict):
@@ -128,6 +149,8 @@ class ScanOverrides(_Strict):
     checkpoint_timeout: Duration | None = Field(default=None, gt=0)
     allow_factories: AllowFactories | None = None
     read: ReadConfig | None = None
+    executor: Executor | None = None
+    dask: DaskOverrides | None = None
 
 
 class PrefixConfig(_Strict):
@@ -167,6 +190,8 @@ class Config(_Strict):
         if prefix.scan.read is not None:
             # A prefix's read section overrides only the keys it sets, as a model, not a dict.
             overrides["read"] = self.scan.read.model_copy(update=prefix.scan.read.model_dump(exclude_unset=True))
+        if "dask" in overrides:  # a nested section: merged key by key, not replaced by a plain dict
+            overrides["dask"] = self.scan.dask.model_copy(update=overrides["dask"])
         return self.scan.model_copy(update=overrides)
 
     def prefix(self, url: str) -> PrefixConfig | None:
@@ -205,6 +230,17 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     return raw
 
 
+def _default_dask_address(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Take scan.dask.address from $DASK_SCHEDULER_ADDRESS where the file does not set it."""
+    address = env.get(DASK_ADDRESS_ENV)
+    scan = raw.setdefault("scan", {}) if address else None
+    if not isinstance(scan, dict):
+        return  # no variable, or a malformed scan section that validation names
+    dask = scan.setdefault("dask", {})
+    if isinstance(dask, dict):
+        dask.setdefault("address", address)
+
+
 def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Load, override from the environment, and validate; ConfigError names the bad key."""
     env = os.environ if env is None else env
@@ -220,6 +256,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping, not {type(raw).__name__}")
     raw = _apply_env(raw, env)
+    _default_dask_address(raw, env)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

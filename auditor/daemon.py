@@ -26,6 +26,7 @@ from auditor.api import build_options
 from auditor.backends import backend_for
 from auditor.config import Config, PrefixConfig, ScanConfig
 from auditor.errors import ConfigError, StorageError, UsageError
+from auditor.executors import DASK, LOCAL, DaskExecutor, build_executor
 from auditor.http import PrefixSummary, Server
 from auditor.layouts import Checkpoint
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
@@ -124,9 +125,13 @@ class PrefixWorker:
         self.options: dict[str, Options] = {tier: scan_options(tier, scan) for tier in Tier}
         for opts in self.options.values():
             opts.baseline = state.baseline_lookup(self.url)
+        # scan.executor: dask sends the deep checks to a Dask cluster; listing, the metadata sweep and
+        # every write of state and metrics stay here.
+        self.executor = build_executor(scan, pcfg.url, pcfg.storage_options)
         self.scanner = Scanner(self.fs, self.options[Tier.CONTENT], jobs=scan.jobs, throttle=throttle,
                                on_bytes=on_bytes, stop=stop, list_jobs=scan.list_jobs,
-                               file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout)
+                               file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout,
+                               executor=self.executor)
         # Checkpoints of the current pass that were sealed once and have lost their manifest.
         self.lost_seals: dict[str, Seal] = {}
 
@@ -177,6 +182,9 @@ class Daemon:
                 raise UsageError(f"prefixes: {pcfg.url}: {e}") from e
             self.workers[pcfg.url] = worker
         self.metrics.init_prefixes(self.workers)
+        self.metrics.executor_workers.labels(executor=LOCAL).set(
+            1 if any(w.executor is None for w in self.workers.values()) else 0)
+        self.metrics.executor_workers.labels(executor=DASK).set_function(self._dask_workers)
         self._snapshots: dict[str | None, Snapshot] = {}
         self.snapshot_max_age = SNAPSHOT_MAX_AGE
         # One background rebuild at a time, for snapshots a running pass made stale.
@@ -212,6 +220,15 @@ class Daemon:
         self.scheduler.start()
         self.ready = True
         logger.info("daemon started with %d prefix(es)", len(self.workers), extra={"event": "start"})
+
+    def _dask_workers(self) -> float:
+        """Workers connected to the Dask schedulers of the configured prefixes (each scheduler once)."""
+        by_address: dict[str, int] = {}
+        for worker in self.workers.values():
+            if isinstance(worker.executor, DaskExecutor):
+                by_address[worker.executor.address] = max(by_address.get(worker.executor.address, 0),
+                                                          worker.executor.workers())
+        return float(sum(by_address.values()))
 
     def alive(self) -> bool:
         """Tell whether the scheduler loop is running (for /healthz)."""
@@ -278,11 +295,20 @@ class Daemon:
             self.state.record_scan_end(url, Tier.METADATA, started, False, str(e), {})
             logger.warning("cannot list %s: %s", url, e, extra={"event": "scan", "prefix": url, "status": "error"})
             return
+        if worker.executor is not None:
+            try:
+                worker.executor.connect()  # each pass: a scheduler that came back is found again
+            except StorageError as e:
+                # Nothing verified, nothing recorded: the known verdicts stand, the pass is `error`.
+                self.metrics.scan_failed(url)
+                self.state.record_scan_end(url, Tier.METADATA, started, False, str(e), {})
+                logger.warning("%s: %s", url, e, extra={"event": "scan", "prefix": url, "status": "error"})
+                return
         known = self.state.observe(url, found, now=started)
         self._remember_seals(worker, found)
         self.metrics.prefix_scan_up.labels(prefix=url).set(1)
         # Metadata for everything: cheap (list, stat, manifest), and it notices changes early.
-        errors = self._run_recorded(worker, found, lambda ck: worker.options[Tier.METADATA])
+        errors = self._run_recorded(worker, found, lambda ck: worker.options[Tier.METADATA], in_process=True)
         # Deep work by due date; suspects (failed, errored, rewritten, never verified) first.
         now = time.time()
         due = self._due(worker, found, known, now)
@@ -290,16 +316,19 @@ class Daemon:
         # The deep checks need only what is due: the rest of the listing (file infos) can go now.
         del found, known
         deadline = started + max(scan.shallow_interval, 30.0)
+        # On Dask the whole pass is one run, so skewed checkpoint sizes balance across the cluster;
+        # the driver keeps the time box (`until`) instead of the batches.
+        step, until = (scan.jobs * 2, None) if worker.executor is None else (max(1, len(due)), deadline)
         batch: list[tuple[Checkpoint, str]] = []
         for ck, tier in due:
             if self.stop_event.is_set() or time.time() > deadline:
                 break
             batch.append((ck, tier))
-            if len(batch) >= scan.jobs * 2:
-                errors += self._deep(worker, batch)
+            if len(batch) >= step:
+                errors += self._deep(worker, batch, until)
                 batch = []
         if batch and not self.stop_event.is_set():
-            errors += self._deep(worker, batch)
+            errors += self._deep(worker, batch, until)
         self._publish(url)
         self._freeze_once_torch_loaded()
         finished = time.time()
@@ -338,19 +367,21 @@ class Daemon:
         due.sort(key=lambda d: (d[0], d[1]))
         return [(ck, tier) for _, _, ck, tier in due]
 
-    def _deep(self, worker: PrefixWorker, batch: list[tuple[Checkpoint, str]]) -> int:
+    def _deep(self, worker: PrefixWorker, batch: list[tuple[Checkpoint, str]], until: float | None = None) -> int:
         tiers = {ck.url: tier for ck, tier in batch}
 
         def options_for(ck: Checkpoint) -> Options:
             # `probe` runs the probe only where the manifest has one; content otherwise.
             return worker.options[tiers[ck.url]]
 
-        return self._run_recorded(worker, [ck for ck, _ in batch], options_for)
+        return self._run_recorded(worker, [ck for ck, _ in batch], options_for, until=until)
 
     def _run_recorded(self, worker: PrefixWorker, found: list[Checkpoint],
-                      options_for: Callable[[Checkpoint], Options]) -> int:
+                      options_for: Callable[[Checkpoint], Options], *, in_process: bool = False,
+                      until: float | None = None) -> int:
         """Verify checkpoints, writing their verdicts FLUSH_EVERY at a time as they come; return the
-        number of storage errors."""
+        number of storage errors. `in_process`: here, even when the prefix has an executor; `until`:
+        start none after this time (time.time())."""
         waiting: list[Verdict] = []
         errors = 0
 
@@ -367,7 +398,12 @@ class Daemon:
         start = 0
         while start < len(found) and not self.stop_event.is_set():
             end = len(found) if start and worker.scanner.outage else start + FLUSH_EVERY
-            worker.scanner.run(found[start:end], options_for=options_for, on_verdict=collect, stop=self.stop_event)
+            try:
+                worker.scanner.run(found[start:end], options_for=options_for, on_verdict=collect,
+                                   stop=self.stop_event, until=until, in_process=in_process)
+            except StorageError:
+                self._record_all(worker, waiting)  # the verdicts that came back before the executor failed
+                raise
             start = end
         return errors + self._record_all(worker, waiting)
 

@@ -10,6 +10,8 @@ from auditor import __version__
 from auditor.model import FAILURES, TIERS, Status
 
 STATUSES = Status.values()
+# scan.executor values (auditor.config.Executor); literal here so the metrics stay a light import.
+EXECUTORS = ("local", "dask")
 
 
 class Metrics:
@@ -43,6 +45,15 @@ class Metrics:
         )
         self.bytes_read = Counter("ckpt_bytes_read", "Bytes read from storage.", ["prefix"], registry=registry)
         self.scan_errors = Counter("ckpt_scan_errors", "Storage errors.", ["prefix"], registry=registry)
+        self.executor_workers = Gauge(
+            "ckpt_executor_workers",
+            "Workers verifying checkpoints, per executor: 1 for the daemon itself when a prefix uses `local`; "
+            "the workers connected to the Dask scheduler(s) for `dask`.",
+            ["executor"],
+            registry=registry,
+        )
+        for executor in EXECUTORS:
+            self.executor_workers.labels(executor=executor).set(0)
         self.build_info = Info("ckpt_auditor_build", "Build information.", registry=registry)
         self.build_info.info({"version": __version__})
 

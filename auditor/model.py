@@ -105,6 +105,9 @@ STATUS_OF_CODE = {
     "storage_error": Status.ERROR,
     "probe_error": Status.ERROR,
     "internal_error": Status.ERROR,
+    # A checkpoint's task on a Dask cluster that failed as a task (KilledWorker: it took workers down
+    # too often, or the worker could not run it): nothing was learned, so never a failing verdict.
+    "executor_error": Status.ERROR,
 }
 # A storage error means the check did not complete: nothing else it found is conclusive.
 STATUS_PRIORITY = (Status.ERROR, Status.UNSAFE, Status.CORRUPT, Status.MISSING, Status.DRIFT, Status.INCOMPLETE,

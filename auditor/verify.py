@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fsspec import AbstractFileSystem
 
@@ -607,7 +607,8 @@ class Scanner:
                  throttle: Throttle | None = None, on_bytes: Callable[[int], None] | None = None,
                  stop: threading.Event | None = None, list_jobs: int = 8,
                  file_timeout: float | None = FILE_TIMEOUT,
-                 checkpoint_timeout: float | None = CHECKPOINT_TIMEOUT) -> None:
+                 checkpoint_timeout: float | None = CHECKPOINT_TIMEOUT,
+                 executor: Executor | None = None) -> None:
         if jobs < 1:
             raise UsageError(f"jobs must be at least 1, got {jobs}")
         for name, value in (("file_timeout", file_timeout), ("checkpoint_timeout", checkpoint_timeout)):
@@ -615,6 +616,8 @@ class Scanner:
                 raise UsageError(f"{name} must be positive, got {value}")
         self.options = options
         self.jobs = jobs
+        # None: checkpoints are verified in this process's pools; else `run` hands them to it.
+        self.executor = executor
         self.file_timeout = file_timeout
         self.checkpoint_timeout = checkpoint_timeout
         if list_jobs < 1:
@@ -646,6 +649,8 @@ class Scanner:
             meta, self._closed = self._meta_pools, True
         for pool in (self._checkpoints, *(meta or ()), self._files):
             pool.shutdown(cancel_futures=True)
+        if self.executor is not None:
+            self.executor.close()
 
     def _metadata_pools(self) -> tuple[DeadlinePool, DeadlinePool]:
         """Return the metadata tier's (checkpoint pool, checksum-request pool), starting them once."""
@@ -681,10 +686,19 @@ class Scanner:
 
     def run(self, checkpoints: list[Checkpoint], *, options_for: Callable[[Checkpoint], Options] | None = None,
             on_verdict: Callable[[Verdict, int, int], None] | None = None,
-            stop: threading.Event | None = None) -> list[Verdict]:
-        """Verify checkpoints in parallel, in order of the list; skip the rest once `stop` is set."""
+            stop: threading.Event | None = None, until: float | None = None,
+            in_process: bool = False) -> list[Verdict]:
+        """Verify checkpoints in parallel, in order of the list; skip the rest once `stop` is set, or
+        once the wall clock (time.time()) passes `until`: those get no verdict.
+
+        With an executor, it runs them (one task per checkpoint) unless `in_process`: the daemon
+        keeps its request-bound metadata sweep in its own threads.
+        """
+        if self.executor is not None and not in_process:
+            return self.executor.run(self, checkpoints, options_for=options_for, on_verdict=on_verdict, stop=stop,
+                                     until=until)
         self.outage = None
-        tasks = [(ck, opts, *self._submit(ck, opts, stop, guarded=True))
+        tasks = [(ck, opts, *self._submit(ck, opts, stop, guarded=True, until=until))
                  for ck in checkpoints for opts in [options_for(ck) if options_for else None]]
         verdicts: list[Verdict] = []
         for i, (ck, opts, task, reader) in enumerate(tasks):
@@ -737,12 +751,13 @@ class Scanner:
         layouts.adopt(found, hits, root, prefix_url)
 
     def _submit(self, ck: Checkpoint, options: Options | None, stop: threading.Event | None, *,
-                guarded: bool) -> tuple[Any, Reader]:
+                guarded: bool, until: float | None = None) -> tuple[Any, Reader]:
         metadata = (options or self.options).tier == Tier.METADATA
         reader = (self._meta_reader if metadata else self.reader).child()
         fn = self._guarded if guarded else self._verify_now
+        args = (ck, stop, options, reader, until) if guarded else (ck, stop, options, reader)
         pool = self._metadata_pools()[0] if metadata else self._checkpoints
-        task = pool.submit(fn, ck, stop, options, reader, what=f"verifying {ck.url}",
+        task = pool.submit(fn, *args, what=f"verifying {ck.url}",
                                         timeout=self.checkpoint_timeout, on_timeout=reader.abort,
                                         deadline_name=CHECKPOINT_DEADLINE)
         return task, reader
@@ -772,9 +787,11 @@ class Scanner:
             return _error_verdict(ck, options.tier, "internal_error", f"{type(e).__name__}: {e}")
 
     def _guarded(self, ck: Checkpoint, stop: threading.Event | None, options: Options | None,
-                 reader: Reader) -> Verdict | None:
+                 reader: Reader, until: float | None = None) -> Verdict | None:
         if stop is not None and stop.is_set():
             return None
+        if until is not None and time.time() > until:
+            return None  # past the caller's time box: not started, still due
         tier = (options or self.options).tier
         if self.outage:
             return _error_verdict(ck, tier, "storage_error", f"not attempted: {self.outage}")
@@ -803,6 +820,24 @@ class Scanner:
         except OSError:  # StorageFault, DeadlineExceeded
             return False
         return True
+
+
+class Executor(Protocol):
+    """Runs a Scanner's checkpoints elsewhere (auditor.executors.DaskExecutor); the Scanner's caller
+    still gets every verdict, in `on_verdict`, and remains the only writer of state and metrics."""
+
+    name: str
+
+    def run(self, scanner: Scanner, checkpoints: list[Checkpoint], *,
+            options_for: Callable[[Checkpoint], Options] | None, on_verdict: Callable[[Verdict, int, int], None] | None,
+            stop: threading.Event | None, until: float | None) -> list[Verdict]: ...
+
+    def close(self) -> None: ...
+
+
+def error_verdict(ck: Checkpoint, tier: str, code: str, detail: str) -> Verdict:
+    """The `error` verdict of a checkpoint whose check did not complete, with one finding saying why."""
+    return _error_verdict(ck, tier, code, detail)
 
 
 def _error_verdict(ck: Checkpoint, tier: str, code: str, detail: str) -> Verdict:
