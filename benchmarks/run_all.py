@@ -55,6 +55,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "probe": ("bench_probe.py", [], ["--seq-len", "128"]),
     "daemon": ("bench_daemon.py", [], ["--count", "10000"]),
     "save": ("bench_save.py", [], ["--params", "100M"]),
+    "dask": ("bench_dask.py", [], ["--count", "16", "--size", "256M", "--tasks", "2000"]),
 }
 
 # The headline figures of each benchmark for the table: (label, key, format).
@@ -74,6 +75,15 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
         ("python -c 'import pydantic.main, click, fsspec'", "libs_floor_best_s", "{:.2f} s"),
         ("ratio were the auditor's own start-up zero", "ratio_at_libs_floor", "{:.2f}"),
         ("openssl / (auditor - start-up)", "ratio_without_startup", "{:.2f}"),
+    ],
+    "dask": [
+        ("checkpoint bytes", "bytes", "bytes"),
+        ("in-process, jobs 1", "local_jobs1_mb_s", "{:.0f} MB/s"),
+        ("Dask, 1 worker process", "dask_1_mb_s", "{:.0f} MB/s"),
+        ("Dask, 2 worker processes", "dask_2_mb_s", "{:.0f} MB/s"),
+        ("2 workers / 1", "ratio_2_vs_1_workers", "{:.2f}"),
+        ("tiny checkpoints per second, 2 workers", "dask_checkpoints_per_s", "{:.0f}/s"),
+        ("no-op tasks per second, same cluster", "dask_noop_tasks_per_s", "{:.0f}/s"),
     ],
     "rss": [
         ("python -c 'import auditor.cli'", "import_floor_rss_mib", "{:.1f} MiB"),
