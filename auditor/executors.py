@@ -29,14 +29,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from auditor import integrity
+from auditor.backends import backend_for
 from auditor.config import ScanConfig
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import FileEntry
-from auditor.model import Assurance, Verdict
+from auditor.model import Assurance, Finding, Tier, Verdict
 from auditor.probe import Prober
-from auditor.storage import Throttle, open_url
-from auditor.verify import Options, Scanner, error_verdict, is_pending, pending_verdict
+from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, open_url
+from auditor.verify import Options, Scanner, error_verdict, is_pending, load_manifest, pending_verdict
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -67,6 +69,9 @@ _PLAIN = (str, int, float, bool, type(None))
 # At most this many tasks per worker thread wait on the cluster at once: enough that no worker
 # idles between results, few enough that a time box or a stop cancels little work.
 TASKS_PER_THREAD = 4
+# No file this small is sealed with spans (seal --span-mib is at least 1): its checkpoint's manifest is
+# not looked at for them.
+MIN_SPAN_BYTES = 2**20
 # How often the driver looks at `stop` and the time box while no result arrives.
 POLL_SECONDS = 0.1
 
@@ -119,6 +124,7 @@ class TaskOptions:
     # recorded in the verdict; `baseline` holds the ones it already has for this checkpoint, if any.
     keeps_baseline: bool
     baseline: tuple[FileEntry, ...] | None
+    read: ReadSettings = ReadSettings()
 
     @classmethod
     def of(cls, options: Options, ck: Checkpoint) -> TaskOptions:
@@ -134,6 +140,7 @@ class TaskOptions:
             probe_memory_mb=prober.memory_mb if prober else 0,
             keeps_baseline=options.baseline is not None,
             baseline=tuple(found.values()) if found is not None else None,
+            read=options.read,
         )
 
     def build(self) -> Options:
@@ -149,7 +156,8 @@ class TaskOptions:
                        probe_auto=self.probe_auto, prober=prober,
                        require=list(self.require) if self.require is not None else None,
                        baseline=baseline if self.keeps_baseline else None,
-                       require_assurance=Assurance.parse(self.require_assurance) if self.require_assurance else None)
+                       require_assurance=Assurance.parse(self.require_assurance) if self.require_assurance else None,
+                       read=self.read)
 
 
 @dataclass(frozen=True)
@@ -178,14 +186,120 @@ class TaskResult:
 
 
 def run_task(task: CheckpointTask) -> TaskResult:
-    """Verify one checkpoint on a Dask worker (or anywhere); never raises for the checkpoint's trouble."""
+    """Verify one checkpoint on a Dask worker (or anywhere); never raises for the checkpoint's trouble.
+
+    On a worker, a file with sealed span digests is verified as one task per span, spread over the
+    cluster (`SpanTask`), instead of by this worker alone: one large shard is read by many workers.
+    """
     options = task.options.build()
     scanner = _worker_scanner(task)
     before = scanner.reader.bytes_read
-    verdicts = scanner.run([task.checkpoint], options_for=lambda _ck: options)
+    spans = _fan_out_for(task, scanner)
+    if spans is None:
+        verdicts = scanner.run([task.checkpoint], options_for=lambda _ck: options)
+    else:
+        from distributed import rejoin, secede  # lazy: only ever called inside a Dask worker
+
+        options.span_digester = spans
+        # This task now waits on its spans' tasks: its thread slot serves them (here or elsewhere)
+        # meanwhile, so two such tasks on a two-thread cluster cannot wait on each other forever.
+        secede()
+        try:
+            verdicts = scanner.run([task.checkpoint], options_for=lambda _ck: options)
+        finally:
+            rejoin()
     verdict = verdicts[0] if verdicts else error_verdict(task.checkpoint, options.tier, "executor_error",
                                                          "the worker's scanner returned no verdict")
-    return TaskResult(verdict, scanner.reader.bytes_read - before, scanner.outage, _worker_address())
+    read = scanner.reader.bytes_read - before + (spans.bytes_read if spans else 0)
+    if spans is not None:
+        verdict.bytes_read = read  # with the spans read elsewhere and the manifest looked at first
+    return TaskResult(verdict, read, scanner.outage, _worker_address())
+
+
+def _fan_out_for(task: CheckpointTask, scanner: Scanner) -> _SpanFanOut | None:
+    """On a Dask worker, a content-tier task whose manifest seals span digests fans its spans out."""
+    if task.options.tier == Tier.METADATA or task.checkpoint.manifest_path is None:
+        return None
+    if max((int(i.get("size") or 0) for i in task.checkpoint.files.values()), default=0) <= MIN_SPAN_BYTES:
+        return None  # no file large enough to have been sealed with more than one span
+    try:
+        from distributed import get_client  # lazy: only inside a Dask worker
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return None  # not on a worker: the engine reads every file itself
+    try:
+        # A small read the engine repeats: it says whether any file has spans to fan out.
+        manifest = load_manifest(scanner.reader.child(), task.checkpoint)
+    except Exception:  # noqa: BLE001 - the engine reads it again and reports what is wrong
+        return None
+    if not any(e.spans is not None and len(e.spans.sha256) > 1 for e in manifest.files):
+        return None
+    return _SpanFanOut(task, client)
+
+
+@dataclass(frozen=True)
+class SpanTask:
+    """One sealed span of one file: data only, like CheckpointTask."""
+
+    url: str
+    storage_options: dict[str, Any]
+    path: str
+    entry: FileEntry
+    index: int
+    file_timeout: float | None
+    max_bytes_per_second: float
+
+
+@dataclass
+class SpanResult:
+    findings: list[Finding]
+    bytes_read: int
+    worker: str | None
+
+
+def run_span(task: SpanTask) -> SpanResult:
+    """Verify one span by a ranged read of its bytes (integrity.digest_span); storage faults are findings."""
+    fs, _ = open_url(task.url, task.storage_options)
+    reader = Reader(fs, throttle=Throttle(task.max_bytes_per_second), retries=backend_for(fs).own_retries)
+    try:
+        findings = integrity.digest_span(reader, task.entry, task.path, task.index)
+    except (StorageFault, StorageError) as e:  # a fault after the reader's retries: never a mismatch
+        lo, hi = task.entry.spans.range(task.index, task.entry.size) if task.entry.spans else (0, 0)
+        findings = [Finding.error("storage_error", task.entry.path, f"span [{lo}, {hi}) could not be read: {e}")]
+    return SpanResult(findings, reader.bytes_read, _worker_address())
+
+
+class _SpanFanOut:
+    """The Options.span_digester of a checkpoint task on a worker: submits the file's spans as tasks,
+    round-robin over the cluster's workers, and waits for them off the worker's thread slot."""
+
+    def __init__(self, task: CheckpointTask, client: Client) -> None:
+        self.task = task
+        self.client = client  # the worker's own client, usable from the scanner's threads
+        self.bytes_read = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, entry: FileEntry, path: str) -> list[Finding]:
+        assert entry.spans is not None  # verify._bind_digest hands over only files with spans
+        tasks = [SpanTask(self.task.url, self.task.storage_options, path, entry, i, self.task.file_timeout,
+                          self.task.max_bytes_per_second) for i in range(len(entry.spans.sha256))]
+        workers = sorted(self.client.scheduler_info()["workers"])
+        futures = [self.client.submit(run_span, t, key=f"span-{uuid.uuid4().hex}",
+                                      workers=[workers[i % len(workers)]] if workers else None,
+                                      allow_other_workers=True, pure=False) for i, t in enumerate(tasks)]
+        results: list[SpanResult] = self.client.gather(futures)
+        with self.lock:
+            self.bytes_read += sum(r.bytes_read for r in results)
+        findings = [f for r in results for f in r.findings]
+        where = {r.worker for r in results if r.worker}
+        if not findings:
+            findings.append(Finding.info("span_digests", entry.path,
+                                         f"verified as {len(tasks)} spans of {entry.spans.size} bytes on "
+                                         f"{len(where)} worker(s), each against its sealed span digest"))
+        return findings
+
+
 
 
 # One Scanner per worker thread and store settings, kept across tasks: starting a Scanner's pools

@@ -78,6 +78,9 @@ class Options:
     require_assurance: Assurance | None = None
     # How object-store reads are shaped (scan.read).
     read: ReadSettings = field(default_factory=ReadSettings)
+    # Verifies a file that has sealed span digests span by span elsewhere (the Dask executor's
+    # workers), in place of reading it here: (entry, path) -> findings. None: read here, whole.
+    span_digester: Callable[[FileEntry, str], list[Finding]] | None = None
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
@@ -380,7 +383,8 @@ def _check_listed(
         elif ctx.options.tier != Tier.METADATA:
             to_digest.append((entry, path, info))
     _finish_listed(ctx, reader, heads, ordered, findings, len(entries))
-    work = [(entry.path, _bind_digest(entry, path, manifest, info)) for entry, path, info in to_digest]
+    work = [(entry.path, _bind_digest(entry, path, manifest, info, ctx.options.span_digester))
+            for entry, path, info in to_digest]
     for _rel, got in ctx.run_files(reader, work):
         if isinstance(got, Finding):
             findings.append(got)
@@ -425,8 +429,10 @@ def _bind_checksum(entry: FileEntry, path: str, info: dict[str, Any]) -> Callabl
     return lambda reader: integrity.compare_server_checksum(reader, path, info, entry)
 
 
-def _bind_digest(entry: FileEntry, path: str, manifest: Manifest | None, info: dict[str, Any]
-                 ) -> Callable[[Reader], list[Finding]]:
+def _bind_digest(entry: FileEntry, path: str, manifest: Manifest | None, info: dict[str, Any],
+                 spans: Callable[[FileEntry, str], list[Finding]] | None = None) -> Callable[[Reader], list[Finding]]:
+    if spans is not None and entry.spans is not None and len(entry.spans.sha256) > 1:
+        return lambda reader: spans(entry, path)
     return lambda reader: integrity.digest_file(reader, entry, path, manifest, info)
 
 

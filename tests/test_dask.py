@@ -586,3 +586,45 @@ def test_dask_is_not_imported_by_a_local_scan() -> None:
 def test_config_example_documents_the_executor() -> None:
     text = (REPO / "config.example.yaml").read_text()
     assert "executor: local" in text and "dask:" in text
+
+
+def _spanned(root: Path) -> Path:
+    """One sealed checkpoint whose weights (~3.6 MiB, written by safetensors) have 1 MiB span digests."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    ck = root / "run" / "checkpoint-9"
+    ck.mkdir(parents=True)
+    rng = np.random.default_rng(9)
+    save_file({"a": rng.random((300, 1024), dtype=np.float32), "b": rng.random((650, 1024), dtype=np.float32)},
+              str(ck / "model.safetensors"))
+    (ck / "config.json").write_text('{"model_type": "mlp"}')
+    api.seal(str(ck), span_bytes=2**20, allow_incomplete=True)
+    return ck
+
+
+def test_a_large_file_is_verified_span_by_span_across_both_workers(cluster: Any, tmp_path: Path) -> None:
+    c, client = cluster
+    _healthy(client)
+    ck = _spanned(tmp_path / "prefix")
+    weights = ck / "model.safetensors"
+    size = weights.stat().st_size
+    result = api.rescan(str(tmp_path / "prefix"), dask=c.scheduler_address)
+    (verdict,) = result.verdicts
+    assert verdict.status == Status.OK, verdict.findings
+    said = [f.detail for f in verdict.findings if f.code == "span_digests" and f.file == "model.safetensors"]
+    assert len(said) == 1 and "as 4 spans of 1048576 bytes on 2 worker(s)" in said[0], verdict.findings
+    assert verdict.bytes_read >= size  # the spans' bytes, read on the workers, are counted
+    local = api.rescan(str(tmp_path / "prefix"))
+    assert (local.verdicts[0].status, local.verdicts[0].assurance) == (verdict.status, verdict.assurance)
+
+    # Bit rot in the third span: the workers name that span and its byte range.
+    at = 2 * 2**20 + 4321
+    data = bytearray(weights.read_bytes())
+    data[at] ^= 0x08
+    weights.write_bytes(bytes(data))
+    (bad,) = api.rescan(str(tmp_path / "prefix"), dask=c.scheduler_address).verdicts
+    assert bad.status == Status.CORRUPT
+    spans = [f for f in bad.findings if f.code == "span_digest_mismatch"]
+    assert [f.file for f in spans] == ["model.safetensors"]
+    assert f"bytes [{2 * 2**20}, {3 * 2**20})" in spans[0].detail and "span 3 of 4" in spans[0].detail
