@@ -36,6 +36,7 @@ request's p99 after the passes; /metrics p99 < 200 ms. --profile samples the dae
 from __future__ import annotations
 
 import calendar
+import contextlib
 import io
 import json
 import math
@@ -298,6 +299,8 @@ def run_daemon(name: str, tmp: Path, prefixes: list[Path], state: Path, args: An
     urls = [str(p) for p in prefixes]
     scan = {"shallow_interval": "1h", "deep_interval": "30d", "probe_interval": "30d", "settle_time": "0s",
             "jobs": args.jobs, "jitter": 0.0}
+    if args.dask_address:  # the deep checks on a Dask cluster (issue 14): the same figures, to compare
+        scan.update({"executor": "dask", "dask": {"address": args.dask_address}})
     d = DaemonProcess(tmp, [{"url": u} for u in urls], scan=scan, state=state)
     t0 = time.time()
     d.start(wait_ready=False)
@@ -476,9 +479,25 @@ def main() -> None:
                    help="run the daemon once: only the first-sight pass is measured")
     p.add_argument("--profile", action="store_true",
                    help="sample the daemon with py-spy during every run; top functions on stderr and in the JSON")
+    p.add_argument("--dask-workers", type=int, default=0,
+                   help="run the deep checks on a local Dask cluster of this many worker processes (default 0: "
+                        "in the daemon, scan.executor local)")
     # Smoke: passes take a fraction of a second, so a faster request loop still lands requests inside them.
     args = parse_args(p, count=10, prefixes=2, rate=50.0, max_seconds=120.0)
     runs: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        args.dask_address = None
+        if args.dask_workers:
+            from distributed import LocalCluster
+
+            cluster = stack.enter_context(LocalCluster(n_workers=args.dask_workers, threads_per_worker=1,
+                                                       processes=True, host="127.0.0.1", dashboard_address=None))
+            args.dask_address = cluster.scheduler_address
+            log(f"deep checks on a Dask cluster of {args.dask_workers} worker process(es) at {args.dask_address}")
+        _measure(args, runs)
+
+
+def _measure(args: Any, runs: dict[str, dict[str, Any]]) -> None:
     with workdir(args.workdir, args.keep, "bench-daemon-") as tmp:
         floor_mib = peak_rss_mib([sys.executable, "-c", FLOOR_IMPORTS], tmp / "floor.rusage")
         log(f"import floor, python -c '{FLOOR_IMPORTS}': peak RSS {floor_mib:.0f} MiB")
@@ -522,6 +541,7 @@ def main() -> None:
 
     doc: dict[str, Any] = {
         "benchmark": "daemon",
+        "executor": f"dask ({args.dask_workers} workers)" if args.dask_address else "local",
         "loadavg_end": os.getloadavg(),
         "checkpoints": args.count,
         "prefixes": args.prefixes,
