@@ -21,6 +21,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import SQLAlchemyError
 
 from auditor.api import build_options
 from auditor.backends import backend_for
@@ -572,12 +573,21 @@ class Daemon:
 
         Current when no pass writes to the prefix. While one does, the last snapshot (rebuilt in the
         background once older than SNAPSHOT_MAX_AGE), so a request never queues behind the pass for
-        the database or the interpreter. Writes by other processes show within SNAPSHOT_MAX_AGE.
+        the database or the interpreter. Writes by other processes show within SNAPSHOT_MAX_AGE. While
+        the database cannot be read, the last snapshot, if there is one.
         """
         snap = self._snapshots.get(prefix)
         current = snap is not None and snap.generation == self.state.generation(prefix)
         if snap is None or not (current or self._busy(prefix)):
-            return self._rebuild(prefix).body
+            try:
+                return self._rebuild(prefix).body
+            except SQLAlchemyError as e:
+                if snap is None:
+                    raise
+                # The database went away (a PostgreSQL restart, say): the last verdicts read beat a 500.
+                logger.warning("state database unavailable, serving the %.0f s old snapshot of %s: %s",
+                               time.monotonic() - snap.built, prefix or "every prefix", getattr(e, "orig", e))
+                return snap.body
         if time.monotonic() - snap.built > self.snapshot_max_age:
             # Aged: another process (a CLI rescan on the same database) may have written since.
             self._rebuild_later(prefix)

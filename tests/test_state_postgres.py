@@ -332,3 +332,40 @@ def test_server_stopped_mid_pass_is_an_error_loses_nothing_and_recovers(private_
     d.wait(lambda: d.metric("ckpt_checkpoints", prefix=key, status="ok") == 4, 30, "all four ok")
     assert before <= history_rows(url), "a verdict recorded before the outage was lost"
     assert requests.get(d.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_checkpoints_api_serves_the_last_snapshot_while_the_database_is_away(pg_database, tmp_path):
+    """A write since the last /api/v1/checkpoints answer, then the database goes away: the next answer is
+    the last snapshot (not a 500), and a current one again once the database is back."""
+    import json
+
+    server, name, url = pg_database
+    prefix = tmp_path / "ckpts"
+    seal_run(prefix / "run", [100, 200])
+    key = str(prefix)
+    daemon = Daemon(inprocess_config(url, prefix), CollectorRegistry())
+    try:
+        daemon.tick(key)
+        first = json.loads(daemon.checkpoints_json(key))
+        assert {c["status"] for c in first["checkpoints"]} == {"ok"} and len(first["checkpoints"]) == 2
+        # Another write (a rescan job, say): the snapshot is no longer current.
+        ck = first["checkpoints"][0]
+        daemon.state.record(key, Verdict(ck["url"], ck["run"], ck["step"], ck["layout"], Status.CORRUPT))
+        server.allow_connections(name, False)
+        server.terminate(name)
+        try:
+            assert json.loads(daemon.checkpoints_json(key)) == first, "the last snapshot, while unreadable"
+        finally:
+            server.allow_connections(name, True)
+        fresh = json.loads(daemon.checkpoints_json(key))
+        assert sorted(c["status"] for c in fresh["checkpoints"]) == ["corrupt", "ok"]
+        daemon._snapshots.clear()  # no snapshot at all: nothing to serve instead, the error stands
+        server.allow_connections(name, False)
+        server.terminate(name)
+        try:
+            with pytest.raises(sa.exc.SQLAlchemyError):
+                daemon.checkpoints_json(key)
+        finally:
+            server.allow_connections(name, True)
+    finally:
+        daemon.shutdown(grace=5)
