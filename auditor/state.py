@@ -254,7 +254,11 @@ def fingerprint(ck: Checkpoint) -> str:
     A digest of the listing, not the listing itself: the state keeps one per checkpoint and the next
     pass only compares them, so 64 characters serve a checkpoint of 10,000 shards as well as one of 3.
     """
-    return FINGERPRINT_PREFIX + hashlib.sha256(_listing_summary(ck).encode("utf-8", "surrogateescape")).hexdigest()
+    return _digest(_listing_summary(ck))
+
+
+def _digest(summary: str) -> str:
+    return FINGERPRINT_PREFIX + hashlib.sha256(summary.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _listing_summary(ck: Checkpoint) -> str:
@@ -272,7 +276,7 @@ def same_fingerprint(stored: str | None, fp: str) -> bool:
     it matches its digest, and is rewritten as one when the checkpoint is next observed."""
     if stored is None or stored.startswith(FINGERPRINT_PREFIX):
         return stored == fp
-    return FINGERPRINT_PREFIX + hashlib.sha256(stored.encode("utf-8", "surrogateescape")).hexdigest() == fp
+    return _digest(stored) == fp
 
 
 class State:

@@ -186,6 +186,17 @@ class PostgresServer:
         with self.admin() as conn:
             conn.execute(sa.text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'))
 
+    @contextmanager
+    def database_away(self, name: str) -> Iterator[None]:
+        """One database gone for its clients inside the block (new connections refused, open ones
+        killed), back after it whatever the block raised."""
+        self.allow_connections(name, False)
+        self.terminate(name)
+        try:
+            yield
+        finally:
+            self.allow_connections(name, True)
+
 
 def new_database_name() -> str:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")

@@ -261,16 +261,12 @@ def test_database_away_between_passes_is_an_error_then_recovers(pg_database, tmp
     try:
         daemon.tick(key)
         before = history_rows(url)
-        server.allow_connections(name, False)
-        server.terminate(name)
-        try:
+        with server.database_away(name):
             daemon.tick(key)
             assert gauge(registry, "ckpt_prefix_scan_up", prefix=key) == 0
             assert gauge(registry, "ckpt_scan_errors_total", prefix=key) == 1
             assert gauge(registry, "ckpt_checkpoints", prefix=key, status="ok") == 2, "known verdicts are kept"
             assert gauge(registry, "ckpt_verify_failures", prefix=key) == 0
-        finally:
-            server.allow_connections(name, True)
         daemon.tick(key)
         assert gauge(registry, "ckpt_prefix_scan_up", prefix=key) == 1
         assert daemon.state.counts(key) == {"ok": 2}
@@ -351,21 +347,12 @@ def test_checkpoints_api_serves_the_last_snapshot_while_the_database_is_away(pg_
         # Another write (a rescan job, say): the snapshot is no longer current.
         ck = first["checkpoints"][0]
         daemon.state.record(key, Verdict(ck["url"], ck["run"], ck["step"], ck["layout"], Status.CORRUPT))
-        server.allow_connections(name, False)
-        server.terminate(name)
-        try:
+        with server.database_away(name):
             assert json.loads(daemon.checkpoints_json(key)) == first, "the last snapshot, while unreadable"
-        finally:
-            server.allow_connections(name, True)
         fresh = json.loads(daemon.checkpoints_json(key))
         assert sorted(c["status"] for c in fresh["checkpoints"]) == ["corrupt", "ok"]
         daemon._snapshots.clear()  # no snapshot at all: nothing to serve instead, the error stands
-        server.allow_connections(name, False)
-        server.terminate(name)
-        try:
-            with pytest.raises(sa.exc.SQLAlchemyError):
-                daemon.checkpoints_json(key)
-        finally:
-            server.allow_connections(name, True)
+        with server.database_away(name), pytest.raises(sa.exc.SQLAlchemyError):
+            daemon.checkpoints_json(key)
     finally:
         daemon.shutdown(grace=5)
