@@ -109,3 +109,14 @@ def test_rescan_with_config_records_verdicts_for_status_and_latest(tmp_path, pre
     assert latest.exit_code == 0 and latest.stdout.strip().endswith("run1/checkpoint-100")
     none = CliRunner().invoke(main, ["latest", "--prefix", str(prefix), "--config", str(cfg), "--run", "nope"])
     assert none.exit_code == 1
+
+
+def test_a_storage_option_that_is_not_yaml_is_taken_as_text(tmp_path):
+    """`-o KEY=VALUE` parses VALUE as YAML where it can; text that is not YAML (an unclosed bracket, as in
+    a glob or a password) is passed as the string given, never a YAML traceback."""
+    from auditor.cli import _options
+
+    assert _options(("anon=true", "n=3", "pattern=[unclosed")) == {"anon": True, "n": 3, "pattern": "[unclosed"}
+    res = run("verify", str(tmp_path), "-o", "auto_mkdir=[unclosed", "--json")
+    assert "Traceback" not in res.stderr, res.stderr
+    assert json.loads(res.stdout)["prefix"] == str(tmp_path)  # it ran and judged the folder
