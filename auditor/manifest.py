@@ -167,10 +167,40 @@ class FileEntry(_Model):
         return self
 
 
+class TensorStats(_Model):
+    """The values of one floating-point tensor, taken at seal in the same read as its digest (issue 15).
+
+    Additive and optional: written for the floating dtypes the auditor can decode (F64, F32, F16, BF16).
+    `l2` and `max_abs` are over the finite elements only, so one NaN does not hide the rest; `sample`
+    holds the values at fixed positions that depend only on the tensor's shape, so the same tensor of
+    two checkpoints of a run is compared position by position. A non-finite sampled value is null.
+    """
+
+    count: int = Field(ge=0)  # elements
+    l2: float = Field(ge=0)
+    max_abs: float = Field(ge=0)
+    nan: int = Field(default=0, ge=0)
+    inf: int = Field(default=0, ge=0)  # +Inf and -Inf
+    sample: list[float | None] = []
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nan + self.inf
+
+
 class TensorEntry(_Model):
     dtype: str
     shape: list[int]
     sha256: str
+    stats: TensorStats | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_stats(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        # Optional and additive: a tensor sealed without statistics is written as before.
+        out: dict[str, Any] = handler(self)
+        if out.get("stats") is None:
+            out.pop("stats", None)
+        return out
 
 
 class TrainingState(_Model):

@@ -44,6 +44,9 @@ class Status(_Word):
     CORRUPT = "corrupt"
     MISSING = "missing"
     DRIFT = "drift"
+    # A floating-point tensor holds NaN or +-Inf (issue 15): the bytes may match the manifest, the
+    # weights cannot resume a run.
+    NONFINITE = "nonfinite"
     INCOMPLETE = "incomplete"
     UNSAFE = "unsafe"
     UNVERIFIABLE = "unverifiable"
@@ -59,7 +62,8 @@ class Severity(_Word):
 
 TIERS = Tier.values()
 # Statuses that say the bytes are damaged or the state cannot resume: they page.
-FAILURES = frozenset({Status.CORRUPT, Status.MISSING, Status.DRIFT, Status.INCOMPLETE, Status.UNSAFE})
+FAILURES = frozenset({Status.CORRUPT, Status.MISSING, Status.NONFINITE, Status.DRIFT, Status.INCOMPLETE,
+                      Status.UNSAFE})
 # Statuses that say nothing about the bytes: the check did not complete or has not run yet.
 INCONCLUSIVE = frozenset({Status.ERROR, Status.PENDING})
 
@@ -88,6 +92,7 @@ STATUS_OF_CODE = {
     "path_unresolvable": Status.CORRUPT,
     "server_checksum_mismatch": Status.CORRUPT,
     "file_missing": Status.MISSING,
+    "nonfinite_weights": Status.NONFINITE,
     "probe_mismatch": Status.DRIFT,
     "probe_load_mismatch": Status.DRIFT,
     "model_state_missing": Status.INCOMPLETE,
@@ -110,8 +115,8 @@ STATUS_OF_CODE = {
     "executor_error": Status.ERROR,
 }
 # A storage error means the check did not complete: nothing else it found is conclusive.
-STATUS_PRIORITY = (Status.ERROR, Status.UNSAFE, Status.CORRUPT, Status.MISSING, Status.DRIFT, Status.INCOMPLETE,
-                   Status.UNVERIFIABLE)
+STATUS_PRIORITY = (Status.ERROR, Status.UNSAFE, Status.CORRUPT, Status.MISSING, Status.NONFINITE, Status.DRIFT,
+                   Status.INCOMPLETE, Status.UNVERIFIABLE)
 
 
 class Assurance(_Word):
