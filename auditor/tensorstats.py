@@ -7,6 +7,7 @@ same numbers on the bytes as they stream past (digests), and must agree with it.
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from auditor.manifest import TensorStats
 # How many values of each tensor are sampled (fewer if it has fewer elements).
 SAMPLE_SIZE = 16
 # safetensors dtype -> numpy dtype of its elements; BF16 is widened to float32 by hand (numpy has none).
-FLOAT_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+FLOAT_DTYPES: dict[str, np.dtype[Any]] = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
 def sample_positions(shape: list[int] | tuple[int, ...], k: int = SAMPLE_SIZE) -> list[int]:
