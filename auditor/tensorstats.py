@@ -16,7 +16,9 @@ from auditor.manifest import TensorStats
 # How many values of each tensor are sampled (fewer if it has fewer elements).
 SAMPLE_SIZE = 16
 # safetensors dtype -> numpy dtype of its elements; BF16 is widened to float32 by hand (numpy has none).
-FLOAT_DTYPES: dict[str, np.dtype[Any]] = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+FLOAT_DTYPES: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+}
 
 
 def sample_positions(shape: list[int] | tuple[int, ...], k: int = SAMPLE_SIZE) -> list[int]:
