@@ -45,7 +45,7 @@ margin:0.5rem 0;padding:0.5rem 0.7rem}
 .ck.failing{border-left-color:#c62828}.ck.suspect{border-left-color:#ef6c00}.ck.ok{border-left-color:#2e7d32}
 .url{font-family:ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
 .status{font-weight:bold;text-transform:uppercase}.failing .status{color:#c62828}.suspect .status{color:#ef6c00}
-.meta{color:#555;font-size:0.9rem}ul{margin:0.3rem 0;padding-left:1.2rem}
+.meta{color:#555;font-size:0.9rem}ul{margin:0.3rem 0;padding-left:1.2rem}li{overflow-wrap:anywhere}
 code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:0.9em;word-break:break-all}
 .more{color:#555;font-style:italic}.down{color:#c62828;font-weight:bold}
 """
