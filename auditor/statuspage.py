@@ -125,7 +125,8 @@ def _daemon_line(status: dict[str, Any], now: float) -> str:
     ready = "ready" if status.get("ready") else "not ready (starting or stopping)"
     uptime = status.get("uptime_seconds")
     up = f", up {_duration(float(uptime))}" if isinstance(uptime, (int, float)) else ""
-    return f'<p class="meta">Daemon {ready}{up}; page rendered {_e(_when(now))}, refreshed every {REFRESH_SECONDS} s.</p>'
+    return (f'<p class="meta">Daemon {ready}{up}; page rendered {_e(_when(now))}, '
+            f"refreshed every {REFRESH_SECONDS} s.</p>")
 
 
 def _nav(scope: PageScope) -> str:
