@@ -184,7 +184,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(200, d.checkpoints_json(prefix))
             # A folder under a configured prefix: only the checkpoints under that folder, not its siblings'.
             rows = json.loads(d.checkpoints_json(prefix))["checkpoints"]
-            self._json(200, {"prefix": asked, "checkpoints": under_folder(rows, asked)})
+            self._json(200, {"prefix": prefix, "under": asked, "checkpoints": under_folder(rows, asked)})
         elif url.path == "/api/v1/status":
             self._json(200, status_doc(d))
         elif url.path.startswith("/api/v1/jobs/"):

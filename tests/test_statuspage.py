@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 import pytest
 import requests
+import yaml
 from ckpts import flip_bit, tensor_offset, write_hf_checkpoint, write_run
 from click.testing import CliRunner
 from daemon import DaemonProcess, seal_run
@@ -134,9 +135,12 @@ def get(url: str, **kw: Any) -> requests.Response:
 
 # ------------------------------------------------------------------ the page in a real browser
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian chromium or chromium-headless-shell): "
-                                              "scripts/install-system-deps.sh installs it")
 def test_status_page_in_headless_chromium(tmp_path, daemons):
+    if CHROMIUM is None:
+        missing = "no Chromium (Debian chromium-headless-shell or chromium): scripts/install-system-deps.sh installs it"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the status page in a browser: {missing}")  # as conftest does for PostgreSQL
+        pytest.skip(missing)
     prefix = tmp_path / "prefix"
     seal_run(prefix / "run-a", [5, 10, 100])
     damage(prefix / "run-a" / "checkpoint-10")
@@ -213,7 +217,8 @@ def test_subfolder_prefix_returns_only_that_folder(tmp_path):
         def urls(asked: str) -> list[str]:
             r = get(base + "/api/v1/checkpoints", params={"prefix": asked})
             assert r.status_code == 200, r.text
-            assert r.json()["prefix"] == asked
+            assert r.json()["prefix"] == key  # the configured prefix that holds it
+            assert r.json().get("under") == (None if asked == key else asked)
             return [c["url"] for c in r.json()["checkpoints"]]
 
         assert len(urls(key)) == 4
@@ -288,3 +293,35 @@ def test_storage_text_is_escaped():
     (cls, text), = parsed.cards
     assert "failing" in cls and words("unsafe_pickle") in text
     assert "no explanation" in text  # an unknown code from an older or newer auditor still renders
+
+
+# ------------------------------------------------------------------ Grafana and the alerts link to the page
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_grafana_dashboard_links_to_the_status_page():
+    dash = json.loads((ROOT / "grafana" / "dashboards" / "ckpt-auditor.json").read_text(encoding="utf-8"))
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["auditor"]["type"] == "textbox" and variables["auditor"]["query"].startswith("http")
+    assert any(link["url"] == "${auditor}/" for link in dash["links"]), dash["links"]
+    panels = {p["id"]: p for p in dash["panels"]}
+    per_prefix = panels[5]  # failing checkpoints per prefix: each series opens its prefix's page
+    assert "ckpt_verify_failures" in per_prefix["targets"][0]["expr"]
+    (link,) = per_prefix["fieldConfig"]["defaults"]["links"]
+    assert link["url"] == "${auditor}/?prefix=${__field.labels.prefix:percentencode}"
+    assert panels[1]["fieldConfig"]["defaults"]["links"][0]["url"] == "${auditor}/"
+
+
+def test_failure_alerts_link_to_the_status_page():
+    rules = {r["alert"]: r for g in yaml.safe_load((ROOT / "monitoring" / "alerts.yaml").read_text())["groups"]
+             for r in g["rules"]}
+    link = rules["CheckpointVerifyFailures"]["annotations"]["status_page"]
+    # promtool renders it in monitoring/alerts_test.yaml (tests/test_deploy.py runs that).
+    assert link == "http://{{ $labels.instance }}/?prefix={{ $labels.prefix | urlquery }}"
+    rendered = (ROOT / "monitoring" / "alerts_test.yaml").read_text()
+    assert "status_page: http://10.0.0.1:9180/?prefix=s3%3A%2F%2Fml-ckpts%2Fllm%2F" in rendered
+    grafana = yaml.safe_load((ROOT / "grafana" / "provisioning" / "alerting" / "ckpt-auditor.yaml").read_text())
+    (rule,) = [r for g in grafana["groups"] for r in g["rules"] if r["uid"] == "ckpt-verify-failures"]
+    assert "by (prefix, instance)" in rule["data"][0]["model"]["expr"]
+    assert "http://{{ $labels.instance }}/?prefix={{ $labels.prefix | urlquery }}" in rule["annotations"]["status_page"]
