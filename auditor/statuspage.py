@@ -68,14 +68,20 @@ def rank(ck: dict[str, Any]) -> int:
     status = ck.get("status")
     if status in FAILURES:
         return FAILING
-    if status in _SUSPECT_STATUSES or any(f.get("severity") != Severity.INFO for f in _findings(ck)):
+    if status in _SUSPECT_STATUSES:
+        return SUSPECT
+    if any(f.get("severity") != Severity.INFO for f in _findings(ck)):
         return SUSPECT
     if status == Status.PENDING:
         return PENDING
     return FINE
 
 
-def page_order(ck: dict[str, Any]) -> tuple[object, ...]:
+PageKey = tuple[int, tuple[object, ...]]
+
+
+def page_order(ck: dict[str, Any]) -> PageKey:
+    """Failing first, then suspect, pending, fine; within each, by run and numeric step."""
     return rank(ck), checkpoint_order(str(ck.get("run") or "."), _step(ck), str(ck.get("url") or ""))
 
 
@@ -91,10 +97,12 @@ def render(status: dict[str, Any], checkpoints: list[dict[str, Any]], scope: Pag
     now = time.time() if now is None else now
     prefixes = [p for p in status.get("prefixes", []) if scope.prefix is None or p.get("prefix") == scope.prefix]
     rows = under_folder(checkpoints, scope.under) if scope.under else checkpoints
-    by_prefix: dict[str, list[dict[str, Any]]] = {}
+    by_prefix: dict[str, list[tuple[PageKey, dict[str, Any]]]] = {}
+    failing = 0
     for ck in rows:
-        by_prefix.setdefault(str(ck.get("prefix")), []).append(ck)
-    failing = sum(1 for ck in rows if rank(ck) == FAILING)
+        key = page_order(ck)  # computed once per row: 10,000 rows are sorted on every request
+        failing += key[0] == FAILING
+        by_prefix.setdefault(str(ck.get("prefix")), []).append((key, ck))
     title = f"{failing} failing checkpoint(s)" if failing else "no failing checkpoints"
     parts = [_head(title), "<body>", "<header>", "<h1>ckpt-auditor: " + _e(title) + "</h1>",
              _daemon_line(status, now), _nav(scope), "</header>", "<main>"]
@@ -136,28 +144,29 @@ def _nav(scope: PageScope) -> str:
     return "<nav>" + " ".join(links) + "</nav>"
 
 
-def _prefix_section(p: dict[str, Any], rows: list[dict[str, Any]], scope: PageScope, now: float) -> str:
+def _prefix_section(p: dict[str, Any], keyed: list[tuple[PageKey, dict[str, Any]]], scope: PageScope,
+                    now: float) -> str:
     url = str(p.get("prefix"))
     shown_url = scope.under if scope.under and scope.prefix == url else url
     api = "/api/v1/checkpoints?prefix=" + quote(shown_url, safe="")
-    rows = sorted(rows, key=page_order)
-    flagged = [ck for ck in rows if rank(ck) in (FAILING, SUSPECT)]
-    others = [ck for ck in rows if rank(ck) not in (FAILING, SUSPECT)]
+    ranked = sorted(keyed, key=lambda pair: pair[0])
+    flagged = [(key[0], ck) for key, ck in ranked if key[0] in (FAILING, SUSPECT)]
+    others = [(key[0], ck) for key, ck in ranked if key[0] not in (FAILING, SUSPECT)]
     out = [f'<section><h2><a href="/?prefix={_e(quote(url, safe=""))}" class="url">{_e(shown_url)}</a></h2>',
-           _prefix_meta(p, len(rows), now),
+           _prefix_meta(p, len(keyed), now),
            f'<p class="links"><a href="{_e(api)}">JSON</a>'
            f' <a href="{_e(RUNBOOK_URL)}#checkpointverifyfailures">Runbook: failing checkpoints</a></p>']
-    if not rows:
+    if not keyed:
         out.append("<p>No checkpoints known yet under this prefix.</p>")
     if flagged:
         out.append(f"<h3>Failing or suspect ({len(flagged)})</h3>")
-        out += [_checkpoint(ck, now) for ck in flagged[:MAX_FLAGGED]]
+        out += [_checkpoint(ck, r, now) for r, ck in flagged[:MAX_FLAGGED]]
         if len(flagged) > MAX_FLAGGED:
             out.append(f'<p class="more">… and {len(flagged) - MAX_FLAGGED} more failing or suspect checkpoint(s): '
                        f'see <a href="{_e(api)}">the JSON</a>.</p>')
     if others:
         out.append(f"<h3>The others ({len(others)})</h3>")
-        out += [_checkpoint(ck, now) for ck in others[:MAX_OTHERS]]
+        out += [_checkpoint(ck, r, now) for r, ck in others[:MAX_OTHERS]]
         if len(others) > MAX_OTHERS:
             out.append(f'<p class="more">… and {len(others) - MAX_OTHERS} more checkpoint(s) that are ok or pending: '
                        f'see <a href="{_e(api)}">the JSON</a>.</p>')
@@ -178,8 +187,7 @@ def _prefix_meta(p: dict[str, Any], known: int, now: float) -> str:
     return line + "</p>"
 
 
-def _checkpoint(ck: dict[str, Any], now: float) -> str:
-    r = rank(ck)
+def _checkpoint(ck: dict[str, Any], r: int, now: float) -> str:
     status, assurance = str(ck.get("status")), str(ck.get("assurance") or "none")
     label = status if assurance == "none" else f"{status} ({assurance})"
     step = _step(ck)
