@@ -153,11 +153,11 @@ def _prefix_section(p: dict[str, Any], keyed: list[tuple[PageKey, dict[str, Any]
     flagged = [(key[0], ck) for key, ck in ranked if key[0] in (FAILING, SUSPECT)]
     others = [(key[0], ck) for key, ck in ranked if key[0] not in (FAILING, SUSPECT)]
     out = [f'<section><h2><a href="/?prefix={_e(quote(url, safe=""))}" class="url">{_e(shown_url)}</a></h2>',
-           _prefix_meta(p, len(keyed), now),
+           _prefix_meta(p, len(keyed), shown_url != url, now),
            f'<p class="links"><a href="{_e(api)}">JSON</a>'
            f' <a href="{_e(RUNBOOK_URL)}#checkpointverifyfailures">Runbook: failing checkpoints</a></p>']
     if not keyed:
-        out.append("<p>No checkpoints known yet under this prefix.</p>")
+        out.append("<p>No checkpoints known here yet.</p>")
     if flagged:
         out.append(f"<h3>Failing or suspect ({len(flagged)})</h3>")
         out += [_checkpoint(ck, r, now) for r, ck in flagged[:MAX_FLAGGED]]
@@ -174,13 +174,14 @@ def _prefix_section(p: dict[str, Any], keyed: list[tuple[PageKey, dict[str, Any]
     return "\n".join(out)
 
 
-def _prefix_meta(p: dict[str, Any], known: int, now: float) -> str:
+def _prefix_meta(p: dict[str, Any], known: int, folder: bool, now: float) -> str:
     counts = p.get("counts") or {}
     words = ", ".join(f"{int(n)} {_e(s)}" for s, n in sorted(counts.items())) or "nothing checked yet"
     last = p.get("last_success")
     scanned = f"last complete scan {_e(_ago(float(last), now))}" if isinstance(last, (int, float)) and last \
         else "no complete scan yet"
-    line = f'<p class="meta">{known} checkpoint(s) shown: {words}; {scanned}.'
+    here = f"{known} checkpoint(s) under this folder; the whole prefix: " if folder else ""
+    line = f'<p class="meta">{here}{words}; {scanned}.'
     if p.get("scan_up") == 0 and last:
         line += (' <span class="down">The last pass could not list this prefix</span> '
                  f'(<a href="{_e(RUNBOOK_URL)}#checkpointprefixunreachable">runbook</a>).')
