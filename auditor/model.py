@@ -217,9 +217,19 @@ class Verdict:
 _NUMBER = re.compile(r"([0-9]+)")
 
 
-def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
-    """Order names as people read them: digit runs compare as numbers, so `step-5` comes before `step-10`."""
-    return tuple((1, int(part)) if part.isdigit() else (0, part) for part in _NUMBER.split(text) if part)
+def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
+    """Order names as people read them: digit runs compare as numbers, so `step-5` comes before `step-10`.
+
+    A number compares by its digit count, then its digits (leading zeros dropped), never through int():
+    a name from storage with thousands of digits is ordered, not an error."""
+    out = []
+    for part in _NUMBER.split(text):
+        if part.isdigit():
+            digits = part.lstrip("0")
+            out.append((1, len(digits), digits))
+        elif part:
+            out.append((0, 0, part))
+    return tuple(out)
 
 
 def checkpoint_order(run: str, step: int | None, url: str) -> tuple[object, ...]:

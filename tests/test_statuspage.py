@@ -32,6 +32,7 @@ from auditor.config import Config
 from auditor.daemon import Daemon
 from auditor.explain import EXPLANATIONS
 from auditor.http import Server
+from auditor.model import checkpoint_order, natural_key
 from auditor.statuspage import MAX_FLAGGED, MAX_OTHERS, render
 
 pytestmark = pytest.mark.timeout(300)
@@ -325,3 +326,12 @@ def test_failure_alerts_link_to_the_status_page():
     (rule,) = [r for g in grafana["groups"] for r in g["rules"] if r["uid"] == "ckpt-verify-failures"]
     assert "by (prefix, instance)" in rule["data"][0]["model"]["expr"]
     assert "http://{{ $labels.instance }}/?prefix={{ $labels.prefix | urlquery }}" in rule["annotations"]["status_page"]
+
+
+def test_natural_order_of_names():
+    names = ["step-10", "step-5", "step-007", "run", "step-" + "9" * 5000, "step-100", "a2b10", "a2b9", "step-"]
+    assert sorted(names, key=natural_key) == ["a2b9", "a2b10", "run", "step-", "step-5", "step-007", "step-10",
+                                              "step-100", "step-" + "9" * 5000]
+    order = sorted([("run-10", 5, "u3"), ("run-2", None, "u2"), ("run-2", 10, "u1"), ("run-2", 9, "u0")],
+                   key=lambda r: checkpoint_order(*r))
+    assert order == [("run-2", None, "u2"), ("run-2", 9, "u0"), ("run-2", 10, "u1"), ("run-10", 5, "u3")]
