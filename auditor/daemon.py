@@ -687,8 +687,8 @@ def serve(config: Config) -> int:
     # Long-lived objects (modules, torch once loaded) leave the collector's view: full collections
     # otherwise pause the HTTP threads for 100+ ms once torch is imported.
     gc.freeze()
-    logger.warning("serving /metrics, /healthz, /readyz and /api/v1 on http://%s", config.server.listen,
-                   extra={"event": "listen"})
+    logger.warning("serving the status page /, /metrics, /healthz, /readyz and /api/v1 on http://%s",
+                   config.server.listen, extra={"event": "listen"})
     while not stop.wait(1.0):
         if not daemon.alive():
             logger.error("scheduler loop died; exiting")

@@ -82,7 +82,8 @@ def main() -> None:
     print(f"seeded {args.root}; damaged {damaged}")
     if args.config_out:
         write_config(args.config_out, args.root, args.listen)
-        print(f"daemon config: {args.config_out}; metrics will be at http://{args.listen}/metrics")
+        print(f"daemon config: {args.config_out}; status page at http://{args.listen}/, metrics at "
+              f"http://{args.listen}/metrics")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""HTTP on one port (SPEC §7): /metrics, /healthz, /readyz, /api/v1, over what a DaemonView shows."""
+"""HTTP on one port (SPEC §7): the status page, /metrics, /healthz, /readyz, /api/v1, over what a DaemonView shows."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from auditor.config import TOKEN_ENV
 from auditor.errors import UsageError
 from auditor.model import FAILURES
+from auditor.statuspage import CONTENT_SECURITY_POLICY, PageScope, not_found, render, under_folder
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,9 @@ class Handler(BaseHTTPRequestHandler):
     def _get(self) -> None:
         url = urlsplit(self.path)
         d = self.daemon_ref
-        if url.path == "/metrics":
+        if url.path == "/":
+            self._page(url.query)
+        elif url.path == "/metrics":
             self._send(200, generate_latest(d.registry), CONTENT_TYPE_LATEST)
         elif url.path == "/healthz":
             alive = d.alive()
@@ -172,13 +175,16 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/readyz":
             self._json(200 if d.ready else 503, {"ready": d.ready})
         elif url.path == "/api/v1/checkpoints":
-            prefix = parse_qs(url.query).get("prefix", [None])[0]
-            if prefix is not None:
-                try:
-                    prefix = d.configured_prefix(prefix)
-                except UsageError as e:
-                    return self._json(404, {"error": str(e)})
-            self._send(200, d.checkpoints_json(prefix))
+            asked = parse_qs(url.query).get("prefix", [None])[0]
+            try:
+                prefix = None if asked is None else d.configured_prefix(asked)
+            except UsageError as e:
+                return self._json(404, {"error": str(e)})
+            if asked is None or prefix == asked:
+                return self._send(200, d.checkpoints_json(prefix))
+            # A folder under a configured prefix: only the checkpoints under that folder, not its siblings'.
+            rows = json.loads(d.checkpoints_json(prefix))["checkpoints"]
+            self._json(200, {"prefix": prefix, "under": asked, "checkpoints": under_folder(rows, asked)})
         elif url.path == "/api/v1/status":
             self._json(200, status_doc(d))
         elif url.path.startswith("/api/v1/jobs/"):
@@ -188,6 +194,31 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, job.to_dict())
         else:
             self._json(404, {"error": f"no route {url.path}"})
+
+    def _page(self, query: str) -> None:
+        """The status page, of every prefix or of `?prefix=` (a configured prefix or a folder under one)."""
+        d = self.daemon_ref
+        asked = parse_qs(query).get("prefix", [None])[0]
+        try:
+            prefix = None if asked is None else d.configured_prefix(asked)
+        except UsageError as e:
+            return self._html(404, not_found(str(e)))
+        scope = PageScope(prefix, asked if asked is not None and asked != prefix else None)
+        rows = json.loads(d.checkpoints_json(prefix))["checkpoints"]
+        self._html(200, render(status_doc(d), rows, scope))
+
+    def _html(self, code: int, page: str) -> None:
+        body = page.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        # Storage-derived text is escaped; the policy makes sure nothing on the page can run even so.
+        self.send_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
 
     def _post(self) -> None:
         url = urlsplit(self.path)

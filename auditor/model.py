@@ -5,6 +5,7 @@ Everything above this module speaks these words; nothing here reads storage or f
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -213,6 +214,30 @@ class Verdict:
         }
 
 
+_NUMBER = re.compile(r"([0-9]+)")
+
+
+def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
+    """Order names as people read them: digit runs compare as numbers, so `step-5` comes before `step-10`.
+
+    A number compares by its digit count, then its digits (leading zeros dropped), never through int():
+    a name from storage with thousands of digits is ordered, not an error."""
+    out = []
+    for part in _NUMBER.split(text):
+        if part.isdigit():
+            digits = part.lstrip("0")
+            out.append((1, len(digits), digits))
+        elif part:
+            out.append((0, 0, part))
+    return tuple(out)
+
+
+def checkpoint_order(run: str, step: int | None, url: str) -> tuple[object, ...]:
+    """The order checkpoints are shown in everywhere (tables, JSON, the status page): by run, then by
+    step as a number (checkpoints without a step first), then by URL, each read as a person would."""
+    return natural_key(run), step is not None, step or 0, natural_key(url)
+
+
 def decide(findings: Iterable[Finding], *, structural_only: bool = False, checked_any: bool = True) -> str:
     """Return the one status that a set of findings implies (SPEC §4)."""
     implied = {STATUS_OF_CODE.get(f.code, Status.ERROR) for f in findings if f.severity == Severity.ERROR}
@@ -236,6 +261,10 @@ class ScanResult:
     uncovered: dict[str, int] = field(default_factory=dict)
     run_files: dict[str, int] = field(default_factory=dict)
     require_assurance: str | None = None
+
+    def __post_init__(self) -> None:
+        # Scanned in listing order (text: `checkpoint-10` before `checkpoint-5`); shown by run and step.
+        self.verdicts = sorted(self.verdicts, key=lambda v: checkpoint_order(v.run, v.step, v.url))
 
     def summary(self) -> dict[str, int]:
         return dict(Counter(v.status for v in self.verdicts))

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 from auditor.errors import StateError
 from auditor.layouts import Checkpoint
 from auditor.manifest import FileEntry
-from auditor.model import FAILURES, INCONCLUSIVE, Finding, ScanResult, Status, Tier, Verdict
+from auditor.model import FAILURES, INCONCLUSIVE, Finding, ScanResult, Status, Tier, Verdict, checkpoint_order
 
 logger = logging.getLogger(__name__)
 
@@ -551,7 +551,7 @@ class State:
             return {status: n for status, n in rows}
 
     def checkpoints(self, prefix: str | None = None) -> list[dict[str, Any]]:
-        """Latest verdict of each known checkpoint, with its findings, newest step last."""
+        """Latest verdict of each known checkpoint, with its findings, by prefix, run and step (newest step last)."""
         with self.engine.connect() as conn:
             q = sa.select(checkpoints).where(checkpoints.c.gone.is_(False))
             if prefix is not None:
@@ -580,6 +580,8 @@ class State:
                         "sealed": r["sealed"],
                         "last_verified": r["last_verified"], "tiers": {k: v["status"] for k, v in per_tier.items()},
                         "findings": findings})
+        # SQL orders run and URL as text (`run-10` before `run-2`); people read the numbers in them.
+        out.sort(key=lambda c: (c["prefix"], checkpoint_order(c["run"], c["step"], c["url"])))
         return out
 
     def history(self, url: str) -> list[dict[str, Any]]:
