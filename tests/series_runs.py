@@ -1,0 +1,267 @@
+"""Real CPU training runs for the run-series rule (issue 15): tests/test_series_runs.py and
+benchmarks/bench_series.py share them.
+
+A small MLP (with LayerNorms, whose zero-initialised biases are the hard case for a norm rule) learns
+a fixed random teacher with AdamW; every `every` steps the run is "sealed": the model's state as
+safetensors bytes, each tensor's statistics by `auditor.tensorstats.stats_of` on exactly those bytes
+(the numbers the seal writes into the manifest), and the probe reference outputs of a frozen batch
+(the model in eval mode under inference_mode, float32, flattened: what the probe child stores in
+ckpt-probe-reference.safetensors). `product_points` makes the same points through the product's own
+path (save_checkpoint with a probe, the reference read back with safetensors' `np_load`), so the
+fast in-process points can be checked against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+import torch
+from safetensors.numpy import load as np_load
+from safetensors.torch import save as st_save
+
+import auditor.training
+from auditor import series, tensorstats
+from auditor.manifest import (
+    Environment,
+    Manifest,
+    Probe,
+    ProbeBatch,
+    ProbeModel,
+    ProbeOutputs,
+    TensorEntry,
+    TrainingState,
+)
+from auditor.probe.baselines import BATCH_NAME, REFERENCE_NAME, batch_bytes
+
+IN, HIDDEN, OUT = 16, 64, 8
+STEPS = 200
+EVERY = 10
+LR = 3e-3
+WARMUP = 50
+BATCH = 32
+SPIKE_FACTOR = 100.0
+SPIKE_STEPS = 3
+SEEDS = (0, 1, 2, 3, 4)
+SCHEDULES = ("constant", "cosine", "warmup")
+# Where each seed's spike starts: spread over the run, never on a checkpoint step.
+SPIKE_AT = {0: 85, 1: 105, 2: 125, 3: 145, 4: 165}
+FACTORY = "series_runs:build_model"
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(IN, HIDDEN)
+        self.norm1 = torch.nn.LayerNorm(HIDDEN)
+        self.mid = torch.nn.Linear(HIDDEN, HIDDEN)
+        self.norm2 = torch.nn.LayerNorm(HIDDEN)
+        self.out = torch.nn.Linear(HIDDEN, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.gelu(self.norm1(self.inp(x)))
+        x = torch.nn.functional.gelu(self.norm2(self.mid(x)))
+        return self.out(x)
+
+
+def build_model() -> Net:
+    """Probe factory (`series_runs:build_model`)."""
+    return Net()
+
+
+def probe_batch() -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(16, IN, generator=torch.Generator().manual_seed(12345))}
+
+
+def _teacher() -> Net:
+    torch.manual_seed(999)
+    return Net().eval()
+
+
+def lr_factor(schedule: str, step: int) -> float:
+    """The multiplier of LR at `step` (0-based) for a schedule."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / STEPS))
+    if schedule == "warmup":
+        return min(1.0, (step + 1) / WARMUP)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+@dataclass
+class Run:
+    """One training run's knobs; `saves_at` (sorted steps) overrides the even spacing."""
+
+    seed: int
+    schedule: str = "constant"
+    spike_at: int | None = None
+    diverge_at: int | None = None  # from this step the LR is huge and the optimizer plain SGD: NaN follows
+    batch_change_at: int | None = None  # checkpoints from this step on are sealed with another probe batch
+    saves_at: Sequence[int] | None = None
+    steps: int = STEPS
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        parts = [self.schedule, f"seed{self.seed}"]
+        parts += [f"spike{self.spike_at}"] if self.spike_at is not None else []
+        parts += [f"diverge{self.diverge_at}"] if self.diverge_at is not None else []
+        return "-".join(parts)
+
+    def save_steps(self) -> list[int]:
+        return sorted(self.saves_at) if self.saves_at is not None else list(range(EVERY, self.steps + 1, EVERY))
+
+
+def train(run: Run, on_save: Callable[[int, Net], None]) -> None:
+    """Train `run`, calling `on_save(step, model)` after each step in its save steps."""
+    teacher = _teacher()
+    torch.manual_seed(run.seed)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(1000 + run.seed)
+    saves = set(run.save_steps())
+    for step in range(run.steps):
+        lr = LR * lr_factor(run.schedule, step)
+        if run.spike_at is not None and run.spike_at <= step < run.spike_at + SPIKE_STEPS:
+            lr *= SPIKE_FACTOR
+        if run.diverge_at is not None and step == run.diverge_at:
+            opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        if run.diverge_at is not None and step >= run.diverge_at:
+            lr = 50.0
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = torch.randn(BATCH, IN, generator=gen)
+        with torch.no_grad():
+            y = teacher(x) + 0.1 * torch.randn(BATCH, OUT, generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        run.losses.append(float(loss.detach()))
+        if step + 1 in saves:
+            on_save(step + 1, model)
+
+
+# ---------------------------------------------------------------- points, the fast way
+
+
+_ENV = Environment(python="test", platform="test")
+
+
+def _batch_for(run: Run, step: int) -> dict[str, torch.Tensor]:
+    if run.batch_change_at is not None and step >= run.batch_change_at:
+        return {"x": torch.randn(16, IN, generator=torch.Generator().manual_seed(54321))}
+    return probe_batch()
+
+
+def tensor_entries(model: torch.nn.Module) -> dict[str, TensorEntry]:
+    """The manifest's tensor entries of the model as save_checkpoint writes it, stats from the safetensors bytes."""
+    data = st_save({k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    (n,) = [int.from_bytes(data[:8], "little")]
+    header = json.loads(data[8:8 + n])
+    body = memoryview(data)[8 + n:]
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        lo, hi = meta["data_offsets"]
+        raw = body[lo:hi]
+        out[name] = TensorEntry(dtype=meta["dtype"], shape=meta["shape"], sha256=hashlib.sha256(raw).hexdigest(),
+                                stats=tensorstats.stats_of(meta["dtype"], meta["shape"], raw))
+    return out
+
+
+def reference_values(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:
+    """The probe reference outputs as the child computes them (eval, inference_mode, float32, flat)."""
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        out = model(**batch).to(torch.float32).flatten()
+    model.train(was)
+    return [float(v) for v in out]
+
+
+def fast_point(run: Run, step: int, model: torch.nn.Module) -> series.Point:
+    batch = _batch_for(run, step)
+    blob = batch_bytes(batch)
+    values = reference_values(model, batch)
+    manifest = Manifest(
+        schema="ckpt-auditor/manifest/v1", step=step, created_at=datetime.now(UTC), files=[],
+        tensors={"model.safetensors": tensor_entries(model)}, training_state=TrainingState(),
+        probe=Probe(batch=ProbeBatch(path=BATCH_NAME, sha256=hashlib.sha256(blob).hexdigest()),
+                    model=ProbeModel(factory=FACTORY),
+                    outputs=ProbeOutputs(sha256="-", dtype="float32", shape=[16, OUT], reference=REFERENCE_NAME,
+                                         atol=1e-5, rtol=1e-4)),
+        environment=_ENV)
+    point = series.point_from_manifest(f"mem://runs/{run.name}/step-{step}", manifest, values)
+    assert point is not None
+    return point
+
+
+def points(run: Run) -> list[series.Point]:
+    """Train `run` and return one point per save (on one thread: the same numbers on any machine, and
+    the 2 shared cores of CI are not fought over)."""
+    out: list[series.Point] = []
+    with one_thread():
+        train(run, lambda step, model: out.append(fast_point(run, step, model)))
+    return out
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- points, the product's way
+
+
+def product_points(run: Run, folder: str) -> list[series.Point]:
+    """Train `run`, save every checkpoint with save_checkpoint and the frozen probe batch, and read the
+    points back from what was written: the manifest, the safetensors file, the reference outputs."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.abspath(__file__)), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    out: list[series.Point] = []
+
+    def save(step: int, model: Net) -> None:
+        url = f"{folder}/step-{step}"
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the optimizer's state is not what is compared
+        manifest = auditor.training.save_checkpoint(url, step, model, opt, probe_batch=_batch_for(run, step),
+                                                    model_factory=FACTORY)
+        assert manifest.probe is not None and manifest.tensors is not None
+        entries = manifest.tensors["model.safetensors"]
+        if all(e.stats is None for e in entries.values()):
+            # Until the seal writes stats (helper `nonfinite`): the same definition on the saved bytes.
+            with open(f"{url}/model.safetensors", "rb") as f:
+                data = f.read()
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + n])
+            body = memoryview(data)[8 + n:]
+            stats = {k: tensorstats.stats_of(m["dtype"], m["shape"], body[m["data_offsets"][0]:m["data_offsets"][1]])
+                     for k, m in header.items() if k != "__metadata__"}
+            manifest = manifest.model_copy(update={"tensors": {"model.safetensors": {
+                k: e.model_copy(update={"stats": stats[k]}) for k, e in entries.items()}}})
+        with open(f"{url}/{manifest.probe.outputs.reference}", "rb") as f:
+            values = np_load(f.read())["values"].astype(float).tolist()
+        point = series.point_from_manifest(url, manifest, values)
+        assert point is not None
+        out.append(point)
+
+    with one_thread():
+        train(run, save)
+    return out
+
+
+def relabel(points: list[series.Point], prefix: str) -> list[series.Point]:
+    return [replace(p, url=f"{prefix}/step-{p.step}") for p in points]
