@@ -207,7 +207,7 @@ class Assessment:
     score: float | None = None
     channel: str | None = None  # the key in CHANNELS of that channel
     rate: float | None = None  # its change divided by steps ** spacing_power
-    baseline: float | None = None  # the rate the window before expects here (its trend)
+    baseline: float | None = None  # the change the window before expects over these steps (its trend)
     limit: float | None = None  # the factor over the baseline that leaves the regime
     evidence: str | None = None  # set when this change leaves the normal regime
 
@@ -266,13 +266,13 @@ def _judge(c: Change, channel: str, history: list[tuple[int, float]], rule: Onse
     log_limit = max(rule.z * mad * _MAD_SIGMA, math.log(rule.min_factor))
     excess = math.log(rate) - expected if rate < math.inf else math.inf
     score = excess / log_limit
-    baseline, limit = math.exp(expected), math.exp(log_limit)
+    baseline, limit = math.exp(expected) * c.steps ** rule.spacing_power, math.exp(log_limit)
     evidence = None
     if score > 1:
         what = (f"the {CHANNELS[channel]} {c.norm_tensor}" if channel == "norm" else f"the {CHANNELS[channel]}")
         evidence = (f"{what} moved {value:.3g} (relative) from step {c.prev_step} to step {c.step}: "
-                    f"{math.exp(excess):.3g}x what the run's trend over the {len(window)} changes before expects "
-                    f"({baseline:.3g} per step^{rule.spacing_power:g}); the limit is {limit:.3g}x "
+                    f"{math.exp(excess):.3g}x the {baseline:.3g} that the run's trend over the {len(window)} "
+                    f"changes before expects over {c.steps} steps; the limit is {limit:.3g}x "
                     f"(z={rule.z:g} robust deviations, at least {rule.min_factor:g}x)")
     return Assessment(c, score=score, channel=channel, rate=rate, baseline=baseline, limit=limit, evidence=evidence)
 

@@ -124,7 +124,7 @@ def train(run: Run, on_save: Callable[[int, Net], None]) -> None:
     teacher = _teacher()
     torch.manual_seed(run.seed)
     model = Net()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     gen = torch.Generator().manual_seed(1000 + run.seed)
     saves = set(run.save_steps())
     for step in range(run.steps):
@@ -252,6 +252,7 @@ def product_points(run: Run, folder: str) -> list[series.Point]:
                      for k, m in header.items() if k != "__metadata__"}
             manifest = manifest.model_copy(update={"tensors": {"model.safetensors": {
                 k: e.model_copy(update={"stats": stats[k]}) for k, e in entries.items()}}})
+        assert manifest.probe is not None
         with open(f"{url}/{manifest.probe.outputs.reference}", "rb") as f:
             values = np_load(f.read())["values"].astype(float).tolist()
         point = series.point_from_manifest(url, manifest, values)

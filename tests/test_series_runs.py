@@ -19,6 +19,7 @@ import series_runs as sr
 import torch
 
 from auditor import series
+from auditor.model import Severity
 
 RULE = series.OnsetRule()
 
@@ -72,7 +73,7 @@ def test_diverging_run_onset_is_the_first_non_finite_checkpoint() -> None:
     assert onset is not None and onset.step == 100
     assert "non-finite" in onset.evidence and "model.safetensors:" in onset.evidence
     finding = onset.finding()
-    assert finding.code == "instability_suspected" and finding.severity.value == "warning"
+    assert finding.code == "instability_suspected" and finding.severity == Severity.WARNING
 
 
 def test_probe_batch_change_starts_a_new_series_without_alarm() -> None:
@@ -98,7 +99,8 @@ def test_probe_batch_change_then_spike_is_still_caught() -> None:
 def _uneven(seed: int) -> tuple[int, ...]:
     """Save steps 1 to 30 apart: crowded stretches next to long gaps."""
     rng = random.Random(seed)
-    steps, step = [], 0
+    steps: list[int] = []
+    step = 0
     while True:
         step += rng.choice([1, 2, 3, 5, 10, 10, 15, 20, 30])
         if step > sr.STEPS:

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""The run-series onset rule on real CPU training runs: false suspicions, detection delay, margins.
+
+The runs are tests/series_runs.py's (a small MLP with LayerNorms learning a fixed teacher with AdamW,
+200 steps, sealed every 10 steps with a frozen probe batch; the points built from the numbers the seal
+stores). For each seed and each schedule (constant, cosine, linear warm-up):
+
+  normal   the run as it is, evenly spaced, and again saved at uneven steps (1 to 30 apart);
+  spike    the same run with the learning rate x100 for 3 steps from step k (k depends on the seed).
+
+Figures: false suspicions over the normal runs (target 0); spikes missed or flagged before k (target 0);
+the detection delay in checkpoints (1 = the first checkpoint after the spike); and the margins, as the
+rule's score (log(change / what the trend expects) / log(limit): the rule fires above 1): the largest
+over every normal change, the smallest at the first checkpoint after each spike. Also the factor over
+the expected change, which is what `min_factor` bounds: the largest in normal runs and the smallest at
+a spike; any `min_factor` between the two separates them on these runs.
+
+    python benchmarks/bench_series.py              # 5 seeds
+    python benchmarks/bench_series.py --seeds 10   # more seeds
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from _common import base_parser, check, drop_logging_noise, emit, log, parse_args  # noqa: E402
+
+
+def uneven_steps(seed: int, total: int) -> tuple[int, ...]:
+    rng = random.Random(seed)
+    steps: list[int] = []
+    step = 0
+    while True:
+        step += rng.choice([1, 2, 3, 5, 10, 10, 15, 20, 30])
+        if step > total:
+            return tuple(steps)
+        steps.append(step)
+
+
+def _excess(a: Any) -> float | None:
+    """The factor a change is over what the trend expects (None when not judged)."""
+    if a.score is None or a.limit is None:
+        return None
+    return float(math.exp(a.score * math.log(a.limit))) if a.score < math.inf else math.inf
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=5, help="seeds per schedule (default 5)")
+    args = parse_args(p, seeds=1)
+    drop_logging_noise()
+    import series_runs as sr
+
+    from auditor import series
+
+    rule = series.OnsetRule()
+    started = time.perf_counter()
+    seeds = list(range(args.seeds))
+    normal_runs = false_alarms = 0
+    normal_max_score = normal_max_factor = -math.inf
+    alarms: list[str] = []
+    spikes: dict[str, list[int]] = {s: [] for s in sr.SCHEDULES}
+    spike_min_score = spike_min_factor = math.inf
+    missed = early = 0
+    for schedule in sr.SCHEDULES:
+        for seed in seeds:
+            for saves in (None, uneven_steps(seed, sr.STEPS)):
+                pts = sr.points(sr.Run(seed, schedule, saves_at=saves))
+                normal_runs += 1
+                onset = series.detect(pts, rule)
+                if onset is not None:
+                    false_alarms += 1
+                    alarms.append(f"{schedule} seed {seed} {'uneven' if saves else 'even'}: {onset.evidence}")
+                for a in series.assess(pts, rule):
+                    if a.score is not None:
+                        normal_max_score = max(normal_max_score, a.score)
+                        normal_max_factor = max(normal_max_factor, _excess(a) or 0.0)
+            k = sr.SPIKE_AT[seed % len(sr.SPIKE_AT)]
+            pts = sr.points(sr.Run(seed, schedule, spike_at=k))
+            after = [pt.step for pt in pts if pt.step > k]
+            onset = series.detect(pts, rule)
+            first = next(a for a in series.assess(pts, rule) if a.change.step == after[0])
+            if first.score is not None:
+                spike_min_score = min(spike_min_score, first.score)
+                spike_min_factor = min(spike_min_factor, _excess(first) or math.inf)
+            if onset is None:
+                missed += 1
+            elif onset.step <= k:
+                early += 1
+            else:
+                spikes[schedule].append(after.index(onset.step) + 1)
+    delays = [d for ds in spikes.values() for d in ds]
+    seconds = time.perf_counter() - started
+    for line in alarms:
+        log(f"false suspicion: {line}")
+    by_schedule = {s: {"detected": len(d), "delay_mean": round(statistics.mean(d), 2) if d else None,
+                       "delay_max": max(d) if d else None} for s, d in spikes.items()}
+    doc = {
+        "benchmark": "series",
+        "seeds": args.seeds,
+        "rule": rule.model_dump(),
+        "normal_runs": normal_runs,
+        "false_suspicions": false_alarms,
+        "spike_runs": len(seeds) * len(sr.SCHEDULES),
+        "spikes_missed": missed,
+        "spikes_flagged_early": early,
+        "delay_checkpoints_max": max(delays) if delays else None,
+        "delay_by_schedule": by_schedule,
+        "normal_max_score": round(normal_max_score, 3),
+        "spike_min_score": round(spike_min_score, 3),
+        "normal_max_factor": round(normal_max_factor, 2),
+        "spike_min_factor": round(spike_min_factor, 2),
+        "seconds": round(seconds, 2),
+        "checks": [check("false_suspicions", false_alarms, "==", 0), check("spikes_missed", missed, "==", 0),
+                   check("spikes_flagged_early", early, "==", 0), check("normal_max_score", normal_max_score, "<", 1),
+                   check("spike_min_score", spike_min_score, ">", 1)],
+    }
+    emit(doc)
+    log(f"{normal_runs} normal runs: {false_alarms} false suspicions, largest score {normal_max_score:.2f} "
+        f"(the rule fires above 1; largest change {normal_max_factor:.2f}x what the trend expects)")
+    log(f"{doc['spike_runs']} LR-spike runs: {missed} missed, {early} early; delay in checkpoints by schedule "
+        f"{by_schedule}; smallest score at the first checkpoint after a spike {spike_min_score:.2f} "
+        f"({spike_min_factor:.1f}x what the trend expects); {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
