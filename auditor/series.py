@@ -179,7 +179,7 @@ class OnsetRule(BaseModel):
     z: float = Field(default=6.0, gt=0)
     # ... and at least this factor above the window's median change, so a very steady run's tiny
     # MAD does not turn ordinary noise into an alarm.
-    min_factor: float = Field(default=4.0, ge=1)
+    min_factor: float = Field(default=5.0, ge=1)
     # The whole checkpoint's L2 norm growing more than (1 + norm_jump) times, or shrinking below
     # 1 / (1 + norm_jump) of itself, between two checkpoints is a jump, whatever the history.
     norm_jump: float = Field(default=1.0, gt=0)

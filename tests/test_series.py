@@ -42,12 +42,12 @@ def test_steady_run_raises_nothing_and_is_scored() -> None:
 
 def test_constant_series_needs_min_factor() -> None:
     """A constant series has MAD 0: the limit is then min_factor, not any tiny wobble."""
-    calm = run([0.01] * 6 + [0.035])
+    calm = run([0.01] * 6 + [0.045])
     assert series.detect(calm) is None
-    jump = run([0.01] * 6 + [0.05])
+    jump = run([0.01] * 6 + [0.06])
     onset = series.detect(jump)
     assert onset is not None and onset.step == 80 and onset.prev_step == 70
-    assert "5x" in onset.evidence and "0.01" in onset.evidence and "limit is 4x" in onset.evidence
+    assert "6x the 0.01 " in onset.evidence and "limit is 5x" in onset.evidence
 
 
 def test_short_history_judges_nothing_statistically() -> None:
@@ -166,7 +166,7 @@ def test_small_tensor_norm_swing_is_no_jump() -> None:
 
 def test_spacing_is_normalised() -> None:
     """A change over 10x the steps may be up to 10**0.75 x larger; without normalising it alarms."""
-    pts = run([0.01] * 6 + [0.05], steps=[10, 20, 30, 40, 50, 60, 70, 170])
+    pts = run([0.01] * 6 + [0.06], steps=[10, 20, 30, 40, 50, 60, 70, 170])
     assert series.detect(pts) is None
     assert series.detect(pts, series.OnsetRule(spacing_power=0)) is not None
 
@@ -174,7 +174,7 @@ def test_spacing_is_normalised() -> None:
 def test_trend_follows_warmup_and_decay() -> None:
     growing = [0.001 * 1.3 ** i for i in range(12)]  # each change 30% above the one before
     assert series.detect(run(growing)) is None
-    shrinking = [0.01 * 0.7 ** i for i in range(12)] + [0.01 * 0.7 ** 11 * 5]  # x5 what the decay expects
+    shrinking = [0.01 * 0.7 ** i for i in range(12)] + [0.01 * 0.7 ** 11 * 8]  # x8 what the decay expects
     onset = series.detect(run(shrinking))
     assert onset is not None and onset.step == 140 and "trend" in onset.evidence
 
