@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -162,10 +162,9 @@ class OnsetRule(BaseModel):
 
     Three tests, in this order, on each change between consecutive checkpoints of one series:
     any non-finite value; a jump of the whole checkpoint's weight norm; and, once the series has
-    `min_history` changes, each channel's change per step (probe outputs, sampled weights, the
-    largest per-tensor norm change) against the median and MAD of the same channel's `window`
-    preceding changes, on a log scale. The defaults come from tests/test_series_runs.py (README,
-    "Run series").
+    `min_history` changes, each channel's change (divided by steps ** spacing_power) against the
+    robust trend of the same channel's `window` preceding changes, on a log scale. The defaults come
+    from the runs of tests/test_series_runs.py and benchmarks/bench_series.py (README, "Run series").
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -175,9 +174,10 @@ class OnsetRule(BaseModel):
     window: int = Field(default=8, ge=2)
     # Changes needed before the statistical rule applies (non-finite values and norm jumps always count).
     min_history: int = Field(default=3, ge=2)
-    # How many robust standard deviations (1.4826 MAD of the log change) above the window's median.
+    # How many robust standard deviations (1.4826 MAD of the log changes around their trend) above
+    # the window's trend.
     z: float = Field(default=6.0, gt=0)
-    # ... and at least this factor above the window's median change, so a very steady run's tiny
+    # ... and at least this factor above the change the trend expects, so a very steady run's tiny
     # MAD does not turn ordinary noise into an alarm.
     min_factor: float = Field(default=5.0, ge=1)
     # The whole checkpoint's L2 norm growing more than (1 + norm_jump) times, or shrinking below
@@ -213,6 +213,11 @@ class Assessment:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _exp(x: float) -> float:
+    # Evidence and scores are printed from logs: an absurd ratio is inf, never an OverflowError.
+    return math.exp(x) if x < 700 else math.inf
 
 
 def _channel_value(c: Change, channel: str) -> float | None:
@@ -266,12 +271,12 @@ def _judge(c: Change, channel: str, history: list[tuple[int, float]], rule: Onse
     log_limit = max(rule.z * mad * _MAD_SIGMA, math.log(rule.min_factor))
     excess = math.log(rate) - expected if rate < math.inf else math.inf
     score = excess / log_limit
-    baseline, limit = math.exp(expected) * c.steps ** rule.spacing_power, math.exp(log_limit)
+    baseline, limit = _exp(expected) * c.steps ** rule.spacing_power, _exp(log_limit)
     evidence = None
     if score > 1:
         what = (f"the {CHANNELS[channel]} {c.norm_tensor}" if channel == "norm" else f"the {CHANNELS[channel]}")
         evidence = (f"{what} moved {value:.3g} (relative) from step {c.prev_step} to step {c.step}: "
-                    f"{math.exp(excess):.3g}x the {baseline:.3g} that the run's trend over the {len(window)} "
+                    f"{_exp(excess):.3g}x the {baseline:.3g} that the run's trend over the {len(window)} "
                     f"changes before expects over {c.steps} steps; the limit is {limit:.3g}x "
                     f"(z={rule.z:g} robust deviations, at least {rule.min_factor:g}x)")
     return Assessment(c, score=score, channel=channel, rate=rate, baseline=baseline, limit=limit, evidence=evidence)
@@ -283,7 +288,7 @@ def _assess_series(seg: list[Point], rule: OnsetRule) -> list[Assessment]:
     for a, b in zip(seg, seg[1:], strict=False):
         c = change(a, b)
         judged = [j for ch in rule.channels if (j := _judge(c, ch, history[ch], rule)) is not None]
-        best = max(judged, key=lambda j: j.score or 0.0, default=Assessment(c))
+        best = max(judged, key=lambda j: j.score if j.score is not None else -math.inf, default=Assessment(c))
         evidence = (_nonfinite_evidence(c) if c.nonfinite else None) or _jump_evidence(c, rule) or best.evidence
         out.append(Assessment(c, best.score, best.channel, best.rate, best.baseline, best.limit, evidence))
         if evidence is not None:
@@ -297,9 +302,13 @@ def _assess_series(seg: list[Point], rule: OnsetRule) -> list[Assessment]:
 
 
 def assess(points: Iterable[Point], rule: OnsetRule | None = None) -> list[Assessment]:
-    """Every change of the run judged against its own series' history (each series on its own)."""
+    """Every change of the run judged against its own series' history (each series on its own).
+
+    With the rule disabled the scores are still there (to show), but no change carries evidence.
+    """
     rule = rule or OnsetRule()
-    return [a for seg in segments(points) for a in _assess_series(seg, rule)]
+    out = [a for seg in segments(points) for a in _assess_series(seg, rule)]
+    return out if rule.enabled else [replace(a, evidence=None) for a in out]
 
 
 @dataclass(frozen=True)

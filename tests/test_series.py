@@ -197,7 +197,18 @@ def test_batch_change_is_a_new_series() -> None:
 
 def test_disabled_rule_detects_nothing() -> None:
     pts = run([0.01] * 5 + [1.0])
-    assert series.detect(pts, series.OnsetRule(enabled=False)) is None
+    off = series.OnsetRule(enabled=False)
+    assert series.detect(pts, off) is None
+    scored = series.assess(pts, off)
+    assert all(a.evidence is None for a in scored) and scored[-1].score is not None and scored[-1].score > 1
+
+
+def test_absurd_ratio_is_inf_not_an_error() -> None:
+    pts = run([1e-5] * 6, stats=False)
+    pts = [series.Point(**{**p.to_dict(), "probe": [v * 1e-150 for v in p.probe or []]}) for p in pts[:-1]]
+    pts.append(series.Point(url="mem://run/step-70", step=70, batch="b", probe=[1e150, 0.0]))
+    onset = series.detect(pts)
+    assert onset is not None and onset.step == 70 and "infx" in onset.evidence
 
 
 def test_rule_config_is_checked() -> None:
