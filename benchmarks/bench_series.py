@@ -22,7 +22,6 @@ a spike; any `min_factor` between the two separates them on these runs.
 from __future__ import annotations
 
 import math
-import random
 import statistics
 import sys
 import time
@@ -34,17 +33,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from _common import base_parser, check, drop_logging_noise, emit, log, parse_args  # noqa: E402
-
-
-def uneven_steps(seed: int, total: int) -> tuple[int, ...]:
-    rng = random.Random(seed)
-    steps: list[int] = []
-    step = 0
-    while True:
-        step += rng.choice([1, 2, 3, 5, 10, 10, 15, 20, 30])
-        if step > total:
-            return tuple(steps)
-        steps.append(step)
 
 
 def _excess(a: Any) -> float | None:
@@ -74,7 +62,7 @@ def main() -> None:
     missed = early = 0
     for schedule in sr.SCHEDULES:
         for seed in seeds:
-            for saves in (None, uneven_steps(seed, sr.STEPS)):
+            for saves in (None, sr.uneven_steps(seed)):
                 pts = sr.points(sr.Run(seed, schedule, saves_at=saves))
                 normal_runs += 1
                 onset = series.detect(pts, rule)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -119,6 +120,18 @@ class Run:
         return sorted(self.saves_at) if self.saves_at is not None else list(range(EVERY, self.steps + 1, EVERY))
 
 
+def uneven_steps(seed: int, total: int = STEPS) -> tuple[int, ...]:
+    """Save steps 1 to 30 apart: crowded stretches next to long gaps."""
+    rng = random.Random(seed)
+    steps: list[int] = []
+    step = 0
+    while True:
+        step += rng.choice([1, 2, 3, 5, 10, 10, 15, 20, 30])
+        if step > total:
+            return tuple(steps)
+        steps.append(step)
+
+
 def train(run: Run, on_save: Callable[[int, Net], None]) -> None:
     """Train `run`, calling `on_save(step, model)` after each step in its save steps."""
     teacher = _teacher()
@@ -161,10 +174,10 @@ def _batch_for(run: Run, step: int) -> dict[str, torch.Tensor]:
     return probe_batch()
 
 
-def tensor_entries(model: torch.nn.Module) -> dict[str, TensorEntry]:
-    """The manifest's tensor entries of the model as save_checkpoint writes it, stats from the safetensors bytes."""
-    data = st_save({k: v.detach().contiguous() for k, v in model.state_dict().items()})
-    (n,) = [int.from_bytes(data[:8], "little")]
+def tensor_entries(data: bytes) -> dict[str, TensorEntry]:
+    """The manifest's tensor entries of a safetensors file's bytes, each with the statistics the seal
+    stores (`tensorstats.stats_of` on the tensor's own bytes)."""
+    n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     body = memoryview(data)[8 + n:]
     out = {}
@@ -176,6 +189,11 @@ def tensor_entries(model: torch.nn.Module) -> dict[str, TensorEntry]:
         out[name] = TensorEntry(dtype=meta["dtype"], shape=meta["shape"], sha256=hashlib.sha256(raw).hexdigest(),
                                 stats=tensorstats.stats_of(meta["dtype"], meta["shape"], raw))
     return out
+
+
+def model_bytes(model: torch.nn.Module) -> bytes:
+    """The model's state as save_checkpoint writes it to model.safetensors (tied weights once)."""
+    return st_save(auditor.training.model_tensors(model), metadata={"format": "pt"})
 
 
 def reference_values(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:
@@ -194,7 +212,7 @@ def fast_point(run: Run, step: int, model: torch.nn.Module) -> series.Point:
     values = reference_values(model, batch)
     manifest = Manifest(
         schema="ckpt-auditor/manifest/v1", step=step, created_at=datetime.now(UTC), files=[],
-        tensors={"model.safetensors": tensor_entries(model)}, training_state=TrainingState(),
+        tensors={"model.safetensors": tensor_entries(model_bytes(model))}, training_state=TrainingState(),
         probe=Probe(batch=ProbeBatch(path=BATCH_NAME, sha256=hashlib.sha256(blob).hexdigest()),
                     model=ProbeModel(factory=FACTORY),
                     outputs=ProbeOutputs(sha256="-", dtype="float32", shape=[16, OUT], reference=REFERENCE_NAME,
@@ -244,12 +262,7 @@ def product_points(run: Run, folder: str) -> list[series.Point]:
         if all(e.stats is None for e in entries.values()):
             # Until the seal writes stats (helper `nonfinite`): the same definition on the saved bytes.
             with open(f"{url}/model.safetensors", "rb") as f:
-                data = f.read()
-            n = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8:8 + n])
-            body = memoryview(data)[8 + n:]
-            stats = {k: tensorstats.stats_of(m["dtype"], m["shape"], body[m["data_offsets"][0]:m["data_offsets"][1]])
-                     for k, m in header.items() if k != "__metadata__"}
+                stats = {k: e.stats for k, e in tensor_entries(f.read()).items()}
             manifest = manifest.model_copy(update={"tensors": {"model.safetensors": {
                 k: e.model_copy(update={"stats": stats[k]}) for k, e in entries.items()}}})
         assert manifest.probe is not None

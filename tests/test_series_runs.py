@@ -10,7 +10,6 @@ with save_checkpoint and its frozen probe batch.
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,21 +95,9 @@ def test_probe_batch_change_then_spike_is_still_caught() -> None:
     assert onset is not None and onset.step == 170
 
 
-def _uneven(seed: int) -> tuple[int, ...]:
-    """Save steps 1 to 30 apart: crowded stretches next to long gaps."""
-    rng = random.Random(seed)
-    steps: list[int] = []
-    step = 0
-    while True:
-        step += rng.choice([1, 2, 3, 5, 10, 10, 15, 20, 30])
-        if step > sr.STEPS:
-            return tuple(steps)
-        steps.append(step)
-
-
 @pytest.mark.parametrize(("seed", "schedule"), [(s, sched) for sched in sr.SCHEDULES for s in (0, 2)])
 def test_uneven_spacing_raises_nothing(seed: int, schedule: str) -> None:
-    saves = _uneven(seed)
+    saves = sr.uneven_steps(seed)
     gaps = {b - a for a, b in zip(saves, saves[1:], strict=False)}
     assert min(gaps) <= 2 and max(gaps) >= 20
     pts = run_points(seed, schedule, saves_at=saves)
@@ -128,7 +115,7 @@ def test_uneven_spacing_without_normalising_would_alarm() -> None:
 
 
 def test_uneven_spacing_spike_is_still_caught() -> None:
-    saves = _uneven(2)
+    saves = sr.uneven_steps(2)
     pts = run_points(2, "cosine", spike_at=125, saves_at=saves)
     onset = series.detect(pts, RULE)
     assert onset is not None and onset.step == min(s for s in saves if s > 125)
