@@ -42,39 +42,28 @@ def _excess(a: Any) -> float | None:
     return float(math.exp(a.score * math.log(a.limit))) if a.score < math.inf else math.inf
 
 
-def main() -> None:
-    p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=5, help="seeds per schedule (default 5)")
-    args = parse_args(p, seeds=1)
-    drop_logging_noise()
-    import series_runs as sr
-
-    from auditor import series
-
-    rule = series.OnsetRule()
-    started = time.perf_counter()
-    seeds = list(range(args.seeds))
-    normal_runs = false_alarms = 0
+def measure(sr: Any, series: Any, rule: Any, model: str, seeds: list[int]) -> dict[str, Any]:
+    """The figures of one model over every seed and schedule."""
+    normal_runs = false_alarms = missed = early = 0
     normal_max_score = normal_max_factor = -math.inf
-    alarms: list[str] = []
-    spikes: dict[str, list[int]] = {s: [] for s in sr.SCHEDULES}
     spike_min_score = spike_min_factor = math.inf
-    missed = early = 0
+    alarms: list[str] = []
+    delays: dict[str, list[int]] = {s: [] for s in sr.SCHEDULES}
     for schedule in sr.SCHEDULES:
         for seed in seeds:
             for saves in (None, sr.uneven_steps(seed)):
-                pts = sr.points(sr.Run(seed, schedule, saves_at=saves))
+                pts = sr.points(sr.Run(seed, schedule, model=model, saves_at=saves))
                 normal_runs += 1
                 onset = series.detect(pts, rule)
                 if onset is not None:
                     false_alarms += 1
-                    alarms.append(f"{schedule} seed {seed} {'uneven' if saves else 'even'}: {onset.evidence}")
+                    alarms.append(f"{model} {schedule} seed {seed} {'uneven' if saves else 'even'}: {onset.evidence}")
                 for a in series.assess(pts, rule):
                     if a.score is not None:
                         normal_max_score = max(normal_max_score, a.score)
                         normal_max_factor = max(normal_max_factor, _excess(a) or 0.0)
             k = sr.SPIKE_AT[seed % len(sr.SPIKE_AT)]
-            pts = sr.points(sr.Run(seed, schedule, spike_at=k))
+            pts = sr.points(sr.Run(seed, schedule, model=model, spike_at=k))
             after = [pt.step for pt in pts if pt.step > k]
             onset = series.detect(pts, rule)
             first = next(a for a in series.assess(pts, rule) if a.change.step == after[0])
@@ -86,39 +75,72 @@ def main() -> None:
             elif onset.step <= k:
                 early += 1
             else:
-                spikes[schedule].append(after.index(onset.step) + 1)
-    delays = [d for ds in spikes.values() for d in ds]
-    seconds = time.perf_counter() - started
+                delays[schedule].append(after.index(onset.step) + 1)
     for line in alarms:
         log(f"false suspicion: {line}")
-    by_schedule = {s: {"detected": len(d), "delay_mean": round(statistics.mean(d), 2) if d else None,
-                       "delay_max": max(d) if d else None} for s, d in spikes.items()}
-    doc = {
+    return {
+        "normal_runs": normal_runs, "false_suspicions": false_alarms, "spike_runs": len(seeds) * len(sr.SCHEDULES),
+        "spikes_missed": missed, "spikes_flagged_early": early,
+        "delay_by_schedule": {s: {"detected": len(d), "delay_mean": round(statistics.mean(d), 2) if d else None,
+                                  "delay_max": max(d) if d else None} for s, d in delays.items()},
+        "delay_checkpoints_max": max((x for d in delays.values() for x in d), default=None),
+        "normal_max_score": round(normal_max_score, 3), "spike_min_score": round(spike_min_score, 3),
+        "normal_max_factor": round(normal_max_factor, 2), "spike_min_factor": round(spike_min_factor, 2),
+    }
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=5, help="seeds per schedule (default 5)")
+    p.add_argument("--models", default="mlp,gpt2", help="comma-separated: mlp, gpt2 (default both)")
+    args = parse_args(p, seeds=1)
+    drop_logging_noise()
+    import series_runs as sr
+    from transformers.utils import logging as hf_logging
+
+    from auditor import series
+
+    hf_logging.set_verbosity_error()
+    rule = series.OnsetRule()
+    started = time.perf_counter()
+    models = [m for m in args.models.split(",") if m]
+    by_model = {m: measure(sr, series, rule, m, list(range(args.seeds))) for m in models}
+    seconds = time.perf_counter() - started
+    rows = list(by_model.values())
+
+    def total(key: str) -> int:
+        return sum(int(r[key]) for r in rows)
+
+    doc: dict[str, Any] = {
         "benchmark": "series",
         "seeds": args.seeds,
+        "models": models,
         "rule": rule.model_dump(),
-        "normal_runs": normal_runs,
-        "false_suspicions": false_alarms,
-        "spike_runs": len(seeds) * len(sr.SCHEDULES),
-        "spikes_missed": missed,
-        "spikes_flagged_early": early,
-        "delay_checkpoints_max": max(delays) if delays else None,
-        "delay_by_schedule": by_schedule,
-        "normal_max_score": round(normal_max_score, 3),
-        "spike_min_score": round(spike_min_score, 3),
-        "normal_max_factor": round(normal_max_factor, 2),
-        "spike_min_factor": round(spike_min_factor, 2),
+        **{k: total(k) for k in ("normal_runs", "false_suspicions", "spike_runs", "spikes_missed",
+                                 "spikes_flagged_early")},
+        "delay_checkpoints_max": max((r["delay_checkpoints_max"] or 0 for r in rows), default=None),
+        "normal_max_score": max(r["normal_max_score"] for r in rows),
+        "spike_min_score": min(r["spike_min_score"] for r in rows),
+        "normal_max_factor": max(r["normal_max_factor"] for r in rows),
+        "spike_min_factor": min(r["spike_min_factor"] for r in rows),
+        "by_model": by_model,
         "seconds": round(seconds, 2),
-        "checks": [check("false_suspicions", false_alarms, "==", 0), check("spikes_missed", missed, "==", 0),
-                   check("spikes_flagged_early", early, "==", 0), check("normal_max_score", normal_max_score, "<", 1),
-                   check("spike_min_score", spike_min_score, ">", 1)],
     }
+    doc["checks"] = [check("false_suspicions", doc["false_suspicions"], "==", 0),
+                     check("spikes_missed", doc["spikes_missed"], "==", 0),
+                     check("spikes_flagged_early", doc["spikes_flagged_early"], "==", 0),
+                     check("normal_max_score", doc["normal_max_score"], "<", 1),
+                     check("spike_min_score", doc["spike_min_score"], ">", 1)]
     emit(doc)
-    log(f"{normal_runs} normal runs: {false_alarms} false suspicions, largest score {normal_max_score:.2f} "
-        f"(the rule fires above 1; largest change {normal_max_factor:.2f}x what the trend expects)")
-    log(f"{doc['spike_runs']} LR-spike runs: {missed} missed, {early} early; delay in checkpoints by schedule "
-        f"{by_schedule}; smallest score at the first checkpoint after a spike {spike_min_score:.2f} "
-        f"({spike_min_factor:.1f}x what the trend expects); {seconds:.1f} s")
+    for model, r in by_model.items():
+        log(f"{model}: {r['normal_runs']} normal runs: {r['false_suspicions']} false suspicions, largest score "
+            f"{r['normal_max_score']:.2f} (the rule fires above 1; largest change {r['normal_max_factor']:.2f}x "
+            f"what the trend expects)")
+        log(f"{model}: {r['spike_runs']} LR-spike runs: {r['spikes_missed']} missed, {r['spikes_flagged_early']} "
+            f"early; delay in checkpoints by schedule {r['delay_by_schedule']}; smallest score at the first "
+            f"checkpoint after a spike {r['spike_min_score']:.2f} ({r['spike_min_factor']:.1f}x what the trend "
+            "expects)")
+    log(f"{seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ fast in-process points can be checked against it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -53,7 +54,6 @@ SEEDS = (0, 1, 2, 3, 4)
 SCHEDULES = ("constant", "cosine", "warmup")
 # Where each seed's spike starts: spread over the run, never on a checkpoint step.
 SPIKE_AT = {0: 85, 1: 105, 2: 125, 3: 145, 4: 165}
-FACTORY = "series_runs:build_model"
 
 
 class Net(torch.nn.Module):
@@ -76,13 +76,10 @@ def build_model() -> Net:
     return Net()
 
 
-def probe_batch() -> dict[str, torch.Tensor]:
-    return {"x": torch.randn(16, IN, generator=torch.Generator().manual_seed(12345))}
-
-
 def _teacher() -> Net:
-    torch.manual_seed(999)
-    return Net().eval()
+    with torch.random.fork_rng():  # the teacher's seed must not reset the run's generator
+        torch.manual_seed(999)
+        return Net().eval()
 
 
 def lr_factor(schedule: str, step: int) -> float:
@@ -102,6 +99,7 @@ class Run:
 
     seed: int
     schedule: str = "constant"
+    model: str = "mlp"  # a key of TASKS
     spike_at: int | None = None
     diverge_at: int | None = None  # from this step the LR is huge and the optimizer plain SGD: NaN follows
     batch_change_at: int | None = None  # checkpoints from this step on are sealed with another probe batch
@@ -111,7 +109,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        parts = [self.schedule, f"seed{self.seed}"]
+        parts = [self.model, self.schedule, f"seed{self.seed}"]
         parts += [f"spike{self.spike_at}"] if self.spike_at is not None else []
         parts += [f"diverge{self.diverge_at}"] if self.diverge_at is not None else []
         return "-".join(parts)
@@ -132,11 +130,79 @@ def uneven_steps(seed: int, total: int = STEPS) -> tuple[int, ...]:
         steps.append(step)
 
 
-def train(run: Run, on_save: Callable[[int, Net], None]) -> None:
+@dataclass(frozen=True)
+class Task:
+    """What a run trains: its model (a probe factory), one step's loss, its frozen probe batch."""
+
+    factory: str  # "module:callable", as save_checkpoint's model_factory
+    build: Callable[[], torch.nn.Module]
+    loss: Callable[[torch.nn.Module, torch.Generator], torch.Tensor]
+    probe: Callable[[int], dict[str, torch.Tensor]]  # seed -> the frozen batch
+
+
+@functools.cache
+def _teacher_net() -> Net:
+    return _teacher()
+
+
+def _mlp_loss(model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(BATCH, IN, generator=gen)
+    with torch.no_grad():
+        y = _teacher_net()(x) + 0.1 * torch.randn(BATCH, OUT, generator=gen)
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def _mlp_probe(seed: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(16, IN, generator=torch.Generator().manual_seed(seed))}
+
+
+# The tiny GPT-2 (from a config: nothing downloaded) learns a fixed random Markov chain over its vocabulary.
+VOCAB, SEQ = 64, 32
+
+
+def build_gpt2() -> torch.nn.Module:
+    """Probe factory (`series_runs:build_gpt2`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+@functools.cache
+def _chain() -> torch.Tensor:
+    return torch.softmax(torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(7)) * 3, dim=1)
+
+
+def _tokens(gen: torch.Generator, n: int = 16) -> torch.Tensor:
+    x = torch.zeros(n, SEQ, dtype=torch.long)
+    x[:, 0] = torch.randint(0, VOCAB, (n,), generator=gen)
+    for t in range(1, SEQ):
+        x[:, t] = torch.multinomial(_chain()[x[:, t - 1]], 1, generator=gen).squeeze(1)
+    return x
+
+
+def _gpt2_loss(model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+    x = _tokens(gen)
+    loss: torch.Tensor = model(input_ids=x, labels=x).loss
+    return loss
+
+
+def _gpt2_probe(seed: int) -> dict[str, torch.Tensor]:
+    return {"input_ids": _tokens(torch.Generator().manual_seed(seed))}
+
+
+TASKS: dict[str, Task] = {
+    "mlp": Task("series_runs:build_model", build_model, _mlp_loss, _mlp_probe),
+    "gpt2": Task("series_runs:build_gpt2", build_gpt2, _gpt2_loss, _gpt2_probe),
+}
+
+
+def train(run: Run, on_save: Callable[[int, torch.nn.Module], None]) -> None:
     """Train `run`, calling `on_save(step, model)` after each step in its save steps."""
-    teacher = _teacher()
+    task = TASKS[run.model]
     torch.manual_seed(run.seed)
-    model = Net()
+    model = task.build()
     opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     gen = torch.Generator().manual_seed(1000 + run.seed)
     saves = set(run.save_steps())
@@ -150,10 +216,7 @@ def train(run: Run, on_save: Callable[[int, Net], None]) -> None:
             lr = 50.0
         for group in opt.param_groups:
             group["lr"] = lr
-        x = torch.randn(BATCH, IN, generator=gen)
-        with torch.no_grad():
-            y = teacher(x) + 0.1 * torch.randn(BATCH, OUT, generator=gen)
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss = task.loss(model, gen)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -169,9 +232,8 @@ _ENV = Environment(python="test", platform="test")
 
 
 def _batch_for(run: Run, step: int) -> dict[str, torch.Tensor]:
-    if run.batch_change_at is not None and step >= run.batch_change_at:
-        return {"x": torch.randn(16, IN, generator=torch.Generator().manual_seed(54321))}
-    return probe_batch()
+    changed = run.batch_change_at is not None and step >= run.batch_change_at
+    return TASKS[run.model].probe(54321 if changed else 12345)
 
 
 def tensor_entries(data: bytes) -> dict[str, TensorEntry]:
@@ -196,27 +258,30 @@ def model_bytes(model: torch.nn.Module) -> bytes:
     return st_save(auditor.training.model_tensors(model), metadata={"format": "pt"})
 
 
-def reference_values(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:
-    """The probe reference outputs as the child computes them (eval, inference_mode, float32, flat)."""
+def reference_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The probe outputs as the child computes them (eval, inference_mode, the logits of a transformers
+    model, float32)."""
     was = model.training
     model.eval()
     with torch.inference_mode():
-        out = model(**batch).to(torch.float32).flatten()
+        out = model(**batch)
     model.train(was)
-    return [float(v) for v in out]
+    tensor = out if isinstance(out, torch.Tensor) else out.logits
+    return tensor.to(torch.float32)
 
 
 def fast_point(run: Run, step: int, model: torch.nn.Module) -> series.Point:
     batch = _batch_for(run, step)
     blob = batch_bytes(batch)
-    values = reference_values(model, batch)
+    outputs = reference_outputs(model, batch)
+    values = outputs.flatten()[:series.PROBE_VALUES].tolist()
     manifest = Manifest(
         schema="ckpt-auditor/manifest/v1", step=step, created_at=datetime.now(UTC), files=[],
         tensors={"model.safetensors": tensor_entries(model_bytes(model))}, training_state=TrainingState(),
         probe=Probe(batch=ProbeBatch(path=BATCH_NAME, sha256=hashlib.sha256(blob).hexdigest()),
-                    model=ProbeModel(factory=FACTORY),
-                    outputs=ProbeOutputs(sha256="-", dtype="float32", shape=[16, OUT], reference=REFERENCE_NAME,
-                                         atol=1e-5, rtol=1e-4)),
+                    model=ProbeModel(factory=TASKS[run.model].factory),
+                    outputs=ProbeOutputs(sha256="-", dtype="float32", shape=list(outputs.shape),
+                                         reference=REFERENCE_NAME, atol=1e-5, rtol=1e-4)),
         environment=_ENV)
     point = series.point_from_manifest(f"mem://runs/{run.name}/step-{step}", manifest, values)
     assert point is not None
@@ -252,11 +317,11 @@ def product_points(run: Run, folder: str) -> list[series.Point]:
         [os.path.dirname(os.path.abspath(__file__)), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
     out: list[series.Point] = []
 
-    def save(step: int, model: Net) -> None:
+    def save(step: int, model: torch.nn.Module) -> None:
         url = f"{folder}/step-{step}"
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the optimizer's state is not what is compared
         manifest = auditor.training.save_checkpoint(url, step, model, opt, probe_batch=_batch_for(run, step),
-                                                    model_factory=FACTORY)
+                                                    model_factory=TASKS[run.model].factory)
         assert manifest.probe is not None and manifest.tensors is not None
         entries = manifest.tensors["model.safetensors"]
         if all(e.stats is None for e in entries.values()):
