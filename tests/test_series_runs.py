@@ -25,8 +25,9 @@ RULE = series.OnsetRule()
 
 @functools.cache
 def run_points(seed: int, schedule: str, spike_at: int | None = None, diverge_at: int | None = None,
-               batch_change_at: int | None = None, saves_at: tuple[int, ...] | None = None) -> list[series.Point]:
-    return sr.points(sr.Run(seed, schedule, spike_at=spike_at, diverge_at=diverge_at,
+               batch_change_at: int | None = None, saves_at: tuple[int, ...] | None = None,
+               model: str = "mlp") -> list[series.Point]:
+    return sr.points(sr.Run(seed, schedule, model=model, spike_at=spike_at, diverge_at=diverge_at,
                             batch_change_at=batch_change_at, saves_at=saves_at))
 
 
@@ -61,6 +62,17 @@ def test_lr_spike_onset_is_the_first_checkpoint_after_it(seed: int, schedule: st
         return [(p.step, p.norms, p.samples, p.probe) for p in points if p.step <= k]
 
     assert before(pts) == before(normal)
+
+
+def test_tiny_gpt2_normal_run_quiet_and_spike_caught() -> None:
+    """The defaults were not fitted to the MLP alone: a tiny GPT-2 (from a config) behaves the same."""
+    spiked = run_points(1, "warmup", spike_at=125, model="gpt2")
+    # Up to the spike it is a normal run (one run, not two: CI's budget): warm-up included, quiet.
+    normal = [p for p in spiked if p.step <= 125]
+    assert series.detect(normal, RULE) is None
+    assert max(a.score for a in series.assess(normal, RULE) if a.score is not None) < 0.75
+    onset = series.detect(spiked, RULE)
+    assert onset is not None and onset.step == 130, onset
 
 
 def test_diverging_run_onset_is_the_first_non_finite_checkpoint() -> None:
