@@ -21,6 +21,8 @@ from auditor import series
 from auditor.model import Severity
 
 RULE = series.OnsetRule()
+# One worker runs the whole file, so each run is trained once (run_points' cache is per process).
+pytestmark = pytest.mark.xdist_group("series_runs")
 
 
 @functools.cache
