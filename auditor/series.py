@@ -227,8 +227,8 @@ def _channel_value(c: Change, channel: str) -> float | None:
 
 def _nonfinite_evidence(c: Change) -> str:
     names = ", ".join(c.nonfinite_tensors[:3]) + (" …" if len(c.nonfinite_tensors) > 3 else "")
-    return (f"{c.nonfinite} non-finite values (NaN/Inf) at step {c.step} in {len(c.nonfinite_tensors)} "
-            f"tensor(s): {names}")
+    return (f"{c.nonfinite} non-finite values (NaN/Inf) at step {c.step}, since step {c.prev_step}, in "
+            f"{len(c.nonfinite_tensors)} tensor(s): {names}")
 
 
 def _jump_evidence(c: Change, rule: OnsetRule) -> str | None:
@@ -238,8 +238,8 @@ def _jump_evidence(c: Change, rule: OnsetRule) -> str | None:
     if 1 / (1 + rule.norm_jump) <= ratio <= 1 + rule.norm_jump:
         return None
     most = f"; most in {c.norm_tensor} ({c.norm:.0%})" if c.norm_tensor is not None and c.norm is not None else ""
-    return (f"the weights' L2 norm changed {ratio:.3g}x from step {c.prev_step} to step {c.step} "
-            f"(a jump beyond {1 + rule.norm_jump:g}x either way){most}")
+    return (f"the weights' L2 norm changed {ratio:.3g}x since step {c.prev_step} (to step {c.step}; "
+            f"a jump beyond {1 + rule.norm_jump:g}x either way){most}")
 
 
 def _trend(window: list[tuple[int, float]], at: int) -> tuple[float, float]:
@@ -275,9 +275,9 @@ def _judge(c: Change, channel: str, history: list[tuple[int, float]], rule: Onse
     evidence = None
     if score > 1:
         what = (f"the {CHANNELS[channel]} {c.norm_tensor}" if channel == "norm" else f"the {CHANNELS[channel]}")
-        evidence = (f"{what} moved {value:.3g} (relative) from step {c.prev_step} to step {c.step}: "
-                    f"{_exp(excess):.3g}x the {baseline:.3g} that the run's trend over the {len(window)} "
-                    f"changes before expects over {c.steps} steps; the limit is {limit:.3g}x "
+        evidence = (f"{what} moved {value:.3g} (relative) since step {c.prev_step} ({c.steps} steps, to step "
+                    f"{c.step}): {_exp(excess):.3g}x the {baseline:.3g} that the run's trend over the "
+                    f"{len(window)} changes before expects; the limit is {limit:.3g}x "
                     f"(z={rule.z:g} robust deviations, at least {rule.min_factor:g}x)")
     return Assessment(c, score=score, channel=channel, rate=rate, baseline=baseline, limit=limit, evidence=evidence)
 
