@@ -158,7 +158,7 @@ def changes(points: Iterable[Point]) -> list[Change]:
 
 
 class OnsetRule(BaseModel):
-    """When a run leaves its normal regime (configurable per prefix: `series:` in the config).
+    """When a run leaves its normal regime (configurable per prefix: `scan.series` in the config).
 
     Three tests, in this order, on each change between consecutive checkpoints of one series:
     any non-finite value; a jump of the whole checkpoint's weight norm; and, once the series has
