@@ -56,6 +56,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "daemon": ("bench_daemon.py", [], ["--count", "10000"]),
     "save": ("bench_save.py", [], ["--params", "100M"]),
     "dask": ("bench_dask.py", [], ["--count", "16", "--size", "256M", "--tasks", "2000"]),
+    "series": ("bench_series.py", [], ["--seeds", "10"]),
 }
 
 # The headline figures of each benchmark for the table: (label, key, format).
@@ -132,6 +133,16 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
         ("metadata pass rate", "metadata_checkpoints_per_s", "{:.0f} ckpt/s"),
         ("first-sight pass (metadata + content)", "first_sight_pass_busy_seconds", "{:.1f} s"),
         ("/api/v1/checkpoints?prefix= p99 after the passes", "checkpoints_p99_ms_idle", "{:.0f} ms"),
+    ],
+    "series": [
+        ("normal runs (even and uneven spacing)", "normal_runs", "{}"),
+        ("false suspicions", "false_suspicions", "{}"),
+        ("LR-spike runs", "spike_runs", "{}"),
+        ("spikes missed", "spikes_missed", "{}"),
+        ("spikes flagged before the spike", "spikes_flagged_early", "{}"),
+        ("detection delay, checkpoints (1 = the first after the spike)", "delay_checkpoints_max", "{}"),
+        ("largest normal score (fires above 1)", "normal_max_score", "{:.2f}"),
+        ("smallest score at a spike", "spike_min_score", "{:.2f}"),
     ],
     "save": [
         ("parameters", "params", "{:,}"),
