@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from fsspec import AbstractFileSystem
 
-from auditor import completeness, formats, integrity, layouts
+from auditor import completeness, foreign, formats, integrity, layouts
 from auditor.backends import backend_for
 from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
@@ -233,9 +233,13 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
                                     "no manifest: the metadata tier proves existence only"))
             _assure(verdict, ck, reader, ctx, set(), Assurance.EXISTENCE, findings)
             return False
-        applied = _structural(ck, reader, ctx, findings)
+        headers: dict[str, formats.SafetensorsHeader] = {}
+        applied = _structural(ck, reader, ctx, findings, headers)
         # A pickle read completely as a skeleton (or DCP metadata) is a structural check too.
         applied |= _completeness(ck, reader, ctx, None, findings, verdict)
+        if _foreign(ck, reader, ctx, headers, applied, findings, verdict):
+            _digest_unsealed(ck, reader, ctx, verdict)
+            return True
         checked = bool(applied) or not ck.files
         _assure(verdict, ck, reader, ctx, applied, Assurance.STRUCTURAL if checked else Assurance.EXISTENCE,
                 findings)
@@ -251,6 +255,7 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     entries = [f for f in manifest.files if f.path not in bad]
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
     _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
+    _cross_check_foreign(ck, reader, ctx, manifest, findings)
     if tier != Tier.METADATA:
         _completeness(ck, reader, ctx, manifest, findings, verdict)
     wants_probe = tier == Tier.PROBE or (ctx.options.probe_auto and tier == Tier.CONTENT and manifest.probe is not None)
@@ -259,6 +264,53 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     elif tier == Tier.PROBE and manifest.probe is None:
         findings.append(Finding.info("no_probe", None, "the manifest records no probe; probe tier skipped"))
     return True
+
+
+def _discover_foreign(ck: Checkpoint, reader: Reader, ctx: Context,
+                      headers: dict[str, formats.SafetensorsHeader] | None) -> foreign.Foreign | None:
+    """The checkpoint's foreign digests (reading integrity.json under the file deadline), or None when
+    that read failed (its finding is appended by the caller)."""
+    if foreign.MEGATRON_INTEGRITY not in ck.files:
+        return foreign.discover(ck, reader, headers)  # from the listing and the headers alone: no read
+    got = ctx.run_files(reader, [(foreign.MEGATRON_INTEGRITY, lambda r: foreign.discover(ck, r, headers))],
+                        pool=ctx.stat_pool)[0][1]
+    return got if isinstance(got, foreign.Foreign) else foreign.Foreign(findings=[got])
+
+
+def _foreign(ck: Checkpoint, reader: Reader, ctx: Context, headers: dict[str, formats.SafetensorsHeader],
+             structural: set[str], findings: list[Finding], verdict: Verdict) -> bool:
+    """Without a manifest: compare the bytes with digests other tools wrote (issue 16); False if there are none."""
+    found = _discover_foreign(ck, reader, ctx, headers)
+    assert found is not None
+    findings += found.findings
+    if not found.units:
+        return False
+    work = [(u.read, _bind_foreign(ck.root, u)) for u in found.units]
+    for _rel, got in ctx.run_files(reader, work):
+        findings.extend([got] if isinstance(got, Finding) else got)
+    verdict.assurance = Assurance.FOREIGN.value
+    verdict.coverage = foreign.coverage(ck, found.covered, structural)
+    findings.append(Finding.info("foreign_digests", None,
+                                 f"no auditor manifest: {len(found.covered & set(ck.files))} file(s) compared with "
+                                 f"digests from {', '.join(sorted(found.sources))}"))
+    return True
+
+
+def _bind_foreign(root: str, unit: foreign.Unit) -> Callable[[Reader], list[Finding]]:
+    return lambda reader: foreign.check_unit(reader, root, unit)
+
+
+def _cross_check_foreign(ck: Checkpoint, reader: Reader, ctx: Context, manifest: Manifest,
+                         findings: list[Finding]) -> None:
+    """With a manifest: a foreign sha256 that disagrees with the sealed one is a failure (no read of the files)."""
+    if foreign.MEGATRON_INTEGRITY not in ck.files and ck.layout != "hf-cache":
+        return
+    found = _discover_foreign(ck, reader, ctx, None)
+    assert found is not None
+    seen = {(f.code, f.file) for f in findings}
+    # The manifest's own check already named unlisted files; a file integrity.json lists that is gone is new.
+    findings += [f for f in found.findings if f.code != "unlisted_file" and (f.code, f.file) not in seen]
+    findings += foreign.cross_check(found, manifest)
 
 
 def _completeness(ck: Checkpoint, reader: Reader, ctx: Context, manifest: Manifest | None, findings: list[Finding],
@@ -436,11 +488,13 @@ def _bind_digest(entry: FileEntry, path: str, manifest: Manifest | None, info: d
     return lambda reader: integrity.digest_file(reader, entry, path, manifest, info)
 
 
-def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding]) -> set[str]:
-    """Check every file's format where we know it; return the files a check applied to."""
+def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding],
+                headers: dict[str, formats.SafetensorsHeader] | None = None) -> set[str]:
+    """Check every file's format where we know it; return the files a check applied to (and fill
+    `headers` with the safetensors headers parsed)."""
     root = ck.root
     checked: set[str] = set()
-    headers: dict[str, formats.SafetensorsHeader] = {}
+    headers = {} if headers is None else headers
     work = [(rel, _bind_structural(f"{root}/{rel}", int(info.get("size") or 0)))
             for rel, info in sorted(ck.files.items())]
     for rel, got in ctx.run_files(reader, work):
