@@ -127,7 +127,8 @@ def _megatron(ck: Checkpoint, reader: Reader, out: Foreign) -> None:
             continue
         out.units.append(Unit(name, _size(info), [Reference(name, SHA256, digest, source)], [name]))
     for rel in sorted(set(ck.files) - set(files) - {MEGATRON_INTEGRITY}):
-        where = "in a sub-folder, which Megatron does not hash" if "/" in rel else "added after Megatron hashed the folder"
+        where = "in a sub-folder, which Megatron does not hash" if "/" in rel else \
+            "added after Megatron hashed the folder"
         out.findings.append(Finding.warning("unlisted_file", rel, f"not in {MEGATRON_INTEGRITY} ({where})"))
 
 
@@ -264,6 +265,30 @@ def cross_check(foreign: Foreign, manifest: Manifest) -> list[Finding]:
                     out.append(Finding.error("foreign_digest_conflict", name,
                                              f"{ref.source} records sha256 {ref.digest}, the auditor manifest "
                                              f"{entry.sha256}: the two references disagree"))
+    return out
+
+
+def unsealed_digests(foreign: Foreign, manifest: Manifest) -> list[Unit]:
+    """The reads a cross-check with `manifest` still needs: sealed files whose foreign digest is not a
+    whole-file sha256 (git blob SHA-1, the tensor data's sha256), with those references only."""
+    sealed = {f.path for f in manifest.files}
+    out = []
+    for unit in foreign.units:
+        refs = [r for r in unit.references if r.algorithm != SHA256]
+        if refs and unit.read in sealed:
+            out.append(Unit(unit.read, unit.size, refs, list(unit.names), unit.data_start))
+    return out
+
+
+def as_conflicts(findings: list[Finding], damaged: set[str | None]) -> list[Finding]:
+    """Findings of `check_unit` on a sealed file, as a cross-check: where the sealed digest matched the
+    bytes, a foreign digest that does not is a disagreement between the two references."""
+    out = []
+    for f in findings:
+        if f.code == "foreign_digest_mismatch" and f.file not in damaged:
+            f = Finding.error("foreign_digest_conflict", f.file,
+                              f"the auditor manifest's digest matches the bytes, but {f.detail}")
+        out.append(f)
     return out
 
 

@@ -234,9 +234,9 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
             _assure(verdict, ck, reader, ctx, set(), Assurance.EXISTENCE, findings)
             return False
         headers: dict[str, formats.SafetensorsHeader] = {}
-        applied = _structural(ck, reader, ctx, findings, headers)
+        applied = _structural(ck, reader, ctx, findings)
         # A pickle read completely as a skeleton (or DCP metadata) is a structural check too.
-        applied |= _completeness(ck, reader, ctx, None, findings, verdict)
+        applied |= _completeness(ck, reader, ctx, None, findings, verdict, headers)
         if _foreign(ck, reader, ctx, headers, applied, findings, verdict):
             _digest_unsealed(ck, reader, ctx, verdict)
             return True
@@ -255,9 +255,10 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     entries = [f for f in manifest.files if f.path not in bad]
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
     _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
-    _cross_check_foreign(ck, reader, ctx, manifest, findings)
+    headers: dict[str, formats.SafetensorsHeader] = {}
     if tier != Tier.METADATA:
-        _completeness(ck, reader, ctx, manifest, findings, verdict)
+        _completeness(ck, reader, ctx, manifest, findings, verdict, headers)
+    _cross_check_foreign(ck, reader, ctx, manifest, headers, findings)
     wants_probe = tier == Tier.PROBE or (ctx.options.probe_auto and tier == Tier.CONTENT and manifest.probe is not None)
     if wants_probe and manifest.probe is not None and ctx.options.prober and not _blocking(findings):
         findings += ctx.options.prober.check(reader, ck, manifest)
@@ -301,26 +302,37 @@ def _bind_foreign(root: str, unit: foreign.Unit) -> Callable[[Reader], list[Find
 
 
 def _cross_check_foreign(ck: Checkpoint, reader: Reader, ctx: Context, manifest: Manifest,
-                         findings: list[Finding]) -> None:
-    """With a manifest: a foreign sha256 that disagrees with the sealed one is a failure (no read of the files)."""
-    if foreign.MEGATRON_INTEGRITY not in ck.files and ck.layout != "hf-cache":
-        return
-    found = _discover_foreign(ck, reader, ctx, None)
+                         headers: dict[str, formats.SafetensorsHeader], findings: list[Finding]) -> None:
+    """With a manifest: a foreign digest that disagrees with the sealed one is a failure. A whole-file
+    sha256 is compared with the manifest's without reading; the digests a manifest does not carry (git
+    blob SHA-1, modelspec's tensor-data sha256) at the content tier, by one read of those files only."""
+    found = _discover_foreign(ck, reader, ctx, headers)
     assert found is not None
+    if not found.units and not found.findings:
+        return
     seen = {(f.code, f.file) for f in findings}
     # The manifest's own check already named unlisted files; a file integrity.json lists that is gone is new.
     findings += [f for f in found.findings if f.code != "unlisted_file" and (f.code, f.file) not in seen]
     findings += foreign.cross_check(found, manifest)
+    units = foreign.unsealed_digests(found, manifest)
+    if not units or ctx.options.tier == Tier.METADATA:
+        return
+    damaged = {f.file for f in findings if f.severity == Severity.ERROR}
+    for _rel, got in ctx.run_files(reader, [(u.read, _bind_foreign(ck.root, u)) for u in units]):
+        findings += foreign.as_conflicts([got] if isinstance(got, Finding) else got, damaged)
 
 
 def _completeness(ck: Checkpoint, reader: Reader, ctx: Context, manifest: Manifest | None, findings: list[Finding],
-                  verdict: Verdict) -> set[str]:
-    """Check training-state completeness; take its step as the verdict's; return the files it parsed completely."""
+                  verdict: Verdict, headers: dict[str, formats.SafetensorsHeader] | None = None) -> set[str]:
+    """Check training-state completeness; take its step as the verdict's; return the files it parsed
+    completely (and put the safetensors headers it read in `headers`)."""
     # Completeness opens files by name: not once a hazard (FIFO, link out) is known to be there.
     if integrity.hazardous(findings):
         return set()
     result = completeness.check_checkpoint(reader, ck, manifest, require=ctx.options.require)
     findings += result.findings
+    if headers is not None:
+        headers.update(result.headers)
     verdict.step = result.step
     return {rel for rel in result.parsed if rel in ck.files}
 
@@ -488,13 +500,11 @@ def _bind_digest(entry: FileEntry, path: str, manifest: Manifest | None, info: d
     return lambda reader: integrity.digest_file(reader, entry, path, manifest, info)
 
 
-def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding],
-                headers: dict[str, formats.SafetensorsHeader] | None = None) -> set[str]:
-    """Check every file's format where we know it; return the files a check applied to (and fill
-    `headers` with the safetensors headers parsed)."""
+def _structural(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding]) -> set[str]:
+    """Check every file's format where we know it; return the files a check applied to."""
     root = ck.root
     checked: set[str] = set()
-    headers = {} if headers is None else headers
+    headers: dict[str, formats.SafetensorsHeader] = {}
     work = [(rel, _bind_structural(f"{root}/{rel}", int(info.get("size") or 0)))
             for rel, info in sorted(ck.files.items())]
     for rel, got in ctx.run_files(reader, work):

@@ -156,7 +156,8 @@ def write_hub_cache(cache: Path, repo_id: str = "acme/tiny-model") -> tuple[Path
     src = cache.parent / "src"
     src.mkdir(parents=True)
     model = torch.nn.Linear(16, 4)
-    (src / "model.safetensors").write_bytes(save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}))
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    (src / "model.safetensors").write_bytes(save_safetensors(weights))
     (src / "config.json").write_text(json.dumps({"model_type": "linear", "in_features": 16, "out_features": 4}))
     storage = cache / file_download.repo_folder_name(repo_id=repo_id, repo_type="model")
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -248,6 +249,21 @@ def test_hub_cache_with_auditor_manifest_disagreeing_is_a_failure(hub):
     assert ("foreign_digest_conflict", f"snapshots/{commit}/model.safetensors") in errors(v)
 
 
+def test_hub_cache_git_blob_with_auditor_manifest_disagreeing_is_a_failure(hub):
+    """config.json's blob is named by its git blob SHA-1, which our manifest does not carry: at the content
+    tier the sealed file is read once more for it, and a disagreement is a failure."""
+    cache, storage, commit = hub
+    blob = blob_of(storage, commit, "config.json")
+    flip_bit(LOCAL, str(blob), offset=3)
+    auditor.api.seal(str(storage), step=0, force=True)
+    v = one(auditor.api.rescan(str(cache)))
+    assert v.status == "corrupt"
+    assert errors(v) == [("foreign_digest_conflict", f"snapshots/{commit}/config.json")]
+    assert "git-sha1" in v.findings[[f.code for f in v.findings].index("foreign_digest_conflict")].detail
+    # The metadata tier carries no SHA-1 to compare with: it says nothing about this one.
+    assert one(auditor.api.rescan(str(cache), tier="metadata")).status == "ok"
+
+
 # ---------------------------------------------------------------- safetensors modelspec.hash_sha256
 
 
@@ -282,6 +298,22 @@ def test_modelspec_flipped_byte_in_tensor_data_is_corrupt(tmp_path):
     assert v.status == "corrupt"
     assert errors(v) == [("foreign_digest_mismatch", "lora.safetensors")]
     assert "sha256 of the tensor data" in v.findings[0].detail
+
+
+def test_modelspec_with_auditor_manifest_disagreeing_is_a_failure(tmp_path):
+    """Sealed over damaged tensor data (a consistent rewrite of file and sidecar manifest): the manifest
+    matches the bytes, modelspec.hash_sha256 does not; the two references disagree."""
+    f = modelspec_file(tmp_path / "p" / "lora.safetensors")
+    auditor.api.seal(str(f), step=0)
+    v = one(auditor.api.rescan(str(tmp_path / "p")))
+    assert (v.status, v.assurance) == ("ok", "sealed"), v.findings
+    flip_bit(LOCAL, str(f), offset=f.stat().st_size - 5)
+    Path(str(f) + ".manifest.json").unlink()
+    auditor.api.seal(str(f), step=0, force=True)
+    v = one(auditor.api.rescan(str(tmp_path / "p")))
+    assert v.status == "corrupt"
+    assert errors(v) == [("foreign_digest_conflict", "lora.safetensors")]
+    assert "modelspec.hash_sha256" in v.findings[0].detail
 
 
 def test_modelspec_hash_malformed_is_ignored_with_a_warning(tmp_path):
