@@ -273,7 +273,8 @@ def _expect_from_siblings(checkpoints: list[Checkpoint]) -> None:
     """
     groups: dict[tuple[str, str], list[Checkpoint]] = {}
     for ck in checkpoints:
-        if ck.kind != "dir" or ck.layout == "unknown":
+        # Hub cache repos are different models, not a series of one writer's saves.
+        if ck.kind != "dir" or ck.layout in ("unknown", "hf-cache"):
             continue
         # Siblings of one series share their name but for the step (checkpoint-2, checkpoint-4),
         # so losing the very file that named the writer (trainer_state.json) still shows.

@@ -205,6 +205,16 @@ def test_hub_cache_is_ok_foreign(hub):
     assert not any(f.code == "path_outside_checkpoint" for f in v.findings)
 
 
+def test_hub_cache_repos_are_not_a_series(hub):
+    """Two repos of one cache are two models: what one holds (refs/main) is not expected of the other."""
+    cache, storage, commit = hub
+    other, _ = write_hub_cache(cache, "acme/other-model")
+    (other / "refs" / "main").unlink()
+    result = auditor.api.rescan(str(cache))
+    assert [(v.url.rsplit("/", 1)[-1], v.status) for v in result.verdicts] == \
+        [("models--acme--other-model", "ok"), ("models--acme--tiny-model", "ok")]
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
 def test_hub_cache_flipped_byte_is_corrupt_naming_the_snapshot_file(hub, name):
     cache, storage, commit = hub
