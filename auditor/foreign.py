@@ -107,6 +107,12 @@ def discover(ck: Checkpoint, reader: Reader, headers: dict[str, SafetensorsHeade
     return out
 
 
+def evident(ck: Checkpoint) -> bool:
+    """Tell from the listing alone whether a checkpoint carries foreign digests of whole files
+    (integrity.json, a hub cache); modelspec hashes show only in the headers."""
+    return (ck.kind == "dir" and MEGATRON_INTEGRITY in ck.files) or ck.layout == "hf-cache"
+
+
 def _megatron(ck: Checkpoint, reader: Reader, out: Foreign) -> None:
     source = f"Megatron {MEGATRON_INTEGRITY}"
     try:
@@ -256,7 +262,7 @@ def cross_check(foreign: Foreign, manifest: Manifest) -> list[Finding]:
     sealed: dict[str, FileEntry] = {f.path: f for f in manifest.files}
     out = []
     for unit in foreign.units:
-        entry = sealed.get(unit.read)
+        entry = _sealed_entry(unit, sealed)
         if entry is None:
             continue
         for ref in unit.references:
@@ -268,14 +274,19 @@ def cross_check(foreign: Foreign, manifest: Manifest) -> list[Finding]:
     return out
 
 
+def _sealed_entry(unit: Unit, sealed: dict[str, FileEntry]) -> FileEntry | None:
+    """The manifest entry of a unit's bytes: the file read, or a name linked to it (a snapshot file)."""
+    return next((sealed[n] for n in (unit.read, *unit.names) if n in sealed), None)
+
+
 def unsealed_digests(foreign: Foreign, manifest: Manifest) -> list[Unit]:
     """The reads a cross-check with `manifest` still needs: sealed files whose foreign digest is not a
     whole-file sha256 (git blob SHA-1, the tensor data's sha256), with those references only."""
-    sealed = {f.path for f in manifest.files}
+    sealed = {f.path: f for f in manifest.files}
     out = []
     for unit in foreign.units:
         refs = [r for r in unit.references if r.algorithm != SHA256]
-        if refs and unit.read in sealed:
+        if refs and _sealed_entry(unit, sealed) is not None:
             out.append(Unit(unit.read, unit.size, refs, list(unit.names), unit.data_start))
     return out
 

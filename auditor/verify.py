@@ -218,7 +218,8 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     if manifest is None:
         for rel, why in ck.expected_absent.items():
             findings.append(Finding.error("file_missing", rel, why))
-        baseline = ctx.options.baseline(ck) if ctx.options.baseline else None
+        # Digests the writer recorded outrank those the daemon recorded at first sight.
+        baseline = ctx.options.baseline(ck) if ctx.options.baseline and not foreign.evident(ck) else None
         if baseline is not None:
             entries = list(baseline.values())
             findings.append(Finding.info("baseline_first_sight", None,
@@ -255,10 +256,10 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     entries = [f for f in manifest.files if f.path not in bad]
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
     _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
-    headers: dict[str, formats.SafetensorsHeader] = {}
+    sealed_headers: dict[str, formats.SafetensorsHeader] = {}
     if tier != Tier.METADATA:
-        _completeness(ck, reader, ctx, manifest, findings, verdict, headers)
-    _cross_check_foreign(ck, reader, ctx, manifest, headers, findings)
+        _completeness(ck, reader, ctx, manifest, findings, verdict, sealed_headers)
+    _cross_check_foreign(ck, reader, ctx, manifest, sealed_headers, findings)
     wants_probe = tier == Tier.PROBE or (ctx.options.probe_auto and tier == Tier.CONTENT and manifest.probe is not None)
     if wants_probe and manifest.probe is not None and ctx.options.prober and not _blocking(findings):
         findings += ctx.options.prober.check(reader, ck, manifest)
@@ -268,9 +269,9 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
 
 
 def _discover_foreign(ck: Checkpoint, reader: Reader, ctx: Context,
-                      headers: dict[str, formats.SafetensorsHeader] | None) -> foreign.Foreign | None:
-    """The checkpoint's foreign digests (reading integrity.json under the file deadline), or None when
-    that read failed (its finding is appended by the caller)."""
+                      headers: dict[str, formats.SafetensorsHeader] | None) -> foreign.Foreign:
+    """The checkpoint's foreign digests, reading integrity.json under the file deadline (a read that
+    fails is the one finding of the answer)."""
     if foreign.MEGATRON_INTEGRITY not in ck.files:
         return foreign.discover(ck, reader, headers)  # from the listing and the headers alone: no read
     got = ctx.run_files(reader, [(foreign.MEGATRON_INTEGRITY, lambda r: foreign.discover(ck, r, headers))],
@@ -282,7 +283,6 @@ def _foreign(ck: Checkpoint, reader: Reader, ctx: Context, headers: dict[str, fo
              structural: set[str], findings: list[Finding], verdict: Verdict) -> bool:
     """Without a manifest: compare the bytes with digests other tools wrote (issue 16); False if there are none."""
     found = _discover_foreign(ck, reader, ctx, headers)
-    assert found is not None
     findings += found.findings
     if not found.units:
         return False
@@ -307,7 +307,6 @@ def _cross_check_foreign(ck: Checkpoint, reader: Reader, ctx: Context, manifest:
     sha256 is compared with the manifest's without reading; the digests a manifest does not carry (git
     blob SHA-1, modelspec's tensor-data sha256) at the content tier, by one read of those files only."""
     found = _discover_foreign(ck, reader, ctx, headers)
-    assert found is not None
     if not found.units and not found.findings:
         return
     seen = {(f.code, f.file) for f in findings}

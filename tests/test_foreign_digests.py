@@ -21,7 +21,10 @@ from safetensors.torch import save as save_safetensors
 from writers.megatron_ckpt import write_megatron_dist
 
 import auditor.api
+from auditor.digests import digest_bytes
+from auditor.manifest import FileEntry
 from auditor.model import Verdict
+from auditor.verify import Options, Scanner, locate
 
 LOCAL = fsspec.filesystem("file")
 
@@ -114,6 +117,24 @@ def test_megatron_integrity_json_that_is_not_megatrons_is_refused(megatron):
     (folder / "integrity.json").write_text(json.dumps({"files": {"../../etc/passwd": "0" * 64}}))
     v = auditor.api.verify_url(str(folder)).verdicts[0]
     assert v.status == "corrupt" and ("foreign_manifest_invalid", "integrity.json") in errors(v)
+
+
+def test_megatron_digests_outrank_a_first_sight_baseline(megatron):
+    """The daemon's trust-on-first-use digests, recorded after the damage, would call the shard fine;
+    the digest Megatron wrote when it saved does not, and it is the one compared."""
+    folder = megatron / "iter_0000002"
+    shard = folder / "__0_0.distcp"
+    flip_bit(LOCAL, str(shard), offset=shard.stat().st_size // 2)
+    baseline = {}
+    for p in folder.iterdir():
+        d = digest_bytes(p.read_bytes())
+        baseline[p.name] = FileEntry(path=p.name, size=d.size, sha256=d.sha256, crc32c=d.crc32c)
+    fs = fsspec.filesystem("file")
+    with Scanner(fs, Options(baseline=lambda _ck: baseline)) as scanner:
+        ck = locate(scanner.reader, str(folder), str(folder))
+        v = scanner.verify(ck)
+    assert v.status == "corrupt" and ("foreign_digest_mismatch", "__0_0.distcp") in errors(v)
+    assert not any(f.code == "baseline_first_sight" for f in v.findings)
 
 
 def test_megatron_with_auditor_manifest_disagreeing_is_a_failure(megatron):
