@@ -116,6 +116,8 @@ class Evidence:
     schedulers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     rng_kinds: dict[str, set[str]] = field(default_factory=dict)  # file -> python, numpy, torch, cuda
     megatron_args: dict[str, Any] | None = None
+    # safetensors headers parsed, by file: their __metadata__ may carry a foreign digest (modelspec)
+    headers: dict[str, formats.SafetensorsHeader] = field(default_factory=dict)
 
     def add(self, component: str, rel: str) -> None:
         self.components[component].add(rel)
@@ -136,6 +138,7 @@ class CompletenessResult:
     components: dict[str, list[str]]  # component -> the files that hold it
     # Where a step was read (manifest, trainer_state.json, a file, the folder name) -> that step.
     step_sources: dict[str, int] = field(default_factory=dict)
+    headers: dict[str, formats.SafetensorsHeader] = field(default_factory=dict)  # safetensors headers read
 
 
 class _Walk:
@@ -435,7 +438,7 @@ def check_checkpoint(reader: Any, ck: Any, manifest: Any, *, require: list[str] 
     findings = _unique(findings)
     if step is None and layout not in NAME_NOT_A_STEP:
         step = ck.step
-    return CompletenessResult(findings, ev.parsed - ev.unproven, step, components, dict(ev.steps))
+    return CompletenessResult(findings, ev.parsed - ev.unproven, step, components, dict(ev.steps), ev.headers)
 
 
 def _unique(findings: list[Finding]) -> list[Finding]:
@@ -605,6 +608,7 @@ def _scan_safetensors(reader: Any, ck: Any, rel: str, ev: Evidence) -> None:
     except formats.FormatError:
         return  # the structural check reports it
     ev.parsed.add(rel)
+    ev.headers[rel] = header
     if header.tensors:
         ev.add("model", rel)
 

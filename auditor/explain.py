@@ -20,6 +20,18 @@ EXPLANATIONS: dict[str, str] = {
         " UTF-8 (names nothing on any store); never opened"
     ),
     "path_unresolvable": "a symlink loop, a dangling link, a path through a file, or a name too long; never followed",
+    "foreign_digest_conflict": (
+        "a digest another tool wrote (integrity.json, a hub cache blob name, modelspec.hash_sha256) disagrees"
+        " with the auditor manifest's for the same bytes; names the file and both digests"
+    ),
+    "foreign_digest_mismatch": (
+        "no auditor manifest: a file's bytes differ from the digest another tool recorded for them; names the"
+        " file, the source and both digests"
+    ),
+    "foreign_manifest_invalid": (
+        "a Megatron `integrity.json` that is not JSON, too large, not `sha256`, or names something other than"
+        " a file of its folder"
+    ),
     "server_checksum_mismatch": "the store's own whole-object checksum differs from the sealed one (metadata tier)",
     "size_mismatch": "a file's size differs from the sealed size (larger)",
     "special_file": "a FIFO, socket or device file (or a link to one, or to a folder) in a checkpoint; never opened",
@@ -68,6 +80,12 @@ EXPLANATIONS: dict[str, str] = {
     ),
     "baseline_first_sight": "compared with the digests recorded at first sight, not a sealed manifest",
     "checkpoint_rewritten": "the checkpoint was rewritten during the check and re-verified",
+    "foreign_digest_ignored": "a `modelspec.hash_sha256` that is not `0x` and 64 hex digits: not used",
+    "foreign_digests": "no auditor manifest: how many files were compared with digests other tools wrote, and which",
+    "foreign_unreferenced": (
+        "a hub cache snapshot file that is no link to a blob named by its digest (a copy): structural checks"
+        " only"
+    ),
     "no_manifest": "metadata tier without a manifest: existence only",
     "no_probe": "the probe tier was asked for but the manifest records no probe",
     "no_server_checksum": "no comparable server-side checksum: the metadata tier proved existence and size only",
@@ -104,7 +122,7 @@ EXPLANATIONS: dict[str, str] = {
         "the store's checksum equalled the sealed digest: the same objects, unchanged since sealing, proved "
         "without a checksum request (assurance `server-checksum`)"
     ),
-    "unlisted_file": "a file present but not in the manifest",
+    "unlisted_file": "a file present but not in the manifest (or, unsealed, not in Megatron's `integrity.json`)",
     "unverifiable": "with `--strict`, says that `unverifiable` counts as a failure",
     "writer_classes": "a DeepSpeed/Megatron file pickles classes its writer always saves; read as data, never loaded",
 }

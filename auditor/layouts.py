@@ -37,6 +37,10 @@ _ACCELERATE = re.compile(r"^random_states_\d+\.pkl$")
 _DEEPSPEED = re.compile(r"^(?:mp_rank_\d+_model_states\.pt|.*_optim_states\.pt)$")
 _MEGATRON_RANK_DIR = re.compile(r"^mp_rank_\d+(?:_\d+)*$")
 _WEIGHTS = re.compile(r"\.(?:safetensors|bin|pt|pth)$")
+# A Hugging Face hub cache repo folder (huggingface_hub's repo_folder_name): models--ORG--NAME/.
+_HUB_CACHE_REPO = re.compile(r"^(?:models|datasets|spaces)--.+")
+# An OpenSSF model-signing signature's default file name (a signed base model; signing verifies it).
+MODEL_SIG = "model.sig"
 
 
 @dataclass
@@ -83,6 +87,8 @@ LAYOUTS = {
     "orbax": "Orbax step folder",
     "hf-model": "save_pretrained folder (config.json and weights, or a shard index)",
     "folder": "a step-named folder of files with no writer-specific marker",
+    "hf-cache": "Hugging Face hub cache repo folder (models--ORG--NAME/: blobs/, snapshots/<rev>/ links)",
+    "signed": "a folder signed with OpenSSF model-signing (model.sig) whose writer is not otherwise recognised",
     "single-file": "one checkpoint file, its manifest the sidecar <file>.manifest.json",
     "unknown": "a folder named explicitly whose files match no known writer",
 }
@@ -173,6 +179,9 @@ def evidence(tree: _Tree, folder: str) -> str | None:
     """Name the writer whose marker files sit directly in `folder`, or None."""
     names = set(tree.files(folder))
     subdirs = {posixpath.basename(d) for d in tree.subdirs(folder)}
+    # The whole repo folder is one checkpoint: its snapshot files link to its blobs (named by digest).
+    if _HUB_CACHE_REPO.match(posixpath.basename(folder)) and "snapshots" in subdirs:
+        return "hf-cache"
     if "trainer_state.json" in names:
         return "hf-trainer"
     if any(_ACCELERATE.match(n) for n in names):
@@ -193,6 +202,8 @@ def evidence(tree: _Tree, folder: str) -> str | None:
         return "hf-model"
     if MANIFEST_NAME in names or SAVING_MARKER in names:
         return "manifest"
+    if MODEL_SIG in names:
+        return "signed"
     return None
 
 
@@ -262,7 +273,8 @@ def _expect_from_siblings(checkpoints: list[Checkpoint]) -> None:
     """
     groups: dict[tuple[str, str], list[Checkpoint]] = {}
     for ck in checkpoints:
-        if ck.kind != "dir" or ck.layout == "unknown":
+        # Hub cache repos are different models, not a series of one writer's saves.
+        if ck.kind != "dir" or ck.layout in ("unknown", "hf-cache"):
             continue
         # Siblings of one series share their name but for the step (checkpoint-2, checkpoint-4),
         # so losing the very file that named the writer (trainer_state.json) still shows.

@@ -92,6 +92,11 @@ STATUS_OF_CODE = {
     # A local path that cannot resolve (link loop, dangling link, a path through a file, name too long).
     "path_unresolvable": Status.CORRUPT,
     "server_checksum_mismatch": Status.CORRUPT,
+    # Digests another tool wrote (issue 16): the bytes differ from one (Megatron integrity.json, a hub
+    # cache blob name, modelspec.hash_sha256), it disagrees with our manifest's, or it cannot be read.
+    "foreign_digest_mismatch": Status.CORRUPT,
+    "foreign_digest_conflict": Status.CORRUPT,
+    "foreign_manifest_invalid": Status.CORRUPT,
     "file_missing": Status.MISSING,
     "nonfinite_weights": Status.NONFINITE,
     "probe_mismatch": Status.DRIFT,

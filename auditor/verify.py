@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from fsspec import AbstractFileSystem
 
-from auditor import completeness, formats, integrity, layouts
+from auditor import completeness, foreign, formats, integrity, layouts
 from auditor.backends import backend_for
 from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
@@ -218,7 +218,8 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     if manifest is None:
         for rel, why in ck.expected_absent.items():
             findings.append(Finding.error("file_missing", rel, why))
-        baseline = ctx.options.baseline(ck) if ctx.options.baseline else None
+        # Digests the writer recorded outrank those the daemon recorded at first sight.
+        baseline = ctx.options.baseline(ck) if ctx.options.baseline and not foreign.evident(ck) else None
         if baseline is not None:
             entries = list(baseline.values())
             findings.append(Finding.info("baseline_first_sight", None,
@@ -233,9 +234,13 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
                                     "no manifest: the metadata tier proves existence only"))
             _assure(verdict, ck, reader, ctx, set(), Assurance.EXISTENCE, findings)
             return False
+        headers: dict[str, formats.SafetensorsHeader] = {}
         applied = _structural(ck, reader, ctx, findings)
         # A pickle read completely as a skeleton (or DCP metadata) is a structural check too.
-        applied |= _completeness(ck, reader, ctx, None, findings, verdict)
+        applied |= _completeness(ck, reader, ctx, None, findings, verdict, headers)
+        if _foreign(ck, reader, ctx, headers, applied, findings, verdict):
+            _digest_unsealed(ck, reader, ctx, verdict)
+            return True
         checked = bool(applied) or not ck.files
         _assure(verdict, ck, reader, ctx, applied, Assurance.STRUCTURAL if checked else Assurance.EXISTENCE,
                 findings)
@@ -251,8 +256,10 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     entries = [f for f in manifest.files if f.path not in bad]
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
     _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
+    sealed_headers: dict[str, formats.SafetensorsHeader] = {}
     if tier != Tier.METADATA:
-        _completeness(ck, reader, ctx, manifest, findings, verdict)
+        _completeness(ck, reader, ctx, manifest, findings, verdict, sealed_headers)
+    _cross_check_foreign(ck, reader, ctx, manifest, sealed_headers, findings)
     wants_probe = tier == Tier.PROBE or (ctx.options.probe_auto and tier == Tier.CONTENT and manifest.probe is not None)
     if wants_probe and manifest.probe is not None and ctx.options.prober and not _blocking(findings):
         findings += ctx.options.prober.check(reader, ck, manifest)
@@ -261,14 +268,70 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     return True
 
 
+def _discover_foreign(ck: Checkpoint, reader: Reader, ctx: Context,
+                      headers: dict[str, formats.SafetensorsHeader] | None) -> foreign.Foreign:
+    """The checkpoint's foreign digests, reading integrity.json under the file deadline (a read that
+    fails is the one finding of the answer)."""
+    if foreign.MEGATRON_INTEGRITY not in ck.files:
+        return foreign.discover(ck, reader, headers)  # from the listing and the headers alone: no read
+    got = ctx.run_files(reader, [(foreign.MEGATRON_INTEGRITY, lambda r: foreign.discover(ck, r, headers))],
+                        pool=ctx.stat_pool)[0][1]
+    return got if isinstance(got, foreign.Foreign) else foreign.Foreign(findings=[got])
+
+
+def _foreign(ck: Checkpoint, reader: Reader, ctx: Context, headers: dict[str, formats.SafetensorsHeader],
+             structural: set[str], findings: list[Finding], verdict: Verdict) -> bool:
+    """Without a manifest: compare the bytes with digests other tools wrote (issue 16); False if there are none."""
+    found = _discover_foreign(ck, reader, ctx, headers)
+    findings += found.findings
+    if not found.units:
+        return False
+    work = [(u.read, _bind_foreign(ck.root, u)) for u in found.units]
+    for _rel, got in ctx.run_files(reader, work):
+        findings.extend([got] if isinstance(got, Finding) else got)
+    verdict.assurance = Assurance.FOREIGN.value
+    verdict.coverage = foreign.coverage(ck, found.covered, structural)
+    findings.append(Finding.info("foreign_digests", None,
+                                 f"no auditor manifest: {len(found.covered & set(ck.files))} file(s) compared with "
+                                 f"digests from {', '.join(sorted(found.sources))}"))
+    return True
+
+
+def _bind_foreign(root: str, unit: foreign.Unit) -> Callable[[Reader], list[Finding]]:
+    return lambda reader: foreign.check_unit(reader, root, unit)
+
+
+def _cross_check_foreign(ck: Checkpoint, reader: Reader, ctx: Context, manifest: Manifest,
+                         headers: dict[str, formats.SafetensorsHeader], findings: list[Finding]) -> None:
+    """With a manifest: a foreign digest that disagrees with the sealed one is a failure. A whole-file
+    sha256 is compared with the manifest's without reading; the digests a manifest does not carry (git
+    blob SHA-1, modelspec's tensor-data sha256) at the content tier, by one read of those files only."""
+    found = _discover_foreign(ck, reader, ctx, headers)
+    if not found.units and not found.findings:
+        return
+    seen = {(f.code, f.file) for f in findings}
+    # The manifest's own check already named unlisted files; a file integrity.json lists that is gone is new.
+    findings += [f for f in found.findings if f.code != "unlisted_file" and (f.code, f.file) not in seen]
+    findings += foreign.cross_check(found, manifest)
+    units = foreign.unsealed_digests(found, manifest)
+    if not units or ctx.options.tier == Tier.METADATA:
+        return
+    damaged = {f.file for f in findings if f.severity == Severity.ERROR}
+    for _rel, got in ctx.run_files(reader, [(u.read, _bind_foreign(ck.root, u)) for u in units]):
+        findings += foreign.as_conflicts([got] if isinstance(got, Finding) else got, damaged)
+
+
 def _completeness(ck: Checkpoint, reader: Reader, ctx: Context, manifest: Manifest | None, findings: list[Finding],
-                  verdict: Verdict) -> set[str]:
-    """Check training-state completeness; take its step as the verdict's; return the files it parsed completely."""
+                  verdict: Verdict, headers: dict[str, formats.SafetensorsHeader] | None = None) -> set[str]:
+    """Check training-state completeness; take its step as the verdict's; return the files it parsed
+    completely (and put the safetensors headers it read in `headers`)."""
     # Completeness opens files by name: not once a hazard (FIFO, link out) is known to be there.
     if integrity.hazardous(findings):
         return set()
     result = completeness.check_checkpoint(reader, ck, manifest, require=ctx.options.require)
     findings += result.findings
+    if headers is not None:
+        headers.update(result.headers)
     verdict.step = result.step
     return {rel for rel in result.parsed if rel in ck.files}
 
