@@ -23,7 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 
-from auditor.api import build_options
+from auditor.api import HISTORY_LIMIT, build_options, read_point, series_doc
 from auditor.backends import backend_for
 from auditor.config import Config, PrefixConfig, ScanConfig
 from auditor.errors import ConfigError, StorageError, UsageError
@@ -33,7 +33,17 @@ from auditor.layouts import Checkpoint
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
 from auditor.metrics import Metrics
 from auditor.model import FAILURES, TIERS, Finding, ScanResult, Severity, Status, Tier, Verdict, decide
-from auditor.state import Recording, Seal, SealEntries, State, fingerprint, open_state, same_fingerprint
+from auditor.series import detect
+from auditor.state import (
+    PointRecord,
+    Recording,
+    Seal,
+    SealEntries,
+    State,
+    fingerprint,
+    open_state,
+    same_fingerprint,
+)
 from auditor.storage import DeadlineExceeded, Throttle, open_url
 from auditor.verify import Options, Scanner, is_pending, list_prefix, load_manifest
 
@@ -330,6 +340,7 @@ class Daemon:
                 batch = []
         if batch and not self.stop_event.is_set():
             errors += self._deep(worker, batch, until)
+        self._update_series(worker)
         self._publish(url)
         self._freeze_once_torch_loaded()
         finished = time.time()
@@ -375,7 +386,63 @@ class Daemon:
             # `probe` runs the probe only where the manifest has one; content otherwise.
             return worker.options[tiers[ck.url]]
 
-        return self._run_recorded(worker, [ck for ck, _ in batch], options_for, until=until)
+        errors = self._run_recorded(worker, [ck for ck, _ in batch], options_for, until=until)
+        self._record_points(worker, [ck for ck, _ in batch])
+        return errors
+
+    # ------------------------------------------------------------ the run series (issue 15)
+
+    def _record_points(self, worker: PrefixWorker, cks: list[Checkpoint]) -> None:
+        """Keep the series point of each deep-verified sealed checkpoint whose point is missing or was
+        read at another listing fingerprint (re-sealed): its manifest and probe reference, read once."""
+        if self.stop_event.is_set():
+            return
+        kept = self.state.point_fingerprints(worker.url)
+        stale = [ck for ck in cks if ck.manifest_path and not same_fingerprint(kept.get(ck.url), fingerprint(ck))]
+        if not stale:
+            return
+        pool = worker.scanner._checkpoints  # idle between runs; bounded by scan.jobs
+        tasks = [pool.submit(self._read_point, worker, ck, what=f"reading the series point of {ck.url}",
+                             timeout=worker.scanner.file_timeout) for ck in stale]
+        records = []
+        for task in tasks:
+            try:
+                record = task.result()
+            except DeadlineExceeded:  # read again when it is next verified
+                record = None
+            if record is not None:
+                records.append(record)
+        self.state.put_points(worker.url, records)
+
+    def _read_point(self, worker: PrefixWorker, ck: Checkpoint) -> PointRecord | None:
+        if self.stop_event.is_set():
+            return None
+        reader = worker.scanner.reader.child()
+        try:
+            manifest = load_manifest(reader, ck)
+            return PointRecord(ck.url, read_point(reader, ck, manifest), fingerprint(ck))
+        except (OSError, ValueError, StorageError) as e:  # the verdict reports it; the series waits
+            logger.debug("no series point for %s: %s", ck.url, e)
+            return None
+
+    def _update_series(self, worker: PrefixWorker) -> None:
+        """Recompute the onset of every run of the prefix whose points came, changed or went."""
+        for run in self.state.dirty_runs(worker.url):
+            if self.stop_event.is_set():
+                return
+            onset = detect(self.state.run_points(worker.url, run), worker.scan.series)
+            self.state.set_onset(worker.url, run, onset)
+            if onset is not None:
+                logger.warning("%s: instability suspected in run %s at step %s: %s", worker.url, run, onset.step,
+                               onset.evidence, extra={"event": "series", "prefix": worker.url,
+                                                      "checkpoint": onset.url})
+
+    def history(self, run_url: str, limit: int = HISTORY_LIMIT) -> dict[str, Any]:
+        """GET /api/v1/history: the series of the run at `run_url` from the state database."""
+        worker = self.worker_for(run_url)
+        want = normalise_prefix(run_url)
+        run = want[len(worker.url.rstrip("/")):].strip("/") or "."
+        return series_doc(want, self.state.run_points(worker.url, run), worker.scan.series, limit=limit)
 
     def _run_recorded(self, worker: PrefixWorker, found: list[Checkpoint],
                       options_for: Callable[[Checkpoint], Options], *, in_process: bool = False,
@@ -517,6 +584,7 @@ class Daemon:
 
     def _publish(self, url: str) -> None:
         self.metrics.set_counts(url, self.state.counts(url))
+        self.metrics.unstable_runs.labels(prefix=url).set(len(self.state.onsets(url)))
         self._rebuild(url)
 
     # ------------------------------------------------------------ /api/v1/checkpoints snapshots
@@ -657,6 +725,10 @@ class Daemon:
         verdicts = worker.scanner.run(found, options_for=lambda ck: options, stop=self.stop_event)
         for i in range(0, len(verdicts), FLUSH_EVERY):
             self._record_all(worker, verdicts[i:i + FLUSH_EVERY])
+        if options.tier != Tier.METADATA:
+            for i in range(0, len(found), FLUSH_EVERY):
+                self._record_points(worker, found[i:i + FLUSH_EVERY])
+        self._update_series(worker)
         self._publish(worker.url)
         return ScanResult(prefix, options.tier, verdicts, duration_seconds=time.time() - started)
 

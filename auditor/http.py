@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from auditor.api import HISTORY_LIMIT, HISTORY_MAX_LIMIT
 from auditor.config import TOKEN_ENV
 from auditor.errors import UsageError
 from auditor.model import FAILURES
@@ -88,6 +89,10 @@ class DaemonView(Protocol):
         ...
 
     def summaries(self) -> list[PrefixSummary]: ...
+
+    def history(self, run_url: str, limit: int) -> dict[str, Any]:
+        """The series of a run under a configured prefix (GET /api/v1/history); UsageError when none holds it."""
+        ...
 
     def job(self, job_id: str) -> JobView | None: ...
 
@@ -179,6 +184,8 @@ class Handler(BaseHTTPRequestHandler):
                 except UsageError as e:
                     return self._json(404, {"error": str(e)})
             self._send(200, d.checkpoints_json(prefix))
+        elif url.path == "/api/v1/history":
+            self._history(parse_qs(url.query))
         elif url.path == "/api/v1/status":
             self._json(200, status_doc(d))
         elif url.path.startswith("/api/v1/jobs/"):
@@ -188,6 +195,24 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, job.to_dict())
         else:
             self._json(404, {"error": f"no route {url.path}"})
+
+    def _history(self, query: dict[str, list[str]]) -> None:
+        """GET /api/v1/history?run=URL[&limit=N]: a run's series, the newest `limit` rows (bounded)."""
+        run = query.get("run", [None])[0]
+        if not run:
+            return self._json(400, {"error": "history needs ?run=URL (a run folder under a configured prefix)"})
+        raw = query.get("limit", [str(HISTORY_LIMIT)])[0]
+        try:
+            limit = int(raw)
+        except ValueError:
+            return self._json(400, {"error": f"limit {raw!r} is not an integer"})
+        if not 1 <= limit <= HISTORY_MAX_LIMIT:
+            return self._json(400, {"error": f"limit must be between 1 and {HISTORY_MAX_LIMIT}, got {limit}"})
+        try:
+            doc = self.daemon_ref.history(run, limit)
+        except UsageError as e:
+            return self._json(404, {"error": str(e)})
+        self._json(200, doc)
 
     def _post(self) -> None:
         url = urlsplit(self.path)
