@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from auditor.errors import ConfigError, StorageError, UsageError
 from auditor.executors import DASK, LOCAL, DaskExecutor, build_executor
 from auditor.http import PrefixSummary, Server
 from auditor.layouts import Checkpoint
-from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
+from auditor.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIDECAR_SUFFIX, Manifest, parse_manifest
 from auditor.metrics import Metrics
 from auditor.model import FAILURES, TIERS, Finding, ScanResult, Severity, Status, Tier, Verdict, decide
 from auditor.series import detect
@@ -393,17 +394,18 @@ class Daemon:
     # ------------------------------------------------------------ the run series (issue 15)
 
     def _record_points(self, worker: PrefixWorker, cks: list[Checkpoint]) -> None:
-        """Keep the series point of each deep-verified sealed checkpoint whose point is missing or was
-        read at another listing fingerprint (re-sealed): its manifest and probe reference, read once."""
+        """Keep the series point of each deep-verified sealed checkpoint whose manifest is new or
+        changed (re-sealed) since its point was read. The manifest is read again (small, bounded, and
+        beside a check that just read every byte): a re-seal in place keeps the listing's sizes."""
         if self.stop_event.is_set():
             return
         kept = self.state.point_fingerprints(worker.url)
-        stale = [ck for ck in cks if ck.manifest_path and not same_fingerprint(kept.get(ck.url), fingerprint(ck))]
-        if not stale:
+        sealed = [ck for ck in cks if ck.manifest_path]
+        if not sealed:
             return
         pool = worker.scanner._checkpoints  # idle between runs; bounded by scan.jobs
-        tasks = [pool.submit(self._read_point, worker, ck, what=f"reading the series point of {ck.url}",
-                             timeout=worker.scanner.file_timeout) for ck in stale]
+        tasks = [pool.submit(self._read_point, worker, ck, kept.get(ck.url), what=f"reading the series point of "
+                             f"{ck.url}", timeout=worker.scanner.file_timeout) for ck in sealed]
         records = []
         for task in tasks:
             try:
@@ -414,14 +416,19 @@ class Daemon:
                 records.append(record)
         self.state.put_points(worker.url, records)
 
-    def _read_point(self, worker: PrefixWorker, ck: Checkpoint) -> PointRecord | None:
-        if self.stop_event.is_set():
+    def _read_point(self, worker: PrefixWorker, ck: Checkpoint, kept: str | None) -> PointRecord | None:
+        """The point of a checkpoint whose manifest digest differs from `kept`; None when it is the same
+        or cannot be read (the verdict reports that)."""
+        if self.stop_event.is_set() or ck.manifest_path is None:
             return None
         reader = worker.scanner.reader.child()
         try:
-            manifest = load_manifest(reader, ck)
-            return PointRecord(ck.url, read_point(reader, ck, manifest), fingerprint(ck))
-        except (OSError, ValueError, StorageError) as e:  # the verdict reports it; the series waits
+            data = reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES)
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            if digest == kept:
+                return None
+            return PointRecord(ck.url, read_point(reader, ck, parse_manifest(data)), digest)
+        except (OSError, ValueError, StorageError) as e:
             logger.debug("no series point for %s: %s", ck.url, e)
             return None
 

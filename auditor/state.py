@@ -137,8 +137,8 @@ sealed_files = sa.Table(
 
 
 # v6 (issue 15): each sealed checkpoint's point of its run's series, and each run's onset. `point` is
-# NULL when the manifest stores nothing comparable (read once, not every pass); `fingerprint` is the
-# listing fingerprint it was read at, so a re-sealed checkpoint is read again.
+# NULL when the manifest stores nothing comparable; `fingerprint` is the sha256 of the manifest it
+# was read from, so a re-sealed checkpoint (a new manifest) is read again, and an unchanged one not.
 series_points = sa.Table(
     "series_points", metadata,
     sa.Column("checkpoint_id", sa.Integer, sa.ForeignKey("checkpoints.id"), primary_key=True),
@@ -221,8 +221,8 @@ def bounded(point: Point) -> Point:
 
 @dataclass(frozen=True)
 class PointRecord:
-    """One checkpoint's point to keep (None: its manifest stores nothing comparable), and the
-    listing fingerprint it was read at."""
+    """One checkpoint's point to keep (None: its manifest stores nothing comparable), and the digest
+    of the manifest it was read from."""
 
     url: str
     point: Point | None
@@ -607,7 +607,7 @@ class State:
     # ------------------------------------------------------------ run series (issue 15)
 
     def point_fingerprints(self, prefix: str) -> dict[str, str]:
-        """The listing fingerprint each present checkpoint's kept point was read at, by URL."""
+        """The digest of the manifest each present checkpoint's kept point was read from, by URL."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(checkpoints.c.url, series_points.c.fingerprint)
                                 .join(checkpoints, checkpoints.c.id == series_points.c.checkpoint_id)
