@@ -10,6 +10,7 @@ manifest with `tensorstats.stats_of`, the reference definition the seal must agr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import struct
@@ -230,7 +231,9 @@ def test_deleted_checkpoint_recomputes_the_series(daemon, prefix):
 # ---------------------------------------------------------------- probe batches
 
 
-def test_a_probe_batch_change_starts_a_new_series(tmp_path):
+def test_a_probe_batch_change_starts_a_new_series(tmp_path, monkeypatch):
+    # The seal's probe child imports the factory from tests/.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     gen = torch.Generator().manual_seed(1)
     a, b = torch.randn(16, 16, generator=gen), torch.randn(16, 16, generator=gen)
     run = tmp_path / "run"
