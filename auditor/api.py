@@ -434,7 +434,7 @@ def reference_values(reader: Reader, ck: Checkpoint, manifest: Manifest) -> list
     # Lazy: tensorstats imports numpy, which `auditor verify` or `seal` without a series never needs.
     import numpy as np
 
-    from auditor import tensorstats
+    from auditor import tensorstats  # lazy: numpy, as above
 
     path = safe_join(ck.root, manifest.probe.outputs.reference)
     try:

@@ -258,8 +258,9 @@ def test_state_keeps_points_and_onsets(state_url, tmp_path):
 
     store = open_state(state_url)
     try:
-        cks = [Checkpoint(url=f"mem://p/run/step-{s}", path=f"/p/run/step-{s}", run="run", layout="auditor", kind="dir",
-                          step=s, files={}, manifest_path=f"/p/run/step-{s}/{MANIFEST_NAME}") for s in range(1, 9)]
+        cks = [Checkpoint(url=f"mem://p/run/step-{s}", path=f"/p/run/step-{s}", run="run", layout="auditor",
+                          kind="dir", step=s, files={}, manifest_path=f"/p/run/step-{s}/{MANIFEST_NAME}")
+               for s in range(1, 9)]
         store.observe("mem://p", cks)
         points = [_point(c.url, c.step, 1.0 + 0.01 * i * (1 + (i % 2))) for i, c in enumerate(cks)]
         points[6] = _point(cks[6].url, 7, 50.0)
@@ -289,8 +290,8 @@ def test_a_point_is_bounded(state_url):
 
     store = open_state(state_url)
     try:
-        store.observe("mem://q", [Checkpoint(url="mem://q/step-1", path="/q/step-1", run=".", layout="auditor", kind="dir",
-                                             step=1, files={}, manifest_path=None)])
+        store.observe("mem://q", [Checkpoint(url="mem://q/step-1", path="/q/step-1", run=".", layout="auditor",
+                                             kind="dir", step=1, files={}, manifest_path=None)])
         n = MAX_POINT_TENSORS + 10
         big = Point(url="mem://q/step-1", step=1, batch=None, norms={f"t{i:05d}": 1.0 for i in range(n)},
                     samples={f"t{i:05d}": [0.5] * 16 for i in range(n)})
