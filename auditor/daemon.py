@@ -736,6 +736,12 @@ class Daemon:
             for i in range(0, len(found), FLUSH_EVERY):
                 self._record_points(worker, found[i:i + FLUSH_EVERY])
         self._update_series(worker)
+        # The job's result shows the series' warning as /api/v1/checkpoints does (it is not stored
+        # with the verdict: the series, not the bytes, says it).
+        onsets = {o.url: o for o in self.state.onsets(worker.url).values()}
+        for verdict in verdicts:
+            if verdict.url in onsets:
+                verdict.findings.append(onsets[verdict.url].finding())
         self._publish(worker.url)
         return ScanResult(prefix, options.tier, verdicts, duration_seconds=time.time() - started)
 
