@@ -433,12 +433,14 @@ class Daemon:
             return None
 
     def _update_series(self, worker: PrefixWorker) -> None:
-        """Recompute the onset of every run of the prefix whose points came, changed or went."""
-        for run in self.state.dirty_runs(worker.url):
+        """Recompute the onset of every run of the prefix whose points came, changed or went, or
+        whose onset was computed with another rule (the config changed)."""
+        rule = worker.scan.series.model_dump_json()
+        for run in self.state.dirty_runs(worker.url, rule):
             if self.stop_event.is_set():
                 return
             onset = detect(self.state.run_points(worker.url, run), worker.scan.series)
-            self.state.set_onset(worker.url, run, onset)
+            self.state.set_onset(worker.url, run, onset, rule=rule)
             if onset is not None:
                 logger.warning("%s: instability suspected in run %s at step %s: %s", worker.url, run, onset.step,
                                onset.evidence, extra={"event": "series", "prefix": worker.url,

@@ -146,7 +146,8 @@ series_points = sa.Table(
     sa.Column("point", sa.Text),
     sa.Column("recorded_at", sa.Float, nullable=False),
 )  # fmt: skip
-# One row per run with points; `dirty` until its onset is recomputed from its present points.
+# One row per run with points; `dirty` until its onset is recomputed from its present points (and
+# recomputed too when the configured rule is no longer the one it was computed with).
 series_runs = sa.Table(
     "series_runs", metadata,
     sa.Column("prefix", sa.Text, primary_key=True),
@@ -156,6 +157,7 @@ series_runs = sa.Table(
     sa.Column("onset_step", sa.BigInteger),
     sa.Column("evidence", sa.Text),
     sa.Column("computed_at", sa.Float),
+    sa.Column("rule", sa.Text),  # the onset rule it was computed with (JSON): another rule recomputes it
 )  # fmt: skip
 # A point keeps at most this many sampled values and tensor norms: a checkpoint of 10,000 tensors
 # costs the database tens of kilobytes, not megabytes. Which ones are kept depends on the tensor
@@ -648,11 +650,15 @@ class State:
         if conn.execute(series_runs.update().where(where).values(dirty=True)).rowcount == 0:
             conn.execute(series_runs.insert().values(prefix=prefix, run=run, dirty=True))
 
-    def dirty_runs(self, prefix: str) -> list[str]:
-        """The runs of a prefix whose onset must be recomputed (a point came, changed or went)."""
+    def dirty_runs(self, prefix: str, rule: str | None = None) -> list[str]:
+        """The runs of a prefix whose onset must be recomputed: a point came, changed or went, or (with
+        `rule`, the current rule's key) it was computed with another rule."""
+        stale: sa.ColumnElement[bool] = series_runs.c.dirty.is_(True)
+        if rule is not None:
+            stale = sa.or_(stale, series_runs.c.rule.is_(None), series_runs.c.rule != rule)
         with self.engine.connect() as conn:
-            return list(conn.execute(sa.select(series_runs.c.run).where(
-                series_runs.c.prefix == prefix, series_runs.c.dirty.is_(True)).order_by(series_runs.c.run)).scalars())
+            return list(conn.execute(sa.select(series_runs.c.run).where(series_runs.c.prefix == prefix, stale)
+                                     .order_by(series_runs.c.run)).scalars())
 
     def run_points(self, prefix: str, run: str) -> list[Point]:
         """The kept points of a run's present checkpoints, by step."""
@@ -664,10 +670,12 @@ class State:
             points = [Point.from_dict(json.loads(d)) for d in docs]
         return sorted(points, key=lambda p: (p.step, p.url))
 
-    def set_onset(self, prefix: str, run: str, onset: Onset | None, now: float | None = None) -> None:
-        """Store a run's recomputed onset (None: none suspected) and clear its mark."""
+    def set_onset(self, prefix: str, run: str, onset: Onset | None, now: float | None = None,
+                  rule: str | None = None) -> None:
+        """Store a run's recomputed onset (None: none suspected) with the key of the rule it was
+        computed with, and clear its mark."""
         now = time.time() if now is None else now
-        values = dict(dirty=False, onset_url=onset.url if onset else None,
+        values = dict(dirty=False, rule=rule, onset_url=onset.url if onset else None,
                       onset_step=db_int(onset.step) if onset else None,
                       evidence=onset.evidence if onset else None, computed_at=now)
         with self._writing(prefix) as conn:

@@ -278,8 +278,10 @@ def test_state_keeps_points_and_onsets(state_url, tmp_path):
         assert got == points
         onset = detect(got, OnsetRule())
         assert onset is not None and onset.step == 7
-        store.set_onset("mem://p", "run", onset)
+        store.set_onset("mem://p", "run", onset, rule=OnsetRule().model_dump_json())
         assert store.dirty_runs("mem://p") == []
+        assert store.dirty_runs("mem://p", OnsetRule().model_dump_json()) == []
+        assert store.dirty_runs("mem://p", OnsetRule(z=3).model_dump_json()) == ["run"]  # a new rule recomputes
         flagged = [c["url"] for c in store.checkpoints("mem://p")
                    if any(f["code"] == "instability_suspected" for f in c["findings"])]
         assert flagged == [cks[6].url]
