@@ -219,11 +219,12 @@ def test_resealed_checkpoint_updates_the_series(daemon, prefix):
     shutil.rmtree(target)
     staged.rename(target)
     result = _rescan(daemon, prefix)
-    assert _onset_urls(daemon) == {ck(prefix, "spiky", ONSET + EVERY)}
+    nxt = ck(prefix, "spiky", ONSET + EVERY)
+    daemon.wait(lambda: _onset_urls(daemon) == {nxt}, 30, f"the onset at {nxt} (now {_onset_urls(daemon)})")
     # The rescan's own result (what `auditor rescan --daemon` prints) carries the warning too.
     flagged = {c["url"] for c in result["checkpoints"]
                if any(f["code"] == "instability_suspected" for f in c["findings"])}
-    assert flagged == {ck(prefix, "spiky", ONSET + EVERY)}
+    assert flagged == {nxt}
     assert _history(daemon, str(prefix / "spiky")).json()["onset"]["step"] == ONSET + EVERY
 
 
