@@ -338,3 +338,10 @@ def test_series_rule_is_configurable_per_prefix(tmp_path):
     assert api.series_rule(cfg, "/b").z == 5 and api.series_rule(cfg, "/b").enabled
     with pytest.raises(ValueError):
         Config.model_validate({"scan": {"series": {"window": 1}}})
+
+
+def test_history_of_a_folder_holding_several_runs_is_a_usage_error(prefix, tmp_path):
+    several = _cli("history", "--run", str(prefix))
+    assert several.returncode == 2 and "holds 2 runs" in several.stderr
+    missing = _cli("history", "--run", str(tmp_path / "nothing"))
+    assert missing.returncode == 3 and "does not exist" in missing.stderr
