@@ -16,13 +16,17 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from ckpts import MLP
 from daemon import DaemonProcess
+from servers.objectstores import free_port
+from test_prometheus_e2e import Proc, executable, firing, short_for_rules
 
 import auditor.training
 from auditor import api, tensorstats
@@ -137,6 +141,37 @@ def test_gauge_counts_unstable_runs_per_prefix(daemon, prefix):
     names = {name for name, labels in daemon.metrics() if name == "ckpt_unstable_runs"
              for k, _ in labels if k == "run"}
     assert not names  # no run label
+
+
+def test_unstable_run_alert_fires_in_prometheus(daemon, prefix, tmp_path):
+    # A real Prometheus scrapes the daemon with monitoring/alerts.yaml (every `for:` cut to 1 s).
+    prom_port = free_port()
+    prom = f"http://127.0.0.1:{prom_port}"
+    rules = tmp_path / "rules.yaml"
+    short_for_rules(rules)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [{"job_name": "ckpt-auditor", "static_configs": [{"targets": [f"127.0.0.1:{daemon.port}"]}]}],
+    }))
+    server = Proc("prometheus", [executable("prometheus") or "prometheus", f"--config.file={config}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
+                  tmp_path / "prometheus.log")
+    try:
+        server.wait_http_ok(f"{prom}/-/ready", 30)
+        deadline = time.monotonic() + 60
+        fired: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not fired:
+            fired = firing(prom, "CheckpointRunUnstable")
+            time.sleep(0.5)
+        assert len(fired) == 1, f"CheckpointRunUnstable did not fire: {firing(prom, 'CheckpointRunUnstable')}"
+        assert fired[0]["labels"]["prefix"] == str(prefix) and fired[0]["labels"]["severity"] == "warning"
+        assert "run" not in fired[0]["labels"]
+        assert fired[0]["annotations"]["runbook_url"].endswith("#checkpointrununstable")
+    finally:
+        server.stop()
 
 
 def test_history_over_http_and_cli_agree(daemon, prefix):
