@@ -10,14 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec import AbstractFileSystem
 
-from auditor import probe, sealing
+from auditor import formats, probe, sealing
 from auditor.config import Config, ScanConfig
 from auditor.errors import StorageError, UsageError
 from auditor.executors import DASK, build_executor
 from auditor.layouts import Checkpoint
-from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
+from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest, safe_join
 from auditor.model import Assurance, ScanResult, Severity, Status, Tier, Verdict
 from auditor.retention import UNKNOWN, Decision, Item, Plan, RetentionConfig, config_key, plan_items
+from auditor.series import PROBE_VALUES, Change, OnsetRule, Point, changes, detect, point_from_manifest, segments
 from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, open_url
 from auditor.verify import Options, Scanner, list_prefix, locate, verify_checkpoint
 
@@ -359,6 +360,7 @@ def retention_items(prefix: str, *, config: Config | None = None, storage_option
         manifests = list(pool.map(lambda ck: _run_manifest(reader, ck), checkpoints))
     items = [_retention_item(ck, statuses.get(ck.url, UNKNOWN), m)
              for ck, m in zip(checkpoints, manifests, strict=True)]
+    _mark_onsets(reader, checkpoints, manifests, items, series_rule(config, prefix))
     return fs, root, items
 
 
@@ -407,3 +409,125 @@ def retention_apply(prefix: str, *, policy: RetentionConfig | None = None, confi
         if on_deleted:
             on_deleted(decision)
     return result
+
+
+# ---------------------------------------------------------------- the run series (issue 15)
+
+# `history` rows: the newest this many by default, and never more than HISTORY_MAX_LIMIT.
+HISTORY_LIMIT = 200
+HISTORY_MAX_LIMIT = 5000
+
+
+def series_rule(config: Config | None, prefix: str | None = None) -> OnsetRule:
+    """The onset rule of a prefix: its `scan.series` override over the defaults' (OnsetRule() without a config)."""
+    if config is None:
+        return OnsetRule()
+    cfg_prefix = config.prefix(prefix) if prefix else None
+    return config.scan_for(cfg_prefix).series if cfg_prefix is not None else config.scan.series
+
+
+def reference_values(reader: Reader, ck: Checkpoint, manifest: Manifest) -> list[float] | None:
+    """The first PROBE_VALUES probe reference outputs a sealed checkpoint stores, or None without a
+    probe or when the reference cannot be read: only its header and those values are read."""
+    if manifest.probe is None:
+        return None
+    # Lazy: tensorstats imports numpy, which `auditor verify` or `seal` without a series never needs.
+    import numpy as np
+
+    from auditor import tensorstats  # lazy: numpy, as above
+
+    path = safe_join(ck.root, manifest.probe.outputs.reference)
+    try:
+        size = ck.files.get(manifest.probe.outputs.reference, {}).get("size")
+        header = formats.parse_safetensors_header(reader, path, int(size if size is not None else
+                                                                    reader.info(path)["size"]))
+        tensor = next((t for t in header.tensors if t.name == "values"), None) or \
+            (header.tensors[0] if header.tensors else None)
+        if tensor is None or tensor.dtype not in tensorstats.FLOAT_DTYPES:
+            return None
+        itemsize = tensorstats.FLOAT_DTYPES[tensor.dtype].itemsize
+        end = min(tensor.end, tensor.start + PROBE_VALUES * itemsize)
+        end -= (end - tensor.start) % itemsize
+        raw = np.frombuffer(reader.read(path, tensor.start, end, limit=PROBE_VALUES * 8),
+                            dtype=tensorstats.FLOAT_DTYPES[tensor.dtype])
+    except (OSError, ValueError, formats.FormatError, StorageFault) as e:
+        # The content tier reports a missing or broken reference; the series only loses its outputs.
+        logger.info("series: no probe reference values for %s: %s", ck.url, e)
+        return None
+    return [float(v) for v in tensorstats.as_float(tensor.dtype, raw)]
+
+
+def read_point(reader: Reader, ck: Checkpoint, manifest: Manifest) -> Point | None:
+    """The point a sealed checkpoint contributes to its run's series (None: nothing to compare)."""
+    return point_from_manifest(ck.url, manifest, reference_values(reader, ck, manifest))
+
+
+def _change_doc(c: Change | None) -> dict[str, Any]:
+    keys = ("prev_step", "probe", "sample", "norm", "nonfinite")
+    return {k: None for k in keys} if c is None else {k: getattr(c, k) for k in keys}
+
+
+def series_doc(run_url: str, points: Sequence[Point], rule: OnsetRule, *, limit: int = HISTORY_LIMIT
+               ) -> dict[str, Any]:
+    """A run's series as `auditor history --json` and GET /api/v1/history show it: one row per
+    checkpoint (step order; the newest `limit`), its change since the one before in its series,
+    and the suspected onset."""
+    if not 1 <= limit <= HISTORY_MAX_LIMIT:
+        raise UsageError(f"limit must be between 1 and {HISTORY_MAX_LIMIT}, got {limit}")
+    onset = detect(points, rule)
+    by_url = {c.url: c for c in changes(points)}
+    rows = []
+    for n, seg in enumerate(segments(points)):
+        for i, p in enumerate(seg):
+            flag = "onset" if onset is not None and p.url == onset.url else \
+                "new series" if n and not i else ""
+            rows.append({"step": p.step, "url": p.url, "batch": p.batch, **_change_doc(by_url.get(p.url)),
+                         "checkpoint_nonfinite": sum(p.nonfinite.values()), "flag": flag})
+    return {"run": run_url, "checkpoints": len(rows), "series": len(segments(points)),
+            "truncated": len(rows) > limit, "rule": rule.model_dump(),
+            "onset": None if onset is None else {"url": onset.url, "step": onset.step, "evidence": onset.evidence,
+                                                 "finding": onset.finding().to_dict()},
+            "rows": rows[-limit:]}
+
+
+def _points_of(reader: Reader, checkpoints: Sequence[Checkpoint], manifests: Sequence[Manifest | None],
+               jobs: int = 8) -> dict[str, Point]:
+    """The points of checkpoints whose manifests were read, by URL (reading their probe references)."""
+    pairs = [(ck, m) for ck, m in zip(checkpoints, manifests, strict=True) if m is not None]
+    with ThreadPoolExecutor(jobs) as pool:
+        points = list(pool.map(lambda pair: read_point(reader, *pair), pairs))
+    return {p.url: p for p in points if p is not None}
+
+
+def history(run_url: str, *, config: Config | None = None, storage_options: dict[str, Any] | None = None,
+            limit: int = HISTORY_LIMIT, jobs: int = 8) -> dict[str, Any]:
+    """The series of the run at `run_url`, read from its checkpoints' manifests and probe references
+    (nothing is verified or run); see `series_doc`. UsageError when the URL holds several runs."""
+    cfg_prefix = config.prefix(run_url) if config else None
+    fs, root = open_checked(run_url, {**(cfg_prefix.storage_options if cfg_prefix else {}), **(storage_options or {})})
+    reader = Reader(fs)
+    found = list_prefix(reader, root, run_url)
+    runs = sorted({ck.run for ck in found})
+    if len(runs) > 1 and "." not in runs:
+        raise UsageError(f"{run_url} holds {len(runs)} runs ({', '.join(runs[:5])}); name one of them")
+    found = [ck for ck in found if ck.run == "."] if len(runs) > 1 else found
+    with ThreadPoolExecutor(jobs) as pool:
+        manifests = list(pool.map(lambda ck: _run_manifest(reader, ck), found))
+    points = _points_of(reader, found, manifests, jobs)
+    return series_doc(run_url, list(points.values()), series_rule(config, run_url), limit=limit)
+
+
+def _mark_onsets(reader: Reader, checkpoints: Sequence[Checkpoint], manifests: Sequence[Manifest | None],
+                 items: list[Item], rule: OnsetRule) -> None:
+    """Name each run's suspected onset on its retention items, from the same series code as the daemon."""
+    if not rule.enabled:
+        return
+    points = _points_of(reader, checkpoints, manifests)
+    by_run: dict[str, list[Point]] = {}
+    for item in items:
+        if item.url in points:
+            by_run.setdefault(item.run, []).append(points[item.url])
+    onsets = {o.url: o for o in (detect(p, rule) for p in by_run.values()) if o is not None}
+    for item in items:
+        if item.url in onsets:
+            item.onset = onsets[item.url].evidence

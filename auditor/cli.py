@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -510,6 +511,81 @@ def retention_apply(prefix: str, config_path: str | None, head_fraction: float |
         s = plan.summary()
         click.echo(json.dumps(plan.to_dict(), indent=1) if as_json
                    else f"deleted {s['delete']} checkpoint(s) under {prefix}; kept {s['keep']}")
+        return 0
+
+    _run(body)
+
+
+# ---------------------------------------------------------------- the run series (issue 15)
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _history_table(doc: dict[str, Any]) -> str:
+    """The series as a table: one line per checkpoint, its change since the one before in its series."""
+    lines = [f"{'step':>10}  {'probe':>9}  {'sample':>9}  {'norm':>9}  {'nonfinite':>9}  {'flag':<10}  url"]
+    for r in doc["rows"]:
+        lines.append(f"{r['step']:>10}  {_pct(r['probe']):>9}  {_pct(r['sample']):>9}  {_pct(r['norm']):>9}  "
+                     f"{r['checkpoint_nonfinite']:>9}  {r['flag']:<10}  {r['url']}")
+    onset = doc["onset"]
+    lines.append(f"{doc['checkpoints']} checkpoint(s) in {doc['series']} series"
+                 + (f" (newest {len(doc['rows'])} shown)" if doc["truncated"] else "") + "; "
+                 + (f"instability suspected at step {onset['step']}: {onset['evidence']}" if onset
+                    else "no instability suspected"))
+    return "\n".join(lines)
+
+
+def _sparkline(doc: dict[str, Any]) -> str:
+    """The change per checkpoint (the larger of probe and sample, log scale), one character each."""
+    values = [max((v for v in (r["probe"], r["sample"]) if v is not None), default=None) for r in doc["rows"]]
+    logs_ = [math.log10(v) for v in values if v is not None and 0 < v < math.inf]
+    if not logs_:
+        return ""
+    low, high = min(logs_), max(logs_)
+    out = []
+    for r, v in zip(doc["rows"], values, strict=True):
+        if r["checkpoint_nonfinite"]:
+            out.append("!")
+        elif v is None or not 0 < v < math.inf:
+            out.append(" ")
+        else:
+            rank = 0 if high == low else round((math.log10(v) - low) / (high - low) * (len(SPARKS) - 1))
+            out.append(SPARKS[rank])
+    return "".join(out)
+
+
+@main.command()
+@click.option("--run", "run_url", required=True, help="The run folder (URL) whose checkpoints form the series.")
+@click.option("--daemon", default=None, help="Ask a running daemon (http://host:port) instead of reading here.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Take the onset rule (scan.series) and storage options from this config.")
+@click.option("--limit", type=click.IntRange(1, api.HISTORY_MAX_LIMIT), default=api.HISTORY_LIMIT, show_default=True,
+              help="Show the newest N checkpoints.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
+def history(run_url: str, daemon: str | None, config_path: str | None, limit: int, as_json: bool,
+            storage_option: tuple[str, ...]) -> None:
+    """Print a run's series: how far each checkpoint moved since the one before, and a suspected onset."""
+
+    def body() -> int:
+        if daemon:
+            # Lazy: requests (~0.1 s) only for the commands that talk to a daemon.
+            from auditor import client
+
+            doc = client.remote_get(daemon, f"/api/v1/history?run={quote(run_url, safe='')}&limit={limit}")
+        else:
+            cfg = _config(config_path) if config_path else None
+            doc = api.history(run_url, config=cfg, storage_options=_options(storage_option), limit=limit)
+        if as_json:
+            click.echo(json.dumps(doc, indent=1))
+            return 0
+        click.echo(_history_table(doc))
+        if sys.stdout.isatty():
+            click.echo(_sparkline(doc))
         return 0
 
     _run(body)

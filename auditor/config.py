@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from auditor.errors import ConfigError
 from auditor.probe import DEFAULT_MEMORY_MB, parse_allow_pattern
 from auditor.retention import RetentionConfig
+from auditor.series import OnsetRule
 from auditor.storage import CHECKPOINT_TIMEOUT, CHUNK_SIZE, FILE_TIMEOUT, MIN_PART_SIZE, READAHEAD, ReadSettings
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -130,6 +131,8 @@ class ScanConfig(_Strict):
     read: ReadConfig = ReadConfig()
     executor: Executor = "local"
     dask: DaskConfig = Field(default_factory=DaskConfig)
+    # When a run's series suggests an instability onset (issue 15); see README "The run series".
+    series: OnsetRule = Field(default_factory=OnsetRule)
 
 
 class ScanOverrides(_Strict):
@@ -151,6 +154,7 @@ class ScanOverrides(_Strict):
     read: ReadConfig | None = None
     executor: Executor | None = None
     dask: DaskOverrides | None = None
+    series: OnsetRule | None = None
 
 
 class PrefixConfig(_Strict):
@@ -190,6 +194,8 @@ class Config(_Strict):
         if prefix.scan.read is not None:
             # A prefix's read section overrides only the keys it sets, as a model, not a dict.
             overrides["read"] = self.scan.read.model_copy(update=prefix.scan.read.model_dump(exclude_unset=True))
+        if prefix.scan.series is not None:  # only the keys the prefix sets, over the defaults' rule
+            overrides["series"] = self.scan.series.model_copy(update=prefix.scan.series.model_dump(exclude_unset=True))
         if "dask" in overrides:  # a nested section: merged key by key, not replaced by a plain dict
             overrides["dask"] = self.scan.dask.model_copy(update=overrides["dask"])
         return self.scan.model_copy(update=overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -23,17 +24,27 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 
-from auditor.api import build_options
+from auditor.api import HISTORY_LIMIT, build_options, read_point, series_doc
 from auditor.backends import backend_for
 from auditor.config import Config, PrefixConfig, ScanConfig
 from auditor.errors import ConfigError, StorageError, UsageError
 from auditor.executors import DASK, LOCAL, DaskExecutor, build_executor
 from auditor.http import PrefixSummary, Server
 from auditor.layouts import Checkpoint
-from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, Manifest
+from auditor.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIDECAR_SUFFIX, Manifest, parse_manifest
 from auditor.metrics import Metrics
 from auditor.model import FAILURES, TIERS, Finding, ScanResult, Severity, Status, Tier, Verdict, decide
-from auditor.state import Recording, Seal, SealEntries, State, fingerprint, open_state, same_fingerprint
+from auditor.series import detect
+from auditor.state import (
+    PointRecord,
+    Recording,
+    Seal,
+    SealEntries,
+    State,
+    fingerprint,
+    open_state,
+    same_fingerprint,
+)
 from auditor.storage import DeadlineExceeded, Throttle, open_url
 from auditor.verify import Options, Scanner, is_pending, list_prefix, load_manifest
 
@@ -330,6 +341,7 @@ class Daemon:
                 batch = []
         if batch and not self.stop_event.is_set():
             errors += self._deep(worker, batch, until)
+        self._update_series(worker)
         self._publish(url)
         self._freeze_once_torch_loaded()
         finished = time.time()
@@ -375,7 +387,71 @@ class Daemon:
             # `probe` runs the probe only where the manifest has one; content otherwise.
             return worker.options[tiers[ck.url]]
 
-        return self._run_recorded(worker, [ck for ck, _ in batch], options_for, until=until)
+        errors = self._run_recorded(worker, [ck for ck, _ in batch], options_for, until=until)
+        self._record_points(worker, [ck for ck, _ in batch])
+        return errors
+
+    # ------------------------------------------------------------ the run series (issue 15)
+
+    def _record_points(self, worker: PrefixWorker, cks: list[Checkpoint]) -> None:
+        """Keep the series point of each deep-verified sealed checkpoint whose manifest is new or
+        changed (re-sealed) since its point was read. The manifest is read again (small, bounded, and
+        beside a check that just read every byte): a re-seal in place keeps the listing's sizes."""
+        if self.stop_event.is_set():
+            return
+        kept = self.state.point_fingerprints(worker.url)
+        sealed = [ck for ck in cks if ck.manifest_path]
+        if not sealed:
+            return
+        pool = worker.scanner._checkpoints  # idle between runs; bounded by scan.jobs
+        tasks = [pool.submit(self._read_point, worker, ck, kept.get(ck.url), what=f"reading the series point of "
+                             f"{ck.url}", timeout=worker.scanner.file_timeout) for ck in sealed]
+        records = []
+        for task in tasks:
+            try:
+                record = task.result()
+            except DeadlineExceeded:  # read again when it is next verified
+                record = None
+            if record is not None:
+                records.append(record)
+        self.state.put_points(worker.url, records)
+
+    def _read_point(self, worker: PrefixWorker, ck: Checkpoint, kept: str | None) -> PointRecord | None:
+        """The point of a checkpoint whose manifest digest differs from `kept`; None when it is the same
+        or cannot be read (the verdict reports that)."""
+        if self.stop_event.is_set() or ck.manifest_path is None:
+            return None
+        reader = worker.scanner.reader.child()
+        try:
+            data = reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES)
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            if digest == kept:
+                return None
+            return PointRecord(ck.url, read_point(reader, ck, parse_manifest(data)), digest)
+        except (OSError, ValueError, StorageError) as e:
+            logger.debug("no series point for %s: %s", ck.url, e)
+            return None
+
+    def _update_series(self, worker: PrefixWorker) -> None:
+        """Recompute the onset of every run of the prefix whose points came, changed or went, or
+        whose onset was computed with another rule (the config changed)."""
+        rule = worker.scan.series.model_dump_json()
+        for run in self.state.dirty_runs(worker.url, rule):
+            if self.stop_event.is_set():
+                return
+            onset = detect(self.state.run_points(worker.url, run), worker.scan.series)
+            self.state.set_onset(worker.url, run, onset, rule=rule)
+            if onset is not None:
+                logger.warning("%s: instability suspected in run %s at step %s: %s", worker.url, run, onset.step,
+                               onset.evidence, extra={"event": "series", "prefix": worker.url,
+                                                      "checkpoint": onset.url})
+
+    def history(self, run_url: str, limit: int = HISTORY_LIMIT) -> dict[str, Any]:
+        """GET /api/v1/history: the series of the run at `run_url` from the state database."""
+        worker = self.worker_for(run_url)
+        want = normalise_prefix(run_url)
+        run = want[len(worker.url.rstrip("/")):].strip("/") or "."
+        return series_doc(want, self.state.run_points(worker.url, run), worker.scan.series, limit=limit)
 
     def _run_recorded(self, worker: PrefixWorker, found: list[Checkpoint],
                       options_for: Callable[[Checkpoint], Options], *, in_process: bool = False,
@@ -517,6 +593,7 @@ class Daemon:
 
     def _publish(self, url: str) -> None:
         self.metrics.set_counts(url, self.state.counts(url))
+        self.metrics.unstable_runs.labels(prefix=url).set(len(self.state.onsets(url)))
         self._rebuild(url)
 
     # ------------------------------------------------------------ /api/v1/checkpoints snapshots
@@ -657,6 +734,16 @@ class Daemon:
         verdicts = worker.scanner.run(found, options_for=lambda ck: options, stop=self.stop_event)
         for i in range(0, len(verdicts), FLUSH_EVERY):
             self._record_all(worker, verdicts[i:i + FLUSH_EVERY])
+        if options.tier != Tier.METADATA:
+            for i in range(0, len(found), FLUSH_EVERY):
+                self._record_points(worker, found[i:i + FLUSH_EVERY])
+        self._update_series(worker)
+        # The job's result shows the series' warning as /api/v1/checkpoints does (it is not stored
+        # with the verdict: the series, not the bytes, says it).
+        onsets = {o.url: o for o in self.state.onsets(worker.url).values()}
+        for verdict in verdicts:
+            if verdict.url in onsets:
+                verdict.findings.append(onsets[verdict.url].finding())
         self._publish(worker.url)
         return ScanResult(prefix, options.tier, verdicts, duration_seconds=time.time() - started)
 

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from auditor.api import HISTORY_LIMIT, HISTORY_MAX_LIMIT
 from auditor.config import TOKEN_ENV
 from auditor.errors import UsageError
 from auditor.model import FAILURES
@@ -89,6 +90,10 @@ class DaemonView(Protocol):
         ...
 
     def summaries(self) -> list[PrefixSummary]: ...
+
+    def history(self, run_url: str, limit: int) -> dict[str, Any]:
+        """The series of a run under a configured prefix (GET /api/v1/history); UsageError when none holds it."""
+        ...
 
     def job(self, job_id: str) -> JobView | None: ...
 
@@ -185,6 +190,8 @@ class Handler(BaseHTTPRequestHandler):
             # A folder under a configured prefix: only the checkpoints under that folder, not its siblings'.
             rows = json.loads(d.checkpoints_json(prefix))["checkpoints"]
             self._json(200, {"prefix": prefix, "under": asked, "checkpoints": under_folder(rows, asked)})
+        elif url.path == "/api/v1/history":
+            self._history(parse_qs(url.query))
         elif url.path == "/api/v1/status":
             self._json(200, status_doc(d))
         elif url.path.startswith("/api/v1/jobs/"):
@@ -219,6 +226,24 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.wfile.write(body)
+
+    def _history(self, query: dict[str, list[str]]) -> None:
+        """GET /api/v1/history?run=URL[&limit=N]: a run's series, the newest `limit` rows (bounded)."""
+        run = query.get("run", [None])[0]
+        if not run:
+            return self._json(400, {"error": "history needs ?run=URL (a run folder under a configured prefix)"})
+        raw = query.get("limit", [str(HISTORY_LIMIT)])[0]
+        try:
+            limit = int(raw)
+        except ValueError:
+            return self._json(400, {"error": f"limit {raw!r} is not an integer"})
+        if not 1 <= limit <= HISTORY_MAX_LIMIT:
+            return self._json(400, {"error": f"limit must be between 1 and {HISTORY_MAX_LIMIT}, got {limit}"})
+        try:
+            doc = self.daemon_ref.history(run, limit)
+        except UsageError as e:
+            return self._json(404, {"error": str(e)})
+        self._json(200, doc)
 
     def _post(self) -> None:
         url = urlsplit(self.path)

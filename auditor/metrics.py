@@ -43,6 +43,12 @@ class Metrics:
         self.prefix_scan_up = Gauge(
             "ckpt_prefix_scan_up", "1 if the last scan could list the prefix, else 0.", ["prefix"], registry=registry
         )
+        # Issue 15: runs whose series shows a suspected instability onset. No run label: runs come and
+        # go by the thousand; the API and `auditor history` name them.
+        self.unstable_runs = Gauge(
+            "ckpt_unstable_runs", "Runs of the prefix whose series shows a suspected instability onset.",
+            ["prefix"], registry=registry,
+        )
         self.bytes_read = Counter("ckpt_bytes_read", "Bytes read from storage.", ["prefix"], registry=registry)
         self.scan_errors = Counter("ckpt_scan_errors", "Storage errors.", ["prefix"], registry=registry)
         self.executor_workers = Gauge(
@@ -69,6 +75,7 @@ class Metrics:
             self.last_success.labels(prefix=prefix)
             self.scan_duration.labels(prefix=prefix)
             self.prefix_scan_up.labels(prefix=prefix).set(0)
+            self.unstable_runs.labels(prefix=prefix).set(0)
             self.bytes_read.labels(prefix=prefix)
             self.scan_errors.labels(prefix=prefix)
 

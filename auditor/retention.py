@@ -9,7 +9,8 @@ The policy, per run (the folder that holds a sequence of checkpoints):
   for regular saves is exactly the steps that are multiples of stride x interval, and which stays
   the same after deletions, so planning again deletes nothing more;
 - keep the last checkpoint before every configuration change (its run config differs from the next
-  checkpoint's);
+  checkpoint's), and the last one before a suspected instability onset (issue 15: the run series'
+  `instability_suspected`), the clean recovery point, with the onset itself as evidence;
 - never delete: the newest `keep_newest_ok` verified-ok checkpoints, anything newer than the newest
   verified-ok one, anything `pending`, anything whose verification could not complete (`error`, or
   not verified at all), and nothing at all in a run that has no verified-ok checkpoint.
@@ -65,6 +66,8 @@ class Item:
     companions: list[str] = field(default_factory=list)  # a file's probe files and sidecar, deleted after it
     config: dict[str, Any] | None = None
     config_key: str | None = None
+    # The evidence when the run's series suspects an instability onset at this checkpoint (issue 15).
+    onset: str | None = None
 
 
 @dataclass
@@ -153,6 +156,19 @@ def _before_changes(items: list[Item]) -> dict[str, int]:
     return {a.url: b.step for a, b in zip(known, known[1:], strict=False) if a.config_key != b.config_key}  # type: ignore[misc]
 
 
+def _before_onsets(items: list[Item]) -> dict[str, Item]:
+    """Map the newest checkpoint before each suspected onset (the clean recovery point) to the onset."""
+    placed = sorted((i for i in items if i.step is not None), key=lambda i: (i.step, i.url))
+    out: dict[str, Item] = {}
+    for n, item in enumerate(placed):
+        if item.onset is None:
+            continue
+        before = [p for p in placed[:n] if p.step is not None and item.step is not None and p.step < item.step]
+        if before:
+            out[before[-1].url] = item
+    return out
+
+
 def _percent(fraction: float) -> str:
     return f"{fraction * 100:g} %"
 
@@ -169,11 +185,18 @@ def plan_run(items: list[Item], policy: RetentionConfig) -> list[Decision]:
     interval = save_interval(items)
     keepers = _bucket_keepers(items, policy.stride * interval)
     changes = _before_changes(items)
+    onsets = _before_onsets(items)
     decisions = []
     for item in ordered:
         reasons = _protections(item, newest_ok, protected_ok, policy)
         if item.url in changes:
             reasons.append(f"last checkpoint before the configuration change at step {changes[item.url]}")
+        if item.url in onsets:
+            onset = onsets[item.url]
+            reasons.append(f"recovery point: last checkpoint before the instability suspected at step {onset.step} "
+                           f"({onset.onset})")
+        if item.onset is not None:
+            reasons.append(f"instability suspected here ({item.onset}): kept as evidence")
         if item.step is not None:
             if item.step <= head_limit:
                 reasons.append(f"first {_percent(policy.head_fraction)} of the run (step <= {float(head_limit):g})")

@@ -25,10 +25,11 @@ from auditor.errors import StateError
 from auditor.layouts import Checkpoint
 from auditor.manifest import FileEntry
 from auditor.model import FAILURES, INCONCLUSIVE, Finding, ScanResult, Status, Tier, Verdict, checkpoint_order
+from auditor.series import Onset, Point
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Steps and sizes are stored as signed 64-bit integers (SQLite INTEGER, PostgreSQL BIGINT); a value
 # past this is data, not a crash.
 DB_INT_MAX = 2**63 - 1
@@ -135,6 +136,36 @@ sealed_files = sa.Table(
 )  # fmt: skip
 
 
+# v6 (issue 15): each sealed checkpoint's point of its run's series, and each run's onset. `point` is
+# NULL when the manifest stores nothing comparable; `fingerprint` is the sha256 of the manifest it
+# was read from, so a re-sealed checkpoint (a new manifest) is read again, and an unchanged one not.
+series_points = sa.Table(
+    "series_points", metadata,
+    sa.Column("checkpoint_id", sa.Integer, sa.ForeignKey("checkpoints.id"), primary_key=True),
+    sa.Column("fingerprint", sa.Text, nullable=False),
+    sa.Column("point", sa.Text),
+    sa.Column("recorded_at", sa.Float, nullable=False),
+)  # fmt: skip
+# One row per run with points; `dirty` until its onset is recomputed from its present points (and
+# recomputed too when the configured rule is no longer the one it was computed with).
+series_runs = sa.Table(
+    "series_runs", metadata,
+    sa.Column("prefix", sa.Text, primary_key=True),
+    sa.Column("run", sa.Text, primary_key=True),
+    sa.Column("dirty", sa.Boolean, nullable=False, default=True),
+    sa.Column("onset_url", sa.Text),
+    sa.Column("onset_step", sa.BigInteger),
+    sa.Column("evidence", sa.Text),
+    sa.Column("computed_at", sa.Float),
+    sa.Column("rule", sa.Text),  # the onset rule it was computed with (JSON): another rule recomputes it
+)  # fmt: skip
+# A point keeps at most this many sampled values and tensor norms: a checkpoint of 10,000 tensors
+# costs the database tens of kilobytes, not megabytes. Which ones are kept depends on the tensor
+# names alone (sorted), so consecutive checkpoints keep the same ones.
+MAX_POINT_SAMPLES = 4096
+MAX_POINT_TENSORS = 4096
+
+
 def _v1(conn: sa.Connection) -> None:
     for table in (checkpoints, latest, history, scans):
         table.create(conn, checkfirst=True)
@@ -168,7 +199,36 @@ def _v5(conn: sa.Connection) -> None:
             conn.execute(sa.text(f"ALTER SEQUENCE {seq} AS BIGINT"))
 
 
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
+def _v6(conn: sa.Connection) -> None:
+    series_points.create(conn, checkfirst=True)
+    series_runs.create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
+
+
+def bounded(point: Point) -> Point:
+    """The point as the database keeps it: at most MAX_POINT_TENSORS norms and MAX_POINT_SAMPLES samples."""
+    norms = dict(sorted(point.norms.items())[:MAX_POINT_TENSORS])
+    samples: dict[str, list[float | None]] = {}
+    room = MAX_POINT_SAMPLES
+    for key, values in sorted(point.samples.items()):
+        if key not in norms or room < len(values):
+            continue
+        samples[key] = values
+        room -= len(values)
+    return Point(url=point.url, step=point.step, batch=point.batch, norms=norms, samples=samples,
+                 nonfinite=point.nonfinite, probe=point.probe)
+
+
+@dataclass(frozen=True)
+class PointRecord:
+    """One checkpoint's point to keep (None: its manifest stores nothing comparable), and the digest
+    of the manifest it was read from."""
+
+    url: str
+    point: Point | None
+    fingerprint: str
 
 
 def db_int(value: int | None) -> int | None:
@@ -325,8 +385,8 @@ class State:
         now = time.time() if now is None else now
         with self._writing(prefix) as conn:
             rows = {r["url"]: r for r in conn.execute(
-                sa.select(checkpoints.c.id, checkpoints.c.url, checkpoints.c.fingerprint, checkpoints.c.last_verified,
-                          checkpoints.c.suspect, checkpoints.c.gone)
+                sa.select(checkpoints.c.id, checkpoints.c.url, checkpoints.c.run, checkpoints.c.fingerprint,
+                          checkpoints.c.last_verified, checkpoints.c.suspect, checkpoints.c.gone)
                 .where(checkpoints.c.prefix == prefix)).mappings()}
             sealed_ids = set(conn.execute(
                 sa.select(seals.c.checkpoint_id).join(checkpoints, checkpoints.c.id == seals.c.checkpoint_id)
@@ -363,6 +423,11 @@ class State:
             if new_seals:
                 ids = self._ids(conn, prefix, new_seals)
                 conn.execute(seals.insert(), [dict(checkpoint_id=ids[url], first_seen=now) for url in new_seals])
+            # A checkpoint that went (or came back) changes its run's series: recompute it.
+            moved = {row["run"] for url, row in rows.items() if (url not in seen) != bool(row["gone"])}
+            if moved:
+                conn.execute(series_runs.update().where(series_runs.c.prefix == prefix,
+                                                        series_runs.c.run.in_(sorted(moved))).values(dirty=True))
         return self.known(prefix)
 
     @staticmethod
@@ -541,6 +606,93 @@ class State:
 
         return lookup
 
+    # ------------------------------------------------------------ run series (issue 15)
+
+    def point_fingerprints(self, prefix: str) -> dict[str, str]:
+        """The digest of the manifest each present checkpoint's kept point was read from, by URL."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(checkpoints.c.url, series_points.c.fingerprint)
+                                .join(checkpoints, checkpoints.c.id == series_points.c.checkpoint_id)
+                                .where(checkpoints.c.prefix == prefix, checkpoints.c.gone.is_(False))).all()
+        return {url: fp for url, fp in rows}
+
+    def put_points(self, prefix: str, records: Iterable[PointRecord], now: float | None = None) -> int:
+        """Keep (replace) the points of some checkpoints of a prefix and mark their runs for recomputing;
+        return how many were stored (a checkpoint the database does not know is skipped)."""
+        now = time.time() if now is None else now
+        records = list(records)
+        if not records:
+            return 0
+        stored = 0
+        with self._writing(prefix) as conn:
+            urls = [r.url for r in records]
+            known = {r["url"]: r for i in range(0, len(urls), 500) for r in conn.execute(
+                sa.select(checkpoints.c.id, checkpoints.c.url, checkpoints.c.run).where(
+                    checkpoints.c.prefix == prefix, checkpoints.c.url.in_(urls[i:i + 500]))).mappings()}
+            runs: set[str] = set()
+            for rec in records:
+                row = known.get(rec.url)
+                if row is None:
+                    continue
+                doc = None if rec.point is None else json.dumps(bounded(rec.point).to_dict())
+                conn.execute(series_points.delete().where(series_points.c.checkpoint_id == row["id"]))
+                conn.execute(series_points.insert().values(checkpoint_id=row["id"], fingerprint=rec.fingerprint,
+                                                           point=doc, recorded_at=now))
+                runs.add(row["run"])
+                stored += 1
+            for run in sorted(runs):
+                self._mark_dirty(conn, prefix, run)
+        return stored
+
+    @staticmethod
+    def _mark_dirty(conn: sa.Connection, prefix: str, run: str) -> None:
+        where = (series_runs.c.prefix == prefix) & (series_runs.c.run == run)
+        if conn.execute(series_runs.update().where(where).values(dirty=True)).rowcount == 0:
+            conn.execute(series_runs.insert().values(prefix=prefix, run=run, dirty=True))
+
+    def dirty_runs(self, prefix: str, rule: str | None = None) -> list[str]:
+        """The runs of a prefix whose onset must be recomputed: a point came, changed or went, or (with
+        `rule`, the current rule's key) it was computed with another rule."""
+        stale: sa.ColumnElement[bool] = series_runs.c.dirty.is_(True)
+        if rule is not None:
+            stale = sa.or_(stale, series_runs.c.rule.is_(None), series_runs.c.rule != rule)
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(series_runs.c.run).where(series_runs.c.prefix == prefix, stale)
+                                     .order_by(series_runs.c.run)).scalars())
+
+    def run_points(self, prefix: str, run: str) -> list[Point]:
+        """The kept points of a run's present checkpoints, by step."""
+        with self.engine.connect() as conn:
+            docs = conn.execute(sa.select(series_points.c.point)
+                                .join(checkpoints, checkpoints.c.id == series_points.c.checkpoint_id)
+                                .where(checkpoints.c.prefix == prefix, checkpoints.c.run == run,
+                                       checkpoints.c.gone.is_(False), series_points.c.point.is_not(None))).scalars()
+            points = [Point.from_dict(json.loads(d)) for d in docs]
+        return sorted(points, key=lambda p: (p.step, p.url))
+
+    def set_onset(self, prefix: str, run: str, onset: Onset | None, now: float | None = None,
+                  rule: str | None = None) -> None:
+        """Store a run's recomputed onset (None: none suspected) with the key of the rule it was
+        computed with, and clear its mark."""
+        now = time.time() if now is None else now
+        values = dict(dirty=False, rule=rule, onset_url=onset.url if onset else None,
+                      onset_step=db_int(onset.step) if onset else None,
+                      evidence=onset.evidence if onset else None, computed_at=now)
+        with self._writing(prefix) as conn:
+            where = (series_runs.c.prefix == prefix) & (series_runs.c.run == run)
+            if conn.execute(series_runs.update().where(where).values(**values)).rowcount == 0:
+                conn.execute(series_runs.insert().values(prefix=prefix, run=run, **values))
+
+    def onsets(self, prefix: str | None = None) -> dict[tuple[str, str], Onset]:
+        """Each run's suspected onset, by (prefix, run)."""
+        with self.engine.connect() as conn:
+            q = sa.select(series_runs).where(series_runs.c.onset_url.is_not(None))
+            if prefix is not None:
+                q = q.where(series_runs.c.prefix == prefix)
+            rows = conn.execute(q).mappings().all()
+        return {(r["prefix"], r["run"]): Onset(r["onset_url"], r["onset_step"] if r["onset_step"] is not None else -1,
+                                              r["evidence"] or "") for r in rows}
+
     # ------------------------------------------------------------ queries
 
     def counts(self, prefix: str) -> dict[str, int]:
@@ -569,10 +721,14 @@ class State:
             by_id.setdefault(t["checkpoint_id"], {})[t["tier"]] = {"status": t["status"], "at": t["at"],
                                                                    "findings": json.loads(t["findings"]),
                                                                    "assurance": t["assurance"]}
+        # The onset checkpoint of a run carries the series' warning; its bytes' status stands.
+        flagged = {(p, o.url): o.finding().to_dict() for (p, _), o in self.onsets(prefix).items()}
         out = []
         for r in rows:
             per_tier = by_id.get(r["id"], {})
             findings = [f for t in per_tier.values() for f in t["findings"]]
+            if (r["prefix"], r["url"]) in flagged:
+                findings.append(flagged[(r["prefix"], r["url"])])
             # The deepest tier that looked says what the checkpoint's current verdict proved.
             deepest: dict[str, Any] = next((per_tier[t] for t in reversed(Tier) if t in per_tier), {})
             out.append({"prefix": r["prefix"], "url": r["url"], "run": r["run"], "step": r["step"],
