@@ -36,7 +36,7 @@ def _json_error(message: str, code: int) -> None:
 class _Main(click.Group):
     """The command group; click's own usage errors honour `--json` too (the object on stdout)."""
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:  # noqa: ANN401
         argv = list(sys.argv[1:] if args is None else args)
         if not standalone_mode or "--json" not in argv:

@@ -289,6 +289,6 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         value = err.get("input")
         shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
         loc = tuple(str(p) for p in err["loc"][:2])
-        origin = f" from environment variable {sources[loc]}" if loc in sources else (  # type: ignore[index]
+        origin = f" from environment variable {sources[loc]}" if loc in sources else (
             f" in {path}" if path is not None else "")
         raise ConfigError(f"invalid configuration key {key}{origin}: {err['msg']}{shown}") from e
