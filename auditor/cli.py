@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from auditor import __version__, api, logs, storage
 from auditor.config import Config, ScanConfig, load_config, load_yaml, parse_duration
 from auditor.errors import AuditorError, UsageError
-from auditor.model import FAILURES, TIERS, Assurance, ScanResult, Severity, Verdict
+from auditor.model import FAILURES, TIERS, Assurance, ScanResult, Severity, Tier, Verdict
 from auditor.probe import parse_allow_pattern
 from auditor.retention import Decision, Plan, RetentionConfig
 from auditor.sealing import SPAN_BYTES
@@ -79,11 +79,21 @@ def _table(result: ScanResult) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + ("  " + r[4] if r[4] else "")
              for r in rows]
     summary = ", ".join(f"{n} {s}" for s, n in sorted(result.summary().items())) or "no checkpoints"
-    lines.append(f"\n{len(result.verdicts)} checkpoint(s) under {result.prefix} at tier {result.tier}: {summary}")
+    lines.append(f"\n{len(result.verdicts)} checkpoint(s) under {result.prefix} at tier {_tier_words(result)}: "
+                 f"{summary}")
     lines.append(_coverage_line(result))
     if result.error:
         lines.append(f"scan incomplete: {result.error}")
     return "\n".join(lines)
+
+
+def _tier_words(result: ScanResult) -> str:
+    """`probe` when every checkpoint was probed; `content, probe on N of M` when some were."""
+    reached = result.tier_reached()
+    probed = sum(1 for v in result.verdicts if v.tier == Tier.PROBE)
+    if reached == Tier.PROBE and probed < len(result.verdicts):
+        return f"{Tier.CONTENT}, {Tier.PROBE} on {probed} of {len(result.verdicts)}"
+    return str(reached)
 
 
 def _coverage_line(result: ScanResult) -> str:

@@ -256,8 +256,12 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     wants_probe = tier == Tier.PROBE or (ctx.options.probe_auto and tier == Tier.CONTENT and manifest.probe is not None)
     if wants_probe and manifest.probe is not None and ctx.options.prober and not _blocking(findings):
         findings += ctx.options.prober.check(reader, ck, manifest)
+        # The verdict says the tier that looked: a probe asked for implicitly (the default tier) ran here.
+        verdict.tier = Tier.PROBE
     elif tier == Tier.PROBE and manifest.probe is None:
         findings.append(Finding.info("no_probe", None, "the manifest records no probe; probe tier skipped"))
+        # Nothing was probed: recorded and counted as the content check it was, never as a probe `ok`.
+        verdict.tier = Tier.CONTENT
     return True
 
 
