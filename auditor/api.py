@@ -3,28 +3,51 @@ verify, rescan, latest and retention by URL, as the CLI, the daemon and training
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from fsspec import AbstractFileSystem
 
 from auditor import probe, sealing
 from auditor.config import Config, ScanConfig
-from auditor.errors import StorageError, UsageError
+from auditor.errors import AuditorError, StorageError, UsageError
 from auditor.executors import DASK, build_executor
 from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
 from auditor.model import Assurance, ScanResult, Severity, Status, Tier, Verdict
 from auditor.retention import UNKNOWN, Decision, Item, Plan, RetentionConfig, config_key, plan_items
-from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, open_url
+from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, is_storage_exception, open_url
 from auditor.verify import Options, Scanner, list_prefix, locate, verify_checkpoint
 
 if TYPE_CHECKING:
     from auditor.state import State
 
 logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def storage_boundary(fn: Callable[P, R]) -> Callable[P, R]:
+    """Let no storage SDK exception (botocore's, an OSError) out of a public function taking a URL first:
+    it becomes StorageError (exit 3) naming the URL, chained to the original."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except AuditorError:
+            raise
+        except Exception as e:
+            if not is_storage_exception(e):
+                raise
+            url = args[0] if args else kwargs.get("url", kwargs.get("prefix"))
+            raise StorageError(f"{url}: {type(e).__name__}: {e}") from e
+
+    return wrapper
 
 
 def open_store(config: Config) -> State:
@@ -72,6 +95,7 @@ def open_checked(url: str, storage_options: dict[str, Any] | None) -> tuple[Abst
         raise UsageError(str(e)) from e
 
 
+@storage_boundary
 def verify_url(
     url: str,
     *,
@@ -110,6 +134,7 @@ def verify_url(
     return result
 
 
+@storage_boundary
 def rescan(
     prefix: str,
     *,
@@ -174,6 +199,7 @@ def rescan(
     return result
 
 
+@storage_boundary
 def seal(
     url: str,
     *,
@@ -267,6 +293,7 @@ def verdict_record(verdict: Verdict) -> dict[str, Any]:
     return {**verdict.to_dict(), "tiers": {verdict.tier: verdict.status}}
 
 
+@storage_boundary
 def latest(
     prefix: str,
     *,
@@ -362,6 +389,7 @@ def retention_items(prefix: str, *, config: Config | None = None, storage_option
     return fs, root, items
 
 
+@storage_boundary
 def retention_plan(prefix: str, *, policy: RetentionConfig | None = None, config: Config | None = None,
                    storage_options: dict[str, Any] | None = None) -> Plan:
     """Plan retention for every run under `prefix` (nothing is deleted)."""
@@ -385,6 +413,7 @@ def _delete_checkpoint(fs: AbstractFileSystem, root: str, item: Item) -> None:
             logger.warning("retention: %s was already gone", target)
 
 
+@storage_boundary
 def retention_apply(prefix: str, *, policy: RetentionConfig | None = None, config: Config | None = None,
                     storage_options: dict[str, Any] | None = None,
                     on_deleted: Callable[[Decision], None] | None = None) -> Plan:
