@@ -12,7 +12,7 @@ from urllib.parse import quote
 import click
 from pydantic import ValidationError
 
-from auditor import __version__, api, logs, storage
+from auditor import __version__, api, explain, logs, storage
 from auditor.config import Config, ScanConfig, load_config, load_yaml, parse_duration
 from auditor.errors import AuditorError, UsageError
 from auditor.model import FAILURES, TIERS, Assurance, ScanResult, Severity, Tier, Verdict
@@ -423,6 +423,24 @@ def latest(prefix: str, run_name: str | None, config_path: str | None, daemon: s
                        + (f" in run {run_name}" if run_name else ""), err=True)
             return 1
         click.echo(json.dumps(best, indent=1, default=str) if as_json else best["url"])
+        return 0
+
+    _run(body)
+
+
+@main.command("explain")
+@click.argument("code", required=False)
+@click.option("--list", "list_all", is_flag=True, help="Print every finding code with its meaning.")
+def explain_code(code: str | None, list_all: bool) -> None:
+    """Say what a finding code means and which status it implies (exit 2 for an unknown code)."""
+
+    def body() -> int:
+        if list_all:
+            click.echo("\n".join(explain.explain(c) for c in sorted(explain.EXPLANATIONS)))
+            return 0
+        if not code:
+            raise UsageError("explain needs a finding code, e.g. `auditor explain size_mismatch` (or --list)")
+        click.echo(explain.explain(code.strip().lower()))
         return 0
 
     _run(body)
