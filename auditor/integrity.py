@@ -96,6 +96,8 @@ def digest_file(reader: Reader, entry: FileEntry, path: str, manifest: Manifest 
         except FileNotFoundError:
             return [Finding.error("file_missing", entry.path, "vanished between listing and reading")]
         got = digest_chunks(reader.iter_chunks(path))
+    # One line per file read: what `-v` adds to the command's output.
+    logger.info("read %s: %d bytes", path, got.size, extra={"event": "file", "file": path, "bytes": got.size})
     if got.size == entry.size and got.sha256 == entry.sha256 and got.crc32c == entry.crc32c:
         return []
     if got.size < entry.size:
