@@ -2,8 +2,8 @@
 
 The library's entry points are `auditor.api` (seal, verify_url, rescan, latest, retention) and
 `auditor.training` (save_checkpoint, load_checkpoint); trainer hooks are in `auditor.integrations.hf`
-and `auditor.integrations.lightning`. This module imports nothing at import time (`latest` imports `auditor.api` when called),
-so `python -m auditor.probe.child` and every submodule import stay as small as they are.
+and `auditor.integrations.lightning`. This module imports nothing at import time (`latest` imports
+`auditor.api` when called), so `python -m auditor.probe.child` and every submodule import stay as small as they are.
 """
 
 from __future__ import annotations

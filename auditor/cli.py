@@ -95,7 +95,7 @@ class Reporter:
             return
         if self._bar is None:
             # Lazy: tqdm only when a terminal is there to draw on.
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no stubs
 
             self._bar = tqdm(total=snap["bytes_total"] or None, unit="B", unit_scale=True, unit_divisor=1024,
                              desc=self.command, file=sys.stderr, leave=True, **_bar_width(),
@@ -319,11 +319,13 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
             settle = parse_duration(settle_time) if settle_time is not None else None
         except ValueError as e:
             raise UsageError(f"--settle-time: {e}") from e
+        deadlines = _deadlines(file_timeout, checkpoint_timeout)
         with _reporter("rescan") as progress:
             result = api.rescan(prefix, config=cfg, tier=tier, strict=strict, jobs=jobs, settle_seconds=settle,
                                 storage_options=_options(storage_option), require_assurance=require_assurance,
                                 allow_factories=allow_factory, dask=dask_address, progress=progress,
-                                **_deadlines(file_timeout, checkpoint_timeout))
+                                file_timeout=deadlines.get("file_timeout"),
+                                checkpoint_timeout=deadlines.get("checkpoint_timeout"))
         _emit(result, as_json)
         return result.exit_code(strict)
 
