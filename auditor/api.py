@@ -229,7 +229,7 @@ def seal(
     run first; an `unsafe` one is refused always, an `incomplete` one unless `allow_incomplete`, a
     damaged or partial one unless `force`. With `upload_from`, first upload that local folder to
     `url`, with server-side checksums. Files larger than `span_bytes` (0: none) get span digests.
-    `progress` counts the bytes expected (every byte twice: the check, then the digests) and read.
+    `progress` counts the bytes expected (every listed byte, for the digests) and read.
     """
     if span_bytes < 0:
         raise UsageError(f"span_bytes must be 0 (no span digests) or positive, got {span_bytes}")
@@ -243,9 +243,12 @@ def seal(
     checked = _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs, progress=progress)
     # The check already read the step from the files' contents: no second completeness pass.
     step = step if step is not None else checked.step
-    return sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
-                        git_commit=git_commit, probe=builder, write_options=write_options, span_bytes=span_bytes,
-                        on_bytes=progress.add if progress else None)
+    manifest = sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
+                            git_commit=git_commit, probe=builder, write_options=write_options, span_bytes=span_bytes,
+                            on_bytes=progress.add if progress else None)
+    if progress is not None:
+        progress.checkpoint_done()
+    return manifest
 
 
 def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int,
@@ -257,8 +260,8 @@ def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_inco
         except StorageError as e:
             raise UsageError(str(e)) if "does not exist" in str(e) else e from e
         if progress is not None:
-            # Sealing reads every byte twice: this check, then the digests of the manifest.
-            progress.expect(2 * sum(int(i.get("size") or 0) for i in ck.files.values()), 1)
+            # The digests read every byte; this check, of an unsealed checkpoint, only what its formats need.
+            progress.expect(sum(int(i.get("size") or 0) for i in ck.files.values()), 1)
         ck.manifest_path = None  # what is there now, not what an older manifest said
         verdict = verify_checkpoint(ck, scanner.context())
     why = "; ".join(f"{f.code}{' in ' + f.file if f.file else ''}: {f.detail}"

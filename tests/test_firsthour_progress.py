@@ -111,3 +111,15 @@ def test_a_terminal_gets_a_bar_with_bytes_rate_and_eta(slow_prefix):
     assert "<" in text and "100%" in text, text  # elapsed<remaining (the ETA) and the end
     assert '"event": "progress"' not in text  # no JSON lines on a terminal
     assert b"1 checkpoint(s)" in out
+
+
+def test_seal_reports_the_bytes_its_digests_read(tmp_path):
+    torch.manual_seed(1)
+    path = tmp_path / "model-step-2.safetensors"
+    save_file({"w": torch.randn(2**20)}, str(path))
+    r = subprocess.run(_argv("--progress-every", "0.2", "seal", str(path)), capture_output=True, text=True,
+                       env=_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    last = [json.loads(line) for line in r.stderr.splitlines() if '"event": "progress"' in line][-1]
+    assert last["command"] == "seal" and last["final"] and last["checkpoints_done"] == 1, last
+    assert last["bytes_total"] == path.stat().st_size <= last["bytes_done"], last
