@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from auditor import __version__, api, explain, logs, storage
 from auditor.config import Config, ScanConfig, load_config, load_yaml, parse_duration
 from auditor.errors import AuditorError, UsageError
-from auditor.model import FAILURES, TIERS, Assurance, ScanResult, Severity, Tier
+from auditor.model import FAILURES, STATUS_OF_CODE, TIERS, Assurance, ScanResult, Severity, Tier
 from auditor.probe import parse_allow_pattern
 from auditor.progress import ByteProgress
 from auditor.retention import Decision, Plan, RetentionConfig
@@ -507,14 +508,27 @@ def explain_code(code: str | None, list_all: bool) -> None:
 
     def body() -> int:
         if list_all:
-            click.echo("\n".join(explain.explain(c) for c in sorted(explain.EXPLANATIONS)))
+            click.echo("\n".join(_explained(c) for c in sorted(explain.EXPLANATIONS)))
             return 0
         if not code:
             raise UsageError("explain needs a finding code, e.g. `auditor explain size_mismatch` (or --list)")
-        click.echo(explain.explain(code.strip().lower()))
+        click.echo(_explained(code.strip().lower()))
         return 0
 
     _run(body)
+
+
+def _explained(code: str) -> str:
+    """`CODE (status): meaning`; UsageError (exit 2) naming the nearest codes for one that has no explanation."""
+    try:
+        text = explain.explain(code)
+    except KeyError as e:
+        near = difflib.get_close_matches(code, explain.EXPLANATIONS, n=5, cutoff=0.5) or [
+            c for c in sorted(explain.EXPLANATIONS) if code and code in c][:5]
+        hint = f"; did you mean {', '.join(near)}?" if near else "; `auditor explain --list` lists every code"
+        raise UsageError(f"unknown finding code {code!r}{hint}") from e
+    status = STATUS_OF_CODE.get(code)
+    return f"{code} ({status or 'warning or info: no status of its own'}): {text.replace('`', '')}"
 
 
 # ---------------------------------------------------------------- retention
