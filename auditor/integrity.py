@@ -96,6 +96,9 @@ def digest_file(reader: Reader, entry: FileEntry, path: str, manifest: Manifest 
         except FileNotFoundError:
             return [Finding.error("file_missing", entry.path, "vanished between listing and reading")]
         got = digest_chunks(reader.iter_chunks(path))
+    # One line per file read: what `-v` adds to the command's output.
+    logger.info("read %s: %d bytes", path, got.size,
+                extra={"event": "file", "file": path, "bytes": got.size, "check": "digest"})
     if got.size == entry.size and got.sha256 == entry.sha256 and got.crc32c == entry.crc32c:
         return []
     if got.size < entry.size:
@@ -207,6 +210,9 @@ def dcp_extents(ck: Checkpoint, reader: Reader, meta_rel: str, findings: list[Fi
 def structural_file(reader: Reader, path: str, size: int
                     ) -> tuple[bool, formats.SafetensorsHeader | None, Finding | None]:
     rel = path.rsplit("/", 1)[-1]
+    # The unsealed path's line per file for `-v` (digest_file logs the sealed one's).
+    logger.info("checking %s by structure: %d bytes", path, size,
+                extra={"event": "file", "file": path, "bytes": size, "check": "structure"})
     try:
         if path.endswith(".safetensors"):
             return True, formats.parse_safetensors_header(reader, path, size), None

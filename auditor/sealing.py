@@ -306,16 +306,18 @@ def seal(
     jobs: int = 4,
     write_options: dict[str, Any] | None = None,
     span_bytes: int = SPAN_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Seal the checkpoint at `url` and return its manifest, written last beside it.
 
     This is the pipeline only: `auditor.api.seal` first judges the checkpoint and refuses a failing one.
+    `on_bytes` is told the size of every chunk read (the CLI's progress).
     """
     if fs is None:
         fs, path = open_url(url, storage_options)
     else:
         path = fs._strip_protocol(url)
-    reader = Reader(fs)
+    reader = Reader(fs, on_bytes=on_bytes)
     try:
         ck = locate(reader, path, url)
     except StorageError as e:

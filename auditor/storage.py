@@ -125,6 +125,19 @@ def classify(exc: BaseException, what: str) -> BaseException:
     return StorageFault(f"{type(exc).__name__} on {what}: {exc}")
 
 
+# Top-level packages whose exceptions are storage trouble when they reach the public API: the SDKs
+# and HTTP stacks under fsspec's backends. Matched by module name, so none of them is imported here.
+_STORAGE_PACKAGES = frozenset({"botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "google", "requests", "urllib3",
+                               "aiohttp", "fsspec"})
+
+
+def is_storage_exception(exc: BaseException) -> bool:
+    """Tell whether `exc` came from storage (an OSError, or a storage SDK's own exception class)."""
+    if isinstance(exc, OSError):
+        return True
+    return any(c.__module__.split(".", 1)[0] in _STORAGE_PACKAGES for c in type(exc).__mro__)
+
+
 class Throttle:
     """Token bucket shared by every reader, so `max_bytes_per_second` holds across jobs."""
 

@@ -43,6 +43,7 @@ from auditor.model import (
     decide,
 )
 from auditor.probe import Prober
+from auditor.progress import ByteProgress
 from auditor.storage import (
     CHECKPOINT_TIMEOUT,
     FILE_TIMEOUT,
@@ -263,8 +264,12 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     wants_probe = tier == Tier.PROBE or (ctx.options.probe_auto and tier == Tier.CONTENT and manifest.probe is not None)
     if wants_probe and manifest.probe is not None and ctx.options.prober and not _blocking(findings):
         findings += ctx.options.prober.check(reader, ck, manifest)
+        # The verdict says the tier that looked: a probe asked for implicitly (the default tier) ran here.
+        verdict.tier = Tier.PROBE
     elif tier == Tier.PROBE and manifest.probe is None:
         findings.append(Finding.info("no_probe", None, "the manifest records no probe; probe tier skipped"))
+        # Nothing was probed: recorded and counted as the content check it was, never as a probe `ok`.
+        verdict.tier = Tier.CONTENT
     return True
 
 
@@ -677,7 +682,7 @@ class Scanner:
                  stop: threading.Event | None = None, list_jobs: int = 8,
                  file_timeout: float | None = FILE_TIMEOUT,
                  checkpoint_timeout: float | None = CHECKPOINT_TIMEOUT,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, progress: ByteProgress | None = None) -> None:
         if jobs < 1:
             raise UsageError(f"jobs must be at least 1, got {jobs}")
         for name, value in (("file_timeout", file_timeout), ("checkpoint_timeout", checkpoint_timeout)):
@@ -692,6 +697,10 @@ class Scanner:
         if list_jobs < 1:
             raise UsageError(f"list_jobs must be at least 1, got {list_jobs}")
         self.list_jobs = list_jobs
+        # `progress` counts what `run` expects to read and what the readers read (the CLI shows it).
+        self.progress = progress
+        if progress is not None and on_bytes is None:
+            on_bytes = progress.add
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
                              stop=stop, retries=backend_for(fs).own_retries,
                              stat_slots=threading.BoundedSemaphore(list_jobs), read=options.read)
@@ -763,6 +772,8 @@ class Scanner:
         With an executor, it runs them (one task per checkpoint) unless `in_process`: the daemon
         keeps its request-bound metadata sweep in its own threads.
         """
+        if self.progress is not None:
+            on_verdict = self._counting(checkpoints, on_verdict)
         if self.executor is not None and not in_process:
             return self.executor.run(self, checkpoints, options_for=options_for, on_verdict=on_verdict, stop=stop,
                                      until=until)
@@ -778,6 +789,23 @@ class Scanner:
             if on_verdict:
                 on_verdict(verdict, i + 1, len(tasks))
         return verdicts
+
+    def _counting(self, checkpoints: list[Checkpoint], on_verdict: Callable[[Verdict, int, int], None] | None
+                  ) -> Callable[[Verdict, int, int], None]:
+        """Tell the progress what `run` will read (every listed byte, beyond the metadata tier) and count
+        each verdict, then pass it on."""
+        progress = self.progress
+        assert progress is not None
+        deep = self.options.tier != Tier.METADATA
+        progress.expect(sum(int(i.get("size") or 0) for ck in checkpoints for i in ck.files.values()) if deep else 0,
+                        len(checkpoints))
+
+        def counted(verdict: Verdict, done: int, total: int) -> None:
+            progress.checkpoint_done()
+            if on_verdict is not None:
+                on_verdict(verdict, done, total)
+
+        return counted
 
     def scan(self, root: str, prefix_url: str, *, on_verdict: Callable[[Verdict, int, int], None] | None = None,
              stop: threading.Event | None = None) -> ScanResult:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fsspec.implementations.local import LocalFileSystem
 
 from auditor import completeness, pickles, probe
-from auditor.api import open_checked
+from auditor.api import open_checked, storage_boundary
 from auditor.errors import UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import SAVING_MARKER, FileEntry, Manifest, Probe, RunInfo
@@ -193,6 +193,7 @@ def _seal(staging: Staging, step: int, digests: Digester, *, param_names: list[s
 # ---------------------------------------------------------------- save
 
 
+@storage_boundary
 def save_checkpoint(
     url: str,
     step: int,
