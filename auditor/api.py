@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from fsspec import AbstractFileSystem
 
 from auditor import probe, sealing
 from auditor.config import Config, ScanConfig
@@ -22,6 +21,8 @@ from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, open_u
 from auditor.verify import Options, Scanner, list_prefix, locate, verify_checkpoint
 
 if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
     from auditor.state import State
 
 logger = logging.getLogger(__name__)

@@ -15,12 +15,13 @@ from concurrent.futures import Future, InvalidStateError
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fsspec
-from fsspec import AbstractFileSystem
 
-from auditor.backends import Backend, PathHazard, backend_class, backend_for
+from auditor.backends import Backend, PathHazard, backend_class, backend_for, split_protocol
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[A
     """Return the filesystem and the protocol-less path for a URL or a plain local path."""
     options = dict(storage_options or {})
     try:
-        protocol, _ = fsspec.core.split_protocol(url)
+        protocol, _ = split_protocol(url)
         fs, path = backend_class(protocol).open_url(url, options)
     except (ImportError, ValueError, TypeError) as e:
         raise ValueError(f"cannot open {url!r}: {e}") from e

@@ -11,9 +11,8 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from fsspec import AbstractFileSystem
 
 from auditor import completeness, formats, integrity, layouts
 from auditor.backends import backend_for
@@ -56,6 +55,9 @@ from auditor.storage import (
     Throttle,
 )
 from auditor.zipcheck import ZIP_MAGIC
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 logger = logging.getLogger(__name__)
 
