@@ -797,13 +797,11 @@ def release_large_buffers() -> None:
     chunks; a fixed mmap threshold would too, but costs a page-fault storm per chunk (-30 % rate).
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
     try:
-        libc = ctypes.CDLL(name)
+        # The process's own symbols, libc's among them: ctypes.util.find_library would run
+        # `ldconfig -p` in a subprocess on every start to find the same library.
+        libc = ctypes.CDLL(None)
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
