@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-
 from auditor import probe, sealing
 from auditor.config import Config, ScanConfig
 from auditor.errors import StorageError, UsageError

@@ -21,7 +21,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from auditor import completeness, formats
 from auditor.backends import backend_for
 from auditor.digests import FileDigest, digest_chunks, run_config_sha256

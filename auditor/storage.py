@@ -1,4 +1,5 @@
-"""Storage access through fsspec: URLs, listing, bounded streaming reads, retries, throttle."""
+"""Storage access through fsspec (local paths through our own filesystem, no fsspec import): URLs, listing,
+bounded streaming reads, retries, throttle."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
-
 
 from auditor.backends import Backend, PathHazard, backend_class, backend_for, split_protocol
 

@@ -13,7 +13,6 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-
 from auditor import completeness, formats, integrity, layouts
 from auditor.backends import backend_for
 from auditor.digests import digest_chunks
