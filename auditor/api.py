@@ -9,8 +9,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from fsspec import AbstractFileSystem
-
 from auditor import formats, probe, sealing
 from auditor.config import Config, ScanConfig
 from auditor.errors import AuditorError, StorageError, StorageIOError, UsageError
@@ -25,6 +23,8 @@ from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, is_sto
 from auditor.verify import Options, Scanner, list_prefix, locate, verify_checkpoint
 
 if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
     from auditor.state import State
 
 logger = logging.getLogger(__name__)

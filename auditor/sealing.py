@@ -19,9 +19,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-from fsspec import AbstractFileSystem
+from typing import TYPE_CHECKING, Any
 
 from auditor import completeness, formats
 from auditor.backends import backend_for
@@ -47,6 +45,9 @@ from auditor.manifest import (
 from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import Reader, open_url
 from auditor.verify import locate
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 logger = logging.getLogger(__name__)
 

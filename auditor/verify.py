@@ -11,9 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from fsspec import AbstractFileSystem
+from typing import TYPE_CHECKING, Any, Protocol
 
 from auditor import completeness, foreign, formats, integrity, layouts
 from auditor.backends import backend_for
@@ -57,6 +55,9 @@ from auditor.storage import (
     Throttle,
 )
 from auditor.zipcheck import ZIP_MAGIC
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 logger = logging.getLogger(__name__)
 
