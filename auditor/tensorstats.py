@@ -7,6 +7,8 @@ same numbers on the bytes as they stream past (digests), and must agree with it.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,3 +54,263 @@ def stats_of(dtype: str, shape: list[int], data: bytes | memoryview) -> TensorSt
     sample = [float(values[i]) if finite[i] else None for i in sample_positions(shape)] if values.size else []
     return TensorStats(count=int(values.size), l2=float(np.sqrt(np.dot(good, good))) if good.size else 0.0,
                        max_abs=float(np.abs(good).max()) if good.size else 0.0, nan=nan, inf=inf, sample=sample)
+
+
+# ---------------------------------------------------------------- the same numbers, as the bytes stream past
+
+# A floating value is finite exactly when the bits of its magnitude (sign cleared) are below those of
+# +Inf; NaN and Inf sort above every finite value, and among finite values a larger magnitude has
+# larger bits. So one AND and one max over the raw bits say both whether a chunk is all finite and
+# its max |x|, in one pass over integers (numpy's float16 max is a slow scalar loop).
+# dtype -> (numpy type of the raw bits, magnitude mask, bits of +Inf)
+_BITS: dict[str, tuple[type[np.unsignedinteger[Any]], int, int]] = {
+    "F64": (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+    "F32": (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+    "F16": (np.uint16, 0x7FFF, 0x7C00),
+    "BF16": (np.uint16, 0x7FFF, 0x7F80),
+}
+# Elements per block of the sum of squares: a float64 block of 512 KiB stays in L2 while it is
+# widened and dotted (widening a whole chunk at once is several times slower, bound by memory).
+BLOCK = 65536
+# A finite F16 magnitude's bits shifted left by 13 are the float32 bits of that magnitude times
+# 2**-112 (normal and subnormal alike): widening by shift, then scaling each block's sum of
+# squares by 2**224, is exact and much faster than numpy's float16 -> float64 cast.
+_F16_SHIFT, _F16_SQUARE_SCALE = 13, 2.0**224
+
+
+@dataclass(frozen=True)
+class FloatTensor:
+    """One floating-point tensor of a file: safetensors dtype, shape and absolute byte range [start, end)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class _Accumulator:
+    """The statistics of one tensor, fed its bytes in order in pieces of any length.
+
+    Agrees with `stats_of` on count, nan, inf, max_abs and sample exactly, and on l2 up to the
+    order of a float64 sum (the reference sums in one dot product, this block by block).
+    """
+
+    def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
+        self.dtype = dtype
+        self.np_dtype = FLOAT_DTYPES[dtype]
+        self.itemsize = self.np_dtype.itemsize
+        self.bits, self.mask, self.inf_bits = _BITS[dtype]
+        self.count = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+        self.positions = sample_positions(list(shape))
+        self.next_sample = 0
+        self.sample: list[float | None] = []
+        self.seen = 0  # elements consumed
+        self.carry = b""  # the start of an element cut by a chunk boundary
+        self.sumsq = 0.0
+        self.max_bits = 0  # magnitude bits of the largest finite |x|
+        self.nan = 0
+        self.inf = 0
+        self._wide: np.ndarray | None = None  # float64 block buffer
+        self._u32: np.ndarray | None = None  # uint32 block buffer (16-bit dtypes)
+
+    def feed(self, data: memoryview) -> None:
+        if self.carry:
+            take = min(self.itemsize - len(self.carry), len(data))
+            self.carry += bytes(data[:take])
+            data = data[take:]
+            if len(self.carry) < self.itemsize:
+                return
+            self._values(np.frombuffer(self.carry, dtype=self.np_dtype))
+            self.carry = b""
+        whole = len(data) - len(data) % self.itemsize
+        if whole:
+            self._values(np.frombuffer(data[:whole], dtype=self.np_dtype))
+        if whole < len(data):
+            self.carry = bytes(data[whole:])
+
+    def _values(self, raw: np.ndarray) -> None:
+        base, n = self.seen, len(raw)
+        self._take_samples(raw, base, n)
+        magnitude = np.bitwise_and(raw.view(self.bits), self.bits(self.mask))
+        top = int(magnitude.max())
+        if top < self.inf_bits:
+            # The fast path: all finite (the usual case), so no masks and no counting.
+            self.max_bits = max(self.max_bits, top)
+            self.sumsq += self._sum_squares(raw, magnitude)
+        else:
+            self._nonfinite(raw)
+        self.seen = base + n
+
+    def _take_samples(self, raw: np.ndarray, base: int, n: int) -> None:
+        positions = self.positions
+        while self.next_sample < len(positions) and positions[self.next_sample] < base + n:
+            at = positions[self.next_sample] - base
+            value = float(as_float(self.dtype, raw[at:at + 1])[0])
+            self.sample.append(value if np.isfinite(value) else None)
+            self.next_sample += 1
+
+    def _sum_squares(self, raw: np.ndarray, magnitude: np.ndarray) -> float:
+        if self.dtype == "F64":
+            return float(np.dot(raw, raw))
+        if self._wide is None:
+            self._wide = np.empty(BLOCK, dtype=np.float64)
+            if self.itemsize == 2:
+                self._u32 = np.empty(BLOCK, dtype=np.uint32)
+        total = 0.0
+        for lo in range(0, len(raw), BLOCK):
+            hi = min(lo + BLOCK, len(raw))
+            wide = self._wide[: hi - lo]
+            if self.dtype == "F32":
+                np.copyto(wide, raw[lo:hi])
+                total += float(np.dot(wide, wide))
+                continue
+            # 16-bit floats: the magnitude's bits, moved to float32's place (sign is moot when squaring).
+            assert self._u32 is not None
+            u32 = self._u32[: hi - lo]
+            shift = 16 if self.dtype == "BF16" else _F16_SHIFT
+            np.left_shift(magnitude[lo:hi], shift, out=u32, dtype=np.uint32)
+            np.copyto(wide, u32.view(np.float32))
+            square = float(np.dot(wide, wide))
+            total += square if self.dtype == "BF16" else square * _F16_SQUARE_SCALE
+        return total
+
+    def _nonfinite(self, raw: np.ndarray) -> None:
+        # Rare: some value is NaN or Inf. Count them, and sum the rest as the reference does.
+        values = as_float(self.dtype, raw).astype(np.float64)
+        finite = np.isfinite(values)
+        nan = int(np.isnan(values).sum())
+        self.nan += nan
+        self.inf += int(values.size - finite.sum()) - nan
+        good = values[finite]
+        if good.size:
+            self.max_bits = max(self.max_bits, _magnitude_bits(self.dtype, float(np.abs(good).max())))
+            self.sumsq += float(np.dot(good, good))
+
+    @property
+    def complete(self) -> bool:
+        return self.seen == self.count and not self.carry
+
+    def result(self) -> TensorStats:
+        return TensorStats(count=self.count, l2=float(np.sqrt(self.sumsq)), max_abs=self._max_abs(),
+                           nan=self.nan, inf=self.inf, sample=self.sample)
+
+    def _max_abs(self) -> float:
+        raw = np.array([self.max_bits], dtype=self.bits).view(self.np_dtype)
+        return float(as_float(self.dtype, raw)[0])
+
+
+def _magnitude_bits(dtype: str, value: float) -> int:
+    """The bits of finite `value` (exactly representable in `dtype`) as that dtype stores them."""
+    if dtype == "BF16":
+        return int(np.array([value], dtype=np.float32).view(np.uint32)[0]) >> 16
+    return int(np.array([value], dtype=FLOAT_DTYPES[dtype]).view(_BITS[dtype][0])[0])
+
+
+class ValueScan:
+    """The statistics of a file's floating-point tensors, fed the file's bytes in order, chunk by chunk.
+
+    Give it the tensors (from a parsed header), or `parse`: then the safetensors header is read from
+    the stream's own first bytes (its 8-byte length, then the header), so checking the values needs no
+    request of its own. `parse(header_bytes)` returns the tensors or raises ValueError; a header it
+    refuses, or one longer than `limit`, ends the scan with no statistics (the format checks report
+    the damage). Only tensors whose bytes all passed get statistics.
+    """
+
+    def __init__(self, tensors: Sequence[FloatTensor] = (), *,
+                 parse: Callable[[bytes], Sequence[FloatTensor]] | None = None, limit: int = 0) -> None:
+        self.parse = parse
+        self.limit = limit
+        self.head = bytearray()
+        self.failed: str | None = None
+        self.pos = 0
+        self.i = 0
+        self.ordered: list[FloatTensor] = []
+        self.accumulators: dict[str, _Accumulator] = {}
+        if parse is None:
+            self._plan(tensors)
+
+    def _plan(self, tensors: Sequence[FloatTensor]) -> None:
+        self.ordered = sorted((t for t in tensors if t.dtype in FLOAT_DTYPES), key=lambda t: t.start)
+        self.accumulators = {t.name: _Accumulator(t.dtype, t.shape) for t in self.ordered}
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        if self.failed is not None:
+            return
+        if self.parse is not None:
+            chunk = self._read_head(chunk)
+            if not chunk:
+                return
+        view = memoryview(chunk)
+        pos, end, ordered = self.pos, self.pos + len(view), self.ordered
+        while self.i < len(ordered) and ordered[self.i].end <= pos:
+            self.i += 1
+        j = self.i
+        while j < len(ordered) and ordered[j].start < end:
+            t = ordered[j]
+            lo, hi = max(t.start, pos), min(t.end, end)
+            if hi > lo:
+                self.accumulators[t.name].feed(view[lo - pos : hi - pos])
+            j += 1
+        self.pos = end
+
+    def _read_head(self, chunk: bytes | memoryview) -> bytes:
+        """Gather the header from the stream; once parsed, return all the bytes so far to be fed from 0."""
+        assert self.parse is not None
+        self.head += chunk
+        if len(self.head) < 8:
+            return b""
+        need = 8 + int.from_bytes(self.head[:8], "little")
+        if need > self.limit + 8:
+            self._fail(f"header of {need - 8} bytes is over the {self.limit}-byte limit")
+            return b""
+        if len(self.head) < need:
+            return b""
+        parse, self.parse = self.parse, None
+        try:
+            self._plan(parse(bytes(self.head[:need])))
+        except ValueError as e:
+            self._fail(str(e))
+            return b""
+        data, self.head = bytes(self.head), bytearray()
+        return data
+
+    def _fail(self, why: str) -> None:
+        self.failed = why
+        self.head = bytearray()
+        self.accumulators = {}
+
+    def labels(self) -> dict[str, str]:
+        """Each floating tensor's dtype and shape, as findings print them."""
+        return {t.name: label(t.dtype, t.shape) for t in self.ordered}
+
+    def results(self) -> dict[str, TensorStats]:
+        """Each floating tensor's statistics, in file order; a tensor the stream did not fully pass has none."""
+        return {t.name: self.accumulators[t.name].result() for t in self.ordered
+                if self.accumulators.get(t.name) is not None and self.accumulators[t.name].complete}
+
+
+# How many tensors a non-finite finding or refusal names before "and N more".
+NAMED_TENSORS = 5
+
+
+def nonfinite_detail(stats: Mapping[str, TensorStats], labels: Mapping[str, str] | None = None) -> str | None:
+    """Describe the tensors of `stats` that hold NaN or Inf (the first few by name, then how many more),
+    or None when every value is finite. `labels` adds a tensor's dtype and shape, e.g. "F32[4, 4]"."""
+    bad = [(name, s) for name, s in stats.items() if s.nonfinite]
+    if not bad:
+        return None
+    labels = labels or {}
+    named = []
+    for name, s in bad[:NAMED_TENSORS]:
+        counts = [f"{n} {what}" for n, what in ((s.nan, "NaN"), (s.inf, "Inf")) if n]
+        label = f" ({labels[name]})" if name in labels else ""
+        named.append(f"{name!r}{label}: {', '.join(counts)} of {s.count} values")
+    more = f"; and {len(bad) - NAMED_TENSORS} more" if len(bad) > NAMED_TENSORS else ""
+    return (f"{len(bad)} of {len(stats)} floating-point tensor(s) hold non-finite values: "
+            + "; ".join(named) + more)
+
+
+def label(dtype: str, shape: Sequence[int]) -> str:
+    """A tensor's dtype and shape as findings print them: F32[4, 4]."""
+    return f"{dtype}{list(shape)}"
