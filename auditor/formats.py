@@ -95,15 +95,16 @@ def parse_safetensors_header(reader: Reader, path: str, size: int) -> Safetensor
     return _validate_header(path, metadata, specs, 8 + n, size)
 
 
-def value_scan(path: str, size: int) -> ValueScan:
+def value_scan(path: str, size: int, full: bool = True) -> ValueScan:
     """A scan of a safetensors file's floating-point values that reads the header from the stream itself,
-    validated as `parse_safetensors_header` validates it (a header it refuses gives no statistics)."""
+    validated as `parse_safetensors_header` validates it (a header it refuses gives no statistics).
+    `full=False` counts NaN and Inf only (see ValueScan)."""
 
     def parse(head: bytes) -> list[FloatTensor]:
         metadata, specs = _decode_header(path, head[8:])
         return _validate_header(path, metadata, specs, len(head), size).float_tensors()
 
-    return ValueScan(parse=parse, limit=MAX_SAFETENSORS_HEADER)
+    return ValueScan(parse=parse, limit=MAX_SAFETENSORS_HEADER, full=full)
 
 
 class _Object(list[tuple[str, Any]]):

@@ -19,7 +19,7 @@ from auditor.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SpanDigest
 from auditor.model import Finding, Severity
 from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import Abandoned, PathHazard, Reader, StorageFault, object_version
-from auditor.tensorstats import ValueScan, label, nonfinite_detail
+from auditor.tensorstats import Counts, ValueScan, label, nonfinite_detail
 from auditor.zipcheck import ZIP_MAGIC
 
 logger = logging.getLogger(__name__)
@@ -94,12 +94,16 @@ def holds_weights(rel: str, manifest: Manifest | None) -> bool:
 
 
 def value_scan(rel: str, path: str, size: int, manifest: Manifest | None) -> ValueScan | None:
-    """A scan of the file's floating-point values for the read about to happen, or None if they are not checked."""
-    return formats.value_scan(path, size) if holds_weights(rel, manifest) else None
+    """A scan of the file's floating-point values for the read about to happen, or None if they are not checked.
+
+    It counts NaN and Inf only: that is all a verdict needs, and it costs one integer pass per chunk
+    (norms and samples are the seal's, recorded once in the manifest).
+    """
+    return formats.value_scan(path, size, full=False) if holds_weights(rel, manifest) else None
 
 
-def nonfinite_finding(rel: str, stats: dict[str, TensorStats], labels: dict[str, str], how: str = ""
-                      ) -> list[Finding]:
+def nonfinite_finding(rel: str, stats: dict[str, TensorStats] | dict[str, Counts], labels: dict[str, str],
+                      how: str = "") -> list[Finding]:
     """`nonfinite_weights` on file `rel` when a tensor of `stats` holds NaN or Inf (none otherwise)."""
     detail = nonfinite_detail(stats, labels)
     return [] if detail is None else [Finding.error("nonfinite_weights", rel, how + detail)]
@@ -109,7 +113,7 @@ def read_nonfinite(rel: str, values: ValueScan | None) -> list[Finding]:
     """What a read's value scan found: `nonfinite_weights` naming the tensors, or nothing."""
     if values is None:
         return []
-    return nonfinite_finding(rel, values.results(), values.labels())
+    return nonfinite_finding(rel, values.counts(), values.labels())
 
 
 def recorded_nonfinite(manifest: Manifest, rels: set[str]) -> list[Finding]:

@@ -6,6 +6,7 @@ same numbers on the bytes as they stream past (digests), and must agree with it.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,10 +59,11 @@ def stats_of(dtype: str, shape: list[int], data: bytes | memoryview) -> TensorSt
 
 # ---------------------------------------------------------------- the same numbers, as the bytes stream past
 
-# A floating value is finite exactly when the bits of its magnitude (sign cleared) are below those of
-# +Inf; NaN and Inf sort above every finite value, and among finite values a larger magnitude has
-# larger bits. So one AND and one max over the raw bits say both whether a chunk is all finite and
-# its max |x|, in one pass over integers (numpy's float16 max is a slow scalar loop).
+# Whether a chunk is all finite is one reduction, and only a chunk that is not gets its NaN and Inf
+# counted. F64/F32: max and min, which propagate NaN (no temporary array). F16/BF16 (numpy has no
+# BF16, and its float16 max is a slow scalar loop): a value is finite exactly when the bits of its
+# magnitude (sign cleared) are below those of +Inf, and among finite values a larger magnitude has
+# larger bits, so one AND and one max over the raw integers give both finiteness and max |x|.
 # dtype -> (numpy type of the raw bits, magnitude mask, bits of +Inf)
 _BITS: dict[str, tuple[type[np.unsignedinteger[Any]], int, int]] = {
     "F64": (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
@@ -89,14 +91,29 @@ class FloatTensor:
     end: int
 
 
+@dataclass(frozen=True)
+class Counts:
+    """How many of a tensor's values are NaN and how many ±Inf: what the content tier judges."""
+
+    count: int
+    nan: int
+    inf: int
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nan + self.inf
+
+
 class _Accumulator:
     """The statistics of one tensor, fed its bytes in order in pieces of any length.
 
     Agrees with `stats_of` on count, nan, inf, max_abs and sample exactly, and on l2 up to the
-    order of a float64 sum (the reference sums in one dot product, this block by block).
+    order of a float64 sum (the reference sums in one dot product, this block by block). With
+    `full=False` it only counts NaN and Inf: one integer pass, a fraction of the sha256 beside it.
     """
 
-    def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
+    def __init__(self, dtype: str, shape: tuple[int, ...], full: bool = True) -> None:
+        self.full = full
         self.dtype = dtype
         self.np_dtype = FLOAT_DTYPES[dtype]
         self.itemsize = self.np_dtype.itemsize
@@ -108,7 +125,8 @@ class _Accumulator:
         self.seen = 0  # elements consumed
         self.carry = b""  # the start of an element cut by a chunk boundary
         self.sumsq = 0.0
-        self.max_bits = 0  # magnitude bits of the largest finite |x|
+        self.max_abs = 0.0  # of the finite values
+        self._magnitude: np.ndarray | None = None  # 16-bit dtypes: the chunk's magnitude bits
         self.nan = 0
         self.inf = 0
         self._wide: np.ndarray | None = None  # float64 block buffer
@@ -131,16 +149,38 @@ class _Accumulator:
 
     def _values(self, raw: np.ndarray) -> None:
         base, n = self.seen, len(raw)
-        self._take_samples(raw, base, n)
-        magnitude = np.bitwise_and(raw.view(self.bits), self.bits(self.mask))
-        top = int(magnitude.max())
-        if top < self.inf_bits:
-            # The fast path: all finite (the usual case), so no masks and no counting.
-            self.max_bits = max(self.max_bits, top)
-            self.sumsq += self._sum_squares(raw, magnitude)
-        else:
-            self._nonfinite(raw)
         self.seen = base + n
+        if self.full:
+            self._take_samples(raw, base, n)
+        magnitude = None
+        if self.itemsize == 2:
+            magnitude = self._magnitudes(raw)
+            top = int(magnitude.max())
+            finite = top < self.inf_bits
+            largest = _bits_value(self.dtype, top) if finite else 0.0
+        else:
+            high, low = float(raw.max()), float(raw.min())
+            finite = math.isfinite(high) and math.isfinite(low)
+            largest = max(high, -low) if finite else 0.0
+        if finite:
+            # The fast path (the usual case): no masks, no counting.
+            if self.full:
+                self.max_abs = max(self.max_abs, largest)
+                self.sumsq += self._sum_squares(raw, magnitude)
+        elif self.full:
+            self._nonfinite(raw)
+        else:
+            bits = magnitude if magnitude is not None else np.bitwise_and(raw.view(self.bits), self.bits(self.mask))
+            self.inf += int(np.count_nonzero(bits == self.inf_bits))
+            self.nan += int(np.count_nonzero(bits > self.inf_bits))
+
+    def _magnitudes(self, raw: np.ndarray) -> np.ndarray:
+        """The magnitude bits of 16-bit `raw`, in a buffer kept across chunks (no allocation per chunk)."""
+        if self._magnitude is None or len(self._magnitude) < len(raw):
+            self._magnitude = np.empty(len(raw), dtype=np.uint16)
+        out = self._magnitude[: len(raw)]
+        np.bitwise_and(raw.view(np.uint16), np.uint16(self.mask), out=out)
+        return out
 
     def _take_samples(self, raw: np.ndarray, base: int, n: int) -> None:
         positions = self.positions
@@ -150,7 +190,7 @@ class _Accumulator:
             self.sample.append(value if np.isfinite(value) else None)
             self.next_sample += 1
 
-    def _sum_squares(self, raw: np.ndarray, magnitude: np.ndarray) -> float:
+    def _sum_squares(self, raw: np.ndarray, magnitude: np.ndarray | None) -> float:
         # Squared and summed by numpy's own loops, never np.dot: OpenBLAS threads a long dot product
         # and, on a busy machine, its spinning threads made this 30x slower than the sha256 beside it.
         if self._wide is None:
@@ -163,7 +203,7 @@ class _Accumulator:
             wide = self._wide[: hi - lo]
             if self.itemsize == 2:
                 # 16-bit floats: the magnitude's bits, moved to float32's place (sign is moot when squaring).
-                assert self._u32 is not None
+                assert self._u32 is not None and magnitude is not None
                 u32 = self._u32[: hi - lo]
                 np.left_shift(magnitude[lo:hi], 16 if self.dtype == "BF16" else _F16_SHIFT, out=u32,
                               dtype=np.uint32)
@@ -184,27 +224,25 @@ class _Accumulator:
         self.inf += int(values.size - finite.sum()) - nan
         good = values[finite]
         if good.size:
-            self.max_bits = max(self.max_bits, _magnitude_bits(self.dtype, float(np.abs(good).max())))
+            self.max_abs = max(self.max_abs, float(np.abs(good).max()))
             self.sumsq += float(np.einsum("i,i->", good, good))  # not np.dot: see _sum_squares
 
     @property
     def complete(self) -> bool:
         return self.seen == self.count and not self.carry
 
+    def counts(self) -> Counts:
+        return Counts(count=self.count, nan=self.nan, inf=self.inf)
+
     def result(self) -> TensorStats:
-        return TensorStats(count=self.count, l2=float(np.sqrt(self.sumsq)), max_abs=self._max_abs(),
+        return TensorStats(count=self.count, l2=float(np.sqrt(self.sumsq)), max_abs=self.max_abs,
                            nan=self.nan, inf=self.inf, sample=self.sample)
 
-    def _max_abs(self) -> float:
-        raw = np.array([self.max_bits], dtype=self.bits).view(self.np_dtype)
-        return float(as_float(self.dtype, raw)[0])
 
-
-def _magnitude_bits(dtype: str, value: float) -> int:
-    """The bits of finite `value` (exactly representable in `dtype`) as that dtype stores them."""
-    if dtype == "BF16":
-        return int(np.array([value], dtype=np.float32).view(np.uint32)[0]) >> 16
-    return int(np.array([value], dtype=FLOAT_DTYPES[dtype]).view(_BITS[dtype][0])[0])
+def _bits_value(dtype: str, bits: int) -> float:
+    """The value of a 16-bit float stored as `bits`."""
+    raw = np.array([bits], dtype=np.uint16)
+    return float(as_float(dtype, raw if dtype == "BF16" else raw.view(np.float16))[0])
 
 
 class ValueScan:
@@ -214,11 +252,14 @@ class ValueScan:
     the stream's own first bytes (its 8-byte length, then the header), so checking the values needs no
     request of its own. `parse(header_bytes)` returns the tensors or raises ValueError; a header it
     refuses, or one longer than `limit`, ends the scan with no statistics (the format checks report
-    the damage). Only tensors whose bytes all passed get statistics.
+    the damage). Only tensors whose bytes all passed get statistics. With `full=False` only NaN and
+    Inf are counted (`counts`; `results` is then empty): the content tier's check.
     """
 
     def __init__(self, tensors: Sequence[FloatTensor] = (), *,
-                 parse: Callable[[bytes], Sequence[FloatTensor]] | None = None, limit: int = 0) -> None:
+                 parse: Callable[[bytes], Sequence[FloatTensor]] | None = None, limit: int = 0,
+                 full: bool = True) -> None:
+        self.full = full
         self.parse = parse
         self.limit = limit
         self.head = bytearray()
@@ -232,7 +273,7 @@ class ValueScan:
 
     def _plan(self, tensors: Sequence[FloatTensor]) -> None:
         self.ordered = sorted((t for t in tensors if t.dtype in FLOAT_DTYPES), key=lambda t: t.start)
-        self.accumulators = {t.name: _Accumulator(t.dtype, t.shape) for t in self.ordered}
+        self.accumulators = {t.name: _Accumulator(t.dtype, t.shape, self.full) for t in self.ordered}
 
     def feed(self, chunk: bytes | memoryview) -> None:
         if self.failed is not None:
@@ -284,17 +325,25 @@ class ValueScan:
         """Each floating tensor's dtype and shape, as findings print them."""
         return {t.name: label(t.dtype, t.shape) for t in self.ordered}
 
+    def _done(self) -> list[FloatTensor]:
+        # A tensor the stream did not fully pass (a short read, a refused header) gets nothing.
+        return [t for t in self.ordered if (a := self.accumulators.get(t.name)) is not None and a.complete]
+
     def results(self) -> dict[str, TensorStats]:
-        """Each floating tensor's statistics, in file order; a tensor the stream did not fully pass has none."""
-        return {t.name: self.accumulators[t.name].result() for t in self.ordered
-                if self.accumulators.get(t.name) is not None and self.accumulators[t.name].complete}
+        """Each floating tensor's statistics, in file order (none when not `full`)."""
+        return {t.name: self.accumulators[t.name].result() for t in self._done()} if self.full else {}
+
+    def counts(self) -> dict[str, Counts]:
+        """Each floating tensor's NaN and Inf counts, in file order."""
+        return {t.name: self.accumulators[t.name].counts() for t in self._done()}
 
 
 # How many tensors a non-finite finding or refusal names before "and N more".
 NAMED_TENSORS = 5
 
 
-def nonfinite_detail(stats: Mapping[str, TensorStats], labels: Mapping[str, str] | None = None) -> str | None:
+def nonfinite_detail(stats: Mapping[str, TensorStats] | Mapping[str, Counts],
+                     labels: Mapping[str, str] | None = None) -> str | None:
     """Describe the tensors of `stats` that hold NaN or Inf (the first few by name, then how many more),
     or None when every value is finite. `labels` adds a tensor's dtype and shape, e.g. "F32[4, 4]"."""
     bad = [(name, s) for name, s in stats.items() if s.nonfinite]

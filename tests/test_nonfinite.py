@@ -98,10 +98,15 @@ def test_streamed_stats_equal_the_reference(dtype, shape, planted):
     for chunk in (1, 3, 4099, 2**20 + 5, len(data)):
         if chunk < 64 and len(raw) > 20_000:
             continue
-        scan = ValueScan([FloatTensor("t", dtype, shape, len(head), len(head) + len(raw))])
+        tensors = [FloatTensor("t", dtype, shape, len(head), len(head) + len(raw))]
+        # The seal's full statistics, and the content tier's NaN/Inf counts alone.
+        scan, check = ValueScan(tensors), ValueScan(tensors, full=False)
         for i in range(0, len(data), chunk):
             scan.feed(data[i:i + chunk])
+            check.feed(data[i:i + chunk])
         assert_same(scan.results()["t"], ref)
+        counts = check.counts()["t"]
+        assert (counts.count, counts.nan, counts.inf) == (ref.count, ref.nan, ref.inf) and check.results() == {}
 
 
 @pytest.mark.parametrize("dtype", sorted(FLOAT_DTYPES))
