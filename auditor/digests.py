@@ -14,7 +14,7 @@ from typing import Any
 import google_crc32c
 
 from auditor.manifest import TensorStats
-from auditor.tensorstats import ValueScan
+from auditor.values import ValueScan
 
 
 @dataclass(frozen=True)

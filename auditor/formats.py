@@ -19,7 +19,7 @@ from auditor import safejson, zipcheck
 from auditor.digests import Span
 from auditor.manifest import PathOutsideCheckpoint, check_relpath
 from auditor.storage import Reader
-from auditor.tensorstats import FLOAT_DTYPES, FloatTensor, ValueScan
+from auditor.values import FLOAT_DTYPE_NAMES, FloatTensor, ValueScan
 from auditor.zipcheck import ZIP_MAGIC
 
 # The safetensors library's own limits (MAX_HEADER_SIZE, and serde_json's recursion limit of 128
@@ -69,7 +69,8 @@ class SafetensorsHeader:
 
     def float_tensors(self) -> list[FloatTensor]:
         """The floating-point tensors whose values the auditor decodes (F64, F32, F16, BF16)."""
-        return [FloatTensor(t.name, t.dtype, t.shape, t.start, t.end) for t in self.tensors if t.dtype in FLOAT_DTYPES]
+        return [FloatTensor(t.name, t.dtype, t.shape, t.start, t.end) for t in self.tensors
+                if t.dtype in FLOAT_DTYPE_NAMES]
 
 
 def parse_safetensors_header(reader: Reader, path: str, size: int) -> SafetensorsHeader:

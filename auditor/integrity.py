@@ -19,7 +19,7 @@ from auditor.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SpanDigest
 from auditor.model import Finding, Severity
 from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import Abandoned, PathHazard, Reader, StorageFault, object_version
-from auditor.tensorstats import Counts, ValueScan, label, nonfinite_detail
+from auditor.values import Counts, ValueScan, label, nonfinite_detail
 from auditor.zipcheck import ZIP_MAGIC
 
 logger = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ from auditor.manifest import (
 )
 from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import Reader, open_url
-from auditor.tensorstats import ValueScan, label, nonfinite_detail
+from auditor.values import ValueScan, label, nonfinite_detail
 from auditor.verify import locate
 
 logger = logging.getLogger(__name__)

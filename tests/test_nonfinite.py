@@ -38,8 +38,9 @@ from auditor.errors import CheckpointRefused, UsageError
 from auditor.http import Server
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, parse_manifest
 from auditor.storage import Reader
-from auditor.tensorstats import FLOAT_DTYPES, NAMED_TENSORS, FloatTensor, ValueScan, stats_of
+from auditor.tensorstats import FLOAT_DTYPES, stats_of
 from auditor.training import load_checkpoint, save_checkpoint
+from auditor.values import FLOAT_DTYPE_NAMES, NAMED_TENSORS, FloatTensor, ValueScan
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -85,6 +86,20 @@ def raw_values(dtype: str, shape: tuple[int, ...], nan: int = 0, inf: int = 0, s
 
 
 SHAPES = [(), (0,), (1,), (5,), (3, 7), (257, 129), (1_100_000,)]
+
+
+def test_the_scanned_dtypes_are_the_reference_dtypes():
+    assert FLOAT_DTYPE_NAMES == set(FLOAT_DTYPES)
+
+
+def test_checking_values_does_not_load_numpy_until_a_float_tensor_is_read(tmp_path):
+    # A metadata-tier scan, `auditor status`, the daemon's import floor: numpy stays out.
+    code = ("import sys, auditor.cli, auditor.daemon, auditor.verify, auditor.sealing\n"
+            "from auditor.values import ValueScan\n"
+            "ValueScan([]).feed(b'x')\n"
+            "assert 'numpy' not in sys.modules, 'numpy imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("dtype", sorted(FLOAT_DTYPES))
