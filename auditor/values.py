@@ -71,11 +71,11 @@ class ValueScan:
             self._plan(tensors)
 
     def _plan(self, tensors: Sequence[FloatTensor]) -> None:
-        # Here, not at the top: numpy (tensorstats) loads only once some file's values are read, so a
-        # metadata-tier scan, `auditor status` or the daemon's import floor never pay for it.
         self.ordered = sorted((t for t in tensors if t.dtype in FLOAT_DTYPE_NAMES), key=lambda t: t.start)
         if not self.ordered:
             return
+        # Here, not at the top: numpy (tensorstats) loads only once some file's values are read, so a
+        # metadata-tier scan, `auditor status` or the daemon's import floor never pay for it.
         from auditor import tensorstats
 
         self.accumulators = {t.name: tensorstats.Accumulator(t.dtype, t.shape, self.full) for t in self.ordered}
