@@ -128,7 +128,13 @@ class Accumulator:
         if self.full:
             self._take_samples(raw, base, n)
         magnitude = None
-        if self.itemsize == 2:
+        if self.itemsize == 2 and not self.full:
+            # Counting only: NaN/Inf bits are the largest positives as int16 and, with the sign set, the
+            # largest as uint16, so two max reductions tell, with no temporary array.
+            bits = raw.view(np.uint16)
+            finite = int(bits.view(np.int16).max()) < self.inf_bits and int(bits.max()) < 0x8000 | self.inf_bits
+            largest = 0.0
+        elif self.itemsize == 2:
             magnitude = self._magnitudes(raw)
             top = int(magnitude.max())
             finite = top < self.inf_bits
