@@ -32,15 +32,18 @@ from safetensors.torch import save_file
 
 import auditor.api
 from auditor import digests, formats
+from auditor.api import build_options
 from auditor.config import Config
 from auditor.daemon import Daemon
 from auditor.errors import CheckpointRefused, UsageError
 from auditor.http import Server
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, parse_manifest
+from auditor.model import Tier
 from auditor.storage import Reader
 from auditor.tensorstats import FLOAT_DTYPES, stats_of
 from auditor.training import load_checkpoint, save_checkpoint
 from auditor.values import FLOAT_DTYPE_NAMES, NAMED_TENSORS, FloatTensor, ValueScan
+from auditor.verify import Scanner, locate
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -413,3 +416,26 @@ def test_daemon_counts_nonfinite_as_a_failure_and_latest_skips_it(tmp_path, dive
                           str(unsealed): "nonfinite"}, status
     cfg = Config.model_validate({"state": {"url": state_url}, "prefixes": [{"url": key}]})
     assert auditor.api.latest(key, config=cfg)["url"] == str(prefix / "run/step-1")
+
+
+def test_a_file_verified_span_by_span_elsewhere_is_judged_by_its_recorded_stats(tmp_path):
+    """With scan.executor: dask a large file's spans are read on the workers, not here: its values are
+    judged by what the seal recorded, as at the metadata tier."""
+    w = torch.randn(64, 64)
+    w[3, 3] = float("inf")
+    path = tmp_path / "model.safetensors"
+    save_file({"w": w}, str(path))
+    auditor.api.seal(str(path), step=1, allow_incomplete=True, force=True, span_bytes=4096)
+    spans_read: list[str] = []
+
+    def span_digester(entry: Any, where: str) -> list[Any]:
+        spans_read.append(entry.path)
+        return []  # the spans matched, on some worker
+
+    options = build_options(Tier.CONTENT)
+    options.span_digester = span_digester
+    fs = fsspec.filesystem("file")
+    with Scanner(fs, options) as scanner:
+        v = scanner.verify(locate(scanner.reader, str(path), str(path)))
+    assert spans_read == ["model.safetensors"]
+    assert v.status == "nonfinite" and errors(v)[0].detail.startswith("recorded at seal: 1 of 1"), v.findings
