@@ -255,7 +255,10 @@ def seal(
 def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int,
                     progress: ByteProgress | None = None) -> Verdict:
     """Judge the checkpoint as it is, unsealed; refuse to seal what fails (UsageError naming why)."""
-    with Scanner(fs, build_options(Tier.CONTENT), jobs=jobs, progress=progress) as scanner:
+    # Values are not read here: the seal reads them with the digests and refuses non-finite weights itself.
+    options = build_options(Tier.CONTENT)
+    options.check_values = False
+    with Scanner(fs, options, jobs=jobs, progress=progress) as scanner:
         try:
             ck = locate(scanner.reader, fs._strip_protocol(url), url)
         except StorageError as e:

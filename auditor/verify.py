@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from auditor import completeness, foreign, formats, integrity, layouts
 from auditor.backends import backend_for
-from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import (
@@ -83,6 +82,9 @@ class Options:
     # Verifies a file that has sealed span digests span by span elsewhere (the Dask executor's
     # workers), in place of reading it here: (entry, path) -> findings. None: read here, whole.
     span_digester: Callable[[FileEntry, str], list[Finding]] | None = None
+    # At the content tier, read an unsealed checkpoint's safetensors files for NaN/Inf weights
+    # (`nonfinite_weights`). Off for seal's own check: the seal reads the values with the digests.
+    check_values: bool = True
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
@@ -259,7 +261,10 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
     _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
     sealed_headers: dict[str, formats.SafetensorsHeader] = {}
-    if tier != Tier.METADATA:
+    if tier == Tier.METADATA:
+        # No read: what the seal recorded of the values (a checkpoint sealed with --force) is the evidence.
+        findings += integrity.recorded_nonfinite(manifest, {e.path for e in entries})
+    else:
         _completeness(ck, reader, ctx, manifest, findings, verdict, sealed_headers)
     _cross_check_foreign(ck, reader, ctx, manifest, sealed_headers, findings)
     wants_probe = tier == Tier.PROBE or (ctx.options.probe_auto and tier == Tier.CONTENT and manifest.probe is not None)
@@ -378,7 +383,8 @@ def _rel_to(ck: Checkpoint, path: str) -> str:
 
 
 # The probe loads weights: pointless, and possibly unsafe, once bytes are known bad.
-_BLOCKING = frozenset({Status.CORRUPT, Status.MISSING, Status.UNSAFE, Status.ERROR})
+# Nor once the weights hold NaN or Inf: the outputs could only be non-finite too.
+_BLOCKING = frozenset({Status.CORRUPT, Status.MISSING, Status.UNSAFE, Status.NONFINITE, Status.ERROR})
 
 
 def _blocking(findings: list[Finding]) -> bool:
@@ -501,7 +507,9 @@ def _bind_checksum(entry: FileEntry, path: str, info: dict[str, Any]) -> Callabl
 def _bind_digest(entry: FileEntry, path: str, manifest: Manifest | None, info: dict[str, Any],
                  spans: Callable[[FileEntry, str], list[Finding]] | None = None) -> Callable[[Reader], list[Finding]]:
     if spans is not None and entry.spans is not None and len(entry.spans.sha256) > 1:
-        return lambda reader: spans(entry, path)
+        # Its bytes are read elsewhere, span by span: its values are judged by what the seal recorded.
+        return lambda reader: spans(entry, path) + (integrity.recorded_nonfinite(manifest, {entry.path})
+                                                    if manifest is not None else [])
     return lambda reader: integrity.digest_file(reader, entry, path, manifest, info)
 
 
@@ -545,22 +553,39 @@ def _bind_structural(path: str, size: int) -> Callable[[Reader], Any]:
 
 
 def _digest_unsealed(ck: Checkpoint, reader: Reader, ctx: Context, verdict: Verdict) -> None:
-    """Record digests of an unsealed checkpoint when someone will keep them as a baseline."""
+    """Record digests of an unsealed checkpoint when someone will keep them as a baseline, and check
+    its weights' values (safetensors files), in the same read when both are wanted."""
     if ctx.options.baseline is None:
+        if ctx.options.check_values:
+            _check_unsealed_values(ck, reader, ctx, verdict)
         return
     root = ck.root
-    work = [(rel, _bind_whole_digest(f"{root}/{rel}")) for rel in ck.files]
-    for rel, d in ctx.run_files(reader, work):
-        if isinstance(d, Finding):
+    work = [(rel, _bind_observed(rel, f"{root}/{rel}", int(info.get("size") or 0))) for rel, info in ck.files.items()]
+    for rel, got in ctx.run_files(reader, work):
+        if isinstance(got, Finding):
             # An unreadable file: no baseline from a partial picture, and the check did not complete.
-            verdict.findings.append(d)
+            verdict.findings.append(got)
             verdict.observed.clear()
             return
+        d, found = got
+        verdict.findings.extend(found)
         verdict.observed[rel] = FileEntry(path=rel, size=d.size, sha256=d.sha256, crc32c=d.crc32c)
 
 
-def _bind_whole_digest(path: str) -> Callable[[Reader], Any]:
-    return lambda reader: digest_chunks(reader.iter_chunks(path))
+def _check_unsealed_values(ck: Checkpoint, reader: Reader, ctx: Context, verdict: Verdict) -> None:
+    root = ck.root
+    work = [(rel, _bind_values(rel, f"{root}/{rel}", int(info.get("size") or 0)))
+            for rel, info in sorted(ck.files.items()) if integrity.holds_weights(rel, None)]
+    for _rel, got in ctx.run_files(reader, work, what="reading the values of"):
+        verdict.findings.extend([got] if isinstance(got, Finding) else got)
+
+
+def _bind_observed(rel: str, path: str, size: int) -> Callable[[Reader], Any]:
+    return lambda reader: integrity.digest_observed(reader, rel, path, size)
+
+
+def _bind_values(rel: str, path: str, size: int) -> Callable[[Reader], list[Finding]]:
+    return lambda reader: integrity.check_values(reader, rel, path, size)
 
 
 def _storage_call(what: str, url: str, fn: Callable[[], Any]) -> Any:

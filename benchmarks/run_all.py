@@ -57,6 +57,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "save": ("bench_save.py", [], ["--params", "100M"]),
     "dask": ("bench_dask.py", [], ["--count", "16", "--size", "256M", "--tasks", "2000"]),
     "series": ("bench_series.py", [], ["--seeds", "10"]),
+    "stats": ("bench_stats.py", [], ["--size", "4G"]),
 }
 
 # The headline figures of each benchmark for the table: (label, key, format).
@@ -147,6 +148,16 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
     "save": [
         ("parameters", "params", "{:,}"),
         ("save_checkpoint / torch.save + fsync (time)", "ratio_vs_fsync", "{:.2f}"),
+    ],
+    "stats": [
+        ("file size (each dtype)", "f32_bytes", "bytes"),
+        ("F32 seal read, with / without statistics (time)", "f32_ratio_seal_stats_vs_nostats", "{:.2f}x"),
+        ("F32 content read, with / without statistics (time)", "f32_ratio_verify_stats_vs_nostats", "{:.2f}x"),
+        ("F32 content read with statistics / sha256 floor (rate)", "f32_ratio_verify_stats_vs_sha256", "{:.2f}"),
+        ("BF16 seal read, with / without statistics (time)", "bf16_ratio_seal_stats_vs_nostats", "{:.2f}x"),
+        ("BF16 content read, with / without statistics (time)", "bf16_ratio_verify_stats_vs_nostats", "{:.2f}x"),
+        ("BF16 content read with statistics / sha256 floor (rate)", "bf16_ratio_verify_stats_vs_sha256", "{:.2f}"),
+        ("BF16 statistics alone / sha256 (CPU time)", "bf16_ratio_values_vs_sha256", "{:.2f}"),
     ],
 }
 HEADLINES["content-trainer"] = HEADLINES["content"]
