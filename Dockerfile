@@ -30,10 +30,12 @@ COPY pyproject.toml README.md ./
 COPY auditor ./auditor
 # "./[...]": the local project, whose dependency ranges live in pyproject.toml. [postgres]: state
 # on PostgreSQL by URL (psycopg 3). [dask]: the same image runs `dask scheduler` and `dask worker`
-# (deploy/components/dask).
-# Then fail the build if a CUDA torch slipped in, or if a console script is broken.
-RUN pip install --no-cache-dir "./[s3,gcs,probe,dask,postgres]" \
+# (deploy/components/dask). [hf]: transformers and accelerate, which the probe's `--model hf-auto`
+# factory (a checkpoint's own config.json) needs.
+# Then fail the build if a CUDA torch slipped in, if hf-auto cannot import, or if a console script is broken.
+RUN pip install --no-cache-dir "./[s3,gcs,probe,hf,dask,postgres]" \
  && python -c "import sys, torch; sys.exit('torch is not a CPU build' if torch.version.cuda else 0)" \
+ && python -c "import transformers, accelerate" \
  && auditor --help > /dev/null \
  && dask scheduler --version > /dev/null \
  && dask worker --version > /dev/null

@@ -25,11 +25,22 @@ bytecode: venv
 system-deps:
 	bash scripts/install-system-deps.sh
 
-run: venv bytecode
+# `make run` needs only the package and torch (the demo writes its checkpoints with torch.save): its
+# own venv, without the test extra (transformers, lightning, moto, hadolint, kubectl).
+RUN_VENV ?= .venv-run
+
+$(RUN_VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(RUN_VENV)
+	$(RUN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(RUN_VENV)/bin/python -m pip install -q $(TORCH_PIN)   # first, so nothing pulls a CUDA build
+	$(RUN_VENV)/bin/python -m pip install -q -c constraints.txt .
+	touch $@
+
+run: $(RUN_VENV)/.installed
 	mkdir -p $(DEMO)
-	$(PY) -m auditor.demo $(DEMO)/prefix --config-out $(DEMO)/auditor.yaml
+	$(RUN_VENV)/bin/python -m auditor.demo $(DEMO)/prefix --config-out $(DEMO)/auditor.yaml
 	@echo "metrics: http://127.0.0.1:9180/metrics  verdicts: http://127.0.0.1:9180/api/v1/checkpoints  (Ctrl-C stops)"
-	$(VENV)/bin/auditor run --config $(DEMO)/auditor.yaml
+	$(RUN_VENV)/bin/auditor run --config $(DEMO)/auditor.yaml
 
 # Style, types and the import layers (the contract is [tool.importlinter] in pyproject.toml).
 lint: venv
@@ -48,4 +59,4 @@ bench: venv system-deps
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) *.egg-info
+	rm -rf $(VENV) $(RUN_VENV) $(DEMO) *.egg-info

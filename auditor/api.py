@@ -3,29 +3,53 @@ verify, rescan, latest and retention by URL, as the CLI, the daemon and training
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
-
-from fsspec import AbstractFileSystem
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from auditor import formats, probe, sealing
 from auditor.config import COMMAND_SETTLE_TIME, Config, ScanConfig
-from auditor.errors import StorageError, UsageError
+from auditor.errors import AuditorError, StorageError, StorageIOError, UsageError
 from auditor.executors import DASK, build_executor
 from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest, safe_join
 from auditor.model import Assurance, ScanResult, Severity, Status, Tier, Verdict
+from auditor.progress import ByteProgress
 from auditor.retention import UNKNOWN, Decision, Item, Plan, RetentionConfig, config_key, plan_items
 from auditor.series import PROBE_VALUES, Change, OnsetRule, Point, changes, detect, point_from_manifest, segments
-from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, open_url
+from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, is_storage_exception, open_url
 from auditor.verify import Options, Scanner, list_prefix, locate, verify_checkpoint
 
 if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
     from auditor.state import State
 
 logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def storage_boundary(fn: Callable[P, R]) -> Callable[P, R]:
+    """Let no storage SDK exception (botocore's, an OSError) out of a public function taking a URL first:
+    it becomes StorageIOError (a StorageError, exit 3, and an OSError) naming the URL, chained to the original."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except AuditorError:
+            raise
+        except Exception as e:
+            if not is_storage_exception(e):
+                raise
+            url = args[0] if args else kwargs.get("url", kwargs.get("prefix"))
+            raise StorageIOError(f"{url}: {type(e).__name__}: {e}") from e
+
+    return wrapper
 
 
 def has_state(config: Config | None) -> bool:
@@ -80,6 +104,7 @@ def open_checked(url: str, storage_options: dict[str, Any] | None) -> tuple[Abst
         raise UsageError(str(e)) from e
 
 
+@storage_boundary
 def verify_url(
     url: str,
     *,
@@ -90,13 +115,14 @@ def verify_url(
     scan: ScanConfig | None = None,
     require_assurance: str | None = None,
     allow_factories: Sequence[str] = (),
+    progress: ByteProgress | None = None,
 ) -> ScanResult:
     """Verify the checkpoint at `url`: one verdict, or one per checkpoint when `url` holds several.
 
     A folder that holds checkpoints (a run) is verified as `rescan` would; a folder that is none by
     its files is verified as one checkpoint of layout `unknown`, so nothing in it goes unchecked.
     `allow_factories` (MODULE:CALLABLE or MODULE:*) adds to `scan.allow_factories`: the probe factories
-    a manifest may name besides installed entry points.
+    a manifest may name besides installed entry points. `progress` counts the bytes expected and read.
     """
     scan = scan or ScanConfig()
     fs, path = open_checked(url, storage_options)
@@ -104,8 +130,8 @@ def verify_url(
                             probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
                             allow_factories=[*scan.allow_factories, *allow_factories], read=scan.read.settings())
     options.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
-    with Scanner(fs, options, jobs=jobs, file_timeout=scan.file_timeout,
-                 checkpoint_timeout=scan.checkpoint_timeout) as scanner:
+    with Scanner(fs, options, jobs=jobs, throttle=Throttle(scan.max_bytes_per_second), file_timeout=scan.file_timeout,
+                 checkpoint_timeout=scan.checkpoint_timeout, progress=progress) as scanner:
         result = scanner.scan(path, url)
         if result.listed and not result.verdicts:
             # A folder that is no checkpoint by its files is verified as one: nothing in it goes unchecked.
@@ -118,6 +144,7 @@ def verify_url(
     return result
 
 
+@storage_boundary
 def rescan(
     prefix: str,
     *,
@@ -133,13 +160,14 @@ def rescan(
     checkpoint_timeout: float | None = None,
     allow_factories: Sequence[str] = (),
     dask: str | None = None,
+    progress: ByteProgress | None = None,
 ) -> ScanResult:
     """Verify every checkpoint under `prefix`; record verdicts in the state database when configured.
 
     `file_timeout` / `checkpoint_timeout` override the configured deadlines (scan.file_timeout, ...).
     `allow_factories` adds to the (per-prefix) `scan.allow_factories` of the config. `dask`
     (tcp://HOST:8786) verifies the checkpoints on that Dask scheduler's workers (scan.executor: dask);
-    StorageError (exit 3) when it cannot be reached.
+    StorageError (exit 3) when it cannot be reached. `progress` counts the bytes expected and read.
     """
     cfg_prefix = config.prefix(prefix) if config else None
     scan = config.scan_for(cfg_prefix) if config and cfg_prefix else (config.scan if config else ScanConfig())
@@ -171,7 +199,7 @@ def rescan(
         executor = build_executor(scan, prefix, options)
         with Scanner(fs, opts, jobs=jobs or scan.jobs, throttle=throttle, list_jobs=scan.list_jobs,
                      file_timeout=scan.file_timeout, checkpoint_timeout=scan.checkpoint_timeout,
-                     executor=executor) as scanner:
+                     executor=executor, progress=progress) as scanner:
             result = scanner.scan(root, prefix, on_verdict=on_verdict)
         if store is not None:
             store.record_scan(prefix, result)
@@ -181,6 +209,7 @@ def rescan(
     return result
 
 
+@storage_boundary
 def seal(
     url: str,
     *,
@@ -199,6 +228,7 @@ def seal(
     upload_from: str | None = None,
     allow_incomplete: bool = False,
     span_bytes: int = sealing.SPAN_BYTES,
+    progress: ByteProgress | None = None,
 ) -> Manifest:
     """Seal the checkpoint at `url`, with a probe baseline when a model factory and batch are given.
 
@@ -206,6 +236,7 @@ def seal(
     run first; an `unsafe` one is refused always, an `incomplete` one unless `allow_incomplete`, a
     damaged or partial one unless `force`. With `upload_from`, first upload that local folder to
     `url`, with server-side checksums. Files larger than `span_bytes` (0: none) get span digests.
+    `progress` counts the bytes expected (every listed byte, for the digests) and read.
     """
     if span_bytes < 0:
         raise UsageError(f"span_bytes must be 0 (no span digests) or positive, got {span_bytes}")
@@ -216,20 +247,31 @@ def seal(
         fs, _ = open_checked(url, storage_options)
     if upload_from is not None:
         sealing.upload_dir(fs, upload_from, fs._strip_protocol(url))
-    checked = _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs)
+    checked = _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs, progress=progress)
     # The check already read the step from the files' contents: no second completeness pass.
     step = step if step is not None else checked.step
-    return sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
-                        git_commit=git_commit, probe=builder, write_options=write_options, span_bytes=span_bytes)
+    manifest = sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
+                            git_commit=git_commit, probe=builder, write_options=write_options, span_bytes=span_bytes,
+                            on_bytes=progress.add if progress else None)
+    if progress is not None:
+        progress.checkpoint_done()
+    return manifest
 
 
-def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int) -> Verdict:
+def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int,
+                    progress: ByteProgress | None = None) -> Verdict:
     """Judge the checkpoint as it is, unsealed; refuse to seal what fails (UsageError naming why)."""
-    with Scanner(fs, build_options(Tier.CONTENT), jobs=jobs) as scanner:
+    # Values are not read here: the seal reads them with the digests and refuses non-finite weights itself.
+    options = build_options(Tier.CONTENT)
+    options.check_values = False
+    with Scanner(fs, options, jobs=jobs, progress=progress) as scanner:
         try:
             ck = locate(scanner.reader, fs._strip_protocol(url), url)
         except StorageError as e:
             raise UsageError(str(e)) if "does not exist" in str(e) else e from e
+        if progress is not None:
+            # The digests read every byte; this check, of an unsealed checkpoint, only what its formats need.
+            progress.expect(sum(int(i.get("size") or 0) for i in ck.files.values()), 1)
         ck.manifest_path = None  # what is there now, not what an older manifest said
         verdict = verify_checkpoint(ck, scanner.context())
     why = "; ".join(f"{f.code}{' in ' + f.file if f.file else ''}: {f.detail}"
@@ -274,6 +316,7 @@ def verdict_record(verdict: Verdict) -> dict[str, Any]:
     return {**verdict.to_dict(), "tiers": {verdict.tier: verdict.status}}
 
 
+@storage_boundary
 def latest(
     prefix: str,
     *,
@@ -370,6 +413,7 @@ def retention_items(prefix: str, *, config: Config | None = None, storage_option
     return fs, root, items
 
 
+@storage_boundary
 def retention_plan(prefix: str, *, policy: RetentionConfig | None = None, config: Config | None = None,
                    storage_options: dict[str, Any] | None = None) -> Plan:
     """Plan retention for every run under `prefix` (nothing is deleted)."""
@@ -393,6 +437,7 @@ def _delete_checkpoint(fs: AbstractFileSystem, root: str, item: Item) -> None:
             logger.warning("retention: %s was already gone", target)
 
 
+@storage_boundary
 def retention_apply(prefix: str, *, policy: RetentionConfig | None = None, config: Config | None = None,
                     storage_options: dict[str, Any] | None = None,
                     on_deleted: Callable[[Decision], None] | None = None) -> Plan:
@@ -505,6 +550,7 @@ def _points_of(reader: Reader, checkpoints: Sequence[Checkpoint], manifests: Seq
     return {p.url: p for p in points if p is not None}
 
 
+@storage_boundary
 def history(run_url: str, *, config: Config | None = None, storage_options: dict[str, Any] | None = None,
             limit: int = HISTORY_LIMIT, jobs: int = 8) -> dict[str, Any]:
     """The series of the run at `run_url`, read from its checkpoints' manifests and probe references

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,11 +16,12 @@ from urllib.parse import quote, urlsplit
 import click
 from pydantic import ValidationError
 
-from auditor import __version__, api, logs, storage
+from auditor import __version__, api, explain, logs, storage
 from auditor.config import Config, ReadConfig, load_config, load_yaml, parse_duration
 from auditor.errors import AuditorError, UsageError
-from auditor.model import FAILURES, TIERS, Assurance, ScanResult, Severity, Status, Verdict
+from auditor.model import FAILURES, STATUS_OF_CODE, TIERS, Assurance, ScanResult, Severity, Status, Tier
 from auditor.probe import parse_allow_pattern
+from auditor.progress import ByteProgress
 from auditor.retention import Decision, Plan, RetentionConfig
 from auditor.sealing import SPAN_BYTES
 
@@ -112,24 +116,83 @@ def _no_remote_allow(allow_factory: tuple[str, ...]) -> None:
                          "scan.allow_factories lists")
 
 
-class Progress:
-    """Progress on stderr: a live line on a terminal, a line every few seconds otherwise."""
+PROGRESS_EVERY = 10.0  # seconds between JSON progress lines when stderr is not a terminal
 
-    def __init__(self, label: str, every: float = 10.0) -> None:
-        self.label = label
-        self.tty = sys.stderr.isatty()
+
+class Reporter:
+    """Show a ByteProgress on stderr while a command reads: a tqdm bar (bytes, rate, ETA) on a terminal,
+    one JSON line every `every` seconds otherwise (fields: docs/contract.md, "Progress"), nothing if quiet.
+
+    A thread samples the counters, so the reader threads never wait on the terminal.
+    """
+
+    def __init__(self, command: str, *, quiet: bool = False, every: float = PROGRESS_EVERY,
+                 tty: bool | None = None) -> None:
+        self.command = command
+        self.progress = ByteProgress()
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty() if tty is None else tty
         self.every = every
-        self.last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bar: Any = None
 
-    def __call__(self, verdict: Verdict, done: int, total: int) -> None:
-        now = time.monotonic()
-        if self.tty:
-            click.echo(f"\r\033[K{self.label} [{done}/{total}] {verdict.status:<12} {verdict.url}", err=True, nl=False)
-            if done == total:
-                click.echo("", err=True)
-        elif now - self.last >= self.every or done == total and total > 50:
-            self.last = now
-            click.echo(f"{self.label}: {done}/{total} checkpoints", err=True)
+    def __enter__(self) -> ByteProgress:
+        if not self.quiet:
+            self._thread = threading.Thread(target=self._loop, name="auditor-progress", daemon=True)
+            self._thread.start()
+        return self.progress
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._render(final=True)
+            if self._bar is not None:
+                self._bar.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25 if self.tty else self.every):
+            self._render(final=False)
+
+    def _render(self, *, final: bool) -> None:
+        snap = self.progress.snapshot()
+        if not self.tty:
+            click.echo(json.dumps({"event": "progress", "command": self.command, **snap, "final": final}), err=True)
+            return
+        if self._bar is None:
+            # Lazy: tqdm only when a terminal is there to draw on.
+            from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no stubs
+
+            self._bar = tqdm(total=snap["bytes_total"] or None, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=self.command, file=sys.stderr, leave=True, **_bar_width(),
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                        "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+        bar = self._bar
+        if snap["bytes_total"] and bar.total != snap["bytes_total"]:
+            bar.total = snap["bytes_total"]
+        bar.n = min(snap["bytes_done"], bar.total or snap["bytes_done"])
+        if snap["checkpoints_total"] > 1:
+            bar.set_postfix_str(f"{snap['checkpoints_done']}/{snap['checkpoints_total']} checkpoints", refresh=False)
+        bar.refresh()
+
+
+def _bar_width() -> dict[str, Any]:
+    """Follow the terminal's size; one that reports none (a fresh pty is 0x0) gets 80x24, as tqdm hides
+    a bar on a screen of 0 rows."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    if size.columns > 0 and size.lines > 0:
+        return {"dynamic_ncols": True}
+    return {"ncols": size.columns or 80, "nrows": size.lines or 24}
+
+
+def _reporter(command: str) -> Reporter:
+    """The progress of this command, as the group's --quiet and --progress-every ask."""
+    obj = click.get_current_context().find_root().obj or {}
+    return Reporter(command, quiet=obj.get("quiet", False), every=obj.get("progress_every", PROGRESS_EVERY))
 
 
 def _table(result: ScanResult) -> str:
@@ -145,9 +208,19 @@ def _table(result: ScanResult) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + ("  " + r[4] if r[4] else "")
              for r in rows]
     summary = ", ".join(f"{n} {s}" for s, n in sorted(result.summary().items())) or "no checkpoints"
-    lines.append(f"\n{len(result.verdicts)} checkpoint(s) under {result.prefix} at tier {result.tier}: {summary}")
+    lines.append(f"\n{len(result.verdicts)} checkpoint(s) under {result.prefix} at tier {_tier_words(result)}: "
+                 f"{summary}")
     lines.append(_coverage_line(result))
     return "\n".join(lines)
+
+
+def _tier_words(result: ScanResult) -> str:
+    """`probe` when every checkpoint was probed; `content, probe on N of M` when some were."""
+    reached = result.tier_reached()
+    probed = sum(1 for v in result.verdicts if v.tier == Tier.PROBE)
+    if reached == Tier.PROBE and probed < len(result.verdicts):
+        return f"{Tier.CONTENT}, {Tier.PROBE} on {probed} of {len(result.verdicts)}"
+    return str(reached)
 
 
 def _coverage_line(result: ScanResult) -> str:
@@ -227,10 +300,15 @@ def _config(path: str | None) -> Config:
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="auditor")
-@click.option("-v", "--verbose", count=True, help="More logs on stderr (JSON lines); also after the subcommand.")
+@click.option("-v", "--verbose", count=True,
+              help="More logs on stderr (JSON lines); -v adds a line per file read. Also after the subcommand.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (for scripts); errors are still printed.")
+@click.option("--progress-every", type=click.FloatRange(0.1, 3600), default=PROGRESS_EVERY, show_default=True,
+              metavar="SECONDS", help="Seconds between JSON progress lines on stderr when it is not a terminal.")
 @click.pass_context
-def main(ctx: click.Context, verbose: int) -> None:
+def main(ctx: click.Context, verbose: int, quiet: bool, progress_every: float) -> None:
     """Seal, verify and watch machine-learning training checkpoints."""
+    ctx.obj = {"quiet": quiet, "progress_every": progress_every}
     ctx.meta[_VERBOSE] = ctx.meta.get(_VERBOSE, 0) + verbose
     # A subcommand's -v is parsed after this, and raises the level again (_set_verbose).
     logs.configure("DEBUG" if ctx.meta[_VERBOSE] > 1 else "INFO" if ctx.meta[_VERBOSE] else "WARNING")
@@ -272,9 +350,10 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
             raise UsageError(f"--part-size: {e.errors()[0]['msg']} (got {part_size!r})") from e
         scan = base.model_copy(update={**_deadlines(file_timeout, checkpoint_timeout), "read": settings})
         strict_ = strict or scan.strict
-        result = api.verify_url(checkpoint_url, tier=tier, strict=strict_, jobs=jobs or scan.jobs,
-                                storage_options=_options(storage_option), require_assurance=require_assurance,
-                                scan=scan, allow_factories=allow_factory)
+        with _reporter("verify") as progress:
+            result = api.verify_url(checkpoint_url, tier=tier, strict=strict_, jobs=jobs or scan.jobs,
+                                    storage_options=_options(storage_option), require_assurance=require_assurance,
+                                    scan=scan, allow_factories=allow_factory, progress=progress)
         _emit(result, as_json)
         return result.exit_code(strict_)
 
@@ -330,11 +409,13 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
             settle = parse_duration(settle_time) if settle_time is not None else None
         except ValueError as e:
             raise UsageError(f"--settle-time: {e}") from e
-        progress = None if as_json and not sys.stderr.isatty() else Progress("rescan")
-        result = api.rescan(prefix, config=cfg, tier=tier, strict=strict, jobs=jobs, settle_seconds=settle,
-                            storage_options=_options(storage_option), on_verdict=progress,
-                            require_assurance=require_assurance, allow_factories=allow_factory,
-                            dask=dask_address, **_deadlines(file_timeout, checkpoint_timeout))
+        deadlines = _deadlines(file_timeout, checkpoint_timeout)
+        with _reporter("rescan") as progress:
+            result = api.rescan(prefix, config=cfg, tier=tier, strict=strict, jobs=jobs, settle_seconds=settle,
+                                storage_options=_options(storage_option), require_assurance=require_assurance,
+                                allow_factories=allow_factory, dask=dask_address, progress=progress,
+                                file_timeout=deadlines.get("file_timeout"),
+                                checkpoint_timeout=deadlines.get("checkpoint_timeout"))
         _emit(result, as_json)
         return _scan_exit(result, strict_, fail_on_empty)
 
@@ -388,10 +469,11 @@ def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | Non
                     raise UsageError(f"--run-config {run_config} is not valid YAML: {e}") from e
             if not isinstance(cfg, dict):
                 raise UsageError(f"--run-config {run_config} must hold a mapping")
-        manifest = api.seal(checkpoint_url, step=step, force=force, jobs=jobs, run_config=cfg,
-                            model_factory=model_factory, model_kwargs=kwargs, probe_batch=probe_batch,
-                            storage_options=_options(storage_option), upload_from=upload_from,
-                            allow_incomplete=allow_incomplete, span_bytes=span_mib * 2**20)
+        with _reporter("seal") as progress:
+            manifest = api.seal(checkpoint_url, step=step, force=force, jobs=jobs, run_config=cfg,
+                                model_factory=model_factory, model_kwargs=kwargs, probe_batch=probe_batch,
+                                storage_options=_options(storage_option), upload_from=upload_from,
+                                allow_incomplete=allow_incomplete, span_bytes=span_mib * 2**20, progress=progress)
         if as_json:
             click.echo(manifest.to_json().decode())
         else:
@@ -512,6 +594,37 @@ def latest(prefix: str, run_name: str | None, config_path: str | None, daemon: s
         return 0
 
     _run(body, as_json)
+
+
+@main.command("explain")
+@click.argument("code", required=False)
+@click.option("--list", "list_all", is_flag=True, help="Print every finding code with its meaning.")
+def explain_code(code: str | None, list_all: bool) -> None:
+    """Say what a finding code means and which status it implies (exit 2 for an unknown code)."""
+
+    def body() -> int:
+        if list_all:
+            click.echo("\n".join(_explained(c) for c in sorted(explain.EXPLANATIONS)))
+            return 0
+        if not code:
+            raise UsageError("explain needs a finding code, e.g. `auditor explain size_mismatch` (or --list)")
+        click.echo(_explained(code.strip().lower()))
+        return 0
+
+    _run(body)
+
+
+def _explained(code: str) -> str:
+    """`CODE (status): meaning`; UsageError (exit 2) naming the nearest codes for one that has no explanation."""
+    try:
+        text = explain.explain(code)
+    except KeyError as e:
+        near = difflib.get_close_matches(code, explain.EXPLANATIONS, n=5, cutoff=0.5) or [
+            c for c in sorted(explain.EXPLANATIONS) if code and code in c][:5]
+        hint = f"; did you mean {', '.join(near)}?" if near else "; `auditor explain --list` lists every code"
+        raise UsageError(f"unknown finding code {code!r}{hint}") from e
+    status = STATUS_OF_CODE.get(code)
+    return f"{code} ({status or 'warning or info: no status of its own'}): {text.replace('`', '')}"
 
 
 # ---------------------------------------------------------------- retention

@@ -1,4 +1,4 @@
-"""Streaming sha256 + crc32c of whole files, and per-tensor sha256 of safetensors data."""
+"""Streaming sha256 + crc32c of whole files, per-tensor sha256 and values (tensorstats) of safetensors data."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import google_crc32c
+
+from auditor.manifest import TensorStats
+from auditor.values import ValueScan
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class FileDigest:
     tensors: dict[str, str] = field(default_factory=dict)
     # sha256 of consecutive `block`-byte spans [0, block), [block, 2 block), ... (the last may be short).
     blocks: list[str] = field(default_factory=list)
+    # Per-tensor statistics of the floating-point tensors, when a ValueScan was given (tensorstats).
+    stats: dict[str, TensorStats] = field(default_factory=dict)
 
 
 def crc32c_hex(value: int) -> str:
@@ -65,9 +70,10 @@ def _as_bytes(chunk: bytes | bytearray | memoryview) -> bytes:
 
 
 class _SideDigests:
-    """The crc32c, per-span and per-block sha256 of a stream, fed its chunks in order, on one thread at a time."""
+    """The crc32c, per-span and per-block sha256 and the tensor values of a stream, fed its chunks in order,
+    on one thread at a time."""
 
-    def __init__(self, spans: Sequence[Span], block: int = 0) -> None:
+    def __init__(self, spans: Sequence[Span], block: int = 0, values: ValueScan | None = None) -> None:
         self.crc = 0
         self.span_hashes = {s.name: hashlib.sha256() for s in spans}
         self.ordered = sorted(spans, key=lambda s: s.start)
@@ -75,9 +81,12 @@ class _SideDigests:
         self.pos = 0
         self.block = block
         self.block_hashes: list[Any] = []
+        self.values = values
 
     def feed(self, chunk: bytes) -> None:
         self.crc = google_crc32c.extend(self.crc, chunk)
+        if self.values is not None:
+            self.values.feed(chunk)
         if self.block:
             self._feed_blocks(chunk)
         pos, end, ordered = self.pos, self.pos + len(chunk), self.ordered
@@ -109,6 +118,9 @@ class _SideDigests:
     def blocks(self) -> list[str]:
         return [h.hexdigest() for h in self.block_hashes]
 
+    def stats(self) -> dict[str, TensorStats]:
+        return self.values.results() if self.values is not None else {}
+
 
 class _Failed:
     """What the pump raised, carried to the caller through the queue."""
@@ -123,10 +135,10 @@ _END = object()
 class _Pump:
     """A daemon thread that reads the rest of a stream, hashes crc32c and spans, and hands chunks on.
 
-    The caller takes each chunk (the same bytes object, no copy) for its sha256. Reads, hashlib and
-    google_crc32c all release the GIL on large buffers, so the caller's sha256 of one chunk runs
-    while this thread hashes and reads the next: on a large file only the sha256 is left on the
-    wall clock. Errors of the stream (a storage fault, a deadline) reach the caller unchanged.
+    The caller takes each chunk (the same bytes object, no copy) for its sha256. Reads, hashlib,
+    google_crc32c and numpy (the tensor values) all release the GIL on large buffers, so the caller's
+    sha256 of one chunk runs while this thread hashes and reads the next: on a large file only the
+    sha256 is left on the wall clock. Errors of the stream (a storage fault, a deadline) reach the caller unchanged.
     """
 
     def __init__(self, chunks: Iterator[bytes | bytearray | memoryview], side: _SideDigests) -> None:
@@ -193,19 +205,20 @@ class _Pump:
 
 
 def digest_chunks(chunks: Iterable[bytes | bytearray | memoryview], spans: Sequence[Span] = (),
-                  block: int = 0) -> FileDigest:
+                  block: int = 0, values: ValueScan | None = None) -> FileDigest:
     """Hash a stream of chunks; with `spans`, also hash each span's bytes on the way past; with
-    `block`, also each consecutive `block`-byte span's (FileDigest.blocks), in the same read.
+    `block`, also each consecutive `block`-byte span's (FileDigest.blocks); with `values`, also take
+    the statistics of each floating-point tensor (FileDigest.stats): all in the same read.
 
     The whole-file sha256 runs on the calling thread. Once the stream passes THREAD_MIN_BYTES, the
-    rest of it is read on a helper thread that also computes crc32c and the span digests (see
-    _Pump), so on a large file they add nothing to the wall time while a second core is free.
+    rest of it is read on a helper thread that also computes crc32c, the span digests and the
+    values (see _Pump), so on a large file they add nothing to the wall time while a second core is free.
     The results are the same either way, byte for byte.
     """
     if block < 0:
         raise ValueError(f"block must be 0 (none) or a positive byte count, got {block}")
     sha = hashlib.sha256()
-    side = _SideDigests(spans, block)
+    side = _SideDigests(spans, block, values)
     it = iter(chunks)
     pos = 0
     for chunk in it:
@@ -234,7 +247,7 @@ def digest_chunks(chunks: Iterable[bytes | bytearray | memoryview], spans: Seque
 
 def _result(size: int, sha: Any, side: _SideDigests) -> FileDigest:
     return FileDigest(size=size, sha256=sha.hexdigest(), crc32c=crc32c_hex(side.crc), tensors=side.tensors(),
-                      blocks=side.blocks())
+                      blocks=side.blocks(), stats=side.stats())
 
 
 def digest_bytes(data: bytes) -> FileDigest:

@@ -33,6 +33,13 @@ class StorageError(AuditorError):
     exit_code = 3
 
 
+class StorageIOError(StorageError, OSError):
+    """A storage failure caught at the public API (auditor.api.storage_boundary), naming the URL.
+
+    Still an OSError, as what it wraps mostly was: callers that caught OSError keep working.
+    """
+
+
 class CheckpointRefused(AuditorError):
     """A checkpoint failed verification and was not loaded."""
 

@@ -19,6 +19,7 @@ from auditor import safejson, zipcheck
 from auditor.digests import Span
 from auditor.manifest import PathOutsideCheckpoint, check_relpath
 from auditor.storage import Reader
+from auditor.values import FLOAT_DTYPE_NAMES, FloatTensor, ValueScan
 from auditor.zipcheck import ZIP_MAGIC
 
 # The safetensors library's own limits (MAX_HEADER_SIZE, and serde_json's recursion limit of 128
@@ -66,6 +67,11 @@ class SafetensorsHeader:
         """Return each tensor's byte range, for per-tensor hashing."""
         return [Span(t.name, t.start, t.end) for t in self.tensors]
 
+    def float_tensors(self) -> list[FloatTensor]:
+        """The floating-point tensors whose values the auditor decodes (F64, F32, F16, BF16)."""
+        return [FloatTensor(t.name, t.dtype, t.shape, t.start, t.end) for t in self.tensors
+                if t.dtype in FLOAT_DTYPE_NAMES]
+
 
 def parse_safetensors_header(reader: Reader, path: str, size: int) -> SafetensorsHeader:
     """Read and validate a safetensors header: accepted exactly when the safetensors library accepts it.
@@ -88,6 +94,18 @@ def parse_safetensors_header(reader: Reader, path: str, size: int) -> Safetensor
         raise FormatError("truncated", f"{path}: header cut short at {len(raw)} of {n} bytes")
     metadata, specs = _decode_header(path, raw)
     return _validate_header(path, metadata, specs, 8 + n, size)
+
+
+def value_scan(path: str, size: int, full: bool = True) -> ValueScan:
+    """A scan of a safetensors file's floating-point values that reads the header from the stream itself,
+    validated as `parse_safetensors_header` validates it (a header it refuses gives no statistics).
+    `full=False` counts NaN and Inf only (see ValueScan)."""
+
+    def parse(head: bytes) -> list[FloatTensor]:
+        metadata, specs = _decode_header(path, head[8:])
+        return _validate_header(path, metadata, specs, len(head), size).float_tensors()
+
+    return ValueScan(parse=parse, limit=MAX_SAFETENSORS_HEADER, full=full)
 
 
 class _Object(list[tuple[str, Any]]):

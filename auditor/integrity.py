@@ -13,12 +13,13 @@ from typing import Any
 
 from auditor import formats, pickles, safejson
 from auditor.backends import Backend
-from auditor.digests import digest_chunks
+from auditor.digests import FileDigest, digest_chunks
 from auditor.layouts import Checkpoint
-from auditor.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SpanDigests
+from auditor.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SpanDigests, TensorStats
 from auditor.model import Finding, Severity
 from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import Abandoned, PathHazard, Reader, StorageFault, object_version
+from auditor.values import Counts, ValueScan, label, nonfinite_detail
 from auditor.zipcheck import ZIP_MAGIC
 
 logger = logging.getLogger(__name__)
@@ -83,21 +84,98 @@ def probe_paths(manifest: Manifest | None) -> set[str]:
     return {manifest.probe.batch.path, manifest.probe.outputs.reference}
 
 
+# ---------------------------------------------------------------- the values of the weights (issue 15)
+
+
+def holds_weights(rel: str, manifest: Manifest | None) -> bool:
+    """Tell whether the values of file `rel` are checked: a safetensors file that is not the probe's own
+    batch or reference outputs (inputs may hold -Inf masks; outputs say nothing the weights do not)."""
+    return rel.endswith(".safetensors") and rel not in probe_paths(manifest)
+
+
+def value_scan(rel: str, path: str, size: int, manifest: Manifest | None) -> ValueScan | None:
+    """A scan of the file's floating-point values for the read about to happen, or None if they are not checked.
+
+    It counts NaN and Inf only: that is all a verdict needs, and it costs one integer pass per chunk
+    (norms and samples are the seal's, recorded once in the manifest).
+    """
+    return formats.value_scan(path, size, full=False) if holds_weights(rel, manifest) else None
+
+
+def nonfinite_finding(rel: str, stats: dict[str, TensorStats] | dict[str, Counts], labels: dict[str, str],
+                      how: str = "") -> list[Finding]:
+    """`nonfinite_weights` on file `rel` when a tensor of `stats` holds NaN or Inf (none otherwise)."""
+    detail = nonfinite_detail(stats, labels)
+    return [] if detail is None else [Finding.error("nonfinite_weights", rel, how + detail)]
+
+
+def read_nonfinite(rel: str, values: ValueScan | None) -> list[Finding]:
+    """What a read's value scan found: `nonfinite_weights` naming the tensors, or nothing."""
+    if values is None:
+        return []
+    return nonfinite_finding(rel, values.counts(), values.labels())
+
+
+def recorded_nonfinite(manifest: Manifest, rels: set[str]) -> list[Finding]:
+    """`nonfinite_weights` from the statistics the manifest recorded at seal, for the files `rels`,
+    without reading them (the metadata tier; files verified elsewhere, span by span)."""
+    out = []
+    for rel, table in sorted((manifest.tensors or {}).items()):
+        if rel not in rels or not holds_weights(rel, manifest):
+            continue
+        stats = {name: t.stats for name, t in table.items() if t.stats is not None}
+        out += nonfinite_finding(rel, stats, {name: label(t.dtype, t.shape) for name, t in table.items()},
+                                 "recorded at seal: ")
+    return out
+
+
+def check_values(reader: Reader, rel: str, path: str, size: int) -> list[Finding]:
+    """Read an unsealed safetensors file for its values alone: `nonfinite_weights` if a tensor holds NaN or Inf."""
+    values = value_scan(rel, path, size, None)
+    if values is None:
+        return []
+    try:
+        for chunk in reader.iter_chunks(path, size=size):
+            values.feed(chunk)
+    except FileNotFoundError:
+        return []  # gone since listing: the checkpoint's other checks say what is missing
+    return read_nonfinite(rel, values)
+
+
+def digest_observed(reader: Reader, rel: str, path: str, size: int) -> tuple[FileDigest, list[Finding]]:
+    """Digest an unsealed file (listed with `size` bytes) to keep as its first-sight baseline, checking its
+    values in the same read."""
+    values = value_scan(rel, path, size, None)
+    got = digest_chunks(reader.iter_chunks(path), values=values)
+    return got, read_nonfinite(rel, values)
+
+
+# ---------------------------------------------------------------- digests
+
+
 def digest_file(reader: Reader, entry: FileEntry, path: str, manifest: Manifest | None,
                 info: dict[str, Any] | None = None) -> list[Finding]:
-    """Digest one file against its entry; narrow a mismatch down to tensors or zip members."""
+    """Digest one file against its entry; narrow a mismatch down to tensors or zip members.
+
+    A safetensors file's floating-point values are checked in the same read (`nonfinite_weights`).
+    """
     size = int((info or {}).get("size") or entry.size)
+    values = value_scan(entry.path, path, size, manifest)
     try:
-        got = digest_chunks(reader.iter_chunks(path, size=size))
+        got = digest_chunks(reader.iter_chunks(path, size=size), values=values)
     except FileNotFoundError:
         # Gone between listing and reading: ask again before saying so.
         try:
-            reader.info(path)
+            now = reader.info(path)
         except FileNotFoundError:
             return [Finding.error("file_missing", entry.path, "vanished between listing and reading")]
-        got = digest_chunks(reader.iter_chunks(path))
+        values = value_scan(entry.path, path, int(now.get("size") or size), manifest)
+        got = digest_chunks(reader.iter_chunks(path), values=values)
+    # One line per file read: what `-v` adds to the command's output.
+    logger.info("read %s: %d bytes", path, got.size,
+                extra={"event": "file", "file": path, "bytes": got.size, "check": "digest"})
     if got.size == entry.size and got.sha256 == entry.sha256 and got.crc32c == entry.crc32c:
-        return []
+        return read_nonfinite(entry.path, values)
     if got.size < entry.size:
         return [Finding.error("truncated", entry.path, f"read {got.size} bytes, sealed with {entry.size}")]
     # Read once more before calling it corrupt, pinned to the version listed where the store has
@@ -109,14 +187,17 @@ def digest_file(reader: Reader, entry: FileEntry, path: str, manifest: Manifest 
         Finding.warning("object_rewritten", entry.path, f"rewritten since listing ({listed} -> {object_version(now)})")]
     # The re-read also digests the sealed spans, if any, to narrow damage to byte ranges for free.
     block = entry.spans.size if entry.spans else 0
-    again = digest_chunks(reader.iter_chunks(path, size=int(now.get("size") or size), **pin), block=block)
+    reread_size = int(now.get("size") or size)
+    values = value_scan(entry.path, path, reread_size, manifest)
+    again = digest_chunks(reader.iter_chunks(path, size=reread_size, **pin), block=block, values=values)
     if again.sha256 == entry.sha256 and again.size == entry.size:
         logger.warning("digest of %s matched on re-read; first read was inconsistent", path)
-        return note + [Finding.warning("reread_matched", entry.path, "first read mismatched, second matched")]
+        return note + [Finding.warning("reread_matched", entry.path, "first read mismatched, second matched")
+                       ] + read_nonfinite(entry.path, values)
     # The narrowed findings come first: they name what changed.
     return note + compare_spans(entry, again.blocks) + narrow(reader, entry, path, manifest, again.size) + [
         Finding.error("digest_mismatch", entry.path, f"sha256 {again.sha256}, sealed {entry.sha256}")
-    ]
+    ] + read_nonfinite(entry.path, values)
 
 
 def compare_spans(entry: FileEntry, got: list[str]) -> list[Finding]:
@@ -207,6 +288,9 @@ def dcp_extents(ck: Checkpoint, reader: Reader, meta_rel: str, findings: list[Fi
 def structural_file(reader: Reader, path: str, size: int
                     ) -> tuple[bool, formats.SafetensorsHeader | None, Finding | None]:
     rel = path.rsplit("/", 1)[-1]
+    # The unsealed path's line per file for `-v` (digest_file logs the sealed one's).
+    logger.info("checking %s by structure: %d bytes", path, size,
+                extra={"event": "file", "file": path, "bytes": size, "check": "structure"})
     try:
         if path.endswith(".safetensors"):
             return True, formats.parse_safetensors_header(reader, path, size), None

@@ -292,10 +292,16 @@ class ScanResult:
             return 3
         return 0
 
+    def tier_reached(self) -> str:
+        """The deepest tier any verdict was checked at: `probe` when a default-tier scan ran a probe,
+        the requested tier otherwise (a `probe` request on checkpoints without probes reached `content`)."""
+        reached = [v.tier for v in self.verdicts if v.status != Status.ERROR] or [self.tier]
+        return max(reached, key=TIERS.index)
+
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "prefix": self.prefix,
-            "tier": self.tier,
+            "tier": self.tier_reached(),
             "checkpoints": [v.to_dict() for v in self.verdicts],
             "summary": self.summary(),
             "coverage": self.coverage(),

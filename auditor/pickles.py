@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, cast
 
+from auditor.backends.local import is_local_fs
 from auditor.zipcheck import ZIP_MAGIC
 
 if TYPE_CHECKING:
@@ -1711,7 +1712,6 @@ def safe_torch_load(
 ) -> Any:
     """Load a torch.save file with weights_only=True, refusing it unless its skeleton reads clean."""
     import torch
-    from fsspec.implementations.local import LocalFileSystem
 
     with fs.open(path, "rb") as f:
         try:
@@ -1721,7 +1721,7 @@ def safe_torch_load(
             raise
         is_zip = skeleton.format == "zip"
         with _numpy_globals_allowed():
-            if isinstance(fs, LocalFileSystem):
+            if is_local_fs(fs):
                 # A path lets torch mmap a zip instead of reading tensors into memory. The file is
                 # opened anew, so weights_only guards it should it change after the scan.
                 local_path = fs.info(path)["name"]

@@ -19,9 +19,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-from fsspec import AbstractFileSystem
+from typing import TYPE_CHECKING, Any
 
 from auditor import completeness, formats
 from auditor.backends import backend_for
@@ -46,7 +44,11 @@ from auditor.manifest import (
 )
 from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import Reader, open_url
+from auditor.values import ValueScan, label, nonfinite_detail
 from auditor.verify import locate
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +122,15 @@ def digest_file(reader: Reader, rel: str, path: str, size: int, span_bytes: int 
         header = formats.parse_safetensors_header(reader, path, size)
     elif rel.endswith(TORCH_SUFFIXES) and formats.is_zip(reader, path, size):
         formats.check_zip(reader, path)
-    digest = digest_chunks(reader.iter_chunks(path), header.spans() if header else (), _block(size, span_bytes))
+    # The values of its floating-point tensors are taken in the same read as the digests (issue 15).
+    values = ValueScan(header.float_tensors()) if header is not None else None
+    digest = digest_chunks(reader.iter_chunks(path), header.spans() if header else (), _block(size, span_bytes),
+                           values)
     entry = _entry(rel, digest, span_bytes)
     tensors = None
     if header is not None:
-        tensors = {t.name: TensorEntry(dtype=t.dtype, shape=list(t.shape), sha256=digest.tensors[t.name])
+        tensors = {t.name: TensorEntry(dtype=t.dtype, shape=list(t.shape), sha256=digest.tensors[t.name],
+                                       stats=digest.stats.get(t.name))
                    for t in header.tensors}
     return entry, tensors
 
@@ -173,6 +179,17 @@ def split_digests(results: dict[str, Digested]) -> tuple[dict[str, FileEntry], d
     entries = {rel: entry for rel, (entry, _) in results.items()}
     tensors = {rel: t for rel, (_, t) in results.items() if t is not None}
     return entries, tensors
+
+
+def nonfinite_tensors(tensors: dict[str, dict[str, TensorEntry]]) -> str | None:
+    """Name the files and tensors whose sealed statistics count NaN or Inf, with the counts; None if none do."""
+    named = []
+    for rel, table in sorted(tensors.items()):
+        stats = {name: t.stats for name, t in table.items() if t.stats is not None}
+        detail = nonfinite_detail(stats, {name: label(t.dtype, t.shape) for name, t in table.items()})
+        if detail is not None:
+            named.append(f"{rel}: {detail}")
+    return "; ".join(named) or None
 
 
 def digest_written(reader: Reader, rel: str, path: str) -> Digested:
@@ -306,16 +323,18 @@ def seal(
     jobs: int = 4,
     write_options: dict[str, Any] | None = None,
     span_bytes: int = SPAN_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Seal the checkpoint at `url` and return its manifest, written last beside it.
 
     This is the pipeline only: `auditor.api.seal` first judges the checkpoint and refuses a failing one.
+    `on_bytes` is told the size of every chunk read (the CLI's progress).
     """
     if fs is None:
         fs, path = open_url(url, storage_options)
     else:
         path = fs._strip_protocol(url)
-    reader = Reader(fs)
+    reader = Reader(fs, on_bytes=on_bytes)
     try:
         ck = locate(reader, path, url)
     except StorageError as e:
@@ -326,6 +345,12 @@ def seal(
     if not ck.files:
         raise UsageError(f"{url} holds no files to seal")
     entries, tensors = digest_files(reader, ck, jobs=jobs, force=force, span_bytes=span_bytes)
+    nonfinite = nonfinite_tensors(tensors)
+    if nonfinite is not None:
+        if not force:
+            raise UsageError(f"refusing to seal {url}: nonfinite_weights: {nonfinite}; --force seals it anyway "
+                             "(the manifest records the counts, and verification reports them)")
+        logger.warning("sealing %s with non-finite weights (--force): %s", url, nonfinite)
     # After the digests, so that each identity names the bytes digested (see store_identity).
     record_identities(reader, ck, entries, jobs=jobs)
     # What the files hold, read from their contents as verification reads them.

@@ -1,4 +1,5 @@
-"""Storage access through fsspec: URLs, listing, bounded streaming reads, retries, throttle."""
+"""Storage access through fsspec (local paths through our own filesystem, no fsspec import): URLs, listing,
+bounded streaming reads, retries, throttle."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from concurrent.futures import Future, InvalidStateError
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fsspec
-from fsspec import AbstractFileSystem
+from auditor.backends import Backend, PathHazard, backend_class, backend_for, split_protocol
 
-from auditor.backends import Backend, PathHazard, backend_class, backend_for
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[A
     """Return the filesystem and the protocol-less path for a URL or a plain local path."""
     options = dict(storage_options or {})
     try:
-        protocol, _ = fsspec.core.split_protocol(url)
+        protocol, _ = split_protocol(url)
         fs, path = backend_class(protocol).open_url(url, options)
     except (ImportError, ValueError, TypeError) as e:
         raise ValueError(f"cannot open {url!r}: {e}") from e
@@ -123,6 +124,19 @@ def classify(exc: BaseException, what: str) -> BaseException:
     if isinstance(exc, PermissionError):
         return StorageFault(f"permission denied on {what}: {exc}")
     return StorageFault(f"{type(exc).__name__} on {what}: {exc}")
+
+
+# Top-level packages whose exceptions are storage trouble when they reach the public API: the SDKs
+# and HTTP stacks under fsspec's backends. Matched by module name, so none of them is imported here.
+_STORAGE_PACKAGES = frozenset({"botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "google", "requests", "urllib3",
+                               "aiohttp", "fsspec"})
+
+
+def is_storage_exception(exc: BaseException) -> bool:
+    """Tell whether `exc` came from storage (an OSError, or a storage SDK's own exception class)."""
+    if isinstance(exc, OSError):
+        return True
+    return any(c.__module__.split(".", 1)[0] in _STORAGE_PACKAGES for c in type(exc).__mro__)
 
 
 class Throttle:
@@ -796,13 +810,11 @@ def release_large_buffers() -> None:
     chunks; a fixed mmap threshold would too, but costs a page-fault storm per chunk (-30 % rate).
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
     try:
-        libc = ctypes.CDLL(name)
+        # The process's own symbols, libc's among them: ctypes.util.find_library would run
+        # `ldconfig -p` in a subprocess on every start to find the same library.
+        libc = ctypes.CDLL(None)
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune

@@ -11,13 +11,10 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from fsspec import AbstractFileSystem
+from typing import TYPE_CHECKING, Any, Protocol
 
 from auditor import completeness, foreign, formats, integrity, layouts
 from auditor.backends import backend_for
-from auditor.digests import digest_chunks
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import (
@@ -43,6 +40,7 @@ from auditor.model import (
     decide,
 )
 from auditor.probe import Prober
+from auditor.progress import ByteProgress
 from auditor.storage import (
     CHECKPOINT_TIMEOUT,
     FILE_TIMEOUT,
@@ -56,6 +54,9 @@ from auditor.storage import (
     Throttle,
 )
 from auditor.zipcheck import ZIP_MAGIC
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class Options:
     # Verifies a file that has sealed span digests span by span elsewhere (the Dask executor's
     # workers), in place of reading it here: (entry, path) -> findings. None: read here, whole.
     span_digester: Callable[[FileEntry, str], list[Finding]] | None = None
+    # At the content tier, read an unsealed checkpoint's safetensors files for NaN/Inf weights
+    # (`nonfinite_weights`). Off for seal's own check: the seal reads the values with the digests.
+    check_values: bool = True
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
@@ -257,14 +261,21 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
     _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
     sealed_headers: dict[str, formats.SafetensorsHeader] = {}
-    if tier != Tier.METADATA:
+    if tier == Tier.METADATA:
+        # No read: what the seal recorded of the values (a checkpoint sealed with --force) is the evidence.
+        findings += integrity.recorded_nonfinite(manifest, {e.path for e in entries})
+    else:
         _completeness(ck, reader, ctx, manifest, findings, verdict, sealed_headers)
     _cross_check_foreign(ck, reader, ctx, manifest, sealed_headers, findings)
     wants_probe = tier == Tier.PROBE or (ctx.options.probe_auto and tier == Tier.CONTENT and manifest.probe is not None)
     if wants_probe and manifest.probe is not None and ctx.options.prober and not _blocking(findings):
         findings += ctx.options.prober.check(reader, ck, manifest)
+        # The verdict says the tier that looked: a probe asked for implicitly (the default tier) ran here.
+        verdict.tier = Tier.PROBE
     elif tier == Tier.PROBE and manifest.probe is None:
         findings.append(Finding.info("no_probe", None, "the manifest records no probe; probe tier skipped"))
+        # Nothing was probed: recorded and counted as the content check it was, never as a probe `ok`.
+        verdict.tier = Tier.CONTENT
     return True
 
 
@@ -372,7 +383,8 @@ def _rel_to(ck: Checkpoint, path: str) -> str:
 
 
 # The probe loads weights: pointless, and possibly unsafe, once bytes are known bad.
-_BLOCKING = frozenset({Status.CORRUPT, Status.MISSING, Status.UNSAFE, Status.ERROR})
+# Nor once the weights hold NaN or Inf: the outputs could only be non-finite too.
+_BLOCKING = frozenset({Status.CORRUPT, Status.MISSING, Status.UNSAFE, Status.NONFINITE, Status.ERROR})
 
 
 def _blocking(findings: list[Finding]) -> bool:
@@ -495,7 +507,9 @@ def _bind_checksum(entry: FileEntry, path: str, info: dict[str, Any]) -> Callabl
 def _bind_digest(entry: FileEntry, path: str, manifest: Manifest | None, info: dict[str, Any],
                  spans: Callable[[FileEntry, str], list[Finding]] | None = None) -> Callable[[Reader], list[Finding]]:
     if spans is not None and entry.spans is not None and len(entry.spans.sha256) > 1:
-        return lambda reader: spans(entry, path)
+        # Its bytes are read elsewhere, span by span: its values are judged by what the seal recorded.
+        return lambda reader: spans(entry, path) + (integrity.recorded_nonfinite(manifest, {entry.path})
+                                                    if manifest is not None else [])
     return lambda reader: integrity.digest_file(reader, entry, path, manifest, info)
 
 
@@ -539,22 +553,39 @@ def _bind_structural(path: str, size: int) -> Callable[[Reader], Any]:
 
 
 def _digest_unsealed(ck: Checkpoint, reader: Reader, ctx: Context, verdict: Verdict) -> None:
-    """Record digests of an unsealed checkpoint when someone will keep them as a baseline."""
+    """Record digests of an unsealed checkpoint when someone will keep them as a baseline, and check
+    its weights' values (safetensors files), in the same read when both are wanted."""
     if ctx.options.baseline is None:
+        if ctx.options.check_values:
+            _check_unsealed_values(ck, reader, ctx, verdict)
         return
     root = ck.root
-    work = [(rel, _bind_whole_digest(f"{root}/{rel}")) for rel in ck.files]
-    for rel, d in ctx.run_files(reader, work):
-        if isinstance(d, Finding):
+    work = [(rel, _bind_observed(rel, f"{root}/{rel}", int(info.get("size") or 0))) for rel, info in ck.files.items()]
+    for rel, got in ctx.run_files(reader, work):
+        if isinstance(got, Finding):
             # An unreadable file: no baseline from a partial picture, and the check did not complete.
-            verdict.findings.append(d)
+            verdict.findings.append(got)
             verdict.observed.clear()
             return
+        d, found = got
+        verdict.findings.extend(found)
         verdict.observed[rel] = FileEntry(path=rel, size=d.size, sha256=d.sha256, crc32c=d.crc32c)
 
 
-def _bind_whole_digest(path: str) -> Callable[[Reader], Any]:
-    return lambda reader: digest_chunks(reader.iter_chunks(path))
+def _check_unsealed_values(ck: Checkpoint, reader: Reader, ctx: Context, verdict: Verdict) -> None:
+    root = ck.root
+    work = [(rel, _bind_values(rel, f"{root}/{rel}", int(info.get("size") or 0)))
+            for rel, info in sorted(ck.files.items()) if integrity.holds_weights(rel, None)]
+    for _rel, got in ctx.run_files(reader, work, what="reading the values of"):
+        verdict.findings.extend([got] if isinstance(got, Finding) else got)
+
+
+def _bind_observed(rel: str, path: str, size: int) -> Callable[[Reader], Any]:
+    return lambda reader: integrity.digest_observed(reader, rel, path, size)
+
+
+def _bind_values(rel: str, path: str, size: int) -> Callable[[Reader], list[Finding]]:
+    return lambda reader: integrity.check_values(reader, rel, path, size)
 
 
 def _storage_call(what: str, url: str, fn: Callable[[], Any]) -> Any:
@@ -677,7 +708,7 @@ class Scanner:
                  stop: threading.Event | None = None, list_jobs: int = 8,
                  file_timeout: float | None = FILE_TIMEOUT,
                  checkpoint_timeout: float | None = CHECKPOINT_TIMEOUT,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, progress: ByteProgress | None = None) -> None:
         if jobs < 1:
             raise UsageError(f"jobs must be at least 1, got {jobs}")
         for name, value in (("file_timeout", file_timeout), ("checkpoint_timeout", checkpoint_timeout)):
@@ -692,6 +723,10 @@ class Scanner:
         if list_jobs < 1:
             raise UsageError(f"list_jobs must be at least 1, got {list_jobs}")
         self.list_jobs = list_jobs
+        # `progress` counts what `run` expects to read and what the readers read (the CLI shows it).
+        self.progress = progress
+        if progress is not None and on_bytes is None:
+            on_bytes = progress.add
         self.reader = Reader(fs, throttle=throttle, on_bytes=on_bytes, read_slots=threading.BoundedSemaphore(jobs),
                              stop=stop, retries=backend_for(fs).own_retries,
                              stat_slots=threading.BoundedSemaphore(list_jobs), read=options.read)
@@ -763,6 +798,8 @@ class Scanner:
         With an executor, it runs them (one task per checkpoint) unless `in_process`: the daemon
         keeps its request-bound metadata sweep in its own threads.
         """
+        if self.progress is not None:
+            on_verdict = self._counting(checkpoints, on_verdict)
         if self.executor is not None and not in_process:
             return self.executor.run(self, checkpoints, options_for=options_for, on_verdict=on_verdict, stop=stop,
                                      until=until)
@@ -778,6 +815,23 @@ class Scanner:
             if on_verdict:
                 on_verdict(verdict, i + 1, len(tasks))
         return verdicts
+
+    def _counting(self, checkpoints: list[Checkpoint], on_verdict: Callable[[Verdict, int, int], None] | None
+                  ) -> Callable[[Verdict, int, int], None]:
+        """Tell the progress what `run` will read (every listed byte, beyond the metadata tier) and count
+        each verdict, then pass it on."""
+        progress = self.progress
+        assert progress is not None
+        deep = self.options.tier != Tier.METADATA
+        progress.expect(sum(int(i.get("size") or 0) for ck in checkpoints for i in ck.files.values()) if deep else 0,
+                        len(checkpoints))
+
+        def counted(verdict: Verdict, done: int, total: int) -> None:
+            progress.checkpoint_done()
+            if on_verdict is not None:
+                on_verdict(verdict, done, total)
+
+        return counted
 
     def scan(self, root: str, prefix_url: str, *, on_verdict: Callable[[Verdict, int, int], None] | None = None,
              stop: threading.Event | None = None) -> ScanResult:

@@ -1326,3 +1326,15 @@ def test_dockerfile_installs_dask():
     assert {re.match(r'\s*"([\w-]+)', req).group(1) for req in extra.group(1).split(",")} >= {"dask", "distributed"}
     build_runs = [rest for word, rest in dockerfile_instructions() if word == "RUN" and "./[" in rest]
     assert build_runs and "dask scheduler --version" in build_runs[0] and "dask worker --version" in build_runs[0]
+
+
+def test_dockerfile_installs_hf_for_hf_auto():
+    """`--model hf-auto` needs transformers and accelerate: the image has the hf extra and imports them (issue 17)."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    extras = re.search(r'pip install --no-cache-dir "\./\[([\w,]+)\]"', text)
+    assert extras and "hf" in extras.group(1).split(",")
+    extra = re.search(r"^hf = \[([^\]]*)\]$", (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    assert extra and {re.match(r'\s*"([\w-]+)', r).group(1) for r in extra.group(1).split(",")} >= {
+        "transformers", "accelerate"}
+    build_runs = [rest for word, rest in dockerfile_instructions() if word == "RUN" and "./[" in rest]
+    assert build_runs and "import transformers, accelerate" in build_runs[0]

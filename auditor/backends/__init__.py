@@ -7,16 +7,20 @@ store, write a Backend subclass with its `protocols` and add it to `_ALL`.
 
 from __future__ import annotations
 
-from fsspec import AbstractFileSystem
+from typing import TYPE_CHECKING
 
-from auditor.backends.base import UNRESOLVABLE_ERRNOS, Backend, ObjectIdentity, PathHazard, protocols
+from auditor.backends.base import UNRESOLVABLE_ERRNOS, Backend, ObjectIdentity, PathHazard, protocols, split_protocol
 from auditor.backends.gcs import GCSBackend
 from auditor.backends.hdfs import HDFSBackend
 from auditor.backends.local import LocalBackend
 from auditor.backends.s3 import S3Backend
 from auditor.backends.webhdfs import WebHDFSBackend
 
-__all__ = ["BACKENDS", "UNRESOLVABLE_ERRNOS", "Backend", "ObjectIdentity", "PathHazard", "backend_class", "backend_for"]
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+__all__ = ["BACKENDS", "UNRESOLVABLE_ERRNOS", "Backend", "ObjectIdentity", "PathHazard", "backend_class", "backend_for",
+           "split_protocol"]
 
 _ALL: tuple[type[Backend], ...] = (LocalBackend, S3Backend, GCSBackend, WebHDFSBackend, HDFSBackend)
 

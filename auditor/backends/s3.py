@@ -8,8 +8,6 @@ from collections.abc import Generator
 from contextlib import suppress
 from typing import Any
 
-from fsspec.asyn import sync
-
 from auditor.backends.base import Backend, ObjectIdentity, b64_to_hex
 
 # HeadObject fields of a whole-object checksum, in order of preference, and the manifest's name for each.
@@ -109,6 +107,9 @@ def _stream_get(fs: Any, path: str, start: int, end: int, chunk_size: int,
     The range keeps the read to the bytes the listing promised, whatever the object is now; the
     reader re-stats on a short body. Errors are s3fs's (FileNotFoundError, OSError, botocore's).
     """
+    # Imported here: every backend module is loaded by the registry, and a local run never imports fsspec.
+    from fsspec.asyn import sync
+
     bucket, key, version = fs.split_path(path)
     kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
     if version_id or version:

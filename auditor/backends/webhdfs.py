@@ -3,11 +3,12 @@ atomic renames."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from fsspec import AbstractFileSystem
+from typing import TYPE_CHECKING, Any
 
 from auditor.backends.base import Backend
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 HTTP_TIMEOUT = 60.0
 

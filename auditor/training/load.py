@@ -14,7 +14,7 @@ from fsspec import AbstractFileSystem
 from auditor import pickles
 
 # build_options is the wiring's (api); the engine's Scanner and locate stay in verify.
-from auditor.api import build_options, open_checked
+from auditor.api import build_options, open_checked, storage_boundary
 from auditor.errors import CheckpointRefused, StorageError, UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, safe_join
@@ -110,6 +110,7 @@ def _load_weights(reader: Reader, root: str, files: list[str], url: str) -> dict
     return state
 
 
+@storage_boundary
 def load_checkpoint(
     url: str,
     model: torch.nn.Module,
@@ -119,6 +120,7 @@ def load_checkpoint(
     *,
     tier: str | None = Tier.CONTENT,
     storage_options: dict[str, Any] | None = None,
+    ignore_scheduler_state: bool = False,
 ) -> Restored:
     """Verify the checkpoint at `url` and restore model, optimizer, scheduler, scaler and every generator.
 
@@ -126,17 +128,25 @@ def load_checkpoint(
     `probe` adds the probe, None runs it where the manifest has one) must return `ok`, else
     CheckpointRefused (exit code 1) names the failing findings; StorageError when it cannot complete.
     Returns `Restored(step, extra_state, url)`: resume with step `step + 1`.
+
+    A checkpoint that holds scheduler state is refused (UsageError) when no `scheduler` is given,
+    before anything is restored: resuming with a fresh schedule silently changes the learning rate.
+    `ignore_scheduler_state=True` loads it anyway, without the scheduler. Storage trouble is
+    StorageError naming the URL, never a storage SDK's own exception.
     """
     fs, path = open_checked(url, storage_options)
     manifest, ck, reader = _verified(fs, path, url, tier)
     root = ck.path
     ts = manifest.training_state
+    if scheduler is None and ts.scheduler and not ignore_scheduler_state:
+        raise UsageError(f"{url} holds scheduler state ({', '.join(ts.scheduler)}) and no scheduler was given: "
+                         "pass the scheduler to restore it, or ignore_scheduler_state=True to resume without it")
     _load_model(model, _load_weights(reader, root, ts.model, url), url)
     optimizer.load_state_dict(_torch_load(reader, root, _one(ts.optimizer, "optimizer", url)))
     if scheduler is not None:
         scheduler.load_state_dict(_torch_load(reader, root, _one(ts.scheduler, "scheduler", url)))
     elif ts.scheduler:
-        logger.info("%s holds scheduler state; no scheduler was given to restore it into", url)
+        logger.warning("%s holds scheduler state; not restored (ignore_scheduler_state=True)", url)
     if scaler is not None:
         if ts.scaler is None:
             raise UsageError(f"{url} holds no grad scaler state; pass scaler=None or resume from another checkpoint")

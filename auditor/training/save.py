@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 from fsspec.implementations.local import LocalFileSystem
 
 from auditor import completeness, pickles, probe
-from auditor.api import open_checked
+from auditor.api import open_checked, storage_boundary
 from auditor.errors import UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import SAVING_MARKER, FileEntry, Manifest, Probe, RunInfo
-from auditor.sealing import Digester, ProbeBuilder, build_manifest, run_info, split_digests
+from auditor.sealing import Digester, ProbeBuilder, build_manifest, nonfinite_tensors, run_info, split_digests
 from auditor.storage import Reader
 from auditor.training.commit import Staging, step_done
 from auditor.training.rng import capture_rng, restore_rng
@@ -174,13 +174,21 @@ def _probe(staging: Staging, entries: dict[str, FileEntry], step: int, builder: 
 
 
 def _seal(staging: Staging, step: int, digests: Digester, *, param_names: list[str], run: RunInfo | None,
-          probe_builder: ProbeBuilder | None) -> Manifest:
+          probe_builder: ProbeBuilder | None, allow_nonfinite: bool) -> Manifest:
     """Build the manifest from the files as written, with the probe baseline when asked."""
     results = digests.results()
     if set(results) != set(staging.written):
         raise AssertionError(f"digested {sorted(results)}, wrote {sorted(staging.written)}")
     staging.on_written = None  # the probe's files are digested from memory by the probe builder
     entries, tensors = split_digests(results)
+    # The values were read with the digests: a diverged model is refused before it is committed,
+    # so a resume never picks it up as the newest checkpoint.
+    nonfinite = nonfinite_tensors(tensors)
+    if nonfinite is not None:
+        if not allow_nonfinite:
+            raise UsageError(f"not saving {staging.url} at step {step}: the weights hold non-finite values "
+                             f"(nonfinite_weights): {nonfinite}; allow_nonfinite=True saves them anyway")
+        logger.warning("saving %s with non-finite weights (allow_nonfinite): %s", staging.url, nonfinite)
     state = completeness.inventory(entries, step=step)
     state.param_names = param_names  # read by completeness, to name a parameter without optimizer state
     probe_record = None
@@ -193,6 +201,7 @@ def _seal(staging: Staging, step: int, digests: Digester, *, param_names: list[s
 # ---------------------------------------------------------------- save
 
 
+@storage_boundary
 def save_checkpoint(
     url: str,
     step: int,
@@ -209,6 +218,7 @@ def save_checkpoint(
     run_id: str | None = None,
     git_commit: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Manifest:
     """Save everything needed to resume bit for bit into the folder `url`, seal it, and return the manifest.
 
@@ -216,6 +226,10 @@ def save_checkpoint(
     probe baseline. `config` is the run's configuration (optimizer, schedule, batch size, data
     version, `total_steps`...), recorded as `run.config` for retention. `extra_state` must hold only
     tensors and plain values. The process's generators are left exactly as they were.
+
+    Model weights holding NaN or Inf are refused (UsageError naming the tensors and counts; nothing
+    is committed) unless `allow_nonfinite=True`, which saves them with the counts in the manifest's
+    statistics; verification then reports the checkpoint `nonfinite` and `load_checkpoint` refuses it.
     """
     probe.check_probe_pair(model_factory, probe_batch)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -235,7 +249,7 @@ def save_checkpoint(
         staging.begin(step)
         _write_components(staging, step, model, optimizer, scheduler, scaler, rng, extra_state)
         manifest = _seal(staging, step, digests, param_names=_param_names(model, optimizer), run=run,
-                         probe_builder=builder)
+                         probe_builder=builder, allow_nonfinite=allow_nonfinite)
         step_done("sealed")
         staging.commit(manifest)
     except BaseException:
