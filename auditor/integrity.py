@@ -19,7 +19,7 @@ from auditor.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SpanDigest
 from auditor.model import Finding, Severity
 from auditor.pickles import TORCH_SUFFIXES
 from auditor.storage import Abandoned, PathHazard, Reader, StorageFault, object_version
-from auditor.values import Counts, ValueScan, label, nonfinite_detail
+from auditor.values import FLOAT_DTYPE_NAMES, Counts, ValueScan, label, nonfinite_detail
 from auditor.zipcheck import ZIP_MAGIC
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,19 @@ def value_scan(rel: str, path: str, size: int, manifest: Manifest | None) -> Val
     return formats.value_scan(path, size, full=False) if holds_weights(rel, manifest) else None
 
 
+def recorded_values(rel: str, manifest: Manifest | None) -> bool:
+    """Tell whether the seal recorded the values of every floating-point tensor of file `rel`.
+
+    Then bytes that match the sealed digest are the very bytes those statistics describe, and the
+    recorded NaN/Inf counts are the evidence: the content tier reads no values (and loads no numpy)
+    for such a file. A file sealed before statistics existed, or without them, is read for its values.
+    """
+    if manifest is None or not holds_weights(rel, manifest):
+        return False
+    table = (manifest.tensors or {}).get(rel)
+    return table is not None and all(t.stats is not None for t in table.values() if t.dtype in FLOAT_DTYPE_NAMES)
+
+
 def nonfinite_finding(rel: str, stats: dict[str, TensorStats] | dict[str, Counts], labels: dict[str, str],
                       how: str = "") -> list[Finding]:
     """`nonfinite_weights` on file `rel` when a tensor of `stats` holds NaN or Inf (none otherwise)."""
@@ -160,7 +173,8 @@ def digest_file(reader: Reader, entry: FileEntry, path: str, manifest: Manifest 
     A safetensors file's floating-point values are checked in the same read (`nonfinite_weights`).
     """
     size = int((info or {}).get("size") or entry.size)
-    values = value_scan(entry.path, path, size, manifest)
+    recorded = recorded_values(entry.path, manifest)
+    values = None if recorded else value_scan(entry.path, path, size, manifest)
     try:
         got = digest_chunks(reader.iter_chunks(path, size=size), values=values)
     except FileNotFoundError:
@@ -169,12 +183,14 @@ def digest_file(reader: Reader, entry: FileEntry, path: str, manifest: Manifest 
             now = reader.info(path)
         except FileNotFoundError:
             return [Finding.error("file_missing", entry.path, "vanished between listing and reading")]
-        values = value_scan(entry.path, path, int(now.get("size") or size), manifest)
+        values = None if recorded else value_scan(entry.path, path, int(now.get("size") or size), manifest)
         got = digest_chunks(reader.iter_chunks(path), values=values)
     # One line per file read: what `-v` adds to the command's output.
     logger.info("read %s: %d bytes", path, got.size,
                 extra={"event": "file", "file": path, "bytes": got.size, "check": "digest"})
     if got.size == entry.size and got.sha256 == entry.sha256 and got.crc32c == entry.crc32c:
+        if recorded and manifest is not None:
+            return recorded_nonfinite(manifest, {entry.path})
         return read_nonfinite(entry.path, values)
     if got.size < entry.size:
         return [Finding.error("truncated", entry.path, f"read {got.size} bytes, sealed with {entry.size}")]

@@ -31,7 +31,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 import auditor.api
-from auditor import digests, formats
+from auditor import digests, formats, tensorstats
 from auditor.api import build_options
 from auditor.config import Config
 from auditor.daemon import Daemon
@@ -251,9 +251,12 @@ def test_seal_cli_refuses_diverged_weights_and_force_records_the_counts(tmp_path
 # ---------------------------------------------------------------- a NaN written into a good sealed checkpoint
 
 
-def plant(folder: Path, tensor: str, index: int, value: float, rel: str = "model.safetensors") -> None:
+def plant(folder: Path, tensor: str, index: int, value: float, stats: str, rel: str = "model.safetensors") -> None:
     """Write `value` into float32 element `index` of `tensor`, then recompute the manifest's digests of the
-    file (sha256, crc32c, the tensor's sha256) so that only the values are wrong: the bytes match the manifest."""
+    file (sha256, crc32c, the tensor's sha256) so that only the values are wrong: the bytes match the manifest.
+
+    `stats="dropped"`: the file's statistics are removed, as in a manifest sealed before they existed;
+    `stats="recorded"`: they are those of the new bytes, as a seal of them (`--force`) records them."""
     path = folder / rel
     data = bytearray(path.read_bytes())
     at = tensor_offset(path, tensor) + 4 * index
@@ -267,10 +270,24 @@ def plant(folder: Path, tensor: str, index: int, value: float, rel: str = "model
     entry.sha256, entry.crc32c = got.sha256, got.crc32c
     for name, t in manifest.tensors[rel].items():
         t.sha256 = got.tensors[name]
+        if stats == "dropped":
+            t.stats = None
+        elif t.stats is not None:
+            lo, hi = _span(header, name)
+            t.stats = tensorstats.stats_of(t.dtype, t.shape, bytes(data[lo:hi]))
     mpath.write_bytes(manifest.to_json())
 
 
-def test_nan_written_into_a_sealed_checkpoint_fails_though_its_bytes_match(tmp_path):
+def _span(header: formats.SafetensorsHeader, name: str) -> tuple[int, int]:
+    (span,) = [s for s in header.spans() if s.name == name]
+    return span.start, span.end
+
+
+@pytest.mark.parametrize("stats", ["dropped", "recorded"])
+def test_nan_written_into_a_sealed_checkpoint_fails_though_its_bytes_match(tmp_path, stats):
+    """Bytes that match the manifest, values that are NaN. Without recorded statistics (a manifest sealed
+    before they existed) the content tier reads the values; with them, the bytes are proven to be the
+    ones whose counts the seal recorded, and those counts are the evidence at every tier."""
     prefix = tmp_path / "ckpts"
     run = prefix / "run"
     good = write_hf_checkpoint(run / "checkpoint-100", step=100)
@@ -281,21 +298,37 @@ def test_nan_written_into_a_sealed_checkpoint_fails_though_its_bytes_match(tmp_p
     weights = manifest.tensors["model.safetensors"]
     name = sorted(n for n, t in weights.items() if t.dtype == "F32")[0]
     assert weights[name].stats is not None and weights[name].stats.nonfinite == 0
-    plant(bad, name, 1, float("nan"))
+    plant(bad, name, 1, float("nan"), stats)
 
     v = verdict_of(str(bad))
     assert v.status == "nonfinite", v.findings
     assert not [f for f in v.findings if f.code in ("digest_mismatch", "tensor_digest_mismatch")]
     (f,) = errors(v)
     assert f.file == "model.safetensors" and f"{name!r}" in f.detail and "1 NaN of" in f.detail, f.detail
-    # The manifest recorded finite values: the metadata tier, which reads none, has nothing against it.
-    assert verdict_of(str(bad), tier="metadata").status == "ok"
+    # The metadata tier reads no values: it has only what the seal recorded.
+    assert verdict_of(str(bad), tier="metadata").status == ("ok" if stats == "dropped" else "nonfinite")
 
     assert auditor.api.latest(str(prefix))["url"] == str(good)
     r = cli("latest", "--prefix", str(prefix), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["url"] == str(good), r.stdout + r.stderr
     with pytest.raises(CheckpointRefused, match="nonfinite"):
         load_checkpoint(str(bad), torch.nn.Linear(1, 1), torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1))
+
+
+def test_recorded_values_are_not_read_again(tmp_path):
+    """A sealed file whose statistics are recorded and whose bytes match: its values are not scanned
+    (and numpy is not loaded for them), in a fresh process as the CLI runs."""
+    ck = write_hf_checkpoint(tmp_path / "run" / "checkpoint-100", step=100)
+    auditor.api.seal(str(ck))
+    code = ("import sys; from auditor import api; r = api.verify_url(sys.argv[1]); "
+            "print(r.verdicts[0].status, 'auditor.tensorstats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(ck)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["ok", "False"], out.stdout + out.stderr
+    # Dropping the statistics makes the same verify read the values.
+    plant(ck, sorted(n for n, t in parse_manifest((ck / MANIFEST_NAME).read_bytes()).tensors["model.safetensors"]
+                     .items() if t.dtype == "F32")[0], 0, 1.0, "dropped")
+    out = subprocess.run([sys.executable, "-c", code, str(ck)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["ok", "True"], out.stdout + out.stderr
 
 
 # ---------------------------------------------------------------- dtypes
