@@ -168,6 +168,28 @@ def test_daemon_takes_state_url_from_the_environment_and_reports_it(tmp_path: Pa
     assert state.exists()
 
 
+def test_one_config_file_daemon_waits_rescan_does_not(tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    """The same file without settle_time: the daemon holds a fresh checkpoint pending (10m), a rescan verifies it."""
+    prefix = tmp_path / "ckpts"
+    write_run(prefix / "run1", [1])
+    d = DaemonProcess(tmp_path, [{"url": str(prefix)}])
+    doc = yaml.safe_load(d.config.read_text())
+    del doc["scan"]["settle_time"]
+    d.config.write_text(yaml.safe_dump(doc))
+    daemons.append(d)
+    d.start()
+
+    def listed() -> list[dict]:
+        return d.get(f"/api/v1/checkpoints?prefix={prefix}").json()["checkpoints"]
+
+    d.wait(lambda: len(listed()) == 1, 60, "the checkpoint to be listed")
+    (row,) = listed()
+    assert row["status"] == "pending", row
+    assert "within the 600s settle time" in json.dumps(row), row
+    r = cli("rescan", "--prefix", str(prefix), "--config", str(d.config), "--json")
+    assert r.returncode == 0 and _statuses(r) == {"checkpoint-1": "ok"}, r.stdout
+
+
 # ---------------------------------------------------------------- item 6: error paths
 
 
