@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec import AbstractFileSystem
 
-from auditor import probe, sealing
-from auditor.config import Config, ScanConfig
+from auditor import probe, sealing, signing
+from auditor.config import Config, PrefixConfig, ScanConfig, TrustConfig
 from auditor.errors import StorageError, UsageError
 from auditor.executors import DASK, build_executor
 from auditor.layouts import Checkpoint
-from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
+from auditor.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
 from auditor.model import Assurance, ScanResult, Severity, Status, Tier, Verdict
 from auditor.retention import UNKNOWN, Decision, Item, Plan, RetentionConfig, config_key, plan_items
 from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, open_url
@@ -64,6 +64,17 @@ def build_options(
     )
 
 
+def signing_policy(trust: Sequence[str] = (), *, config: Config | None = None, prefix: PrefixConfig | None = None,
+                   scan: ScanConfig | None = None, signature_name: str | None = None) -> signing.Policy:
+    """Who a scan trusts: `--trust key:PATH` values plus the config's `trust:` (global and the prefix's),
+    whether a signature is required (scan.require_signature) and its name (sign.signature_name)."""
+    trusted = config.trust_for(prefix) if config else TrustConfig()
+    return signing.build_policy(trust, keys=trusted.keys, identities=[(i.identity, i.issuer) for i in trusted.sigstore],
+                                require=bool(scan and scan.require_signature),
+                                signature_name=signature_name or (config.sign.signature_name if config
+                                                                  else signing.SIGNATURE_NAME))
+
+
 def open_checked(url: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, str]:
     """Open a URL; a URL fsspec cannot open is a usage error (exit 2)."""
     try:
@@ -82,20 +93,26 @@ def verify_url(
     scan: ScanConfig | None = None,
     require_assurance: str | None = None,
     allow_factories: Sequence[str] = (),
+    trust: Sequence[str] = (),
+    config: Config | None = None,
+    signature_name: str | None = None,
 ) -> ScanResult:
     """Verify the checkpoint at `url`: one verdict, or one per checkpoint when `url` holds several.
 
     A folder that holds checkpoints (a run) is verified as `rescan` would; a folder that is none by
     its files is verified as one checkpoint of layout `unknown`, so nothing in it goes unchecked.
     `allow_factories` (MODULE:CALLABLE or MODULE:*) adds to `scan.allow_factories`: the probe factories
-    a manifest may name besides installed entry points.
+    a manifest may name besides installed entry points. `trust` (`key:PATH`) adds trusted signers to
+    the config's `trust:`; `scan.require_signature` fails a checkpoint no trusted signer signed.
     """
     scan = scan or ScanConfig(settle_time=0)
+    policy = signing_policy(trust, config=config, scan=scan, signature_name=signature_name)
     fs, path = open_checked(url, storage_options)
     options = build_options(tier, strict=strict, require=scan.require,
                             probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
                             allow_factories=[*scan.allow_factories, *allow_factories], read=scan.read.settings())
     options.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
+    options.signing = policy
     with Scanner(fs, options, jobs=jobs, file_timeout=scan.file_timeout,
                  checkpoint_timeout=scan.checkpoint_timeout) as scanner:
         result = scanner.scan(path, url)
@@ -125,6 +142,7 @@ def rescan(
     checkpoint_timeout: float | None = None,
     allow_factories: Sequence[str] = (),
     dask: str | None = None,
+    trust: Sequence[str] = (),
 ) -> ScanResult:
     """Verify every checkpoint under `prefix`; record verdicts in the state database when configured.
 
@@ -155,6 +173,7 @@ def rescan(
         read=scan.read.settings(),
     )
     opts.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
+    opts.signing = signing_policy(trust, config=config, prefix=cfg_prefix, scan=scan)
     store = None
     if config is not None:
         store = open_store(config)
@@ -192,6 +211,8 @@ def seal(
     upload_from: str | None = None,
     allow_incomplete: bool = False,
     span_bytes: int = sealing.SPAN_BYTES,
+    sign: str | signing.SignSpec | signing.Signer | None = None,
+    signature_name: str = signing.SIGNATURE_NAME,
 ) -> Manifest:
     """Seal the checkpoint at `url`, with a probe baseline when a model factory and batch are given.
 
@@ -199,9 +220,13 @@ def seal(
     run first; an `unsafe` one is refused always, an `incomplete` one unless `allow_incomplete`, a
     damaged or partial one unless `force`. With `upload_from`, first upload that local folder to
     `url`, with server-side checksums. Files larger than `span_bytes` (0: none) get span digests.
+    With `sign` (`key:PATH`, `sigstore`, or a prepared signer), the sealed folder is then signed
+    (`signature_name`, default model.sig) from the digests just computed: nothing is read again.
     """
     if span_bytes < 0:
         raise UsageError(f"span_bytes must be 0 (no span digests) or positive, got {span_bytes}")
+    signer = None if sign is None else sign if isinstance(sign, signing.Signer) else signing.prepare(sign)
+    signing.check_signature_name(signature_name)
     builder = None
     if model_factory is not None:
         builder = probe.seal_builder(model_factory, model_kwargs or {}, probe_batch)
@@ -209,11 +234,44 @@ def seal(
         fs, _ = open_checked(url, storage_options)
     if upload_from is not None:
         sealing.upload_dir(fs, upload_from, fs._strip_protocol(url))
+    if signer is not None:
+        _drop_old_signature(fs, url, signature_name)
     checked = _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs)
     # The check already read the step from the files' contents: no second completeness pass.
     step = step if step is not None else checked.step
-    return sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
-                        git_commit=git_commit, probe=builder, write_options=write_options, span_bytes=span_bytes)
+    manifest = sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
+                            git_commit=git_commit, probe=builder, write_options=write_options, span_bytes=span_bytes)
+    if signer is not None:
+        sign_sealed(fs, fs._strip_protocol(url), manifest, signer, signature_name, write_options=write_options)
+    return manifest
+
+
+def _drop_old_signature(fs: AbstractFileSystem, url: str, signature_name: str) -> None:
+    """A folder to be signed must be a folder: and a signature left by an earlier seal would be sealed as a
+    file of it, then replaced; it is removed first (it vouches for files about to be re-sealed)."""
+    path = fs._strip_protocol(url).rstrip("/")
+    try:
+        if not fs.isdir(path):
+            raise UsageError(f"--sign signs a checkpoint folder; {url} is a single file")
+        old = f"{path}/{signature_name}"
+        if fs.exists(old):
+            logger.info("removing the old signature %s before re-sealing", old)
+            fs.rm_file(old)
+    except (OSError, StorageFault) as e:
+        raise StorageError(f"cannot prepare {url} for signing: {e}") from e
+
+
+def sign_sealed(fs: AbstractFileSystem, path: str, manifest: Manifest, signer: signing.Signer,
+                signature_name: str = signing.SIGNATURE_NAME, *, write_options: dict[str, Any] | None = None) -> str:
+    """Sign a sealed folder from its manifest (its files' digests, and the manifest's own bytes as written)
+    and write the signature beside the manifest; return the signature's path. Reads nothing."""
+    path = path.rstrip("/")
+    digests = signing.signed_digests(manifest, manifest.to_json(), MANIFEST_NAME)
+    data = signing.sign_digests(signer, path.rsplit("/", 1)[-1], digests, signature_name)
+    target = f"{path}/{signature_name}"
+    sealing.write_atomic(fs, target, data, **(write_options or {}))
+    logger.info("signed %s with %s: %d files", path, signer.describe(), len(digests))
+    return target
 
 
 def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int) -> Verdict:
