@@ -317,8 +317,8 @@ def _signed_manifest(ck: Checkpoint, manifest: Manifest, manifest_sha256: str, s
     if verdict.assurance == Assurance.SEALED:  # the metadata tier proved less than sealed: it stays that
         verdict.assurance = Assurance.SIGNED.value
     findings.append(Finding.info("signature_verified", policy.signature_name,
-                                     f"signed by {signature.signed.signer}: {len(signature.signed.digests)} file(s), "
-                                     "the manifest included"))
+                                 f"signed by {signature.signed.signer}: {len(signature.signed.digests)} file(s), "
+                                 "the manifest included"))
 
 
 def _discover_foreign(ck: Checkpoint, reader: Reader, ctx: Context,

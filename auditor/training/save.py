@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from auditor import completeness, pickles, probe
-from auditor.api import open_checked
+from auditor import completeness, pickles, probe, signing
+from auditor.api import open_checked, sign_sealed
 from auditor.errors import UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import SAVING_MARKER, FileEntry, Manifest, Probe, RunInfo
@@ -209,15 +209,22 @@ def save_checkpoint(
     run_id: str | None = None,
     git_commit: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    sign: str | signing.SignSpec | signing.Signer | None = None,
+    signature_name: str = signing.SIGNATURE_NAME,
 ) -> Manifest:
     """Save everything needed to resume bit for bit into the folder `url`, seal it, and return the manifest.
 
     `probe_batch` and `model_factory` ("module:callable") go together: the manifest then records a
     probe baseline. `config` is the run's configuration (optimizer, schedule, batch size, data
     version, `total_steps`...), recorded as `run.config` for retention. `extra_state` must hold only
-    tensors and plain values. The process's generators are left exactly as they were.
+    tensors and plain values. The process's generators are left exactly as they were. With `sign`
+    (`key:PATH`, `sigstore` or a prepared signer), the committed folder is signed from the digests
+    taken while writing (`signature_name` beside the manifest, after it): nothing is read back.
     """
     probe.check_probe_pair(model_factory, probe_batch)
+    # Before any file is written: a key that cannot sign fails the save, not its last step.
+    signer = None if sign is None else sign if isinstance(sign, signing.Signer) else signing.prepare(sign)
+    signing.check_signature_name(signature_name)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise UsageError(f"step must be a non-negative int, got {step!r}")
     # First, before anything could draw from a generator.
@@ -246,6 +253,10 @@ def save_checkpoint(
         digests.close()
         # Saving must not perturb training: leave every generator as it was at the call.
         restore_rng(rng)
+    if signer is not None:
+        # After the commit, outside it: a signing failure must not abort (remove) a committed checkpoint.
+        sign_sealed(fs, path, manifest, signer, signature_name)
+        step_done("signed")
     logger.info("saved and sealed %s at step %s: %d files in %.2fs", url, step, len(manifest.files),
                 time.monotonic() - started)
     return manifest
