@@ -15,7 +15,7 @@ from auditor.config import Config, PrefixConfig, ScanConfig, TrustConfig
 from auditor.errors import StorageError, UsageError
 from auditor.executors import DASK, build_executor
 from auditor.layouts import Checkpoint
-from auditor.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
+from auditor.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
 from auditor.model import Assurance, ScanResult, Severity, Status, Tier, Verdict
 from auditor.retention import UNKNOWN, Decision, Item, Plan, RetentionConfig, config_key, plan_items
 from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, open_url
@@ -234,44 +234,47 @@ def seal(
         fs, _ = open_checked(url, storage_options)
     if upload_from is not None:
         sealing.upload_dir(fs, upload_from, fs._strip_protocol(url))
-    if signer is not None:
-        _drop_old_signature(fs, url, signature_name)
+    place = _drop_old_signature(fs, url, signature_name) if signer is not None else None
     checked = _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs)
     # The check already read the step from the files' contents: no second completeness pass.
     step = step if step is not None else checked.step
     manifest = sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
                             git_commit=git_commit, probe=builder, write_options=write_options, span_bytes=span_bytes)
-    if signer is not None:
-        sign_sealed(fs, fs._strip_protocol(url), manifest, signer, signature_name, write_options=write_options)
+    if signer is not None and place is not None:
+        _write_signature(fs, place, manifest, signer, write_options)
     return manifest
 
 
-def _drop_old_signature(fs: AbstractFileSystem, url: str, signature_name: str) -> None:
-    """A folder to be signed must be a folder: and a signature left by an earlier seal would be sealed as a
-    file of it, then replaced; it is removed first (it vouches for files about to be re-sealed)."""
+def _drop_old_signature(fs: AbstractFileSystem, url: str, signature_name: str) -> signing.Placement:
+    """Where the signature goes; a signature left there by an earlier seal would be sealed as a file of
+    the checkpoint, then replaced: it is removed first (it vouches for files about to be re-sealed)."""
     path = fs._strip_protocol(url).rstrip("/")
     try:
-        if not fs.isdir(path):
-            raise UsageError(f"--sign signs a checkpoint folder; {url} is a single file")
-        old = f"{path}/{signature_name}"
-        if fs.exists(old):
-            logger.info("removing the old signature %s before re-sealing", old)
-            fs.rm_file(old)
+        place = signing.placement(path, fs.isdir(path), signature_name)
+        if fs.exists(place.target):
+            logger.info("removing the old signature %s before re-sealing", place.target)
+            fs.rm_file(place.target)
     except (OSError, StorageFault) as e:
         raise StorageError(f"cannot prepare {url} for signing: {e}") from e
+    return place
 
 
 def sign_sealed(fs: AbstractFileSystem, path: str, manifest: Manifest, signer: signing.Signer,
                 signature_name: str = signing.SIGNATURE_NAME, *, write_options: dict[str, Any] | None = None) -> str:
-    """Sign a sealed folder from its manifest (its files' digests, and the manifest's own bytes as written)
-    and write the signature beside the manifest; return the signature's path. Reads nothing."""
-    path = path.rstrip("/")
-    digests = signing.signed_digests(manifest, manifest.to_json(), MANIFEST_NAME)
-    data = signing.sign_digests(signer, path.rsplit("/", 1)[-1], digests, signature_name)
-    target = f"{path}/{signature_name}"
-    sealing.write_atomic(fs, target, data, **(write_options or {}))
-    logger.info("signed %s with %s: %d files", path, signer.describe(), len(digests))
-    return target
+    """Sign a sealed folder (or single file) from its manifest (its files' digests, and the manifest's own
+    bytes as written) and write the signature beside the manifest; return the signature's path. Reads
+    nothing but a stat of `path`."""
+    place = signing.placement(path, fs.isdir(path.rstrip("/")), signature_name)
+    return _write_signature(fs, place, manifest, signer, write_options)
+
+
+def _write_signature(fs: AbstractFileSystem, place: signing.Placement, manifest: Manifest, signer: signing.Signer,
+                     write_options: dict[str, Any] | None) -> str:
+    digests = signing.signed_digests(manifest, manifest.to_json(), place.manifest_rel)
+    data = signing.sign_digests(signer, place.model_name, digests, place.rel)
+    sealing.write_atomic(fs, place.target, data, **(write_options or {}))
+    logger.info("signed %s with %s: %d files", place.target, signer.describe(), len(digests))
+    return place.target
 
 
 def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int) -> Verdict:

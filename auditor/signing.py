@@ -33,8 +33,8 @@ from typing import Any
 
 from auditor import safejson
 from auditor.errors import UsageError
-from auditor.layouts import MODEL_SIG, Checkpoint
-from auditor.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, check_relpath
+from auditor.layouts import MODEL_SIG, SIGNATURE_SUFFIX, Checkpoint
+from auditor.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIDECAR_SUFFIX, Manifest, check_relpath
 from auditor.model import Finding, Severity
 
 logger = logging.getLogger(__name__)
@@ -267,10 +267,30 @@ class SignatureRejected(ValueError):
 
 
 def signature_rel(ck: Checkpoint, policy: Policy) -> str | None:
-    """The relative path of a folder checkpoint's signature, when the listing has one."""
-    if ck.kind != "dir":
-        return None
-    return policy.signature_name if policy.signature_name in ck.files else None
+    """The relative path of a checkpoint's signature when the listing has one: `signature_name` in a
+    folder, `<file>.sig` beside a single file."""
+    rel = policy.signature_name if ck.kind == "dir" else ck.name + SIGNATURE_SUFFIX
+    return rel if rel in ck.files else None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a checkpoint's signature goes and what it names: a folder's `model.sig` names the folder's
+    files; a single file's `<file>.sig` names the file, its sidecar manifest and probe companions, relative
+    to the folder they sit in."""
+
+    target: str  # the signature's path
+    rel: str  # its name relative to the checkpoint's root
+    model_name: str
+    manifest_rel: str
+
+
+def placement(path: str, is_dir: bool, signature_name: str = SIGNATURE_NAME) -> Placement:
+    path = path.rstrip("/")
+    name = posixpath.basename(path)
+    if is_dir:
+        return Placement(f"{path}/{signature_name}", signature_name, name, MANIFEST_NAME)
+    return Placement(path + SIGNATURE_SUFFIX, name + SIGNATURE_SUFFIX, name, name + SIDECAR_SUFFIX)
 
 
 def verify_bundle(data: bytes, policy: Policy) -> Signed:
@@ -378,9 +398,10 @@ def _signed(manifest: Any, signer: str) -> Signed:
     return Signed(signer, digests, ignored)
 
 
-def check(ck: Checkpoint, policy: Policy, data: bytes | None) -> Outcome:
-    """Judge a checkpoint's signature bytes (None: it has none) under the policy, before any file is compared."""
-    name = policy.signature_name
+def check(ck: Checkpoint, policy: Policy, data: bytes | None, rel: str | None = None) -> Outcome:
+    """Judge a checkpoint's signature bytes (None: it has none; `rel` its name) under the policy, before
+    any file is compared."""
+    name = rel or (policy.signature_name if ck.kind == "dir" else ck.name + SIGNATURE_SUFFIX)
     if data is None:
         if policy.require:
             return Outcome([Finding.error("signature_missing", None,
@@ -404,25 +425,24 @@ def check(ck: Checkpoint, policy: Policy, data: bytes | None) -> Outcome:
     return Outcome([], signed, present=True)
 
 
-def expected_files(ck: Checkpoint, signed: Signed, policy: Policy) -> set[str]:
+def expected_files(ck: Checkpoint, signed: Signed, sig_rel: str) -> set[str]:
     """The checkpoint's listed files a signature must cover: all but itself and what its signer ignored."""
-    return {rel for rel in ck.files if rel != policy.signature_name and not signed.ignores(rel)}
+    return {rel for rel in ck.files if rel != sig_rel and not signed.ignores(rel)}
 
 
-def against_listing(ck: Checkpoint, signed: Signed, policy: Policy) -> list[Finding]:
+def against_listing(ck: Checkpoint, signed: Signed, sig_rel: str) -> list[Finding]:
     """A listed file the signature does not cover is `unsigned_file` (added by someone without the key);
     a signed file that is not listed is `file_missing`."""
-    listed = expected_files(ck, signed, policy)
-    out = [Finding.error("unsigned_file", rel, f"present but not covered by {policy.signature_name} "
-                                               f"(signed by {signed.signer})")
+    listed = expected_files(ck, signed, sig_rel)
+    out = [Finding.error("unsigned_file", rel, f"present but not covered by {sig_rel} (signed by {signed.signer})")
            for rel in sorted(listed - set(signed.digests))]
-    out += [Finding.error("file_missing", rel, f"signed in {policy.signature_name} but absent")
+    out += [Finding.error("file_missing", rel, f"signed in {sig_rel} but absent")
             for rel in sorted(set(signed.digests) - listed)]
     return out
 
 
 def against_manifest(signed: Signed, manifest: Manifest, manifest_rel: str, manifest_sha256: str,
-                     policy: Policy) -> list[Finding]:
+                     sig_rel: str) -> list[Finding]:
     """Compare the signed digests with the manifest's, and with the manifest's own bytes, reading nothing.
 
     Any difference is `signature_manifest_mismatch`: the manifest is not the one the trusted writer
@@ -435,9 +455,9 @@ def against_manifest(signed: Signed, manifest: Manifest, manifest_rel: str, mani
         if mine == theirs or (theirs is None and signed.ignores(rel)):
             continue
         if theirs is None:
-            detail = f"the manifest lists it, {policy.signature_name} does not"
+            detail = f"the manifest lists it, {sig_rel} does not"
         elif mine is None:
-            detail = f"{policy.signature_name} signs it, the manifest does not list it"
+            detail = f"{sig_rel} signs it, the manifest does not list it"
         elif rel == manifest_rel:
             detail = (f"the manifest's bytes hash to sha256 {mine}, {signed.signer} signed {theirs}: the manifest "
                       "was rewritten since it was signed")

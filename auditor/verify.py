@@ -241,7 +241,7 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
                 _completeness(ck, reader, ctx, None, findings, verdict)
             return True
         if signature.signed is not None:
-            signature.findings += signing.against_listing(ck, signature.signed, policy)
+            signature.findings += signing.against_listing(ck, signature.signed, sig_rel or "")
         findings += signature.findings
         if tier == Tier.METADATA:
             findings.append(Finding.info("no_manifest", None,
@@ -272,7 +272,7 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     entries = [f for f in manifest.files if f.path not in bad]
     _check_listed(ck, reader, ctx, entries, manifest, findings, verdict, exempt={sig_rel} if sig_rel else set())
     _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
-    _signed_manifest(ck, manifest, manifest_sha256, signature, policy, findings, verdict)
+    _signed_manifest(ck, manifest, manifest_sha256, signature, sig_rel, findings, verdict)
     sealed_headers: dict[str, formats.SafetensorsHeader] = {}
     if tier != Tier.METADATA:
         _completeness(ck, reader, ctx, manifest, findings, verdict, sealed_headers)
@@ -290,33 +290,33 @@ def _signature(ck: Checkpoint, reader: Reader, ctx: Context, rel: str | None) ->
     only when someone is trusted; without trust it is only noted, and required or not, said so."""
     policy = ctx.options.signing
     if rel is None or not policy.trusts_anyone:
-        return signing.check(ck, policy, None if rel is None else b"")
+        return signing.check(ck, policy, None if rel is None else b"", rel)
     got = ctx.run_files(reader, [(rel, lambda r: r.read(f"{ck.root}/{rel}", limit=MAX_MANIFEST_BYTES))],
                         pool=ctx.stat_pool)[0][1]
     if isinstance(got, Finding):
         return signing.Outcome([got], present=True)
-    return signing.check(ck, policy, got)
+    return signing.check(ck, policy, got, rel)
 
 
 def _signed_manifest(ck: Checkpoint, manifest: Manifest, manifest_sha256: str, signature: signing.Outcome,
-                     policy: signing.Policy, findings: list[Finding], verdict: Verdict) -> None:
+                     sig_rel: str | None, findings: list[Finding], verdict: Verdict) -> None:
     """With a manifest: the signature's digests must equal the manifest's (and its own bytes') and cover
     exactly the listed files. The content tier compared the bytes with the manifest's digests in its one
     read, so equal signed digests are compared with the bytes too: nothing is read again."""
     findings += signature.findings
-    if signature.signed is None:
+    if signature.signed is None or sig_rel is None:
         return
     manifest_rel = _rel_to(ck, ck.manifest_path or "")
     seen = {(f.code, f.file) for f in findings}
-    own = signing.against_manifest(signature.signed, manifest, manifest_rel, manifest_sha256, policy)
-    own += [f for f in signing.against_listing(ck, signature.signed, policy)
+    own = signing.against_manifest(signature.signed, manifest, manifest_rel, manifest_sha256, sig_rel)
+    own += [f for f in signing.against_listing(ck, signature.signed, sig_rel)
             if f.file != manifest_rel and (f.code, f.file) not in seen]
     findings += own
     if own or signature.failed:
         return
     if verdict.assurance == Assurance.SEALED:  # the metadata tier proved less than sealed: it stays that
         verdict.assurance = Assurance.SIGNED.value
-    findings.append(Finding.info("signature_verified", policy.signature_name,
+    findings.append(Finding.info("signature_verified", sig_rel,
                                  f"signed by {signature.signed.signer}: {len(signature.signed.digests)} file(s), "
                                  "the manifest included"))
 

@@ -396,3 +396,29 @@ def test_bad_sign_values_are_usage_errors(tmp_path):
             api.seal(str(ck), sign=value)
         assert not (ck / MANIFEST_NAME).exists()  # refused before anything was written
     shutil.rmtree(ck)
+
+
+def test_a_single_file_checkpoint_is_signed_beside_it(tmp_path, keys):
+    """A loose `.pt` (what Lightning's hook seals): the signature is `<file>.sig`, covering the file and
+    its sidecar manifest; it is a file of that checkpoint, not an uncovered one."""
+    from ckpts import trained
+
+    model, opt, _ = trained()
+    path = tmp_path / "run" / "epoch=1-step=10.ckpt"
+    path.parent.mkdir()
+    torch.save({"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "global_step": 10}, path)
+    api.seal(str(path), sign=f"key:{keys['priv']}", allow_incomplete=True)
+    assert (tmp_path / "run" / "epoch=1-step=10.ckpt.sig").exists()
+    result = api.rescan(str(tmp_path / "run"), trust=trust(keys), settle_seconds=0)
+    v = one(result)
+    assert (v.status, v.assurance) == (Status.OK, Assurance.SIGNED), v.findings
+    assert not result.uncovered
+    rewrite = path.read_bytes()
+    doc = json.loads((tmp_path / "run" / "epoch=1-step=10.ckpt.manifest.json").read_text())
+    sidecar = tmp_path / "run" / "epoch=1-step=10.ckpt.manifest.json"
+    doc["run"] = {"config": {"evil": True}}  # the manifest rewritten: its bytes no longer what was signed
+    sidecar.write_text(json.dumps(doc))
+    assert path.read_bytes() == rewrite
+    v = one(api.rescan(str(tmp_path / "run"), trust=trust(keys), settle_seconds=0))
+    assert v.status == Status.UNTRUSTED
+    assert ("signature_manifest_mismatch", sidecar.name) in errors(v)
