@@ -30,9 +30,9 @@ COPY pyproject.toml README.md ./
 COPY auditor ./auditor
 # "./[...]": the local project, whose dependency ranges live in pyproject.toml. [postgres]: state
 # on PostgreSQL by URL (psycopg 3). [dask]: the same image runs `dask scheduler` and `dask worker`
-# (deploy/components/dask).
+# (deploy/components/dask). [sign]: verify signatures against the config's trust: (model-signing).
 # Then fail the build if a CUDA torch slipped in, or if a console script is broken.
-RUN pip install --no-cache-dir "./[s3,gcs,probe,dask,postgres]" \
+RUN pip install --no-cache-dir "./[s3,gcs,probe,dask,postgres,sign]" \
  && python -c "import sys, torch; sys.exit('torch is not a CPU build' if torch.version.cuda else 0)" \
  && auditor --help > /dev/null \
  && dask scheduler --version > /dev/null \

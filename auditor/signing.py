@@ -191,10 +191,10 @@ def sign_digests(signer: Signer, model_name: str, digests: Mapping[str, str],
         from model_signing._signing import signing as ms_signing
     except ImportError as e:
         raise UsageError(_INSTALL_HINT) from e
-    items = [ms_manifest.FileManifestItem(path=posixpath.normpath(rel),  # type: ignore[arg-type]
+    items = [ms_manifest.FileManifestItem(path=pathlib.PurePosixPath(rel),
                                           digest=ms_hashing.Digest("sha256", bytes.fromhex(sha)))
              for rel, sha in sorted(digests.items())]
-    serialization = ms_manifest._FileSerialization("sha256", False, [signature_name])  # type: ignore[arg-type]
+    serialization = ms_manifest._FileSerialization("sha256", False, [pathlib.Path(signature_name)])
     payload = ms_signing.Payload(ms_manifest.Manifest(model_name, items, serialization))
     signature = signer.engine.sign(payload)
     return _bundle_bytes(signature)
@@ -363,10 +363,10 @@ def _verify_sigstore(data: bytes, policy: Policy) -> Signed:
     if not policy.identities:
         raise SignatureRejected("signer_untrusted", "a Sigstore (keyless) signature, and no Sigstore identity is "
                                                     "trusted (trust.sigstore)")
-    import sigstore_models  # type: ignore[import-untyped]
     from model_signing._signing import sign_sigstore  # lazy, as in sign_digests
+    from sigstore import models as sigstore_bundle
 
-    signature = sign_sigstore.Signature(sigstore_models.Bundle.from_json(data.decode("utf-8")))
+    signature = sign_sigstore.Signature(sigstore_bundle.Bundle.from_json(data.decode("utf-8")))
     failures = []
     for ident in policy.identities:
         try:
