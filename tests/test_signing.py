@@ -422,3 +422,40 @@ def test_a_single_file_checkpoint_is_signed_beside_it(tmp_path, keys):
     v = one(api.rescan(str(tmp_path / "run"), trust=trust(keys), settle_seconds=0))
     assert v.status == Status.UNTRUSTED
     assert ("signature_manifest_mismatch", sidecar.name) in errors(v)
+
+
+def test_a_sharded_signature_is_unsupported_and_fails_only_when_required(tmp_path, keys):
+    """model_signing's shard serialization names byte ranges, not files: not compared with our digests."""
+    from model_signing import hashing as ms_hashing
+    from model_signing import signing as ms_signing
+
+    folder = write_hf_checkpoint(tmp_path / "checkpoint-20", step=20)
+    api.seal(str(folder))
+    (ms_signing.Config().use_elliptic_key_signer(private_key=keys["priv"])
+     .set_hashing_config(ms_hashing.Config().use_shard_serialization(shard_size=1024)
+                         .set_ignored_paths(paths=["model.sig"]))
+     .sign(folder, folder / "model.sig"))
+    v = one(api.verify_url(str(folder), trust=trust(keys)))
+    assert (v.status, v.assurance) == (Status.OK, Assurance.SEALED), v.findings
+    assert ("signature_unsupported", "warning") in {(f.code, f.severity) for f in v.findings}
+    strict = one(api.verify_url(str(folder), trust=trust(keys), scan=Config.model_validate(
+        {"scan": {"require_signature": True, "settle_time": 0}}).scan))
+    assert (strict.status, errors(strict)) == (Status.UNTRUSTED, {("signature_unsupported", "model.sig")})
+
+
+def test_a_keyless_bundle_without_a_trusted_identity_is_untrusted(signed, keys):
+    """A Sigstore (certificate) bundle is checked against trust.sigstore identities only; none: untrusted,
+    without a network call."""
+    doc = json.loads((signed / "model.sig").read_text())
+    doc["verificationMaterial"] = {"certificate": {"rawBytes": "AAAA"}, "tlogEntries": []}
+    (signed / "model.sig").write_text(json.dumps(doc))
+    v = one(api.verify_url(str(signed), trust=trust(keys)))
+    assert (v.status, errors(v)) == (Status.UNTRUSTED, {("signer_untrusted", "model.sig")})
+
+
+def test_trust_config_keys_are_validated_at_start(tmp_path):
+    cfg = Config.model_validate({"trust": {"keys": [str(tmp_path / "absent.pub.pem")]}})
+    with pytest.raises(UsageError, match="absent.pub.pem"):
+        api.signing_policy(config=cfg)
+    with pytest.raises(UsageError, match="signature_name"):
+        api.signing_policy(config=Config.model_validate({"sign": {"signature_name": "../x"}}))
