@@ -459,3 +459,44 @@ def test_trust_config_keys_are_validated_at_start(tmp_path):
         api.signing_policy(config=cfg)
     with pytest.raises(UsageError, match="signature_name"):
         api.signing_policy(config=Config.model_validate({"sign": {"signature_name": "../x"}}))
+
+
+def test_the_daemon_checks_signatures_with_its_config_trust(tmp_path, keys):
+    """The daemon's prefix workers carry the configured trust and requirement: its rescan is the CLI's."""
+    from prometheus_client import CollectorRegistry
+
+    from auditor.daemon import Daemon
+
+    run = tmp_path / "prefix"
+    api.seal(str(write_hf_checkpoint(run / "checkpoint-1", step=1)), sign=f"key:{keys['priv']}")
+    api.seal(str(write_hf_checkpoint(run / "checkpoint-2", step=2)))
+    cfg = Config.model_validate({
+        "state": {"url": f"sqlite:///{tmp_path / 'state.db'}"},
+        "scan": {"settle_time": 0, "require_signature": True},
+        "trust": {"keys": [str(keys["pub"])]},
+        "prefixes": [{"url": str(run)}],
+    })
+    daemon = Daemon(cfg, CollectorRegistry())
+    try:
+        result = daemon.rescan(daemon.workers[str(run)], str(run), None)
+    finally:
+        daemon.shutdown(grace=5)
+    got = {Path(v.url).name: (v.status, v.assurance) for v in result.verdicts}
+    assert got == {"checkpoint-1": (Status.OK, Assurance.SIGNED), "checkpoint-2": (Status.UNTRUSTED, Assurance.SEALED)}
+
+
+def test_the_policy_travels_to_dask_workers_as_data(signed, keys):
+    """A Dask task carries the trusted keys as PEM bytes (picklable data), and the worker's Options check
+    the signature the same way."""
+    import pickle
+
+    from auditor.executors import TaskOptions
+
+    policy = api.signing_policy(trust(keys))
+    with Scanner(LOCAL, Options()) as scanner:
+        ck = locate(scanner.reader, str(signed), str(signed))
+    task = pickle.loads(pickle.dumps(TaskOptions.of(Options(signing=policy), ck)))
+    assert task.build().signing == policy
+    with Scanner(LOCAL, task.build()) as scanner:
+        v = scanner.verify(ck)
+    assert (v.status, v.assurance) == (Status.OK, Assurance.SIGNED)
