@@ -234,8 +234,8 @@ def seal(
         fs, _ = open_checked(url, storage_options)
     if upload_from is not None:
         sealing.upload_dir(fs, upload_from, fs._strip_protocol(url))
-    place = _drop_old_signature(fs, url, signature_name) if signer is not None else None
     checked = _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs)
+    place = _drop_old_signature(fs, url, signature_name, force=force) if signer is not None else None
     # The check already read the step from the files' contents: no second completeness pass.
     step = step if step is not None else checked.step
     manifest = sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
@@ -245,12 +245,15 @@ def seal(
     return manifest
 
 
-def _drop_old_signature(fs: AbstractFileSystem, url: str, signature_name: str) -> signing.Placement:
+def _drop_old_signature(fs: AbstractFileSystem, url: str, signature_name: str, *, force: bool) -> signing.Placement:
     """Where the signature goes; a signature left there by an earlier seal would be sealed as a file of
-    the checkpoint, then replaced: it is removed first (it vouches for files about to be re-sealed)."""
+    the checkpoint, then replaced: it is removed first (it vouches for files about to be re-sealed), but
+    only once the seal will go ahead (a manifest there needs --force, as sealing says)."""
     path = fs._strip_protocol(url).rstrip("/")
     try:
         place = signing.placement(path, fs.isdir(path), signature_name)
+        if not force and fs.exists(place.manifest_path):
+            raise UsageError(f"{place.manifest_path} already exists; pass --force to overwrite it")
         if fs.exists(place.target):
             logger.info("removing the old signature %s before re-sealing", place.target)
             fs.rm_file(place.target)

@@ -283,14 +283,16 @@ class Placement:
     rel: str  # its name relative to the checkpoint's root
     model_name: str
     manifest_rel: str
+    manifest_path: str
 
 
 def placement(path: str, is_dir: bool, signature_name: str = SIGNATURE_NAME) -> Placement:
     path = path.rstrip("/")
     name = posixpath.basename(path)
     if is_dir:
-        return Placement(f"{path}/{signature_name}", signature_name, name, MANIFEST_NAME)
-    return Placement(path + SIGNATURE_SUFFIX, name + SIGNATURE_SUFFIX, name, name + SIDECAR_SUFFIX)
+        return Placement(f"{path}/{signature_name}", signature_name, name, MANIFEST_NAME, f"{path}/{MANIFEST_NAME}")
+    return Placement(path + SIGNATURE_SUFFIX, name + SIGNATURE_SUFFIX, name, name + SIDECAR_SUFFIX,
+                     path + SIDECAR_SUFFIX)
 
 
 def verify_bundle(data: bytes, policy: Policy) -> Signed:

@@ -500,3 +500,14 @@ def test_the_policy_travels_to_dask_workers_as_data(signed, keys):
     with Scanner(LOCAL, task.build()) as scanner:
         v = scanner.verify(ck)
     assert (v.status, v.assurance) == (Status.OK, Assurance.SIGNED)
+
+
+def test_signing_a_sealed_folder_again_without_force_keeps_its_signature(signed, keys):
+    before = (signed / "model.sig").read_bytes()
+    with pytest.raises(UsageError, match="--force"):
+        api.seal(str(signed), sign=f"key:{keys['priv']}")
+    assert (signed / "model.sig").read_bytes() == before
+    api.seal(str(signed), sign=f"key:{keys['other_priv']}", force=True)  # re-sealed and re-signed
+    assert one(api.verify_url(str(signed), trust=trust(keys, "other_"))).assurance == Assurance.SIGNED
+    v = one(api.verify_url(str(signed), trust=trust(keys)))
+    assert (v.status, errors(v)) == (Status.UNTRUSTED, {("signer_untrusted", "model.sig")})
