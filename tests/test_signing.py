@@ -511,3 +511,33 @@ def test_signing_a_sealed_folder_again_without_force_keeps_its_signature(signed,
     assert one(api.verify_url(str(signed), trust=trust(keys, "other_"))).assurance == Assurance.SIGNED
     v = one(api.verify_url(str(signed), trust=trust(keys)))
     assert (v.status, errors(v)) == (Status.UNTRUSTED, {("signer_untrusted", "model.sig")})
+
+
+def test_the_lightning_hook_signs_every_checkpoint_it_seals(tmp_path, keys):
+    """A real Lightning run with SealingModelCheckpoint(sign=...): each `.ckpt` gets its sidecar manifest
+    and `<file>.sig`, and every one verifies `signed`; rotated-out files take their signatures along."""
+    import logging
+    import warnings
+
+    from lightning.pytorch import Trainer
+    from writers.lightning_ckpt import TinyModule
+
+    from auditor.integrations.lightning import SealingModelCheckpoint
+
+    dest = tmp_path / "lightning"
+    torch.manual_seed(0)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    hook = SealingModelCheckpoint(dirpath=dest, every_n_train_steps=2, save_top_k=1, monitor="step", mode="max",
+                                  sign=f"key:{keys['priv']}")
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=4, callbacks=[hook], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      default_root_dir=dest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TinyModule())
+    sigs = sorted(p.name for p in dest.glob("*.sig"))
+    assert sigs == [f"{p.name}.sig" for p in sorted(dest.glob("*.ckpt"))] and sigs, sorted(os.listdir(dest))
+    result = api.rescan(str(dest), trust=trust(keys), settle_seconds=0)
+    assert result.verdicts and all((v.status, v.assurance) == (Status.OK, Assurance.SIGNED) for v in result.verdicts), \
+        [(v.url, v.status, v.assurance, v.findings) for v in result.verdicts]
+    assert not result.uncovered
