@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 SIGNATURE_NAME = MODEL_SIG
 # The environment variable a keyless (Sigstore) signer takes its OIDC identity token from.
 IDENTITY_TOKEN_ENV = "SIGSTORE_ID_TOKEN"
-# Paths the model_signing CLI leaves out of a signature unless told otherwise; it records them as
-# ignore_paths in the signed payload, so they are honoured from there, never assumed.
 _INSTALL_HINT = "signing needs the model-signing library: pip install 'ckpt-auditor[sign]'"
 
 
@@ -322,8 +320,6 @@ def verify_bundle(data: bytes, policy: Policy) -> Signed:
     for key in candidates:
         try:
             manifest = _verify_with_key(doc, key)
-        except SignatureRejected:
-            raise
         except Exception as e:  # noqa: BLE001 - a hostile bundle must be a finding, whatever the library raises
             failures.append(f"{key.name}: {type(e).__name__}: {e}")
             continue
@@ -396,6 +392,8 @@ def _signed(manifest: Any, signer: str) -> Signed:
         if rd.digest.algorithm != "sha256":
             raise SignatureRejected("signature_unsupported", f"{rel!r} is signed with {rd.digest.algorithm}")
         digests[rel] = rd.digest.digest_hex
+    # The paths the signer left out (the model_signing CLI: the signature, .git*), as signed: honoured
+    # from the payload, never assumed.
     ignored = tuple(str(p) for p in args.get("ignore_paths", ()) or ())
     return Signed(signer, digests, ignored)
 
@@ -456,7 +454,10 @@ def against_manifest(signed: Signed, manifest: Manifest, manifest_rel: str, mani
         mine, theirs = sealed.get(rel), signed.digests.get(rel)
         if mine == theirs or (theirs is None and signed.ignores(rel)):
             continue
-        if theirs is None:
+        if theirs is None and rel == manifest_rel:
+            detail = (f"{sig_rel} does not cover the manifest (signed before it was sealed?): nothing vouches for "
+                      "the manifest; seal with --sign to sign both")
+        elif theirs is None:
             detail = f"the manifest lists it, {sig_rel} does not"
         elif mine is None:
             detail = f"{sig_rel} signs it, the manifest does not list it"

@@ -541,3 +541,12 @@ def test_the_lightning_hook_signs_every_checkpoint_it_seals(tmp_path, keys):
     assert result.verdicts and all((v.status, v.assurance) == (Status.OK, Assurance.SIGNED) for v in result.verdicts), \
         [(v.url, v.status, v.assurance, v.findings) for v in result.verdicts]
     assert not result.uncovered
+
+
+def test_a_signature_made_before_sealing_does_not_vouch_for_the_manifest(cli_signed, keys):
+    """Signed by the CLI, then sealed by us without --sign: the files agree, the manifest is unsigned."""
+    api.seal(str(cli_signed), step=100, allow_incomplete=True)
+    v = one(api.verify_url(str(cli_signed), trust=trust(keys)))
+    assert v.status == Status.UNTRUSTED
+    assert ("signature_manifest_mismatch", MANIFEST_NAME) in errors(v)
+    assert all(code != "digest_mismatch" for code, _ in errors(v))
