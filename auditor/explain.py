@@ -84,7 +84,8 @@ EXPLANATIONS: dict[str, str] = {
     ),
     "zip_overlapping_members": "zip members whose bytes overlap: a zip bomb or a parser-confusion attack",
     "probe_load_mismatch": "the weights do not fit the model the factory builds (missing, unexpected, mis-shaped keys)",
-    "nonfinite_weights": "a floating-point tensor holds NaN or ±Inf; the detail names the tensors and counts",
+    "nonfinite_weights": ("a floating-point tensor of a safetensors file holds NaN or ±Inf; one finding per file "
+                          "naming its first tensors (then \"and N more\"), dtype, shape and NaN/Inf counts"),
     "probe_mismatch": "probe outputs differ from the baseline beyond tolerance",
     "cold_optimizer_params": "the optimizer holds no state for some parameters (named)",
     "model_state_missing": "no model weights found",

@@ -381,7 +381,7 @@ def test_cli_seal_sign_then_verify_trust(tmp_path, keys):
     assert "signed" in sealed.output
     out = runner.invoke(cli.main, ["verify", str(ck), "--trust", trust(keys)[0], "--json"])
     assert out.exit_code == 0, out.output
-    doc = json.loads(out.output)
+    doc = json.loads(out.stdout)
     assert doc["checkpoints"][0]["assurance"] == "signed"
     bad = runner.invoke(cli.main, ["verify", str(ck), "--trust", "pem:/nope"])
     assert bad.exit_code == 2 and "--trust" in bad.output
