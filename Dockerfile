@@ -31,9 +31,10 @@ COPY auditor ./auditor
 # "./[...]": the local project, whose dependency ranges live in pyproject.toml. [postgres]: state
 # on PostgreSQL by URL (psycopg 3). [dask]: the same image runs `dask scheduler` and `dask worker`
 # (deploy/components/dask). [hf]: transformers and accelerate, which the probe's `--model hf-auto`
-# factory (a checkpoint's own config.json) needs.
+# factory (a checkpoint's own config.json) needs. [sign]: verify signatures against the config's
+# trust: (model-signing).
 # Then fail the build if a CUDA torch slipped in, if hf-auto cannot import, or if a console script is broken.
-RUN pip install --no-cache-dir "./[s3,gcs,probe,hf,dask,postgres]" \
+RUN pip install --no-cache-dir "./[s3,gcs,probe,hf,dask,postgres,sign]" \
  && python -c "import sys, torch; sys.exit('torch is not a CPU build' if torch.version.cuda else 0)" \
  && python -c "import transformers, accelerate" \
  && auditor --help > /dev/null \

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from auditor import formats, probe, sealing
-from auditor.config import COMMAND_SETTLE_TIME, Config, ScanConfig
+from auditor import formats, probe, sealing, signing
+from auditor.config import COMMAND_SETTLE_TIME, Config, PrefixConfig, ScanConfig, TrustConfig
 from auditor.errors import AuditorError, StorageError, StorageIOError, UsageError
 from auditor.executors import DASK, build_executor
 from auditor.layouts import Checkpoint
@@ -96,6 +96,17 @@ def build_options(
     )
 
 
+def signing_policy(trust: Sequence[str] = (), *, config: Config | None = None, prefix: PrefixConfig | None = None,
+                   scan: ScanConfig | None = None, signature_name: str | None = None) -> signing.Policy:
+    """Who a scan trusts: `--trust key:PATH` values plus the config's `trust:` (global and the prefix's),
+    whether a signature is required (scan.require_signature) and its name (sign.signature_name)."""
+    trusted = config.trust_for(prefix) if config else TrustConfig()
+    return signing.build_policy(trust, keys=trusted.keys, identities=[(i.identity, i.issuer) for i in trusted.sigstore],
+                                require=bool(scan and scan.require_signature),
+                                signature_name=signature_name or (config.sign.signature_name if config
+                                                                  else signing.SIGNATURE_NAME))
+
+
 def open_checked(url: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, str]:
     """Open a URL; a URL fsspec cannot open is a usage error (exit 2)."""
     try:
@@ -116,6 +127,9 @@ def verify_url(
     require_assurance: str | None = None,
     allow_factories: Sequence[str] = (),
     progress: ByteProgress | None = None,
+    trust: Sequence[str] = (),
+    config: Config | None = None,
+    signature_name: str | None = None,
 ) -> ScanResult:
     """Verify the checkpoint at `url`: one verdict, or one per checkpoint when `url` holds several.
 
@@ -123,13 +137,17 @@ def verify_url(
     its files is verified as one checkpoint of layout `unknown`, so nothing in it goes unchecked.
     `allow_factories` (MODULE:CALLABLE or MODULE:*) adds to `scan.allow_factories`: the probe factories
     a manifest may name besides installed entry points. `progress` counts the bytes expected and read.
+    `trust` (`key:PATH`) adds trusted signers to the config's `trust:`; `scan.require_signature` fails a
+    checkpoint no trusted signer signed.
     """
     scan = scan or ScanConfig()
+    policy = signing_policy(trust, config=config, scan=scan, signature_name=signature_name)
     fs, path = open_checked(url, storage_options)
     options = build_options(tier, strict=strict, require=scan.require,
                             probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
                             allow_factories=[*scan.allow_factories, *allow_factories], read=scan.read.settings())
     options.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
+    options.signing = policy
     with Scanner(fs, options, jobs=jobs, throttle=Throttle(scan.max_bytes_per_second), file_timeout=scan.file_timeout,
                  checkpoint_timeout=scan.checkpoint_timeout, progress=progress) as scanner:
         result = scanner.scan(path, url)
@@ -161,6 +179,7 @@ def rescan(
     allow_factories: Sequence[str] = (),
     dask: str | None = None,
     progress: ByteProgress | None = None,
+    trust: Sequence[str] = (),
 ) -> ScanResult:
     """Verify every checkpoint under `prefix`; record verdicts in the state database when configured.
 
@@ -190,6 +209,7 @@ def rescan(
         read=scan.read.settings(),
     )
     opts.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
+    opts.signing = signing_policy(trust, config=config, prefix=cfg_prefix, scan=scan)
     store = None
     if config is not None and has_state(config):
         store = open_store(config)
@@ -229,6 +249,8 @@ def seal(
     allow_incomplete: bool = False,
     span_bytes: int = sealing.SPAN_BYTES,
     progress: ByteProgress | None = None,
+    sign: str | signing.SignSpec | signing.Signer | None = None,
+    signature_name: str = signing.SIGNATURE_NAME,
 ) -> Manifest:
     """Seal the checkpoint at `url`, with a probe baseline when a model factory and batch are given.
 
@@ -237,9 +259,13 @@ def seal(
     damaged or partial one unless `force`. With `upload_from`, first upload that local folder to
     `url`, with server-side checksums. Files larger than `span_bytes` (0: none) get span digests.
     `progress` counts the bytes expected (every listed byte, for the digests) and read.
+    With `sign` (`key:PATH`, `sigstore`, or a prepared signer), the sealed folder is then signed
+    (`signature_name`, default model.sig) from the digests just computed: nothing is read again.
     """
     if span_bytes < 0:
         raise UsageError(f"span_bytes must be 0 (no span digests) or positive, got {span_bytes}")
+    signer = None if sign is None else sign if isinstance(sign, signing.Signer) else signing.prepare(sign)
+    signing.check_signature_name(signature_name)
     builder = None
     if model_factory is not None:
         builder = probe.seal_builder(model_factory, model_kwargs or {}, probe_batch)
@@ -248,14 +274,52 @@ def seal(
     if upload_from is not None:
         sealing.upload_dir(fs, upload_from, fs._strip_protocol(url))
     checked = _refuse_failing(fs, url, force=force, allow_incomplete=allow_incomplete, jobs=jobs, progress=progress)
+    place = _drop_old_signature(fs, url, signature_name, force=force) if signer is not None else None
     # The check already read the step from the files' contents: no second completeness pass.
     step = step if step is not None else checked.step
     manifest = sealing.seal(url, fs=fs, step=step, force=force, jobs=jobs, run_config=run_config, run_id=run_id,
                             git_commit=git_commit, probe=builder, write_options=write_options, span_bytes=span_bytes,
                             on_bytes=progress.add if progress else None)
+    if signer is not None and place is not None:
+        _write_signature(fs, place, manifest, signer, write_options)
     if progress is not None:
         progress.checkpoint_done()
     return manifest
+
+
+def _drop_old_signature(fs: AbstractFileSystem, url: str, signature_name: str, *, force: bool) -> signing.Placement:
+    """Where the signature goes; a signature left there by an earlier seal would be sealed as a file of
+    the checkpoint, then replaced: it is removed first (it vouches for files about to be re-sealed), but
+    only once the seal will go ahead (a manifest there needs --force, as sealing says)."""
+    path = fs._strip_protocol(url).rstrip("/")
+    try:
+        place = signing.placement(path, fs.isdir(path), signature_name)
+        if not force and fs.exists(place.manifest_path):
+            raise UsageError(f"{place.manifest_path} already exists; pass --force to overwrite it")
+        if fs.exists(place.target):
+            logger.info("removing the old signature %s before re-sealing", place.target)
+            fs.rm_file(place.target)
+    except (OSError, StorageFault) as e:
+        raise StorageError(f"cannot prepare {url} for signing: {e}") from e
+    return place
+
+
+def sign_sealed(fs: AbstractFileSystem, path: str, manifest: Manifest, signer: signing.Signer,
+                signature_name: str = signing.SIGNATURE_NAME, *, write_options: dict[str, Any] | None = None) -> str:
+    """Sign a sealed folder (or single file) from its manifest (its files' digests, and the manifest's own
+    bytes as written) and write the signature beside the manifest; return the signature's path. Reads
+    nothing but a stat of `path`."""
+    place = signing.placement(path, fs.isdir(path.rstrip("/")), signature_name)
+    return _write_signature(fs, place, manifest, signer, write_options)
+
+
+def _write_signature(fs: AbstractFileSystem, place: signing.Placement, manifest: Manifest, signer: signing.Signer,
+                     write_options: dict[str, Any] | None) -> str:
+    digests = signing.signed_digests(manifest, manifest.to_json(), place.manifest_rel)
+    data = signing.sign_digests(signer, place.model_name, digests, place.rel)
+    sealing.write_atomic(fs, place.target, data, **(write_options or {}))
+    logger.info("signed %s with %s: %d files", place.target, signer.describe(), len(digests))
+    return place.target
 
 
 def _refuse_failing(fs: AbstractFileSystem, url: str, *, force: bool, allow_incomplete: bool, jobs: int,

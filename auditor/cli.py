@@ -101,6 +101,15 @@ def _check_factory(ctx: click.Context, param: click.Parameter, value: tuple[str,
         raise click.BadParameter(str(e)) from e
 
 
+def _trust(fn: Callable[..., None]) -> Callable[..., None]:
+    """`--trust key:PATH`, shared by verify and rescan (issue 16)."""
+    return click.option(
+        "--trust", "trust", multiple=True, metavar="key:PUBLIC_KEY_PATH",
+        help="Trust signatures made with this PEM public key (repeatable; adds to the config's trust:). A "
+             "signature by any other signer, or one that does not verify, is `untrusted`.",
+    )(fn)
+
+
 def _allow_factory(fn: Callable[..., None]) -> Callable[..., None]:
     """`--allow-factory`, shared by the commands that may run a manifest's probe."""
     return click.option(
@@ -333,11 +342,16 @@ def main(ctx: click.Context, verbose: int, quiet: bool, progress_every: float) -
 @click.option("--part-size", default=None, help="Ranged GET part size, e.g. 16MiB (scan.read.part_size).")
 @click.option("--read-concurrency", type=click.IntRange(1, 64), default=None,
               help="Ranged parts of one file in flight (scan.read.concurrency).")
+@click.option("--require-signature", is_flag=True,
+              help="Fail (`untrusted`) a checkpoint that no trusted signer signed (scan.require_signature).")
+@click.option("--signature-name", default=None, help="The signature's file name (default model.sig).")
+@_trust
 @_allow_factory
 def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, jobs: int | None,
            require_assurance: str | None, storage_option: tuple[str, ...], file_timeout: str | None,
            checkpoint_timeout: str | None, read_mode: str | None, part_size: str | None,
-           read_concurrency: int | None, allow_factory: tuple[str, ...]) -> None:
+           read_concurrency: int | None, require_signature: bool, signature_name: str | None,
+           trust: tuple[str, ...], allow_factory: tuple[str, ...]) -> None:
     """Verify one checkpoint (a folder or a single file); a folder of several verifies each."""
 
     def body() -> int:
@@ -348,12 +362,14 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
             settings = ReadConfig.model_validate({**base.read.model_dump(), **read})
         except ValidationError as e:
             raise UsageError(f"--part-size: {e.errors()[0]['msg']} (got {part_size!r})") from e
-        scan = base.model_copy(update={**_deadlines(file_timeout, checkpoint_timeout), "read": settings})
+        scan = base.model_copy(update={**_deadlines(file_timeout, checkpoint_timeout), "read": settings,
+                                       "require_signature": require_signature or base.require_signature})
         strict_ = strict or scan.strict
         with _reporter("verify") as progress:
             result = api.verify_url(checkpoint_url, tier=tier, strict=strict_, jobs=jobs or scan.jobs,
                                     storage_options=_options(storage_option), require_assurance=require_assurance,
-                                    scan=scan, allow_factories=allow_factory, progress=progress)
+                                    scan=scan, allow_factories=allow_factory, trust=trust,
+                                    signature_name=signature_name, progress=progress)
         _emit(result, as_json)
         return result.exit_code(strict_)
 
@@ -381,11 +397,12 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
               help="Deadline of one checkpoint's check (e.g. 4h; default scan.checkpoint_timeout).")
 @click.option("--dask", "dask_address", default=None, metavar="tcp://HOST:8786",
               help="Verify on this Dask scheduler's workers, one task per checkpoint (scan.executor: dask).")
+@_trust
 @_allow_factory
 def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool, strict: bool, jobs: int | None,
            settle_time: str | None, daemon: str | None, fail_on_empty: bool, require_assurance: str | None,
            storage_option: tuple[str, ...], file_timeout: str | None, checkpoint_timeout: str | None,
-           dask_address: str | None, allow_factory: tuple[str, ...]) -> None:
+           dask_address: str | None, trust: tuple[str, ...], allow_factory: tuple[str, ...]) -> None:
     """Verify every checkpoint under a prefix now."""
 
     def body() -> int:
@@ -398,6 +415,8 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
             from auditor import client
 
             _no_remote_allow(allow_factory)
+            if trust:
+                raise UsageError("--trust is for a scan here; a daemon trusts the signers of its config's trust:")
             result = client.remote_rescan(daemon, prefix, tier)
             result.require_assurance = require_assurance
             _emit(result, as_json)
@@ -413,7 +432,7 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
         with _reporter("rescan") as progress:
             result = api.rescan(prefix, config=cfg, tier=tier, strict=strict, jobs=jobs, settle_seconds=settle,
                                 storage_options=_options(storage_option), require_assurance=require_assurance,
-                                allow_factories=allow_factory, dask=dask_address, progress=progress,
+                                allow_factories=allow_factory, dask=dask_address, trust=trust, progress=progress,
                                 file_timeout=deadlines.get("file_timeout"),
                                 checkpoint_timeout=deadlines.get("checkpoint_timeout"))
         _emit(result, as_json)
@@ -443,10 +462,15 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
 @click.option("--span-mib", type=click.IntRange(0, 2**20), default=SPAN_BYTES // 2**20, show_default=True,
               help="Files larger than this many MiB also get span digests of this size (0: none), so a large "
                    "file can be verified in parts and damage is narrowed to a byte range.")
+@click.option("--sign", "sign", default=None, metavar="key:PATH|sigstore",
+              help="Then sign the sealed folder (OpenSSF model-signing model.sig) with this PEM EC private key "
+                   "(password in $AUDITOR_SIGN_KEY_PASSWORD), or keyless with Sigstore ($SIGSTORE_ID_TOKEN).")
+@click.option("--signature-name", default="model.sig", show_default=True, help="The signature's file name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest.")
 def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | None, probe_batch: str | None,
          step: int | None, run_config: str | None, force: bool, allow_incomplete: bool, upload_from: str | None,
-         jobs: int, storage_option: tuple[str, ...], span_mib: int, as_json: bool) -> None:
+         jobs: int, storage_option: tuple[str, ...], span_mib: int, sign: str | None, signature_name: str,
+         as_json: bool) -> None:
     """Check a checkpoint, then write ckpt-manifest.json beside it, last (a failing one is refused)."""
 
     def body() -> int:
@@ -473,12 +497,13 @@ def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | Non
             manifest = api.seal(checkpoint_url, step=step, force=force, jobs=jobs, run_config=cfg,
                                 model_factory=model_factory, model_kwargs=kwargs, probe_batch=probe_batch,
                                 storage_options=_options(storage_option), upload_from=upload_from,
-                                allow_incomplete=allow_incomplete, span_bytes=span_mib * 2**20, progress=progress)
+                                allow_incomplete=allow_incomplete, span_bytes=span_mib * 2**20, sign=sign,
+                                signature_name=signature_name, progress=progress)
         if as_json:
             click.echo(manifest.to_json().decode())
         else:
             click.echo(f"sealed {checkpoint_url}: step {manifest.step}, {len(manifest.files)} files"
-                       + (", with probe" if manifest.probe else ""))
+                       + (", with probe" if manifest.probe else "") + (f", signed ({signature_name})" if sign else ""))
         return 0
 
     _run(body, as_json)

@@ -142,6 +142,8 @@ class ScanConfig(_Strict):
     dask: DaskConfig = Field(default_factory=DaskConfig)
     # When a run's series suggests an instability onset (issue 15); see README "The run series".
     series: OnsetRule = Field(default_factory=OnsetRule)
+    # A checkpoint without a signature that a trusted signer made is `untrusted` (issue 16).
+    require_signature: bool = False
 
     def settle(self, default: float) -> float:
         """The settle time in seconds: the configured one, else the calling command's default."""
@@ -168,12 +170,34 @@ class ScanOverrides(_Strict):
     executor: Executor | None = None
     dask: DaskOverrides | None = None
     series: OnsetRule | None = None
+    require_signature: bool | None = None
+
+
+class SigstoreIdentity(_Strict):
+    """A keyless signer: the certificate's identity (an e-mail, a workflow URL) and its OIDC issuer."""
+
+    identity: str = Field(min_length=1)
+    issuer: str = Field(min_length=1)
+
+
+class TrustConfig(_Strict):
+    """trust: the signers whose signatures verify a checkpoint (issue 16); a prefix's adds to the global one."""
+
+    keys: list[str] = []  # paths of PEM public keys, read when the scan starts
+    sigstore: list[SigstoreIdentity] = []
+
+
+class SignConfig(_Strict):
+    """sign: how signatures are named (seal --sign writes it, verification looks for it)."""
+
+    signature_name: str = "model.sig"
 
 
 class PrefixConfig(_Strict):
     url: str = Field(min_length=1)
     storage_options: dict[str, Any] = {}
     scan: ScanOverrides = ScanOverrides()
+    trust: TrustConfig = TrustConfig()
 
 
 class StateConfig(_Strict):
@@ -202,6 +226,15 @@ class Config(_Strict):
     log: LogConfig = LogConfig()
     prefixes: list[PrefixConfig] = []
     retention: RetentionConfig = RetentionConfig()
+    trust: TrustConfig = TrustConfig()
+    sign: SignConfig = SignConfig()
+
+    def trust_for(self, prefix: PrefixConfig | None) -> TrustConfig:
+        """The global trust plus the prefix's own (keys and identities of both are trusted)."""
+        if prefix is None:
+            return self.trust
+        return TrustConfig(keys=[*self.trust.keys, *prefix.trust.keys],
+                           sigstore=[*self.trust.sigstore, *prefix.trust.sigstore])
 
     def scan_for(self, prefix: PrefixConfig) -> ScanConfig:
         """Merge a prefix's overrides over the global scan defaults."""

@@ -24,7 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 
-from auditor.api import HISTORY_LIMIT, build_options, read_point, series_doc
+from auditor.api import HISTORY_LIMIT, build_options, read_point, series_doc, signing_policy
 from auditor.backends import backend_for
 from auditor.config import DAEMON_SETTLE_TIME, Config, PrefixConfig, ScanConfig
 from auditor.errors import ConfigError, StorageError, UsageError
@@ -35,6 +35,7 @@ from auditor.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIDECAR_SUFFIX, 
 from auditor.metrics import Metrics
 from auditor.model import FAILURES, TIERS, Finding, ScanResult, Severity, Status, Tier, Verdict, decide
 from auditor.series import detect
+from auditor.signing import Policy
 from auditor.state import (
     PointRecord,
     Recording,
@@ -129,15 +130,18 @@ class PrefixWorker:
     """Everything the daemon keeps per prefix: its scanner, its options, its lock."""
 
     def __init__(self, pcfg: PrefixConfig, scan: ScanConfig, state: State, throttle: Throttle,
-                 on_bytes: Any, stop: threading.Event) -> None:
+                 on_bytes: Any, stop: threading.Event, policy: Policy | None = None) -> None:
         self.cfg = pcfg
         self.scan = scan
+        # Trusted signers and scan.require_signature (issue 16), loaded once at start.
+        self.policy = policy or Policy()
         self.url = pcfg.url
         self.fs, self.root = open_url(pcfg.url, pcfg.storage_options)
         self.lock = threading.Lock()  # a rescan job and a tick never run over one prefix at once
         self.options: dict[str, Options] = {tier: scan_options(tier, scan) for tier in Tier}
         for opts in self.options.values():
             opts.baseline = state.baseline_lookup(self.url)
+            opts.signing = self.policy
         # scan.executor: dask sends the deep checks to a Dask cluster; listing, the metadata sweep and
         # every write of state and metrics stay here.
         self.executor = build_executor(scan, pcfg.url, pcfg.storage_options)
@@ -191,7 +195,8 @@ class Daemon:
             scan = config.scan_for(pcfg)
             try:
                 worker = PrefixWorker(pcfg, scan, self.state, self.throttle,
-                                      self.metrics.bytes_read.labels(prefix=pcfg.url).inc, self.stop_event)
+                                      self.metrics.bytes_read.labels(prefix=pcfg.url).inc, self.stop_event,
+                                      signing_policy(config=config, prefix=pcfg, scan=scan))
             except ValueError as e:
                 raise UsageError(f"prefixes: {pcfg.url}: {e}") from e
             self.workers[pcfg.url] = worker
@@ -727,6 +732,7 @@ class Daemon:
         """Scan now at `tier` (default: content, plus probe where sealed with one), recording verdicts."""
         options = scan_options(tier, worker.scan)
         options.baseline = self.state.baseline_lookup(worker.url)
+        options.signing = worker.policy
         root = worker.fs._strip_protocol(prefix).rstrip("/") if prefix.rstrip("/") != worker.url.rstrip("/") \
             else worker.root
         started = time.time()

@@ -37,6 +37,7 @@ from auditor.layouts import Checkpoint
 from auditor.manifest import FileEntry
 from auditor.model import Assurance, Finding, Tier, Verdict
 from auditor.probe import Prober
+from auditor.signing import Policy
 from auditor.storage import Reader, ReadSettings, StorageFault, Throttle, open_url
 from auditor.verify import Options, Scanner, error_verdict, is_pending, load_manifest, pending_verdict
 
@@ -125,6 +126,8 @@ class TaskOptions:
     keeps_baseline: bool
     baseline: tuple[FileEntry, ...] | None
     read: ReadSettings = ReadSettings()
+    # Trusted keys travel as their PEM bytes (data, read by the caller), never as paths on the worker.
+    signing: Policy = Policy()
 
     @classmethod
     def of(cls, options: Options, ck: Checkpoint) -> TaskOptions:
@@ -141,6 +144,7 @@ class TaskOptions:
             keeps_baseline=options.baseline is not None,
             baseline=tuple(found.values()) if found is not None else None,
             read=options.read,
+            signing=options.signing,
         )
 
     def build(self) -> Options:
@@ -157,7 +161,7 @@ class TaskOptions:
                        require=list(self.require) if self.require is not None else None,
                        baseline=baseline if self.keeps_baseline else None,
                        require_assurance=Assurance.parse(self.require_assurance) if self.require_assurance else None,
-                       read=self.read)
+                       read=self.read, signing=self.signing)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,36 @@ tests/test_explain.py keeps the two, and the codes the package emits, in step.
 from __future__ import annotations
 
 EXPLANATIONS: dict[str, str] = {
+    "signed_digest_mismatch": (
+        "a file's bytes differ from the sha256 a verified, trusted signature records for them; names the"
+        " file, the signer and both digests"
+    ),
+    "signature_invalid": (
+        "the signature (`model.sig`) is no Sigstore bundle, does not verify under the trusted key it names,"
+        " or its payload is inconsistent"
+    ),
+    "signer_untrusted": (
+        "the signature was made by a key or Sigstore identity that is not trusted (`--trust`, `trust:`), or"
+        " nobody is trusted while one is required"
+    ),
+    "signature_missing": "`scan.require_signature` is set and the checkpoint has no signature",
+    "signature_manifest_mismatch": (
+        "a verified signature disagrees with the manifest: another digest for a file, a file only one of"
+        " them lists, or the manifest's own bytes not the ones signed (rewritten since)"
+    ),
+    "unsigned_file": (
+        "a file of the checkpoint that its verified signature does not cover (added by someone without the"
+        " key)"
+    ),
+    "signature_unsupported": (
+        "a signature in a form the auditor cannot compare (shards, blake3): a failure only under"
+        " `scan.require_signature`, else a warning"
+    ),
+    "signature_verified": (
+        "the signature verified under a trusted signer and agrees with the manifest and the listed files;"
+        " names the signer"
+    ),
+    "signature_unchecked": "a signature is present but no key or identity is trusted: it was not checked",
     "digest_mismatch": "a file's sha256/crc32c differ from the sealed digests (read twice before it is said)",
     "header_invalid": "a safetensors header the safetensors library would refuse, or a broken zip directory",
     "index_invalid": (
@@ -54,7 +84,8 @@ EXPLANATIONS: dict[str, str] = {
     ),
     "zip_overlapping_members": "zip members whose bytes overlap: a zip bomb or a parser-confusion attack",
     "probe_load_mismatch": "the weights do not fit the model the factory builds (missing, unexpected, mis-shaped keys)",
-    "nonfinite_weights": "a floating-point tensor holds NaN or ±Inf; the detail names the tensors and counts",
+    "nonfinite_weights": ("a floating-point tensor of a safetensors file holds NaN or ±Inf; one finding per file "
+                          "naming its first tensors (then \"and N more\"), dtype, shape and NaN/Inf counts"),
     "probe_mismatch": "probe outputs differ from the baseline beyond tolerance",
     "cold_optimizer_params": "the optimizer holds no state for some parameters (named)",
     "model_state_missing": "no model weights found",

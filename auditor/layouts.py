@@ -41,6 +41,8 @@ _WEIGHTS = re.compile(r"\.(?:safetensors|bin|pt|pth)$")
 _HUB_CACHE_REPO = re.compile(r"^(?:models|datasets|spaces)--.+")
 # An OpenSSF model-signing signature's default file name (a signed base model; signing verifies it).
 MODEL_SIG = "model.sig"
+# A single-file checkpoint's signature (`auditor seal FILE --sign`) sits beside it as `<file>.sig`.
+SIGNATURE_SUFFIX = ".sig"
 
 
 @dataclass
@@ -346,6 +348,8 @@ def adopt(found: Survey, rels: list[str], root: str, prefix_url: str) -> None:
         for suffix in PROBE_SUFFIXES:
             if f"{rel}.{suffix}" in found.uncovered:
                 files[f"{name}.{suffix}"] = found.uncovered.pop(f"{rel}.{suffix}")
+        if rel + SIGNATURE_SUFFIX in found.uncovered:
+            files[name + SIGNATURE_SUFFIX] = found.uncovered.pop(rel + SIGNATURE_SUFFIX)
         sidecar = found.uncovered.pop(rel + SIDECAR_SUFFIX, None)
         found.checkpoints.append(Checkpoint(
             url=_url(prefix_url, rel), path=path, run=folder, layout="single-file", kind="file",
@@ -407,4 +411,6 @@ def _single_files(listing: dict[str, dict[str, Any]], path: str) -> dict[str, di
         companion = f"{path}.{suffix}"
         if companion in listing:
             files[f"{name}.{suffix}"] = listing[companion]
+    if path + SIGNATURE_SUFFIX in listing:
+        files[name + SIGNATURE_SUFFIX] = listing[path + SIGNATURE_SUFFIX]
     return files

@@ -50,6 +50,10 @@ class Status(_Word):
     NONFINITE = "nonfinite"
     INCOMPLETE = "incomplete"
     UNSAFE = "unsafe"
+    # The checkpoint's signature does not vouch for it (issue 16): a bad or missing (required) signature,
+    # a signer nobody trusts, or a manifest / file set other than the one signed. Not `corrupt`: the bytes
+    # may be exactly what the manifest says; what fails is who wrote that record.
+    UNTRUSTED = "untrusted"
     UNVERIFIABLE = "unverifiable"
     ERROR = "error"
     PENDING = "pending"
@@ -64,7 +68,7 @@ class Severity(_Word):
 TIERS = Tier.values()
 # Statuses that say the bytes are damaged or the state cannot resume: they page.
 FAILURES = frozenset({Status.CORRUPT, Status.MISSING, Status.NONFINITE, Status.DRIFT, Status.INCOMPLETE,
-                      Status.UNSAFE})
+                      Status.UNSAFE, Status.UNTRUSTED})
 # Statuses that say nothing about the bytes: the check did not complete or has not run yet.
 INCONCLUSIVE = frozenset({Status.ERROR, Status.PENDING})
 
@@ -97,6 +101,15 @@ STATUS_OF_CODE = {
     "foreign_digest_mismatch": Status.CORRUPT,
     "foreign_digest_conflict": Status.CORRUPT,
     "foreign_manifest_invalid": Status.CORRUPT,
+    # Signatures (issue 16): the record's authenticity fails (UNTRUSTED), or the bytes differ from an
+    # authentic record (CORRUPT, as for a sealed digest).
+    "signature_missing": Status.UNTRUSTED,
+    "signature_invalid": Status.UNTRUSTED,
+    "signer_untrusted": Status.UNTRUSTED,
+    "signature_unsupported": Status.UNTRUSTED,
+    "signature_manifest_mismatch": Status.UNTRUSTED,
+    "unsigned_file": Status.UNTRUSTED,
+    "signed_digest_mismatch": Status.CORRUPT,
     "file_missing": Status.MISSING,
     "nonfinite_weights": Status.NONFINITE,
     "probe_mismatch": Status.DRIFT,
@@ -120,9 +133,10 @@ STATUS_OF_CODE = {
     # too often, or the worker could not run it): nothing was learned, so never a failing verdict.
     "executor_error": Status.ERROR,
 }
-# A storage error means the check did not complete: nothing else it found is conclusive.
-STATUS_PRIORITY = (Status.ERROR, Status.UNSAFE, Status.CORRUPT, Status.MISSING, Status.NONFINITE, Status.DRIFT,
-                   Status.INCOMPLETE, Status.UNVERIFIABLE)
+# A storage error means the check did not complete: nothing else it found is conclusive. An untrusted
+# record outranks what was compared with it: digests from a forged manifest prove nothing either way.
+STATUS_PRIORITY = (Status.ERROR, Status.UNSAFE, Status.UNTRUSTED, Status.CORRUPT, Status.MISSING, Status.NONFINITE,
+                   Status.DRIFT, Status.INCOMPLETE, Status.UNVERIFIABLE)
 
 
 class Assurance(_Word):

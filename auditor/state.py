@@ -49,8 +49,8 @@ PG_CONNECT_ARGS: dict[str, Any] = {
 # one PostgreSQL state database at once (daemon and `rescan --config`) migrate it once.
 PG_MIGRATION_LOCK = 0x636B7074
 # Which latest status wins when tiers disagree: a failure at any tier stands until that tier passes.
-RANK = (Status.UNSAFE, Status.CORRUPT, Status.MISSING, Status.NONFINITE, Status.DRIFT, Status.INCOMPLETE,
-        Status.UNVERIFIABLE, Status.OK, Status.PENDING, Status.ERROR)
+RANK = (Status.UNSAFE, Status.UNTRUSTED, Status.CORRUPT, Status.MISSING, Status.NONFINITE, Status.DRIFT,
+        Status.INCOMPLETE, Status.UNVERIFIABLE, Status.OK, Status.PENDING, Status.ERROR)
 
 metadata = sa.MetaData()
 meta = sa.Table("meta", metadata, sa.Column("key", sa.String(64), primary_key=True), sa.Column("value", sa.Text))
@@ -747,9 +747,10 @@ class State:
         return [dict(r) for r in rows]
 
 
-# A content pass re-reads every byte, values included (nonfinite): it settles what these said.
+# A content pass re-reads every byte, values included (nonfinite), and checks the signature
+# (untrusted, issue 16): it settles what these said.
 _BYTES = frozenset({Status.CORRUPT, Status.MISSING, Status.NONFINITE, Status.INCOMPLETE, Status.UNSAFE,
-                    Status.UNVERIFIABLE})
+                    Status.UNTRUSTED, Status.UNVERIFIABLE})
 # Findings of a probe-tier verdict whose probe did not run: it proved no more than the content tier.
 PROBE_NOT_RUN = frozenset({"probe_factory_not_allowed", "no_probe"})
 COVERS: dict[str, frozenset[str]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import struct
 import threading
@@ -13,7 +14,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from auditor import completeness, foreign, formats, integrity, layouts
+from auditor import completeness, foreign, formats, integrity, layouts, signing
 from auditor.backends import backend_for
 from auditor.errors import StorageError, UsageError
 from auditor.layouts import Checkpoint
@@ -85,6 +86,8 @@ class Options:
     # At the content tier, read an unsealed checkpoint's safetensors files for NaN/Inf weights
     # (`nonfinite_weights`). Off for seal's own check: the seal reads the values with the digests.
     check_values: bool = True
+    # Trusted signers, scan.require_signature and the signature's name (issue 16).
+    signing: signing.Policy = field(default_factory=signing.Policy)
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
@@ -146,12 +149,15 @@ class Context:
 
 def load_manifest(reader: Reader, ck: Checkpoint) -> Manifest:
     """Read and parse a checkpoint's manifest (ManifestInvalid on any damage)."""
+    return parse_manifest(_manifest_bytes(reader, ck))
+
+
+def _manifest_bytes(reader: Reader, ck: Checkpoint) -> bytes:
     assert ck.manifest_path
     try:
-        data = reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES)
+        return reader.read(ck.manifest_path, limit=MAX_MANIFEST_BYTES)
     except ValueError as e:  # Reader.read's refusal past the limit: not a manifest, never parsed
         raise ManifestInvalid(f"manifest refused: {e}") from e
-    return parse_manifest(data)
 
 
 def verify_checkpoint(ck: Checkpoint, ctx: Context) -> Verdict:
@@ -196,6 +202,7 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     """Append findings; return whether any check with a reference applied."""
     tier = ctx.options.tier
     manifest: Manifest | None = None
+    manifest_sha256 = ""
     ck, hazards = integrity.sanitise(ck)
     findings += hazards
     if ck.manifest_path:
@@ -207,7 +214,7 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
             if isinstance(got, Finding):
                 findings.append(got)
                 return True
-            manifest = got
+            manifest, manifest_sha256 = got
         except FileNotFoundError:
             findings.append(Finding.error("file_missing", _name(ck.manifest_path), "manifest vanished"))
             return True
@@ -219,11 +226,15 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
             return True
         if manifest.step is not None:
             verdict.step = manifest.step
+    policy = ctx.options.signing
+    sig_rel = signing.signature_rel(ck, policy)
+    signature = _signature(ck, reader, ctx, sig_rel)
     if manifest is None:
         for rel, why in ck.expected_absent.items():
             findings.append(Finding.error("file_missing", rel, why))
         # Digests the writer recorded outrank those the daemon recorded at first sight.
-        baseline = ctx.options.baseline(ck) if ctx.options.baseline and not foreign.evident(ck) else None
+        baseline = ctx.options.baseline(ck) if ctx.options.baseline and not foreign.evident(ck) \
+            and signature.signed is None else None
         if baseline is not None:
             entries = list(baseline.values())
             findings.append(Finding.info("baseline_first_sight", None,
@@ -233,16 +244,21 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
             if tier != Tier.METADATA:
                 _completeness(ck, reader, ctx, None, findings, verdict)
             return True
+        if signature.signed is not None:
+            signature.findings += signing.against_listing(ck, signature.signed, sig_rel or "")
+        findings += signature.findings
         if tier == Tier.METADATA:
             findings.append(Finding.info("no_manifest", None,
                                     "no manifest: the metadata tier proves existence only"))
             _assure(verdict, ck, reader, ctx, set(), Assurance.EXISTENCE, findings)
-            return False
+            return signature.present and (policy.require or policy.trusts_anyone)
         headers: dict[str, formats.SafetensorsHeader] = {}
         applied = _structural(ck, reader, ctx, findings)
         # A pickle read completely as a skeleton (or DCP metadata) is a structural check too.
         applied |= _completeness(ck, reader, ctx, None, findings, verdict, headers)
-        if _foreign(ck, reader, ctx, headers, applied, findings, verdict):
+        if _foreign(ck, reader, ctx, headers, applied, findings, verdict, signature.signed):
+            if signature.signed is not None and not signature.failed:
+                verdict.assurance = Assurance.SIGNED.value
             _digest_unsealed(ck, reader, ctx, verdict)
             return True
         checked = bool(applied) or not ck.files
@@ -258,8 +274,9 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     for path in bad:
         findings.append(Finding.error("path_outside_checkpoint", path, f"manifest path {path!r} leaves the checkpoint"))
     entries = [f for f in manifest.files if f.path not in bad]
-    _check_listed(ck, reader, ctx, entries, manifest, findings, verdict)
+    _check_listed(ck, reader, ctx, entries, manifest, findings, verdict, exempt={sig_rel} if sig_rel else set())
     _assure(verdict, ck, reader, ctx, {e.path for e in entries}, Assurance.SEALED, findings)
+    _signed_manifest(ck, manifest, manifest_sha256, signature, sig_rel, findings, verdict)
     sealed_headers: dict[str, formats.SafetensorsHeader] = {}
     if tier == Tier.METADATA:
         # No read: what the seal recorded of the values (a checkpoint sealed with --force) is the evidence.
@@ -279,6 +296,42 @@ def _verify(ck: Checkpoint, reader: Reader, ctx: Context, findings: list[Finding
     return True
 
 
+def _signature(ck: Checkpoint, reader: Reader, ctx: Context, rel: str | None) -> signing.Outcome:
+    """Check the checkpoint's signature under the policy: read (one small GET, under the file deadline)
+    only when someone is trusted; without trust it is only noted, and required or not, said so."""
+    policy = ctx.options.signing
+    if rel is None or not policy.trusts_anyone:
+        return signing.check(ck, policy, None if rel is None else b"", rel)
+    got = ctx.run_files(reader, [(rel, lambda r: r.read(f"{ck.root}/{rel}", limit=MAX_MANIFEST_BYTES))],
+                        pool=ctx.stat_pool)[0][1]
+    if isinstance(got, Finding):
+        return signing.Outcome([got], present=True)
+    return signing.check(ck, policy, got, rel)
+
+
+def _signed_manifest(ck: Checkpoint, manifest: Manifest, manifest_sha256: str, signature: signing.Outcome,
+                     sig_rel: str | None, findings: list[Finding], verdict: Verdict) -> None:
+    """With a manifest: the signature's digests must equal the manifest's (and its own bytes') and cover
+    exactly the listed files. The content tier compared the bytes with the manifest's digests in its one
+    read, so equal signed digests are compared with the bytes too: nothing is read again."""
+    findings += signature.findings
+    if signature.signed is None or sig_rel is None:
+        return
+    manifest_rel = _rel_to(ck, ck.manifest_path or "")
+    seen = {(f.code, f.file) for f in findings}
+    own = signing.against_manifest(signature.signed, manifest, manifest_rel, manifest_sha256, sig_rel)
+    own += [f for f in signing.against_listing(ck, signature.signed, sig_rel)
+            if f.file != manifest_rel and (f.code, f.file) not in seen]
+    findings += own
+    if own or signature.failed:
+        return
+    if verdict.assurance == Assurance.SEALED:  # the metadata tier proved less than sealed: it stays that
+        verdict.assurance = Assurance.SIGNED.value
+    findings.append(Finding.info("signature_verified", sig_rel,
+                                 f"signed by {signature.signed.signer}: {len(signature.signed.digests)} file(s), "
+                                 "the manifest included"))
+
+
 def _discover_foreign(ck: Checkpoint, reader: Reader, ctx: Context,
                       headers: dict[str, formats.SafetensorsHeader] | None) -> foreign.Foreign:
     """The checkpoint's foreign digests, reading integrity.json under the file deadline (a read that
@@ -291,21 +344,42 @@ def _discover_foreign(ck: Checkpoint, reader: Reader, ctx: Context,
 
 
 def _foreign(ck: Checkpoint, reader: Reader, ctx: Context, headers: dict[str, formats.SafetensorsHeader],
-             structural: set[str], findings: list[Finding], verdict: Verdict) -> bool:
-    """Without a manifest: compare the bytes with digests other tools wrote (issue 16); False if there are none."""
+             structural: set[str], findings: list[Finding], verdict: Verdict,
+             signed: signing.Signed | None = None) -> bool:
+    """Without a manifest: compare the bytes with digests other tools wrote (issue 16), a verified
+    signature's among them (one read per file for all of a file's references); False if there are none."""
     found = _discover_foreign(ck, reader, ctx, headers)
     findings += found.findings
+    if signed is not None:
+        _add_signed_units(ck, found, signed, ctx.options.signing)
     if not found.units:
         return False
     work = [(u.read, _bind_foreign(ck.root, u)) for u in found.units]
     for _rel, got in ctx.run_files(reader, work):
-        findings.extend([got] if isinstance(got, Finding) else got)
+        got_list = [got] if isinstance(got, Finding) else got
+        findings.extend(signing.relabel(got_list, signed, ctx.options.signing) if signed else got_list)
     verdict.assurance = Assurance.FOREIGN.value
     verdict.coverage = foreign.coverage(ck, found.covered, structural)
     findings.append(Finding.info("foreign_digests", None,
                                  f"no auditor manifest: {len(found.covered & set(ck.files))} file(s) compared with "
                                  f"digests from {', '.join(sorted(found.sources))}"))
     return True
+
+
+def _add_signed_units(ck: Checkpoint, found: foreign.Foreign, signed: signing.Signed, policy: signing.Policy) -> None:
+    """Each listed file the signature covers becomes a sha256 reference, on the unit that already reads it."""
+    where = signing.source(signed, policy)
+    by_read = {u.read: u for u in found.units}
+    for rel, digest in sorted(signed.digests.items()):
+        info = ck.files.get(rel)
+        if info is None:
+            continue  # against_listing reported it
+        unit = by_read.get(rel)
+        if unit is None:
+            unit = by_read[rel] = foreign.Unit(rel, int(info.get("size") or 0), names=[rel])
+            found.units.append(unit)
+        unit.references.append(foreign.Reference(rel, foreign.SHA256, digest, where))
+    found.sources.add(where)
 
 
 def _bind_foreign(root: str, unit: foreign.Unit) -> Callable[[Reader], list[Finding]]:
@@ -372,9 +446,11 @@ def _require(verdict: Verdict, required: Assurance | None) -> None:
         verdict.status = Status.UNVERIFIABLE
 
 
-def _read_manifest(reader: Reader, ck: Checkpoint) -> Manifest:
+def _read_manifest(reader: Reader, ck: Checkpoint) -> tuple[Manifest, str]:
+    """The manifest, and the sha256 of its bytes as read (what a signature of it is compared with)."""
     integrity.refuse_odd_manifest(reader, ck)
-    return load_manifest(reader, ck)
+    data = _manifest_bytes(reader, ck)
+    return parse_manifest(data), hashlib.sha256(data).hexdigest()
 
 
 def _rel_to(ck: Checkpoint, path: str) -> str:
@@ -403,13 +479,15 @@ def _check_listed(
     manifest: Manifest | None,
     findings: list[Finding],
     verdict: Verdict,
+    exempt: set[str] | None = None,
 ) -> None:
-    """Compare listed files with the expected entries; at content tier, their digests too."""
+    """Compare listed files with the expected entries; at content tier, their digests too. `exempt`
+    files (the signature) are not the manifest's to list."""
     root = ck.root
     listed = {f"{root}/{rel}": info for rel, info in ck.files.items()}
     expected = {e.path for e in entries}
     if ck.kind == "dir":
-        extra = sorted(set(ck.files) - expected - integrity.probe_paths(manifest))
+        extra = sorted(set(ck.files) - expected - integrity.probe_paths(manifest) - (exempt or set()))
         for rel in extra:
             findings.append(Finding.warning("unlisted_file", rel, "file present but not in the manifest"))
     to_digest: list[tuple[FileEntry, str, dict[str, Any]]] = []

@@ -15,6 +15,7 @@ ratio = auditor_rate / sha256_rate; target >= 0.8 at jobs=1.
     python benchmarks/bench_content.py --size 8G       # full size
     python benchmarks/bench_content.py --profile       # + cProfile of one jobs=1 verify on stderr
     python benchmarks/bench_content.py --layout trainer  # 2/3 of the bytes in optimizer.pt
+    python benchmarks/bench_content.py --signed        # sealed and signed, verified with --trust (issue 16)
 """
 
 from __future__ import annotations
@@ -128,17 +129,33 @@ def sha256_floor(paths: list[Path], jobs: int) -> tuple[int, float]:
     return total, time.perf_counter() - started
 
 
-def auditor_run(url: str, jobs: int) -> tuple[int, float, str, float]:
-    """Verify at content tier; return (bytes_read, wall seconds, status, verdict seconds)."""
+def auditor_run(url: str, jobs: int, trust: tuple[str, ...] = ()) -> tuple[int, float, str, float]:
+    """Verify at content tier (checking the signature with `trust`); return (bytes_read, wall seconds,
+    status, verdict seconds)."""
     import auditor.api
 
     started = time.perf_counter()
-    result = auditor.api.verify_url(url, tier="content", jobs=jobs)
+    result = auditor.api.verify_url(url, tier="content", jobs=jobs, trust=trust)
     wall = time.perf_counter() - started
     (v,) = result.verdicts
-    if v.status != "ok":
-        raise SystemExit(f"bench_content: verify returned {v.status}: {[f.to_dict() for f in v.findings]}")
+    if v.status != "ok" or (trust and v.assurance != "signed"):
+        raise SystemExit(f"bench_content: verify returned {v.status} ({v.assurance}): "
+                         f"{[f.to_dict() for f in v.findings]}")
     return v.bytes_read, wall, v.status, v.duration_seconds
+
+
+def make_key(folder: Path) -> tuple[str, str]:
+    """An EC P-256 key pair for --signed: (`key:PRIVATE`, `key:PUBLIC`)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    (folder / "sign.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                        serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    (folder / "sign.pub.pem").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return f"key:{folder / 'sign.pem'}", f"key:{folder / 'sign.pub.pem'}"
 
 
 def profile_once(url: str, top: int = 20) -> list[dict[str, object]]:
@@ -196,6 +213,9 @@ def main() -> None:
                         "2/3 optimizer.pt")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the best of each is reported")
     p.add_argument("--profile", action="store_true", help="also cProfile one jobs=1 verify (stderr)")
+    p.add_argument("--signed", action="store_true",
+                   help="seal with --sign (a key made here) and verify with --trust: the signature check's cost "
+                        "is in the ratio")
     args = parse_args(p, size=4 * MiB, repeats=1)
     drop_logging_noise()
     import auditor.api
@@ -206,8 +226,10 @@ def main() -> None:
         files = build_checkpoint(ck, args.size, args.shards, args.layout)
         gen_s = time.perf_counter() - t0
         data_bytes = sum(f.stat().st_size for f in files)
+        sign, trusted = make_key(tmp) if args.signed else (None, None)
+        trust = (trusted,) if trusted else ()
         t0 = time.perf_counter()
-        manifest = auditor.api.seal(str(ck), jobs=2)
+        manifest = auditor.api.seal(str(ck), jobs=2, sign=sign)
         seal_s = time.perf_counter() - t0
         manifest_bytes = (ck / "ckpt-manifest.json").stat().st_size
         listed = sorted(ck / e.path for e in manifest.files)
@@ -217,8 +239,8 @@ def main() -> None:
 
         # Warm the page cache and every import: one untimed pass of each contender.
         sha256_floor(files, 1)
-        auditor_run(str(ck), 1)
-        auditor_run(str(ck), 2)
+        auditor_run(str(ck), 1, trust)
+        auditor_run(str(ck), 2, trust)
 
         best = {"sha1": math.inf, "sha2": math.inf, "aud1": math.inf, "aud2": math.inf}
         bytes_read = {1: 0, 2: 0}
@@ -227,8 +249,8 @@ def main() -> None:
             n, s1 = sha256_floor(files, 1)
             assert n == data_bytes
             _, s2 = sha256_floor(files, 2)
-            b1, a1, _, _ = auditor_run(str(ck), 1)
-            b2, a2, _, _ = auditor_run(str(ck), 2)
+            b1, a1, _, _ = auditor_run(str(ck), 1, trust)
+            b2, a2, _, _ = auditor_run(str(ck), 2, trust)
             bytes_read = {1: b1, 2: b2}
             for k, v in (("sha1", s1), ("sha2", s2), ("aud1", a1), ("aud2", a2)):
                 best[k] = min(best[k], v)
@@ -245,8 +267,10 @@ def main() -> None:
     aud2 = mb_per_s(data_bytes, best["aud2"])
     ratio1 = aud1 / sha1
     doc = {
-        "benchmark": "content" if args.layout == "weights" else f"content-{args.layout}",
+        "benchmark": ("content" if args.layout == "weights" else f"content-{args.layout}")
+                     + ("-signed" if args.signed else ""),
         "layout": args.layout,
+        "signed": args.signed,
         "bytes": data_bytes,
         "files": len(files),
         "manifest_bytes": manifest_bytes,

@@ -28,7 +28,8 @@ def test_every_finding_code_is_documented():
 
 
 def test_every_status_and_assurance_is_documented():
-    for word in ("ok", "corrupt", "missing", "drift", "incomplete", "unsafe", "unverifiable", "pending", "error",
+    for word in ("ok", "corrupt", "missing", "nonfinite", "drift", "incomplete", "unsafe", "untrusted", "unverifiable",
+                 "pending", "error",
                  *(a.value for a in Assurance)):
         assert f"`{word}`" in CONTRACT, word
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from auditor import api, probe
+from auditor import api, probe, signing
 from auditor.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
@@ -21,8 +21,11 @@ class SealCallback(TrainerCallback):
     """Seal `output_dir/checkpoint-<step>` after the Hugging Face Trainer writes it (main process only)."""
 
     def __init__(self, *, run_config: dict[str, Any] | None = None, probe_batch: Any = None,
-                 model_factory: str | None = None, model_kwargs: dict[str, Any] | None = None) -> None:
+                 model_factory: str | None = None, model_kwargs: dict[str, Any] | None = None,
+                 sign: str | None = None) -> None:
         probe.check_probe_pair(model_factory, probe_batch)
+        # Loaded once, here: a key that cannot sign fails the Trainer's setup, not its first save.
+        self.signer = signing.prepare(sign) if sign is not None else None
         self.run_config = run_config
         self.probe_batch = probe_batch
         self.model_factory = model_factory
@@ -40,7 +43,8 @@ class SealCallback(TrainerCallback):
         if os.path.exists(stale):  # the Trainer has just rewritten this folder
             os.remove(stale)
         api.seal(folder, step=state.global_step, run_config=self._config(args, state),
-                 model_factory=self.model_factory, model_kwargs=self.model_kwargs, probe_batch=self.probe_batch)
+                 model_factory=self.model_factory, model_kwargs=self.model_kwargs, probe_batch=self.probe_batch,
+                 sign=self.signer)
         return control
 
     def _config(self, args: Any, state: Any) -> dict[str, Any]:

@@ -10,16 +10,16 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-from auditor import api, probe
+from auditor import api, probe, signing
 from auditor.errors import UsageError
-from auditor.layouts import PROBE_SUFFIXES
+from auditor.layouts import PROBE_SUFFIXES, SIGNATURE_SUFFIX
 from auditor.manifest import SIDECAR_SUFFIX
 
 
 def remove_sidecar(filepath: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Remove a single-file checkpoint's sidecar manifest and probe companions, if any."""
+    """Remove a single-file checkpoint's sidecar manifest, signature and probe companions, if any."""
     fs, path = api.open_checked(filepath, storage_options)
-    for companion in (path + SIDECAR_SUFFIX, *(f"{path}.{s}" for s in PROBE_SUFFIXES)):
+    for companion in (path + SIDECAR_SUFFIX, path + SIGNATURE_SUFFIX, *(f"{path}.{s}" for s in PROBE_SUFFIXES)):
         if fs.exists(companion):
             fs.rm_file(companion)
 
@@ -31,9 +31,11 @@ class SealingModelCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, run_config: dict[str, Any] | None = None, probe_batch: Any = None,
                  model_factory: str | None = None, model_kwargs: dict[str, Any] | None = None,
-                 storage_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 storage_options: dict[str, Any] | None = None, sign: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         probe.check_probe_pair(model_factory, probe_batch)
+        # Loaded once, here: a key that cannot sign fails the Trainer's setup, not its first save.
+        self.signer = signing.prepare(sign) if sign is not None else None
         self.run_config = run_config
         self.probe_batch = probe_batch
         self.model_factory = model_factory
@@ -58,7 +60,7 @@ class SealingModelCheckpoint(ModelCheckpoint):
         remove_sidecar(filepath, self.storage_options)
         api.seal(filepath, step=trainer.global_step, run_config=self._config(trainer),
                  model_factory=self.model_factory, model_kwargs=self.model_kwargs,
-                 probe_batch=self.probe_batch, storage_options=self.storage_options)
+                 probe_batch=self.probe_batch, storage_options=self.storage_options, sign=self.signer)
 
     def _config(self, trainer: Any) -> dict[str, Any]:
         base = {

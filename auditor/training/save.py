@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from auditor import completeness, pickles, probe
-from auditor.api import open_checked, storage_boundary
+from auditor import completeness, pickles, probe, signing
+from auditor.api import open_checked, sign_sealed, storage_boundary
 from auditor.errors import UsageError
 from auditor.layouts import Checkpoint
 from auditor.manifest import SAVING_MARKER, FileEntry, Manifest, Probe, RunInfo
@@ -219,6 +219,8 @@ def save_checkpoint(
     git_commit: str | None = None,
     storage_options: dict[str, Any] | None = None,
     allow_nonfinite: bool = False,
+    sign: str | signing.SignSpec | signing.Signer | None = None,
+    signature_name: str = signing.SIGNATURE_NAME,
 ) -> Manifest:
     """Save everything needed to resume bit for bit into the folder `url`, seal it, and return the manifest.
 
@@ -230,8 +232,14 @@ def save_checkpoint(
     Model weights holding NaN or Inf are refused (UsageError naming the tensors and counts; nothing
     is committed) unless `allow_nonfinite=True`, which saves them with the counts in the manifest's
     statistics; verification then reports the checkpoint `nonfinite` and `load_checkpoint` refuses it.
+    With `sign`
+    (`key:PATH`, `sigstore` or a prepared signer), the committed folder is signed from the digests
+    taken while writing (`signature_name` beside the manifest, after it): nothing is read back.
     """
     probe.check_probe_pair(model_factory, probe_batch)
+    # Before any file is written: a key that cannot sign fails the save, not its last step.
+    signer = None if sign is None else sign if isinstance(sign, signing.Signer) else signing.prepare(sign)
+    signing.check_signature_name(signature_name)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise UsageError(f"step must be a non-negative int, got {step!r}")
     # First, before anything could draw from a generator.
@@ -260,6 +268,10 @@ def save_checkpoint(
         digests.close()
         # Saving must not perturb training: leave every generator as it was at the call.
         restore_rng(rng)
+    if signer is not None:
+        # After the commit, outside it: a signing failure must not abort (remove) a committed checkpoint.
+        sign_sealed(fs, path, manifest, signer, signature_name)
+        step_done("signed")
     logger.info("saved and sealed %s at step %s: %d files in %.2fs", url, step, len(manifest.files),
                 time.monotonic() - started)
     return manifest
