@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from auditor import formats, probe, sealing, signing
-from auditor.config import Config, PrefixConfig, ScanConfig, TrustConfig
+from auditor.config import COMMAND_SETTLE_TIME, Config, PrefixConfig, ScanConfig, TrustConfig
 from auditor.errors import AuditorError, StorageError, StorageIOError, UsageError
 from auditor.executors import DASK, build_executor
 from auditor.layouts import Checkpoint
@@ -52,8 +52,15 @@ def storage_boundary(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def has_state(config: Config | None) -> bool:
+    """Whether verdicts are recorded in (and read from) a state database: only where state.url is set."""
+    return config is not None and config.state.url is not None
+
+
 def open_store(config: Config) -> State:
-    """Open the configured state database (the caller closes it)."""
+    """Open the configured state database (the caller closes it; has_state says whether there is one)."""
+    if config.state.url is None:
+        raise UsageError("no state database: set state.url in the config, or AUDITOR_STATE__URL")
     # Lazy: state imports SQLAlchemy (81 modules, ~0.45 s on the project's machine, +45 % on `import
     # auditor.cli`), which verify, seal and a rescan without a config never touch.
     from auditor import state
@@ -133,7 +140,7 @@ def verify_url(
     `trust` (`key:PATH`) adds trusted signers to the config's `trust:`; `scan.require_signature` fails a
     checkpoint no trusted signer signed.
     """
-    scan = scan or ScanConfig(settle_time=0)
+    scan = scan or ScanConfig()
     policy = signing_policy(trust, config=config, scan=scan, signature_name=signature_name)
     fs, path = open_checked(url, storage_options)
     options = build_options(tier, strict=strict, require=scan.require,
@@ -182,8 +189,7 @@ def rescan(
     StorageError (exit 3) when it cannot be reached. `progress` counts the bytes expected and read.
     """
     cfg_prefix = config.prefix(prefix) if config else None
-    scan = config.scan_for(cfg_prefix) if config and cfg_prefix else (
-        config.scan if config else ScanConfig(settle_time=0))
+    scan = config.scan_for(cfg_prefix) if config and cfg_prefix else (config.scan if config else ScanConfig())
     deadlines = {k: v for k, v in (("file_timeout", file_timeout), ("checkpoint_timeout", checkpoint_timeout))
                  if v is not None}
     scan = scan.model_copy(update=deadlines) if deadlines else scan
@@ -195,7 +201,7 @@ def rescan(
     opts = build_options(
         tier,
         strict=strict or scan.strict,
-        settle_seconds=scan.settle_time if settle_seconds is None else settle_seconds,
+        settle_seconds=scan.settle(COMMAND_SETTLE_TIME) if settle_seconds is None else settle_seconds,
         require=scan.require,
         probe_timeout=scan.probe_timeout,
         probe_memory_mb=scan.probe_memory_mb,
@@ -205,7 +211,7 @@ def rescan(
     opts.require_assurance = Assurance.parse(require_assurance) if require_assurance else None
     opts.signing = signing_policy(trust, config=config, prefix=cfg_prefix, scan=scan)
     store = None
-    if config is not None:
+    if config is not None and has_state(config):
         store = open_store(config)
         opts.baseline = store.baseline_lookup(prefix)
     throttle = Throttle(scan.max_bytes_per_second)
@@ -386,7 +392,7 @@ def latest(
     """Return the newest checkpoint under `prefix` verified ok at the content tier (or the probe):
     from the state database when it knows the prefix, else verified on the spot (content tier
     plus probe, with `allow_factories` as in rescan)."""
-    if config is not None and config.prefix(prefix) is not None:
+    if config is not None and has_state(config) and config.prefix(prefix) is not None:
         store = open_store(config)
         try:
             records = store.checkpoints(config.prefix(prefix).url)  # type: ignore[union-attr]
@@ -413,7 +419,7 @@ def _retention_statuses(prefix: str, config: Config | None, storage_options: dic
                         ) -> dict[str, str]:
     """Latest status per checkpoint URL: from the state database when it knows the prefix, else verified now."""
     cfg_prefix = config.prefix(prefix) if config else None
-    if config is not None and cfg_prefix is not None:
+    if config is not None and has_state(config) and cfg_prefix is not None:
         store = open_store(config)
         try:
             records = store.checkpoints(cfg_prefix.url)

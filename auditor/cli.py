@@ -9,17 +9,17 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import click
 from pydantic import ValidationError
 
 from auditor import __version__, api, explain, logs, storage
-from auditor.config import Config, ScanConfig, load_config, load_yaml, parse_duration
+from auditor.config import Config, ReadConfig, load_config, load_yaml, parse_duration
 from auditor.errors import AuditorError, UsageError
-from auditor.model import FAILURES, STATUS_OF_CODE, TIERS, Assurance, ScanResult, Severity, Tier
+from auditor.model import FAILURES, STATUS_OF_CODE, TIERS, Assurance, ScanResult, Severity, Status, Tier
 from auditor.probe import parse_allow_pattern
 from auditor.progress import ByteProgress
 from auditor.retention import Decision, Plan, RetentionConfig
@@ -27,6 +27,71 @@ from auditor.sealing import SPAN_BYTES
 
 TIER = click.Choice(TIERS)
 ASSURANCE = click.Choice([a.value for a in Assurance if a is not Assurance.NONE])
+# `rescan --fail-on-empty` when the prefix holds no checkpoint: nothing was proved (docs/contract.md).
+EXIT_EMPTY = 4
+_VERBOSE = "auditor.verbose"  # ctx.meta key: -v counted before and after the subcommand
+
+
+def _json_error(message: str, code: int) -> None:
+    """The JSON error object `--json` prints on stdout when a command fails before it has a result."""
+    click.echo(json.dumps({"error": message, "exit_code": code}, indent=1))
+
+
+class _Main(click.Group):
+    """The command group; click's own usage errors honour `--json` too (the object on stdout)."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:  # noqa: ANN401
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode or "--json" not in argv:
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            return super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            e.show()  # the message on stderr, as without --json
+            _json_error(e.format_message(), e.exit_code)
+            sys.exit(e.exit_code)
+        except click.exceptions.Exit as e:  # --help, --version: not a failure
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            _json_error("aborted", 1)
+            sys.exit(1)
+
+
+def _set_verbose(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    """-v / -vv, before or after the subcommand: more logs on stderr."""
+    root = ctx.find_root()
+    count = root.meta.get(_VERBOSE, 0) + (value or 0)
+    root.meta[_VERBOSE] = count
+    if count:
+        logs.configure("DEBUG" if count > 1 else "INFO")
+
+
+def _verbose_option() -> click.Option:
+    return click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_set_verbose,
+                        help="More logs on stderr (JSON lines); -vv for debug.")
+
+
+def _check_daemon(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """`--daemon`: http(s)://HOST:PORT; a bare HOST:PORT means http://HOST:PORT."""
+    if value is None:
+        return None
+    url = value.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r} is not a daemon address like http://127.0.0.1:9180 ({e})") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise click.BadParameter(f"{value!r} is not a daemon address like http://127.0.0.1:9180 or 127.0.0.1:9180")
+    return url
+
+
+def _daemon_option(help_text: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    return click.option("--daemon", default=None, callback=_check_daemon, metavar="http://HOST:PORT", help=help_text)
 
 
 def _check_factory(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -144,7 +209,7 @@ def _table(result: ScanResult) -> str:
     for v in result.verdicts:
         main = next((f for f in v.findings if f.severity == Severity.ERROR), None) or next(
             (f for f in v.findings if f.severity == Severity.WARNING), None
-        )
+        ) or next((f for f in v.findings if v.status == Status.PENDING), None)  # why it is not verified yet
         note = f"{main.code}: {main.file + ': ' if main.file else ''}{main.detail}" if main else ""
         status = v.status if v.assurance == Assurance.NONE.value else f"{v.status} ({v.assurance})"
         rows.append((status, "" if v.step is None else str(v.step), v.layout, v.url, note[:120]))
@@ -155,8 +220,6 @@ def _table(result: ScanResult) -> str:
     lines.append(f"\n{len(result.verdicts)} checkpoint(s) under {result.prefix} at tier {_tier_words(result)}: "
                  f"{summary}")
     lines.append(_coverage_line(result))
-    if result.error:
-        lines.append(f"scan incomplete: {result.error}")
     return "\n".join(lines)
 
 
@@ -190,20 +253,34 @@ def _size(n: int) -> str:
 
 
 def _emit(result: ScanResult, as_json: bool) -> None:
+    """The result on stdout (JSON or the table); its error once, on stderr."""
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
-    else:
+    elif result.listed or result.verdicts:
         click.echo(_table(result))
+    # else: nothing was listed, so a table would be an empty header above the one line below.
     if result.error:
-        click.echo(f"auditor: {result.error}", err=True)
+        click.echo(f"auditor: {'scan incomplete: ' if result.verdicts else ''}{result.error}", err=True)
+    elif not result.verdicts:
+        click.echo(f"auditor: warning: no checkpoint under {result.prefix}", err=True)
 
 
-def _run(fn: Callable[[], int | None]) -> None:
-    """Call a command body and turn our errors into their exit codes."""
+def _scan_exit(result: ScanResult, strict: bool, fail_on_empty: bool = False) -> int:
+    """The exit code of a scan; EXIT_EMPTY for an empty, fully listed prefix under --fail-on-empty."""
+    code = result.exit_code(strict)
+    if code == 0 and fail_on_empty and not result.verdicts:
+        return EXIT_EMPTY
+    return code
+
+
+def _run(fn: Callable[[], int | None], as_json: bool = False) -> None:
+    """Call a command body and turn our errors into their exit codes (and, with --json, a JSON object)."""
     try:
         code = fn() or 0
     except AuditorError as e:
         click.echo(f"auditor: {e}", err=True)
+        if as_json:
+            _json_error(str(e), e.exit_code)
         sys.exit(e.exit_code)
     sys.exit(code)
 
@@ -226,12 +303,14 @@ def _deadlines(file_timeout: str | None, checkpoint_timeout: str | None) -> dict
 
 
 def _config(path: str | None) -> Config:
+    """The one configuration model: defaults, the file when given, AUDITOR_* variables either way."""
     return load_config(path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="auditor")
-@click.option("-v", "--verbose", count=True, help="More logs on stderr (JSON lines); -v adds a line per file read.")
+@click.option("-v", "--verbose", count=True,
+              help="More logs on stderr (JSON lines); -v adds a line per file read. Also after the subcommand.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (for scripts); errors are still printed.")
 @click.option("--progress-every", type=click.FloatRange(0.1, 3600), default=PROGRESS_EVERY, show_default=True,
               metavar="SECONDS", help="Seconds between JSON progress lines on stderr when it is not a terminal.")
@@ -239,7 +318,9 @@ def _config(path: str | None) -> Config:
 def main(ctx: click.Context, verbose: int, quiet: bool, progress_every: float) -> None:
     """Seal, verify and watch machine-learning training checkpoints."""
     ctx.obj = {"quiet": quiet, "progress_every": progress_every}
-    logs.configure("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
+    ctx.meta[_VERBOSE] = ctx.meta.get(_VERBOSE, 0) + verbose
+    # A subcommand's -v is parsed after this, and raises the level again (_set_verbose).
+    logs.configure("DEBUG" if ctx.meta[_VERBOSE] > 1 else "INFO" if ctx.meta[_VERBOSE] else "WARNING")
     storage.release_large_buffers()
 
 
@@ -248,7 +329,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool, progress_every: float) -
 @click.option("--tier", type=TIER, default=None, help="Default: content, plus probe where sealed with one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--strict", is_flag=True, help="Count `unverifiable` as a failure.")
-@click.option("--jobs", type=click.IntRange(1, 256), default=4, show_default=True, help="Parallel reads.")
+@click.option("--jobs", type=click.IntRange(1, 256), default=None, help="Parallel reads (default scan.jobs, 4).")
 @click.option("--require-assurance", type=ASSURANCE, default=None,
               help="Count an `ok` that proved less than this (e.g. sealed) as a failure.")
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
@@ -266,7 +347,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool, progress_every: float) -
 @click.option("--signature-name", default=None, help="The signature's file name (default model.sig).")
 @_trust
 @_allow_factory
-def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, jobs: int,
+def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, jobs: int | None,
            require_assurance: str | None, storage_option: tuple[str, ...], file_timeout: str | None,
            checkpoint_timeout: str | None, read_mode: str | None, part_size: str | None,
            read_concurrency: int | None, require_signature: bool, signature_name: str | None,
@@ -276,20 +357,23 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
     def body() -> int:
         read = {k: v for k, v in (("mode", read_mode), ("part_size", part_size), ("concurrency", read_concurrency))
                 if v is not None}
+        base = _config(None).scan  # defaults and AUDITOR_SCAN__* variables, as rescan reads them
         try:
-            scan = ScanConfig.model_validate({"settle_time": 0, **_deadlines(file_timeout, checkpoint_timeout),
-                                              "read": read, "require_signature": require_signature})
+            settings = ReadConfig.model_validate({**base.read.model_dump(), **read})
         except ValidationError as e:
             raise UsageError(f"--part-size: {e.errors()[0]['msg']} (got {part_size!r})") from e
+        scan = base.model_copy(update={**_deadlines(file_timeout, checkpoint_timeout), "read": settings,
+                                       "require_signature": require_signature or base.require_signature})
+        strict_ = strict or scan.strict
         with _reporter("verify") as progress:
-            result = api.verify_url(checkpoint_url, tier=tier, strict=strict, jobs=jobs,
+            result = api.verify_url(checkpoint_url, tier=tier, strict=strict_, jobs=jobs or scan.jobs,
                                     storage_options=_options(storage_option), require_assurance=require_assurance,
                                     scan=scan, allow_factories=allow_factory, trust=trust,
                                     signature_name=signature_name, progress=progress)
         _emit(result, as_json)
-        return result.exit_code(strict)
+        return result.exit_code(strict_)
 
-    _run(body)
+    _run(body, as_json)
 
 
 @main.command()
@@ -299,8 +383,11 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--strict", is_flag=True, help="Count `unverifiable` as a failure.")
 @click.option("--jobs", type=click.IntRange(1, 256), default=None, help="Parallel reads (default: config, else 4).")
-@click.option("--settle-time", default=None, help="Treat checkpoints younger than this as pending (e.g. 10m).")
-@click.option("--daemon", default=None, help="Ask a running daemon (http://host:port) instead of scanning here.")
+@click.option("--settle-time", default=None,
+              help="Treat checkpoints younger than this as pending (e.g. 10m; default scan.settle_time, else 0).")
+@_daemon_option("Ask a running daemon (http://host:port) instead of scanning here.")
+@click.option("--fail-on-empty", is_flag=True,
+              help=f"Exit {EXIT_EMPTY} when the prefix holds no checkpoint (for cron and CI gates).")
 @click.option("--require-assurance", type=ASSURANCE, default=None,
               help="Count an `ok` that proved less than this (e.g. sealed) as a failure.")
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
@@ -313,7 +400,7 @@ def verify(checkpoint_url: str, tier: str | None, as_json: bool, strict: bool, j
 @_trust
 @_allow_factory
 def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool, strict: bool, jobs: int | None,
-           settle_time: str | None, daemon: str | None, require_assurance: str | None,
+           settle_time: str | None, daemon: str | None, fail_on_empty: bool, require_assurance: str | None,
            storage_option: tuple[str, ...], file_timeout: str | None, checkpoint_timeout: str | None,
            dask_address: str | None, trust: tuple[str, ...], allow_factory: tuple[str, ...]) -> None:
     """Verify every checkpoint under a prefix now."""
@@ -333,8 +420,10 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
             result = client.remote_rescan(daemon, prefix, tier)
             result.require_assurance = require_assurance
             _emit(result, as_json)
-            return result.exit_code(strict)
-        cfg = _config(config_path) if config_path else None
+            return _scan_exit(result, strict, fail_on_empty)
+        cfg = _config(config_path)
+        cfg_prefix = cfg.prefix(prefix)
+        strict_ = strict or (cfg.scan_for(cfg_prefix) if cfg_prefix else cfg.scan).strict
         try:
             settle = parse_duration(settle_time) if settle_time is not None else None
         except ValueError as e:
@@ -347,9 +436,9 @@ def rescan(prefix: str, config_path: str | None, tier: str | None, as_json: bool
                                 file_timeout=deadlines.get("file_timeout"),
                                 checkpoint_timeout=deadlines.get("checkpoint_timeout"))
         _emit(result, as_json)
-        return result.exit_code(strict)
+        return _scan_exit(result, strict_, fail_on_empty)
 
-    _run(body)
+    _run(body, as_json)
 
 
 @main.command()
@@ -417,7 +506,7 @@ def seal(checkpoint_url: str, model_factory: str | None, model_kwargs: str | Non
                        + (", with probe" if manifest.probe else "") + (f", signed ({signature_name})" if sign else ""))
         return 0
 
-    _run(body)
+    _run(body, as_json)
 
 
 def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -445,15 +534,17 @@ def run(config_path: str | None) -> None:
         from auditor import daemon
 
         cfg = _config(config_path)
-        logs.configure(cfg.log.level)
+        verbose = click.get_current_context().meta.get(_VERBOSE, 0)
+        logs.configure("DEBUG" if verbose > 1 else "INFO" if verbose else cfg.log.level)  # -v outranks log.level
         return daemon.serve(cfg)
 
     _run(body)
 
 
 @main.command()
-@click.option("--daemon", default=None, help="Ask a running daemon (http://host:port).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
+@_daemon_option("Ask a running daemon (http://host:port).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Read this config's state database (state.url) instead.")
 @click.option("--json", "as_json", is_flag=True)
 def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
     """Show each prefix's checkpoints by status and its last completed scan."""
@@ -469,7 +560,10 @@ def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
             from auditor import state
 
             cfg = _config(config_path)
-            store = state.open_state(cfg.state.url, create=False)
+            if not api.has_state(cfg):
+                raise UsageError("status reads a daemon (--daemon URL) or a state database: --config FILE with "
+                                 "state.url, or AUDITOR_STATE__URL")
+            store = state.open_state(cfg.state.url, create=False)  # type: ignore[arg-type]
             try:
                 doc = {"prefixes": [
                     {"prefix": p.url, "counts": store.counts(p.url),
@@ -487,7 +581,7 @@ def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
         failing = any(s in FAILURES for p in doc["prefixes"] for s in p["counts"])
         return 1 if failing else 0
 
-    _run(body)
+    _run(body, as_json)
 
 
 @main.command()
@@ -495,7 +589,7 @@ def status(daemon: str | None, config_path: str | None, as_json: bool) -> None:
 @click.option("--run", "run_name", default=None, help="Only this run (folder under the prefix).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Read verdicts from this config's state database when it knows the prefix.")
-@click.option("--daemon", default=None, help="Ask a running daemon (http://host:port).")
+@_daemon_option("Ask a running daemon (http://host:port).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--storage-option", "-o", multiple=True, metavar="KEY=VALUE", help="Passed to fsspec.")
 @_allow_factory
@@ -512,17 +606,19 @@ def latest(prefix: str, run_name: str | None, config_path: str | None, daemon: s
             doc = client.remote_get(daemon, f"/api/v1/checkpoints?prefix={quote(prefix, safe='')}")
             best = api.newest_ok(doc["checkpoints"], run_name)
         else:
-            cfg = _config(config_path) if config_path else None
+            cfg = _config(config_path)
             best = api.latest(prefix, run=run_name, config=cfg, storage_options=_options(storage_option),
                               allow_factories=allow_factory)
         if best is None:
-            click.echo(f"auditor: no verified-ok checkpoint under {prefix}"
-                       + (f" in run {run_name}" if run_name else ""), err=True)
+            message = f"no verified-ok checkpoint under {prefix}" + (f" in run {run_name}" if run_name else "")
+            click.echo(f"auditor: {message}", err=True)
+            if as_json:
+                _json_error(message, 1)
             return 1
         click.echo(json.dumps(best, indent=1, default=str) if as_json else best["url"])
         return 0
 
-    _run(body)
+    _run(body, as_json)
 
 
 @main.command("explain")
@@ -615,14 +711,14 @@ def retention_plan(prefix: str, config_path: str | None, head_fraction: float | 
     """Print every checkpoint with keep or delete and why; delete nothing."""
 
     def body() -> int:
-        cfg = _config(config_path) if config_path else None
+        cfg = _config(config_path)
         rules = _retention_policy(cfg, {"head_fraction": head_fraction, "tail_fraction": tail_fraction,
                                         "stride": stride, "keep_newest_ok": keep_newest_ok})
         plan = api.retention_plan(prefix, policy=rules, config=cfg, storage_options=_options(storage_option))
         click.echo(json.dumps(plan.to_dict(), indent=1) if as_json else _retention_table(plan))
         return 0
 
-    _run(body)
+    _run(body, as_json)
 
 
 @retention.command("apply")
@@ -636,7 +732,7 @@ def retention_apply(prefix: str, config_path: str | None, head_fraction: float |
     def body() -> int:
         if not yes:
             raise UsageError("retention apply deletes checkpoints: pass --yes (see `auditor retention plan` first)")
-        cfg = _config(config_path) if config_path else None
+        cfg = _config(config_path)
         rules = _retention_policy(cfg, {"head_fraction": head_fraction, "tail_fraction": tail_fraction,
                                         "stride": stride, "keep_newest_ok": keep_newest_ok})
 
@@ -650,7 +746,7 @@ def retention_apply(prefix: str, config_path: str | None, head_fraction: float |
                    else f"deleted {s['delete']} checkpoint(s) under {prefix}; kept {s['keep']}")
         return 0
 
-    _run(body)
+    _run(body, as_json)
 
 
 # ---------------------------------------------------------------- the run series (issue 15)
@@ -697,7 +793,7 @@ def _sparkline(doc: dict[str, Any]) -> str:
 
 @main.command()
 @click.option("--run", "run_url", required=True, help="The run folder (URL) whose checkpoints form the series.")
-@click.option("--daemon", default=None, help="Ask a running daemon (http://host:port) instead of reading here.")
+@_daemon_option("Ask a running daemon (http://host:port) instead of reading here.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Take the onset rule (scan.series) and storage options from this config.")
 @click.option("--limit", type=click.IntRange(1, api.HISTORY_MAX_LIMIT), default=api.HISTORY_LIMIT, show_default=True,
@@ -715,7 +811,7 @@ def history(run_url: str, daemon: str | None, config_path: str | None, limit: in
 
             doc = client.remote_get(daemon, f"/api/v1/history?run={quote(run_url, safe='')}&limit={limit}")
         else:
-            cfg = _config(config_path) if config_path else None
+            cfg = _config(config_path)
             doc = api.history(run_url, config=cfg, storage_options=_options(storage_option), limit=limit)
         if as_json:
             click.echo(json.dumps(doc, indent=1))
@@ -725,4 +821,15 @@ def history(run_url: str, daemon: str | None, config_path: str | None, limit: in
             click.echo(_sparkline(doc))
         return 0
 
-    _run(body)
+    _run(body, as_json)
+
+
+def _add_verbose(group: click.Group) -> None:
+    """Give every subcommand its own -v, so `auditor rescan ... -v` works as `auditor -v rescan ...` does."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _add_verbose(command)
+        command.params.append(_verbose_option())
+
+
+_add_verbose(main)

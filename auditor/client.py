@@ -13,6 +13,32 @@ from auditor.errors import StorageError, UsageError
 from auditor.model import ScanResult, result_from_dict
 
 
+def _unreachable(daemon: str, e: requests.RequestException, doing: str = "") -> StorageError:
+    """One line naming the daemon and why it did not answer (not urllib3's retry report)."""
+    if isinstance(e, requests.Timeout):
+        why = "no answer within 30s"
+    else:
+        why = type(e).__name__
+        seen: BaseException | None = e
+        for _ in range(10):  # requests wraps urllib3's MaxRetryError, which wraps the socket's OSError
+            if seen is None:
+                break
+            if isinstance(seen, OSError) and seen.strerror:
+                why = seen.strerror.lower()
+                break
+            seen = getattr(seen, "reason", None) or seen.__cause__ or seen.__context__ or (
+                seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None)
+    return StorageError(f"cannot reach daemon {daemon}{doing}: {why}")
+
+
+def _json(daemon: str, r: requests.Response) -> Any:  # noqa: ANN401
+    try:
+        return r.json()
+    except ValueError as e:
+        raise StorageError(f"daemon {daemon} answered {r.status_code} with a body that is not JSON "
+                           f"(is {daemon} the auditor?): {r.text[:100]!r}") from e
+
+
 def _headers() -> dict[str, str]:
     token = os.environ.get(TOKEN_ENV)
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -26,18 +52,18 @@ def remote_rescan(daemon: str, prefix: str, tier: str | None, *, timeout: float 
         r = requests.post(f"{base}/api/v1/rescan", json={"prefix": prefix, "tier": tier}, headers=_headers(),
                           timeout=30)
     except requests.RequestException as e:
-        raise StorageError(f"cannot reach daemon {daemon}: {e}") from e
+        raise _unreachable(daemon, e) from e
     if r.status_code in (401, 403):
-        raise UsageError(f"daemon {daemon} refused the rescan ({r.status_code}): {r.json().get('error')}")
+        raise UsageError(f"daemon {daemon} refused the rescan ({r.status_code}): {_json(daemon, r).get('error')}")
     if r.status_code != 202:
         raise UsageError(f"daemon {daemon} answered {r.status_code}: {r.text[:300]}")
-    job_id = r.json()["id"]
+    job_id = _json(daemon, r)["id"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            job = requests.get(f"{base}/api/v1/jobs/{job_id}", headers=_headers(), timeout=30).json()
+            job = _json(daemon, requests.get(f"{base}/api/v1/jobs/{job_id}", headers=_headers(), timeout=30))
         except requests.RequestException as e:
-            raise StorageError(f"lost daemon {daemon} while waiting for job {job_id}: {e}") from e
+            raise _unreachable(daemon, e, f" (lost while waiting for job {job_id})") from e
         if job["state"] == "done":
             return result_from_dict(job["result"])
         if job["state"] == "failed":
@@ -51,7 +77,7 @@ def remote_get(daemon: str, path: str) -> Any:
     try:
         r = requests.get(f"{daemon.rstrip('/')}{path}", headers=_headers(), timeout=30)
     except requests.RequestException as e:
-        raise StorageError(f"cannot reach daemon {daemon}: {e}") from e
+        raise _unreachable(daemon, e) from e
     if r.status_code != 200:
         raise UsageError(f"daemon {daemon} answered {r.status_code} for {path}: {r.text[:300]}")
-    return r.json()
+    return _json(daemon, r)

@@ -21,6 +21,13 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 
 # The admin token for the daemon's rescan endpoint; the server checks it, the CLI's client sends it.
 TOKEN_ENV = "AUDITOR_ADMIN_TOKEN"
+# Overrides of config keys: AUDITOR_<SECTION>__<KEY> (AUDITOR_SCAN__JOBS=8), read with or without a file.
+ENV_PREFIX = "AUDITOR_"
+# scan.settle_time when none is configured: the daemon's (a save in progress has this long to finish)
+# and a command's you run by hand (rescan, latest, retention: verify what is there now).
+DAEMON_SETTLE_TIME = 600.0
+COMMAND_SETTLE_TIME = 0.0
+
 
 def parse_duration(value: Any) -> float:
     """Turn `90`, `"30s"`, `"10m"`, `"1h"`, `"7d"` into seconds."""
@@ -112,7 +119,9 @@ class ScanConfig(_Strict):
     shallow_interval: Duration = 3600.0
     deep_interval: Duration = 7 * 86400.0
     probe_interval: Duration = 7 * 86400.0
-    settle_time: Duration = 600.0
+    # Unset: the command's own default (settle()): the daemon waits DAEMON_SETTLE_TIME for a save in
+    # progress to finish; a rescan you run verifies what is there now. The same with and without a file.
+    settle_time: Duration | None = None
     jobs: int = Field(default=4, ge=1, le=256)
     # List, stat and checksum requests in flight at once; the metadata tier also checks this many
     # checkpoints at a time, since its work is requests, not bytes (a manifest read stays under `jobs`).
@@ -135,6 +144,10 @@ class ScanConfig(_Strict):
     series: OnsetRule = Field(default_factory=OnsetRule)
     # A checkpoint without a signature that a trusted signer made is `untrusted` (issue 16).
     require_signature: bool = False
+
+    def settle(self, default: float) -> float:
+        """The settle time in seconds: the configured one, else the calling command's default."""
+        return default if self.settle_time is None else self.settle_time
 
 
 class ScanOverrides(_Strict):
@@ -188,7 +201,9 @@ class PrefixConfig(_Strict):
 
 
 class StateConfig(_Strict):
-    url: str = "sqlite:////var/lib/auditor/state.db"
+    # No default: a state file at a system path nobody chose is state nobody finds. The daemon refuses
+    # to start without one (daemon.require_state); commands record verdicts only where one is set.
+    url: str | None = Field(default=None, min_length=1)
 
 
 class ServerConfig(_Strict):
@@ -251,11 +266,13 @@ def load_yaml(source: Any) -> Any:
         raise ValueError(str(e)) from e
 
 
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    """Lay `AUDITOR_<SECTION>__<KEY>` variables over `raw`; return which variable set which key."""
+    sources: dict[tuple[str, str], str] = {}
     for name, value in env.items():
-        if not name.startswith("AUDITOR_") or "__" not in name:
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
-        section, _, key = name[len("AUDITOR_") :].partition("__")
+        section, _, key = name[len(ENV_PREFIX) :].partition("__")
         section, key = section.lower(), key.lower()
         try:
             parsed = load_yaml(value) if value.strip() else value
@@ -266,7 +283,8 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             raise ConfigError(f"environment variable {name} overrides {section}.{key}, but {section} is not a section")
         structured = key in ("require", "allow_factories", "read")  # keys whose value is a list or a mapping
         target[key] = parsed if not isinstance(parsed, (dict, list)) or structured else value
-    return raw
+        sources[(section, key)] = name
+    return sources
 
 
 def _default_dask_address(raw: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -294,7 +312,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping, not {type(raw).__name__}")
-    raw = _apply_env(raw, env)
+    sources = _apply_env(raw, env)
     _default_dask_address(raw, env)
     try:
         return Config.model_validate(raw)
@@ -303,4 +321,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         key = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
         shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
-        raise ConfigError(f"invalid configuration key {key}: {err['msg']}{shown}") from e
+        loc = tuple(str(p) for p in err["loc"][:2])
+        origin = f" from environment variable {sources[loc]}" if loc in sources else (
+            f" in {path}" if path is not None else "")
+        raise ConfigError(f"invalid configuration key {key}{origin}: {err['msg']}{shown}") from e

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from auditor.api import HISTORY_LIMIT, build_options, read_point, series_doc, signing_policy
 from auditor.backends import backend_for
-from auditor.config import Config, PrefixConfig, ScanConfig
+from auditor.config import DAEMON_SETTLE_TIME, Config, PrefixConfig, ScanConfig
 from auditor.errors import ConfigError, StorageError, UsageError
 from auditor.executors import DASK, LOCAL, DaskExecutor, build_executor
 from auditor.http import PrefixSummary, Server
@@ -44,6 +44,7 @@ from auditor.state import (
     State,
     fingerprint,
     open_state,
+    redacted,
     same_fingerprint,
 )
 from auditor.storage import DeadlineExceeded, Throttle, open_url
@@ -93,7 +94,7 @@ def jittered(interval: float, jitter: float, rng: random.Random | None = None) -
 
 def scan_options(tier: str | None, scan: ScanConfig) -> Options:
     """The verification options of one tier (None: content, plus probe where sealed with one) under a scan config."""
-    return build_options(tier, strict=scan.strict, settle_seconds=scan.settle_time, require=scan.require,
+    return build_options(tier, strict=scan.strict, settle_seconds=scan.settle(DAEMON_SETTLE_TIME), require=scan.require,
                          probe_timeout=scan.probe_timeout, probe_memory_mb=scan.probe_memory_mb,
                          allow_factories=scan.allow_factories, read=scan.read.settings())
 
@@ -185,7 +186,8 @@ class Daemon:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.state = open_state(config.state.url)
+        self.state_url = require_state(config)
+        self.state = open_state(self.state_url)
         self.stop_event = threading.Event()
         self.throttle = Throttle(config.scan.max_bytes_per_second)
         self.workers: dict[str, PrefixWorker] = {}
@@ -236,7 +238,8 @@ class Daemon:
                                    jitter=interval * worker.scan.jitter, next_run_time=first)
         self.scheduler.start()
         self.ready = True
-        logger.info("daemon started with %d prefix(es)", len(self.workers), extra={"event": "start"})
+        logger.info("daemon started with %d prefix(es), state database %s", len(self.workers),
+                    redacted(self.state_url), extra={"event": "start"})
 
     def _dask_workers(self) -> float:
         """Workers connected to the Dask schedulers of the configured prefixes (each scheduler once)."""
@@ -373,7 +376,7 @@ class Daemon:
         due = []
         for ck in found:
             k = known.get(ck.url)
-            if k is None or is_pending(ck, worker.scan.settle_time, now):
+            if k is None or is_pending(ck, worker.scan.settle(DAEMON_SETTLE_TIME), now):
                 continue
             never = k.due_content is None
             suspect = k.suspect or k.status in FAILURES or k.status == Status.ERROR
@@ -642,6 +645,10 @@ class Daemon:
 
     # ------------------------------------------------------------ what the HTTP API reads (auditor.http.DaemonView)
 
+    @property
+    def state_shown(self) -> str:
+        return redacted(self.state_url)
+
     def configured_prefix(self, prefix: str) -> str:
         """The configured prefix that holds `prefix` (itself when configured); UsageError when none does."""
         return prefix if prefix in self.workers else self.worker_for(prefix).url
@@ -752,6 +759,15 @@ class Daemon:
                 verdict.findings.append(onsets[verdict.url].finding())
         self._publish(worker.url)
         return ScanResult(prefix, options.tier, verdicts, duration_seconds=time.time() - started)
+
+
+def require_state(config: Config) -> str:
+    """The state database's URL; ConfigError when none is configured (never a silent system path)."""
+    if config.state.url is None:
+        raise ConfigError("state.url is not set: the daemon keeps verdicts, due dates and baselines in a database; "
+                          "set state.url in the config (e.g. sqlite:////var/lib/auditor/state.db) or "
+                          "AUDITOR_STATE__URL")
+    return config.state.url
 
 
 def serve(config: Config) -> int:

@@ -74,6 +74,11 @@ class DaemonView(Protocol):
     @property
     def started_at(self) -> float: ...
 
+    @property
+    def state_shown(self) -> str:
+        """The state database's URL as it may be shown (no password)."""
+        ...
+
     def alive(self) -> bool: ...
 
     def configured_prefix(self, prefix: str) -> str:
@@ -366,7 +371,7 @@ def status_doc(d: DaemonView) -> dict[str, Any]:
     out = [{"prefix": p.prefix, "counts": p.counts,
             "failures": sum(n for s, n in p.counts.items() if s in FAILURES),
             "last_success": p.last_success, "scan_up": p.scan_up} for p in d.summaries()]
-    return {"prefixes": out, "ready": d.ready, "uptime_seconds": time.time() - d.started_at}
+    return {"prefixes": out, "ready": d.ready, "uptime_seconds": time.time() - d.started_at, "state": d.state_shown}
 
 
 _BUSY_BODY = json.dumps({"error": f"busy: {MAX_CONNECTIONS} connections already open; retry"}).encode()

@@ -772,7 +772,7 @@ def open_state(url: str, *, create: bool = True) -> State:
                 raise StateError(f"cannot create the folder of state database {path}: {e}") from e
         if os.path.exists(path):
             _precheck_sqlite(path, url)
-    shown = _redacted(url)
+    shown = redacted(url)
     try:
         parsed = _with_driver(sa.engine.make_url(url))
         engine = sa.create_engine(parsed, future=True, **_engine_options(parsed))
@@ -797,8 +797,8 @@ def open_state(url: str, *, create: bool = True) -> State:
     return State(engine)
 
 
-def _redacted(url: str) -> str:
-    """The URL as logs and errors may show it: a password in it becomes ***."""
+def redacted(url: str) -> str:
+    """The URL as logs, errors and /api/v1/status may show it: a password in it becomes ***."""
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
