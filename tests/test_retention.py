@@ -231,11 +231,11 @@ def test_plan_and_apply_on_s3_delete_exactly_the_plan(s3, tmp_path):
     config = s3_config(tmp_path, backend)
     scanned = invoke("rescan", "--prefix", backend.url, "--config", str(config), "--json")
     assert scanned.exit_code == 1, scanned.output  # the corrupt one
-    assert json.loads(scanned.output)["summary"] == {"ok": 211, "corrupt": 1}
+    assert json.loads(scanned.stdout)["summary"] == {"ok": 211, "corrupt": 1}
 
     result = invoke("retention", "plan", "--prefix", backend.url, "--config", str(config), "--json")
     assert result.exit_code == 0, result.output
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)
     check_run_a(plan, lambda s: backend.path(f"run-a/step-{s:06d}.safetensors"))
     # Run B: head <= 2.4, tail >= 10.2, stride keeps 10 (buckets of 10 x 1 step), newest ok 11 and 12.
     run_b = {c["step"]: c["action"] for c in plan["checkpoints"] if c["run"] == "run-b"}
@@ -258,7 +258,7 @@ def test_plan_and_apply_on_s3_delete_exactly_the_plan(s3, tmp_path):
     assert f"deleted {len(deleted_a) + 7} checkpoint(s)" in applied.output
 
     again = invoke("retention", "plan", "--prefix", backend.url, "--config", str(config), "--json")
-    assert json.loads(again.output)["summary"] == {"keep": 200 - len(deleted_a) + 5, "delete": 0}
+    assert json.loads(again.stdout)["summary"] == {"keep": 200 - len(deleted_a) + 5, "delete": 0}
 
 
 def test_apply_stops_at_the_first_storage_error_and_touches_nothing_after(s3, tmp_path):

@@ -143,6 +143,10 @@ def test_fast_points_are_the_products_points(tmp_path: Path) -> None:
     assert [p.step for p in product] == [10, 20]
     for p, f in zip(product, fast, strict=True):
         assert p.batch == f.batch and p.batch is not None
-        assert p.norms == f.norms and p.samples == f.samples and p.nonfinite == f.nonfinite
+        # The seal sums squares in chunks as the bytes stream past, stats_of in one go: float64 sums in a
+        # different order, equal to 1e-12 (tests/test_nonfinite.py); everything else is exact.
+        assert p.norms.keys() == f.norms.keys() and all(p.norms[k] == pytest.approx(f.norms[k], rel=1e-12)
+                                                        for k in p.norms)
+        assert p.samples == f.samples and p.nonfinite == f.nonfinite
         assert p.probe is not None and f.probe is not None and len(p.probe) == len(f.probe) == 16 * sr.OUT
         assert torch.allclose(torch.tensor(p.probe), torch.tensor(f.probe), rtol=1e-5, atol=1e-6)
