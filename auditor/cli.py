@@ -73,6 +73,18 @@ def _verbose_option() -> click.Option:
                         help="More logs on stderr (JSON lines); -vv for debug.")
 
 
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """-q after the subcommand, as before it: no progress on stderr."""
+    if value:
+        root = ctx.find_root()
+        root.obj = {**(root.obj or {}), "quiet": True}
+
+
+def _quiet_option() -> click.Option:
+    return click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_quiet,
+                        help="No progress on stderr (for scripts); errors are still printed.")
+
+
 def _check_daemon(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """`--daemon`: http(s)://HOST:PORT; a bare HOST:PORT means http://HOST:PORT."""
     if value is None:
@@ -825,11 +837,13 @@ def history(run_url: str, daemon: str | None, config_path: str | None, limit: in
 
 
 def _add_verbose(group: click.Group) -> None:
-    """Give every subcommand its own -v, so `auditor rescan ... -v` works as `auditor -v rescan ...` does."""
+    """Give every subcommand its own -v and -q, so `auditor rescan ... -v` works as `auditor -v rescan ...` does."""
     for command in group.commands.values():
         if isinstance(command, click.Group):
             _add_verbose(command)
         command.params.append(_verbose_option())
+        if not any("--quiet" in p.opts for p in command.params):
+            command.params.append(_quiet_option())
 
 
 _add_verbose(main)

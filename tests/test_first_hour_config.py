@@ -318,6 +318,16 @@ def test_verbose_works_after_the_subcommand(fresh: Path) -> None:
         assert any(x["level"] == "info" and "verifying" in x["msg"] for x in lines), r.stderr
 
 
+def test_quiet_works_after_the_subcommand(fresh: Path) -> None:
+    """A piped rescan prints a progress line on stderr; -q before or after the subcommand prints none."""
+    argv = ["rescan", "--prefix", str(fresh)]
+    loud = cli(*argv)
+    assert any('"event": "progress"' in x for x in loud.stderr.splitlines()), loud.stderr
+    for r in (cli("-q", *argv), cli(*argv, "-q")):
+        assert r.returncode == loud.returncode and r.stdout == loud.stdout, r.stderr
+        assert not [x for x in r.stderr.splitlines() if '"event": "progress"' in x], r.stderr
+
+
 def _quantity(text: str) -> int:
     units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
     m = re.fullmatch(r"(\d+)(Ki|Mi|Gi)?", str(text))
