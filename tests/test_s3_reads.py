@@ -48,7 +48,9 @@ def sealed(s3_svc: Any, tmp_path: Path) -> tuple[Any, str, bytes]:
     """A sealed HF checkpoint on S3 with a multi-part blob; returns (backend, url, the blob's bytes)."""
     backend = s3_svc.new_backend()
     local = write_hf_checkpoint(tmp_path / "src/run/checkpoint-100", step=100)
-    blob = os.urandom(BLOB)
+    # Random after its first byte: a .bin whose first byte is 0x80 (1 in 256 random ones) is a pickle to
+    # the format checks, and the seal would refuse it as unsafe.
+    blob = b"\0" + os.urandom(BLOB - 1)
     (local / "blob.bin").write_bytes(blob)
     url = backend.path("run/checkpoint-100")
     auditor.api.seal(url, upload_from=str(local), storage_options=backend.storage_options)
