@@ -6,7 +6,7 @@ import json
 import posixpath
 import re
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -83,6 +83,21 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class _Additive(_Model):
+    """A model with optional fields added after v1 was first written: left out of the JSON when unset,
+    so that what an older auditor wrote and read stays byte for byte the same."""
+
+    _OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for key in self._OMITTED_WHEN_NONE:
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
+
+
 class SpanDigests(_Model):
     """sha256 of a file's consecutive fixed-size spans: [0, size), [size, 2 size), ... (the last may be
     short). Written at seal in the same read as the whole-file digest, so that a large file can be
@@ -126,24 +141,17 @@ class StoreIdentity(_Model):
     checksum: Literal["crc32c", "sha256"] | None = None
 
 
-class FileEntry(_Model):
+class FileEntry(_Additive):
     path: str
     size: int = Field(ge=0)
     sha256: str
     crc32c: str
     # Optional (v1, additive): span digests of a large file; the whole-file sha256 stays the contract.
     spans: SpanDigests | None = None
-
-
+    # Optional (additive): an entry sealed off an object store is written as before, without `store`.
     store: StoreIdentity | None = None
 
-    @model_serializer(mode="wrap")
-    def _omit_no_store(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
-        # Optional and additive: an entry sealed off an object store is written as before, without `store`.
-        out: dict[str, Any] = handler(self)
-        if out.get("store") is None:
-            out.pop("store", None)
-        return out
+    _OMITTED_WHEN_NONE = ("store",)
 
     @field_validator("sha256")
     @classmethod
@@ -188,19 +196,14 @@ class TensorStats(_Model):
         return self.nan + self.inf
 
 
-class TensorEntry(_Model):
+class TensorEntry(_Additive):
     dtype: str
     shape: list[int]
     sha256: str
+    # Optional (additive): a tensor sealed without statistics is written as before.
     stats: TensorStats | None = None
 
-    @model_serializer(mode="wrap")
-    def _omit_no_stats(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
-        # Optional and additive: a tensor sealed without statistics is written as before.
-        out: dict[str, Any] = handler(self)
-        if out.get("stats") is None:
-            out.pop("stats", None)
-        return out
+    _OMITTED_WHEN_NONE = ("stats",)
 
 
 class TrainingState(_Model):

@@ -144,6 +144,17 @@ def _nav(scope: PageScope) -> str:
     return "<nav>" + " ".join(links) + "</nav>"
 
 
+def _group(title: str, rows: list[tuple[int, dict[str, Any]]], cap: int, what: str, api: str,
+           now: float) -> list[str]:
+    """One group of checkpoints, at most `cap` of them, then how many more the JSON has."""
+    if not rows:
+        return []
+    out = [f"<h3>{title} ({len(rows)})</h3>"] + [_checkpoint(ck, r, now) for r, ck in rows[:cap]]
+    if len(rows) > cap:
+        out.append(f'<p class="more">… and {len(rows) - cap} more {what}: see <a href="{_e(api)}">the JSON</a>.</p>')
+    return out
+
+
 def _prefix_section(p: dict[str, Any], keyed: list[tuple[PageKey, dict[str, Any]]], scope: PageScope,
                     now: float) -> str:
     url = str(p.get("prefix"))
@@ -158,18 +169,8 @@ def _prefix_section(p: dict[str, Any], keyed: list[tuple[PageKey, dict[str, Any]
            f' <a href="{_e(RUNBOOK_URL)}#checkpointverifyfailures">Runbook: failing checkpoints</a></p>']
     if not keyed:
         out.append("<p>No checkpoints known here yet.</p>")
-    if flagged:
-        out.append(f"<h3>Failing or suspect ({len(flagged)})</h3>")
-        out += [_checkpoint(ck, r, now) for r, ck in flagged[:MAX_FLAGGED]]
-        if len(flagged) > MAX_FLAGGED:
-            out.append(f'<p class="more">… and {len(flagged) - MAX_FLAGGED} more failing or suspect checkpoint(s): '
-                       f'see <a href="{_e(api)}">the JSON</a>.</p>')
-    if others:
-        out.append(f"<h3>The others ({len(others)})</h3>")
-        out += [_checkpoint(ck, r, now) for r, ck in others[:MAX_OTHERS]]
-        if len(others) > MAX_OTHERS:
-            out.append(f'<p class="more">… and {len(others) - MAX_OTHERS} more checkpoint(s) that are ok or pending: '
-                       f'see <a href="{_e(api)}">the JSON</a>.</p>')
+    out += _group("Failing or suspect", flagged, MAX_FLAGGED, "failing or suspect checkpoint(s)", api, now)
+    out += _group("The others", others, MAX_OTHERS, "checkpoint(s) that are ok or pending", api, now)
     out.append("</section>")
     return "\n".join(out)
 

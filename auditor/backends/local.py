@@ -192,7 +192,12 @@ def _fsspec_info(path: str) -> dict[str, Any]:
     if link:
         out = os.stat(path, follow_symlinks=True)
     kind = "directory" if stat.S_ISDIR(out.st_mode) else "file" if stat.S_ISREG(out.st_mode) else "other"
-    result: dict[str, Any] = {"name": path, "size": out.st_size, "type": kind,
+    return _info_dict(path, out.st_size, kind, out, link)
+
+
+def _info_dict(path: str, size: int, kind: str, out: os.stat_result, link: bool) -> dict[str, Any]:
+    """The fields of fsspec's LocalFileSystem.info: `out` is the entry's own (lstat) result."""
+    result: dict[str, Any] = {"name": path, "size": size, "type": kind,
                               "created": getattr(out, "st_birthtime", out.st_ctime), "islink": link}
     for name in ("mode", "uid", "gid", "mtime", "ino", "nlink"):
         result[name] = getattr(out, f"st_{name}")
@@ -213,14 +218,7 @@ def _fsspec_entry_info(entry: os.DirEntry[str]) -> dict[str, Any]:
             size = entry.stat(follow_symlinks=True).st_size
         except OSError:
             size = 0
-    path = strip_local_protocol(entry.path)
-    result: dict[str, Any] = {"name": path, "size": size, "type": kind,
-                              "created": getattr(out, "st_birthtime", out.st_ctime), "islink": link}
-    for name in ("mode", "uid", "gid", "mtime", "ino", "nlink"):
-        result[name] = getattr(out, f"st_{name}")
-    if link:
-        result["destination"] = os.readlink(path)
-    return result
+    return _info_dict(strip_local_protocol(entry.path), size, kind, out, link)
 
 
 @functools.cache
