@@ -34,6 +34,9 @@ from auditor.manifest import MANIFEST_NAME, parse_manifest
 from auditor.series import OnsetRule, Point, detect
 from auditor.state import SCHEMA_VERSION, PointRecord, open_state
 
+# One worker builds the runs and the daemon once, and runs the daemon tests in file order.
+pytestmark = pytest.mark.xdist_group("series_wiring")
+
 EVERY = 5
 CHECKPOINTS = 12
 SPIKE_AT = 33  # steps 33-35 run at 100x the learning rate
@@ -264,11 +267,16 @@ def test_resealed_checkpoint_updates_the_series(daemon, prefix):
 
 
 def test_deleted_checkpoint_recomputes_the_series(daemon, prefix):
-    shutil.rmtree(prefix / "spiky" / f"step-{ONSET + EVERY:05d}")
-    nxt = ck(prefix, "spiky", ONSET + 2 * EVERY)
-    daemon.wait(lambda: _onset_urls(daemon) == {nxt}, 60, "the onset recomputed without the deleted checkpoint")
+    # Delete whichever checkpoint holds the onset now (the re-seal test above, when it ran on this
+    # daemon, moved it): the spiked weights then first show at the checkpoint after it.
+    (onset,) = _onset_urls(daemon)
+    step = int(Path(onset).name.removeprefix("step-"))
+    shutil.rmtree(onset)
+    nxt = ck(prefix, "spiky", step + EVERY)
+    daemon.wait(lambda: _onset_urls(daemon) == {nxt}, 60,
+                f"the onset at {nxt} once {onset} is deleted (now {_onset_urls(daemon)})")
     doc = _history(daemon, str(prefix / "spiky")).json()
-    assert ONSET + EVERY not in [r["step"] for r in doc["rows"]] and doc["onset"]["url"] == nxt
+    assert step not in [r["step"] for r in doc["rows"]] and doc["onset"]["url"] == nxt
     assert daemon.metric("ckpt_unstable_runs", prefix=str(prefix)) == 1.0
 
 
