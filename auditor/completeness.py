@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from auditor import formats, pickles, safejson
+from auditor.backends import open_parsed
 from auditor.layouts import PROBE_SUFFIXES
 from auditor.manifest import MANIFEST_NAME, SIDECAR_SUFFIX, TrainingState
 from auditor.model import Finding, Severity
@@ -377,7 +378,7 @@ def _inventory_one(fs: Any, root: str, rel: str, ev: Evidence) -> None:
             recognise(ev, rel, skeleton.value)
             ev.parsed.add(rel)
         elif rel.endswith(".safetensors") and not rel.endswith(PROBE_SUFFIXES):
-            with fs.open(path, "rb") as f:
+            with open_parsed(fs, path) as f:
                 head = f.read(8)
             if len(head) == 8:
                 ev.add("model", rel)
@@ -563,8 +564,9 @@ def _scan_pickle(reader: Any, ck: Any, rel: str, ev: Evidence, findings: list[Fi
                  sealed: dict[str, int]) -> int | None:
     try:
         # A .pkl may be meant for pickle.load; the torch suffixes must be torch.save files.
-        skeleton = pickles.read_torch_skeleton(reader.fs, f"{ck.root}/{rel}", plain_pickle=rel.endswith(".pkl"),
-                                               writer_classes=True)
+        path = f"{ck.root}/{rel}"
+        with reader.open_parsed(path) as f:
+            skeleton = pickles.read_torch_skeleton_from(f, path, plain_pickle=rel.endswith(".pkl"), writer_classes=True)
     except pickles.UnknownFormatError as e:
         # Raw data under a torch suffix: nothing in it would be unpickled, and nothing is vouched for.
         findings.append(Finding.info("not_a_pickle", rel, f"neither a torch.save zip nor a pickle: {e}"))

@@ -285,7 +285,8 @@ def check_zip(reader: Reader, path: str) -> list[str]:
     of the file at most once and inflates at most MAX_COMPRESSION_RATIO times the file's size.
     """
     try:
-        with reader.fs.open(path, "rb") as f:
+        # Every member is read through in the reader's chunks; what the store sent counts in bytes_read.
+        with reader.open_parsed(path) as f:
             size = f.seek(0, io.SEEK_END)
             f.seek(0)
             with zipfile.ZipFile(f) as zf:

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, cast
 
+from auditor.backends.base import open_parsed
 from auditor.backends.local import is_local_fs
 from auditor.zipcheck import ZIP_MAGIC
 
@@ -1546,7 +1547,7 @@ def read_torch_skeleton(
 ) -> Skeleton:
     """Read the skeleton of a torch.save file without unpickling; raise UnsafePickleError unless safe
     (`writer_classes`: see read_torch_skeleton_from)."""
-    with fs.open(path, "rb") as f:
+    with open_parsed(fs, path) as f:
         return read_torch_skeleton_from(f, path, max_pickle_bytes=max_pickle_bytes, limits=limits,
                                         plain_pickle=plain_pickle, writer_classes=writer_classes)
 
@@ -1600,7 +1601,7 @@ def read_dcp_checkpoint(
     """Check a DCP folder's `.metadata` (read by torch with plain pickle.load) and every byte item
     of its `.distcp` files (read with torch.load(weights_only=False)) before anything loads them."""
     meta_path = f"{root.rstrip('/')}/.metadata"
-    with fs.open(meta_path, "rb") as f:
+    with open_parsed(fs, meta_path) as f:
         data = f.read(max_pickle_bytes + 1)
     # Bytes, not the stream: the allocation checks then weigh claims against the file's real size.
     meta = read_skeleton(data, label=meta_path, extra_globals=DCP_METADATA_MODULES, max_bytes=max_pickle_bytes,
@@ -1643,7 +1644,7 @@ def _dcp_byte_item(fs: AbstractFileSystem, root: str, rel: str, offset: int, len
     label = f"{path}@{offset}"
     if length > max_bytes:
         raise UnsafePickleError(label, [], [f"byte item of {length} bytes exceeds the {max_bytes}-byte limit"])
-    with fs.open(path, "rb") as f:
+    with open_parsed(fs, path) as f:
         f.seek(offset)
         data = f.read(length)
     if len(data) != length:
@@ -1713,6 +1714,8 @@ def safe_torch_load(
     """Load a torch.save file with weights_only=True, refusing it unless its skeleton reads clean."""
     import torch
 
+    # The store's own block size: torch.load reads every record after the scan, and large blocks
+    # make that few requests.
     with fs.open(path, "rb") as f:
         try:
             skeleton = read_torch_skeleton_from(f, path, max_pickle_bytes=max_pickle_bytes)

@@ -13,12 +13,12 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from auditor.backends import Backend, PathHazard, backend_class, backend_for, split_protocol
+from auditor.backends import Backend, PathHazard, backend_class, backend_for, open_parsed, split_protocol
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -604,6 +604,19 @@ class Reader:
         finally:
             if slot is not None:
                 slot.release()
+
+    @contextmanager
+    def open_parsed(self, path: str) -> Iterator[IO[bytes]]:
+        """Open `path` for a parser's random reads (backends.open_parsed). What the store sent counts in
+        bytes_read: fsspec's buffered files say what their cache fetched; a local file has no cache to
+        ask, and its parse reads come from the page cache the digest's read fills."""
+        with open_parsed(self.fs, path) as f:
+            try:
+                yield f
+            finally:
+                fetched = getattr(getattr(f, "cache", None), "total_requested_bytes", None)
+                if isinstance(fetched, int) and fetched > 0:
+                    self._count(fetched)
 
     def read(self, path: str, start: int = 0, end: int | None = None, limit: int | None = None) -> bytes:
         """Read a small range fully; refuse more than `limit` bytes."""

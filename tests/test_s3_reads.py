@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,11 @@ from servers.proxy import Listener, Proxy, _ProxyHandler, s3_error
 
 import auditor
 import auditor.api
+from auditor.backends import PARSE_BLOCK_SIZE
 from auditor.config import ReadConfig, ScanConfig, load_config
 from auditor.digests import digest_chunks
 from auditor.errors import ConfigError
-from auditor.storage import Reader, ReadSettings, open_url
+from auditor.storage import CHUNK_SIZE, Reader, ReadSettings, open_url
 
 MiB = 2**20
 PART = MiB
@@ -44,13 +46,13 @@ def scan_for(mode: str) -> ScanConfig:
     return ScanConfig(settle_time=0, read=ReadConfig(mode=mode, part_size=PART, concurrency=3))
 
 
-def sealed(s3_svc: Any, tmp_path: Path) -> tuple[Any, str, bytes]:
+def sealed(s3_svc: Any, tmp_path: Path, size: int = BLOB) -> tuple[Any, str, bytes]:
     """A sealed HF checkpoint on S3 with a multi-part blob; returns (backend, url, the blob's bytes)."""
     backend = s3_svc.new_backend()
     local = write_hf_checkpoint(tmp_path / "src/run/checkpoint-100", step=100)
     # Random after its first byte: a .bin whose first byte is 0x80 (1 in 256 random ones) is a pickle to
     # the format checks, and the seal would refuse it as unsafe.
-    blob = b"\0" + os.urandom(BLOB - 1)
+    blob = b"\0" + os.urandom(size - 1)
     (local / "blob.bin").write_bytes(blob)
     url = backend.path("run/checkpoint-100")
     auditor.api.seal(url, upload_from=str(local), storage_options=backend.storage_options)
@@ -101,15 +103,23 @@ class _CutHandler(_ProxyHandler):
     """Relays ranged GETs of blob.bin up to the cut offset, then drops the connection mid-body."""
 
     def _relay(self, response: Any) -> None:
-        cut = self.server.owner.cut_at
+        owner = self.server.owner
+        is_blob = self.path.split("?")[0].endswith("/blob.bin")
         m = re.match(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
-        if cut is None or response.status != 206 or not m or not self.path.split("?")[0].endswith("/blob.bin"):
+        with owner.lock:
+            if self.command == "GET":
+                owner.sent[self.path.split("?")[0].rsplit("/", 1)[-1]] += int(response.getheader("Content-Length") or 0)
+            if is_blob and self.command == "GET":
+                owner.ranges.append(self.headers.get("Range"))
+            cut = owner.cut_at
+            lo, hi = (int(m.group(1)), int(m.group(2))) if m else (0, -1)
+            cutting = cut is not None and response.status == 206 and is_blob and lo <= cut <= hi
+            if cutting and owner.cut_once:
+                owner.cut_at = None
+        if not cutting:
             super()._relay(response)
             return
-        lo, hi = int(m.group(1)), int(m.group(2))
-        if not lo <= cut <= hi:
-            super()._relay(response)
-            return
+        assert cut is not None
         self.send_response_only(response.status, response.reason)
         for key, value in response.getheaders():
             if key.lower() not in ("connection", "keep-alive", "transfer-encoding"):
@@ -122,11 +132,17 @@ class _CutHandler(_ProxyHandler):
 
 
 class CuttingProxy(Proxy):
-    """A proxy in front of moto whose GETs of blob.bin break off at byte `cut_at`, every time."""
+    """A proxy in front of moto whose GETs of blob.bin break off at byte `cut_at`: every time, or only
+    the first time with `cut_once`. `ranges` logs the Range header of every GET of blob.bin, `sent`
+    counts the body bytes of every GET by file name."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, cut_once: bool = False) -> None:
         super().__init__(upstream, error_body=s3_error)
         self.cut_at: int | None = None
+        self.cut_once = cut_once
+        self.ranges: list[str | None] = []
+        self.sent: Counter[str] = Counter()  # body bytes of GET responses, by file name
+        self.lock = threading.Lock()
         self.listener.stop()
         self.listener = Listener(_CutHandler, self, "proxy")
         self.listener.start()
@@ -150,24 +166,47 @@ def test_a_fault_mid_object_is_error_never_corrupt(s3_svc, tmp_path, mode):
 
 
 def test_a_fault_that_passes_is_resumed_and_ok_when_streamed(s3_svc, tmp_path):
-    backend, url, _ = sealed(s3_svc, tmp_path)
-    proxy = CuttingProxy(s3_svc.direct_url)
-    proxy.cut_at = BLOB // 2
-
-    def heal() -> None:
-        while proxy.count("GET", f"/{url[len('s3://'):]}/blob.bin") < 1:
-            time.sleep(0.01)
-        proxy.cut_at = None  # the connection broke once; the re-read from where it broke is served
-
-    healer = threading.Thread(target=heal, daemon=True)
-    healer.start()
+    # Larger than one streamed chunk (storage.CHUNK_SIZE), cut once inside the second: the first chunk
+    # has been hashed, so the one re-read asks for the rest only, from the first byte not yet read.
+    size = CHUNK_SIZE + 3 * MiB + 5
+    backend, url, _ = sealed(s3_svc, tmp_path, size)
+    proxy = CuttingProxy(s3_svc.direct_url, cut_once=True)
+    proxy.cut_at = CHUNK_SIZE + 12345
     try:
         v = verify(url, {**backend.storage_options, "endpoint_url": proxy.url}, "stream")
-        gets = proxy.count("GET", f"/{url[len('s3://'):]}/blob.bin")
     finally:
         proxy.close()
     assert v.status == "ok", v.findings
-    assert gets == 2, gets  # one broken GET, then one GET of the rest
+    assert proxy.cut_at is None  # the cut happened
+    whole, rest = f"bytes=0-{size - 1}", f"bytes={CHUNK_SIZE}-{size - 1}"
+    # A format check may read the blob's head with a ranged GET of its own; the digest's read is the
+    # whole object, broken once, then the rest.
+    digest_reads = [r for r in proxy.ranges if r in (whole, rest)]
+    assert digest_reads == [whole, rest], proxy.ranges
+
+
+def test_the_pickle_scan_fetches_what_it_parses_not_the_stores_block(s3_svc, tmp_path):
+    # The content tier reads optimizer.pt once for its digest and parses its zip (head, directory,
+    # data.pkl) for the training-state inventory. With fsspec's default block (50 MiB on s3fs) each of
+    # the parser's seeks fetched the rest of the file again: three times its size for this one.
+    backend = s3_svc.new_backend()
+    local = write_hf_checkpoint(tmp_path / "src/run/checkpoint-3", step=3, width=640)
+    size = (local / "optimizer.pt").stat().st_size
+    assert size > 4 * MiB
+    url = backend.path("run/checkpoint-3")
+    auditor.api.seal(url, upload_from=str(local), storage_options=backend.storage_options)
+    proxy = CuttingProxy(s3_svc.direct_url)
+    try:
+        v = verify(url, {**backend.storage_options, "endpoint_url": proxy.url}, "auto")
+    finally:
+        proxy.close()
+    assert v.status == "ok", v.findings
+    sent = proxy.sent["optimizer.pt"]
+    assert size <= sent <= size + 4 * PARSE_BLOCK_SIZE, (sent, size)
+    # What the store sent for the checkpoint's files is what the verdict says was read: digest and
+    # parse reads alike (the listing is not a read of a file).
+    bucket = url[len("s3://"):].split("/", 1)[0]
+    assert v.bytes_read == sum(n for name, n in proxy.sent.items() if name != bucket), (v.bytes_read, proxy.sent)
 
 
 # ------------------------------------------------------------------ the reorder buffer, in a unit sense

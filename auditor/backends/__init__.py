@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from auditor.backends.base import UNRESOLVABLE_ERRNOS, Backend, ObjectIdentity, PathHazard, protocols, split_protocol
+from auditor.backends.base import (
+    PARSE_BLOCK_SIZE,
+    UNRESOLVABLE_ERRNOS,
+    Backend,
+    ObjectIdentity,
+    PathHazard,
+    open_parsed,
+    protocols,
+    split_protocol,
+)
 from auditor.backends.gcs import GCSBackend
 from auditor.backends.hdfs import HDFSBackend
 from auditor.backends.local import LocalBackend
@@ -19,8 +28,8 @@ from auditor.backends.webhdfs import WebHDFSBackend
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
-__all__ = ["BACKENDS", "UNRESOLVABLE_ERRNOS", "Backend", "ObjectIdentity", "PathHazard", "backend_class", "backend_for",
-           "split_protocol"]
+__all__ = ["BACKENDS", "PARSE_BLOCK_SIZE", "UNRESOLVABLE_ERRNOS", "Backend", "ObjectIdentity", "PathHazard",
+           "backend_class", "backend_for", "open_parsed", "split_protocol"]
 
 _ALL: tuple[type[Backend], ...] = (LocalBackend, S3Backend, GCSBackend, WebHDFSBackend, HDFSBackend)
 
