@@ -107,8 +107,6 @@ class _CutHandler(_ProxyHandler):
         is_blob = self.path.split("?")[0].endswith("/blob.bin")
         m = re.match(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
         with owner.lock:
-            if self.command == "GET":
-                owner.sent[self.path.split("?")[0].rsplit("/", 1)[-1]] += int(response.getheader("Content-Length") or 0)
             if is_blob and self.command == "GET":
                 owner.ranges.append(self.headers.get("Range"))
             cut = owner.cut_at
@@ -116,6 +114,9 @@ class _CutHandler(_ProxyHandler):
             cutting = cut is not None and response.status == 206 and is_blob and lo <= cut <= hi
             if cutting and owner.cut_once:
                 owner.cut_at = None
+            if self.command == "GET":
+                body = cut - lo if cutting and cut is not None else int(response.getheader("Content-Length") or 0)
+                owner.sent[self.path.split("?")[0].rsplit("/", 1)[-1]] += body
         if not cutting:
             super()._relay(response)
             return
