@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,23 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd="/")
 
 
-@pytest.fixture(scope="module")
+# What a build never needs: a copy without them is the tree as a clean checkout has it.
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "demo", "*.egg-info", "__pycache__",
+                                     ".pytest_cache")
+
+
+# Session-scoped: the worker that runs this group may run other modules between its two tests, which
+# would tear a module fixture down and build it again.
+@pytest.fixture(scope="session")
 def installed(tmp_path_factory) -> Path:
     """The bin/ of a fresh venv with the wheel of this tree and its [s3] extra installed."""
     tmp = tmp_path_factory.mktemp("install")
+    # Built from a copy: setuptools builds in the source tree (build/, *.egg-info), and a second build
+    # over a first one's build/ fails ("File exists: ...dist-info"); the checkout is left as it was.
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=_NOT_SOURCE)
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
-                  str(ROOT)])
+                  str(source)])
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp / "dist").glob("ckpt_auditor-*.whl")
     venv = tmp / "venv"
