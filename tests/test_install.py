@@ -39,8 +39,8 @@ _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "demo", 
 def installed(tmp_path_factory) -> Path:
     """The bin/ of a fresh venv with the wheel of this tree and its [s3] extra installed."""
     tmp = tmp_path_factory.mktemp("install")
-    # Built from a copy: setuptools builds in the source tree (build/, *.egg-info), and a second build
-    # over a first one's build/ fails ("File exists: ...dist-info"); the checkout is left as it was.
+    # Built from a copy: setuptools builds in the source tree (build/, *.egg-info), where two builds at
+    # once (two workers) collide ("File exists: ...dist-info"); the checkout is left as it was.
     source = tmp / "source"
     shutil.copytree(ROOT, source, ignore=_NOT_SOURCE)
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
