@@ -186,6 +186,7 @@ class Weights:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._get: dict[str, Callable[[], Any]] = {}
         self._view: dict[str, Callable[[], Any]] = {}
+        self.maps: list[mmap.mmap] = []  # the files mapped for `view`
 
     def add(self, name: str, shape: tuple[int, ...], get: Callable[[], Any],
             view: Callable[[], Any] | None = None) -> None:
@@ -222,6 +223,61 @@ def _mapped_view(mapped: mmap.mmap, info: formats.TensorInfo) -> Any | None:
     return flat.view(info.shape)
 
 
+class _PageRelease:
+    """While active, each module's mapped parameters give their pages back once its forward returns.
+
+    A mapped weight page the forward pass reads stays resident (it counts in the child's RSS) until the
+    mapping goes, so by the end of the first micro-batch every weight would be resident on top of the
+    interpreter, torch and the activations. `MADV_DONTNEED` on a private file mapping drops those pages
+    from this process; the next read maps them again from the page cache, with the file's bytes. So at
+    any moment only the running module's weights (and the last ones read) are resident: peak memory is
+    the interpreter + the largest module + the activations, whatever the model's size, for a minor
+    fault per 64 KiB re-read in every micro-batch. Only parameters, never buffers: a module may update
+    a buffer in its forward, and dropping such a page would undo the update. Only the pages wholly
+    inside a parameter's bytes: a page a neighbour shares stays.
+    """
+
+    def __init__(self, model: Any, maps: list[mmap.mmap]) -> None:
+        import torch  # lazy: torch only in the child (see _load_weights)
+
+        self._spans: dict[int, list[tuple[mmap.mmap, int, int]]] = {}
+        self._handle: Any = None
+        if not maps or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        bases = [(torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr(), len(m), m) for m in maps]
+        for module in model.modules():
+            spans = []
+            for param in module.parameters(recurse=False):
+                if param.is_meta or not param.is_contiguous():
+                    continue
+                lo = param.data_ptr()
+                hi = lo + param.numel() * param.element_size()
+                for base, size, mapped in bases:
+                    if base <= lo and hi <= base + size:
+                        start = -(-(lo - base) // page) * page
+                        end = (hi - base) // page * page
+                        if end > start:
+                            spans.append((mapped, start, end - start))
+            if spans:
+                self._spans[id(module)] = spans
+
+    def __enter__(self) -> _PageRelease:
+        import torch  # lazy: torch only in the child (see _load_weights)
+
+        if self._spans:
+            self._handle = torch.nn.modules.module.register_module_forward_hook(self._after)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def _after(self, module: Any, args: Any, output: Any) -> None:
+        for mapped, start, length in self._spans.get(id(module), ()):
+            mapped.madvise(mmap.MADV_DONTNEED, start, length)
+
+
 def _add_safetensors(weights: Weights, path: str) -> None:
     # safe_open validates the header as the library does; its `get_tensor` reads a copy of one tensor.
     f = safe_open(path, framework="pt")
@@ -230,6 +286,7 @@ def _add_safetensors(weights: Weights, path: str) -> None:
         # Copy-on-write: pages the model reads are the page cache's, shared; a model that writes into
         # its own weights writes a private copy of that page, never the checkpoint.
         mapped = mmap.mmap(raw.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    weights.maps.append(mapped)
     by_name = {t.name: t for t in header.tensors}
     for key in f.keys():
         info = by_name.get(key)
@@ -631,6 +688,7 @@ def _attempt(request: dict[str, Any], factory: Callable[..., Any], kwargs: dict[
     if meta and dcp:
         raise _MetaUnusable("a torch.distributed.checkpoint folder loads into a real model")
     model = _build(factory, kwargs, meta)
+    maps: list[mmap.mmap] = []
     try:
         if dcp:
             bad = _dcp_into(model, root)
@@ -639,6 +697,7 @@ def _attempt(request: dict[str, Any], factory: Callable[..., Any], kwargs: dict[
             bad = _mismatch(model, weights.shapes)
             if not bad:
                 _fill(model, weights, mapped)
+            maps = weights.maps if mapped else []
             del weights  # unmap what the model did not take before the forward pass needs the memory
     except pickles.UnsafePickleError as e:
         return {"unsafe": {"path": os.path.relpath(e.path, root), "globals": list(e.globals)}}
@@ -653,7 +712,8 @@ def _attempt(request: dict[str, Any], factory: Callable[..., Any], kwargs: dict[
     _trim_heap()
     before = torch.get_rng_state()
     try:
-        outputs, plan = _run_batch(model, batch, request.get("micro_batches"))
+        with _PageRelease(model, maps):
+            outputs, plan = _run_batch(model, batch, request.get("micro_batches"))
     except _MetaUnusable:
         raise
     except Exception as e:
