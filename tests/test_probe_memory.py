@@ -75,6 +75,52 @@ class Net(torch.nn.Module):
 
 def net(kind="plain"):
     return Net(kind)
+
+
+class Resident(torch.nn.Module):
+    """Appends how much of model.safetensors' mapping is resident in this process (smaps Rss, KiB)."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def forward(self, x):
+        rss, inside = 0, False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                if "-" in line.split(" ", 1)[0]:
+                    inside = line.rstrip().endswith("model.safetensors")
+                elif inside and line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+        with open(self.record, "a") as out:
+            out.write(f"{rss}\\n")
+        return x
+
+
+class Writer(torch.nn.Module):
+    """Scales its weight in place around each use, as `Net("writes_weights")`, but over many pages."""
+
+    def __init__(self, width=1024, in_place=True):
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width, bias=False)
+        self.in_place = in_place
+
+    def forward(self, x):
+        if not self.in_place:
+            return self.lin(x * 2) / 2
+        self.lin.weight.mul_(2.0)
+        y = self.lin(x) / 2
+        self.lin.weight.div_(2.0)
+        return y
+
+
+def writer(in_place=True):
+    return Writer(in_place=in_place)
+
+
+def stack(record, layers=8, width=1024):
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)],
+                               Resident(record))
 '''
 
 
@@ -229,6 +275,39 @@ def test_a_model_writing_its_weights_never_writes_the_checkpoint(tmp_path):
         v = verify(d)
         assert v.status == "ok" and not v.findings, v.to_dict()
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+
+
+def test_a_model_writing_its_weights_runs_as_plain_pytorch_does(tmp_path):
+    # Mapped weights give their pages back after each module's forward, except pages a write made
+    # private: dropping those would undo the write, and from the second micro-batch on the outputs
+    # would be half what they are. Reference: the same product without writing the weights.
+    import memmodels
+
+    torch.manual_seed(0)
+    d = export(tmp_path / "run/writer-1", memmodels.writer())
+    auditor.api.seal(str(d), step=1, model_factory="memmodels:writer", probe_batch={"x": torch.randn(4, 1024)})
+    writes = child(d, tmp_path, build="meta", weights="mapped", micro_batches=[1] * 4)
+    reads = child(d, tmp_path, build="meta", weights="mapped", micro_batches=[1] * 4, kwargs={"in_place": False})
+    assert writes["sha256"] == reads["sha256"], (writes, reads)
+
+
+def test_mapped_weights_are_not_all_resident_at_once(tmp_path):
+    # Eight 4 MiB layers, the batch in micro-batches of one: without the pages given back, all 32 MiB
+    # of the mapped file are resident from the first micro-batch on.
+    record = tmp_path / "resident.txt"
+    import memmodels
+
+    torch.manual_seed(0)
+    d = export(tmp_path / "run/stack-1", memmodels.stack(str(record)))
+    auditor.api.seal(str(d), step=1, model_factory="memmodels:stack", model_kwargs={"record": str(record)},
+                     probe_batch={"x": torch.randn(4, 1024)})
+    record.unlink()
+    v = verify(d)
+    assert v.status == "ok", v.to_dict()
+    resident_kib = [int(x) for x in record.read_text().split()]
+    layer_kib = 1024 * 1024 * 4 // 1024
+    assert len(resident_kib) >= 2, resident_kib  # micro-batches
+    assert max(resident_kib) <= 2 * layer_kib, resident_kib  # at most the last layer or two, of 8
 
 
 # ---------------------------------------------------------------- baselines sealed before micro-batches

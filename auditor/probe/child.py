@@ -67,6 +67,8 @@ OUTPUT_CHUNK_BYTES = 8 * 2**20
 _M_MMAP_THRESHOLD = -3
 _MMAP_FROM_BYTES = 2**20
 _INDUCTOR_CONFIG = "torch._inductor.config"
+_PAGEMAP = "/proc/self/pagemap"
+_PAGEMAP_FILE = 1 << 61
 
 # safetensors dtype → torch dtype name, for the tensors the child can map without a copy.
 _MAPPABLE = {
@@ -231,18 +233,28 @@ class _PageRelease:
     interpreter, torch and the activations. `MADV_DONTNEED` on a private file mapping drops those pages
     from this process; the next read maps them again from the page cache, with the file's bytes. So at
     any moment only the running module's weights (and the last ones read) are resident: peak memory is
-    the interpreter + the largest module + the activations, whatever the model's size, for a minor
-    fault per 64 KiB re-read in every micro-batch. Only parameters, never buffers: a module may update
-    a buffer in its forward, and dropping such a page would undo the update. Only the pages wholly
-    inside a parameter's bytes: a page a neighbour shares stays.
+    the interpreter + the largest module + the activations, for a minor fault per 64 KiB re-read in
+    every micro-batch.
+
+    Dropping a page a write made private would undo the write, so a span is checked first in
+    /proc/self/pagemap: a present page that is not file-backed is such a copy, and a span holding
+    one is never dropped again (the model then runs exactly as without this). Buffers are not
+    touched at all, and only pages wholly inside a parameter's bytes are. Without pagemap or madvise,
+    nothing is dropped.
     """
 
     def __init__(self, model: Any, maps: list[mmap.mmap]) -> None:
         import torch  # lazy: torch only in the child (see _load_weights)
 
-        self._spans: dict[int, list[tuple[mmap.mmap, int, int]]] = {}
+        # id(module) -> [(map, offset in it, length, address)] of its own mapped parameters.
+        self._spans: dict[int, list[tuple[mmap.mmap, int, int, int]]] = {}
         self._handle: Any = None
+        self._pagemap = -1
         if not maps or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        try:
+            self._pagemap = os.open(_PAGEMAP, os.O_RDONLY)
+        except OSError:
             return
         page = mmap.PAGESIZE
         bases = [(torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr(), len(m), m) for m in maps]
@@ -258,7 +270,7 @@ class _PageRelease:
                         start = -(-(lo - base) // page) * page
                         end = (hi - base) // page * page
                         if end > start:
-                            spans.append((mapped, start, end - start))
+                            spans.append((mapped, start, end - start, base + start))
             if spans:
                 self._spans[id(module)] = spans
 
@@ -272,10 +284,32 @@ class _PageRelease:
     def __exit__(self, *exc: object) -> None:
         if self._handle is not None:
             self._handle.remove()
+        if self._pagemap >= 0:
+            os.close(self._pagemap)
+            self._pagemap = -1
+
+    def _written(self, address: int, length: int) -> bool:
+        """Whether a page of the span is a private copy (present, not file-backed): a write made it."""
+        import torch  # lazy: torch only in the child (see _load_weights)
+
+        page = mmap.PAGESIZE
+        raw = os.pread(self._pagemap, length // page * 8, address // page * 8)
+        entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+        # Bit 63 (present) is the sign bit; bit 61 says file page.
+        return bool(((entries < 0) & ((entries & _PAGEMAP_FILE) == 0)).any())
 
     def _after(self, module: Any, args: Any, output: Any) -> None:
-        for mapped, start, length in self._spans.get(id(module), ()):
+        spans = self._spans.get(id(module))
+        if not spans:
+            return
+        kept = []
+        for span in spans:
+            mapped, start, length, address = span
+            if self._written(address, length):
+                continue  # the model's own state now: never dropped
             mapped.madvise(mmap.MADV_DONTNEED, start, length)
+            kept.append(span)
+        self._spans[id(module)] = kept
 
 
 def _add_safetensors(weights: Weights, path: str) -> None:
