@@ -9,7 +9,8 @@ Memory: the child holds one copy of the weights. A safetensors file is mapped co
 tensors become the model's parameters (the factory's random ones are dropped); with `build: meta` the
 factory's parameters are never allocated at all. The batch runs in the micro-batches the baseline
 recorded, and each micro-batch's outputs are hashed and sampled as they come, so a 50k-vocabulary
-LLM's logits are never held whole. See `forward` for which request keys choose what.
+LLM's logits are never held whole. While it runs, mapped weight pages go back after each module's forward
+(`_PageRelease`), so the file is never resident whole. See `forward` for which request keys choose what.
 """
 
 from __future__ import annotations
