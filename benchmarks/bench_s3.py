@@ -242,7 +242,24 @@ with ThreadPoolExecutor(8) as pool:
 print(json.dumps({"objects": len(listed), "seconds": time.perf_counter() - t0}))
 """
 
-class MotoRanges:
+class _MotoPatch:
+    """A patch to this process's moto, installed once, whose `s3like` flag switches it on and off."""
+
+    s3like = False
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            cls._patch()
+            cls._installed = True
+
+    @classmethod
+    def _patch(cls) -> None:
+        raise NotImplementedError
+
+
+class MotoRanges(_MotoPatch):
     """Switch moto between its stock ranged GET (read the whole object, then slice) and an S3-like one.
 
     S3-like: a GET with one `Range: bytes=a-b` reads just those bytes from the object's buffer, as S3
@@ -250,13 +267,8 @@ class MotoRanges:
     `s3like` toggles it. Full GETs, HEADs and anything else are untouched.
     """
 
-    s3like = False
-    _installed = False
-
     @classmethod
-    def install(cls) -> None:
-        if cls._installed:
-            return
+    def _patch(cls) -> None:
         import re
         import threading
 
@@ -298,11 +310,10 @@ class MotoRanges:
                 local.lazy = False
 
         S3Response.key_response = patched
-        cls._installed = True
 
 
 
-class MotoListing:
+class MotoListing(_MotoPatch):
     """Switch moto between its stock per-request costs and S3-like ones for LIST pages and dispatch.
 
     Stock moto answers every page of a ListObjectsV2 by walking, filtering and sorting the whole
@@ -316,13 +327,8 @@ class MotoListing:
     tokens and XML). Installed once into this process's moto; `s3like` toggles it.
     """
 
-    s3like = False
-    _installed = False
-
     @classmethod
-    def install(cls) -> None:
-        if cls._installed:
-            return
+    def _patch(cls) -> None:
         import threading
 
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication
@@ -364,7 +370,6 @@ class MotoListing:
 
         S3Backend.list_objects_v2 = list_objects_v2
         DomainDispatcherApplication.get_backend_for_host = get_backend_for_host
-        cls._installed = True
 
 
 # Started by this (large) process; starts the measured command and reports its exact peak RSS (wait4).
