@@ -312,7 +312,6 @@ class MotoRanges(_MotoPatch):
         S3Response.key_response = patched
 
 
-
 class MotoListing(_MotoPatch):
     """Switch moto between its stock per-request costs and S3-like ones for LIST pages and dispatch.
 
@@ -886,7 +885,7 @@ def main() -> None:
     p.add_argument("--moto-listing", nargs="+", choices=("s3like", "stock"), default=["s3like"],
                    help="metadata part: moto's LIST pages and request dispatch at S3-like cost (default; see "
                         "MotoListing) and/or stock moto (a page sorts the whole bucket; timed rounds reported "
-                        "beside); the check uses the first given")
+                        "beside); the check uses s3like when it is given")
     p.add_argument("--rss-repeats", type=int, default=3, help="rss part: verifies measured (default 3; worst counts)")
     p.add_argument("--rss-stock-moto", action="store_true",
                    help="rss part: keep stock moto ranged GETs (slow: every 8 MiB range copies the whole object)")
